@@ -1,0 +1,142 @@
+"""Shared test helpers.
+
+`make_sp_tokenizer(dir)` trains a tiny sentencepiece BPE model shaped like the LLaMA/Vicuna one
+(BPE, byte fallback, digits split, no normalisation, dummy prefix on, UNK 0 / BOS 1 / EOS 2) and
+writes it into `dir` together with the llava-hf tokenizer files (`tokenizer_config.json`,
+`special_tokens_map.json`, `added_tokens.json` with `<image>` = vocab_size and
+`<pad>` = vocab_size + 1). Training runs once per (vocab_size, text) and is cached on disk under
+the system temp dir, so many tests (and pytest processes) share one model.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Our own sentences (not copied from any data set): plain English with the words the LLaVA
+# templates use, digits, punctuation, a little code and some repeated phrases so BPE has merges.
+DEFAULT_TEXT = """\
+A chat between a curious user and an artificial intelligence assistant.
+The assistant gives helpful, detailed, and polite answers to the user's questions.
+USER: What is in the picture? ASSISTANT: The picture shows a small red boat on a calm lake.
+USER: How many people are there? ASSISTANT: There are 3 people standing near the water.
+USER: What color is the car? ASSISTANT: The car is blue, and it is parked next to a tree.
+The quick brown fox jumps over the lazy dog. The lazy dog sleeps in the warm sun.
+A man is riding a bicycle down a busy street while a woman walks her dog on the sidewalk.
+Two children are playing with a ball in the park; their parents watch from a wooden bench.
+The kitchen has a white table, four chairs, a window, and a bowl of fresh fruit.
+There is a cat sitting on the windowsill, looking at the birds outside.
+In 2023, the team trained the model for 12 hours on 8 GPUs with a batch size of 128.
+The answer is (A) because the image shows a sunny day with clear skies.
+Describe the image in detail. Explain why the scene is unusual.
+def forward(self, x):
+    if x is None:
+        return 0
+    for layer in self.layers:
+        x = layer(x)
+        if x.sum() > 0:
+            x = x * 2
+    return self.proj(x) + 1
+Two  spaces  between  words  here.  And    four    there.
+Question: Which of these animals can fly? Options: (A) dog (B) bird (C) fish
+Context: The weather is cold and the ground is covered with snow.
+She said, "Let's meet at 10:30 near the station!" He replied: "Sure, see you there."
+The train arrives at the station at noon, and the passengers step onto the platform.
+Large language models read text as tokens and predict the next token one at a time.
+Vision encoders turn an image into patches, and each patch becomes a feature vector.
+"""
+
+
+def _train(model_path, vocab_size, text):
+    import sentencepiece as spm  # imported here so test collection stays cheap
+
+    lines = [line for line in text.splitlines() if line.strip()]
+    # Repeat the text a few times so merges have counts; settings mirror LLaMA's tokenizer.model.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines * 4),
+        model_prefix=str(model_path.with_suffix("")),
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
+
+
+def llava_hf_tokenizer_files(vocab_size):
+    """The llava-hf tokenizer side files for a base vocabulary of `vocab_size` pieces."""
+    image_id, pad_id = vocab_size, vocab_size + 1
+
+    def added(content):
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False, "special": True}
+
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {
+            "0": added("<unk>"), "1": added("<s>"), "2": added("</s>"),
+            str(image_id): added("<image>"), str(pad_id): added("<pad>"),
+        },
+        "bos_token": "<s>",
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "</s>",
+        "legacy": False,
+        "model_max_length": 4096,
+        "pad_token": "<pad>",
+        "padding_side": "left",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": "<unk>",
+        "use_default_system_prompt": False,
+    }
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
+               "additional_special_tokens": ["<image>"]}
+    added_tokens = {"<image>": image_id, "<pad>": pad_id}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": special,
+            "added_tokens.json": added_tokens}
+
+
+def make_sp_tokenizer(dir, vocab_size=512, text=None):
+    """Train (or reuse) a tiny LLaMA-style sentencepiece model and write llava-hf tokenizer files.
+
+    Returns the path of `dir/tokenizer.model`. `vocab_size` must exceed 259 (3 specials + 256 byte
+    pieces) plus the number of distinct characters in `text`.
+    """
+    text = DEFAULT_TEXT if text is None else text
+    key = hashlib.sha256(f"{vocab_size}\n{text}".encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "nanollava-test-sp" / key
+    cached = cache / "tokenizer.model"
+    if not cached.exists():
+        # Train in a private dir and rename into place, so parallel test processes never see a
+        # half-written model.
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=cache.parent))
+        _train(work / "tokenizer.model", vocab_size, text)
+        try:
+            os.rename(work, cache)
+        except OSError:  # another process won the race; its model is identical
+            shutil.rmtree(work, ignore_errors=True)
+
+    import sentencepiece as spm
+
+    n = spm.SentencePieceProcessor(model_file=str(cached)).vocab_size()
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, dir / "tokenizer.model")
+    for name, content in llava_hf_tokenizer_files(n).items():
+        (dir / name).write_text(json.dumps(content, indent=2))
+    return dir / "tokenizer.model"

@@ -1,0 +1,553 @@
+"""data.py: templates, one-tokenization labels, truncation, bad samples, collation, the synthetic
+world and the ScienceQA conversion. transformers' LlamaTokenizer is the oracle for ids; labels
+are checked by spelling out the supervised tokens with transformers' own pieces."""
+
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import llama
+from tests.helpers import make_sp_tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+BENCH = FIXTURES / "llava_bench_coco" / "coco2014_val_gpt4_qa_30x3.jsonl"
+SQA = FIXTURES / "scienceqa"
+
+
+# ---- fixtures -----------------------------------------------------------------------------------
+
+def bench_records():
+    """The 90 real GPT-4 samples as 30 three-turn LLaVA records (conv, detail, complex). The image
+    placeholder goes first, last, or nowhere (a text-only record), as in the published data."""
+    rows = [json.loads(line) for line in BENCH.read_text().splitlines() if line.strip()]
+    by_image = {}
+    for r in rows:
+        by_image.setdefault(r["id"], []).append(r)
+    records = []
+    for k, (rid, qa) in enumerate(by_image.items()):
+        turns = []
+        for r in qa:
+            turns += [{"from": "human", "value": r["instruction"]}, {"from": "gpt", "value": r["output"]}]
+        record = {"id": rid, "conversations": turns}
+        if k % 3 == 0:
+            turns[0]["value"] = "<image>\n" + turns[0]["value"]
+        elif k % 3 == 1:
+            turns[0]["value"] = turns[0]["value"] + "\n<image>"
+        if k % 3 != 2:
+            record["image"] = qa[0]["image"]
+        records.append(record)
+    return records
+
+
+@pytest.fixture(scope="module")
+def tokdir(tmp_path_factory):
+    rows = [json.loads(line) for line in BENCH.read_text().splitlines() if line.strip()]
+    corpus = "\n".join([data.VICUNA_SYSTEM, data.LLAMA_2_SYSTEM, "USER: ASSISTANT: [INST] [/INST] <<SYS>>"]
+                       + [r["instruction"] for r in rows] + [r["output"] for r in rows])
+    d = tmp_path_factory.mktemp("tok")
+    make_sp_tokenizer(d, vocab_size=1000, text=corpus)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tok(tokdir):
+    return llama.Tokenizer(tokdir)
+
+
+@pytest.fixture(scope="module")
+def hf(tokdir):
+    from transformers import LlamaTokenizer
+    return LlamaTokenizer.from_pretrained(str(tokdir), legacy=False, add_bos_token=True)
+
+
+def hf_ids(hf, text, image_id):
+    """The official pipeline's ids (tokenizer_image_token): split on <image>, each chunk its own
+    tokenizer call, BOS once, one image id between chunks."""
+    ids = [hf.bos_token_id]
+    for k, chunk in enumerate(text.split("<image>")):
+        if k:
+            ids.append(image_id)
+        ids += hf(chunk, add_special_tokens=False).input_ids
+    return ids
+
+
+def hf_bytes(hf, i, image_id):
+    if i == image_id:
+        return b"<image>"
+    piece = hf.convert_ids_to_tokens(i)
+    m = re.fullmatch(r"<0x([0-9A-F]{2})>", piece)
+    return bytes([int(m.group(1), 16)]) if m else piece.replace("\u2581", " ").encode()
+
+
+def supervised_runs(hf, ids, labels, image_id):
+    """The text of each maximal run of supervised tokens, spelled with transformers' pieces."""
+    runs, cur = [], None
+    for i, l in zip(ids, labels):
+        if l == data.IGNORE_INDEX:
+            cur = None
+            continue
+        assert l == i
+        if cur is None:
+            cur = bytearray()
+            runs.append(cur)
+        cur += hf_bytes(hf, i, image_id)
+    return [bytes(r).decode() for r in runs]
+
+
+def replies(record):
+    return [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+
+
+# ---- templates ----------------------------------------------------------------------------------
+
+TWO_TURNS = [{"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A red boat."},
+             {"from": "human", "value": "Where is it?"}, {"from": "gpt", "value": "On a lake."}]
+
+
+def test_vicuna_v1_string():
+    text, spans = data.render_conversation(TWO_TURNS, "vicuna_v1", has_image=True)
+    assert text == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                    "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is "
+                    "this? ASSISTANT: A red boat.</s>USER: Where is it? ASSISTANT: On a lake.</s>")
+    assert [text[s:e] for s, e in spans] == ["A red boat.</s>", "On a lake.</s>"]
+    assert data.prompt_for_generation(TWO_TURNS[:3], "vicuna_v1", has_image=True) == text[: text.index(" On a lake")]
+    assert data.prompt_for_generation(["Hi"], "vicuna_v1").endswith("questions. USER: Hi ASSISTANT:")
+    assert data.prompt_for_generation(["Hi"], "vicuna_v1", has_image=True).endswith("USER: <image>\nHi ASSISTANT:")
+
+
+def test_llava_llama_2_string():
+    text, spans = data.render_conversation(TWO_TURNS, "llava_llama_2", has_image=True)
+    assert text == ("[INST] <<SYS>>\nYou are a helpful language and vision assistant. You are able to understand "
+                    "the visual content that the user provides, and assist the user with a variety of tasks using "
+                    "natural language.\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A red boat. </s><s>[INST] Where "
+                    "is it? [/INST] On a lake. </s>")
+    assert [text[s:e] for s, e in spans] == ["A red boat. </s>", "On a lake. </s>"]
+    assert data.prompt_for_generation(TWO_TURNS[:3], "llava_llama_2", True).endswith("</s><s>[INST] Where is it? [/INST]")
+    assert data.TEMPLATES["llava_llama_2"].stop == data.TEMPLATES["vicuna_v1"].stop == "</s>"
+
+
+def test_plain_string():
+    conv = [{"from": "human", "value": "Describe the image briefly.\n<image>"}, {"from": "gpt", "value": "a red circle."}]
+    text, spans = data.render_conversation(conv, "plain", has_image=True)
+    assert text == "<image>a red circle.\n" and [text[s:e] for s, e in spans] == ["a red circle.\n"]
+    assert data.prompt_for_generation(["anything"], "plain", has_image=True) == "<image>"
+    assert data.TEMPLATES["plain"].stop == "\n"
+    with pytest.raises(data.BadSample, match="pairs") as e:
+        data.render_conversation(TWO_TURNS, "plain", has_image=True)
+    assert e.value.reason == "not_plain_pair"
+
+
+@pytest.mark.parametrize("value, first", [
+    ("What is it?\n<image>", "<image>\nWhat is it?"),
+    ("<image>\nWhat is it?", "<image>\nWhat is it?"),
+    ("What <image> is it? ", "<image>\nWhat  is it?"),
+    ("<image>", "<image>"),
+])
+def test_image_placeholder_moves_to_front(value, first):
+    text, _ = data.render_conversation([{"from": "human", "value": value}, {"from": "gpt", "value": "x"}],
+                                       "vicuna_v1", has_image=True)
+    assert text.split(" USER: ")[1].startswith(first + " ASSISTANT:")
+
+
+def test_placeholder_in_later_question_moves_to_first():
+    conv = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "A dog."}]
+    text, _ = data.render_conversation(conv, "vicuna_v1", has_image=True)
+    assert "USER: <image>\nHi ASSISTANT: Hello</s>USER: And this? ASSISTANT:" in text
+
+
+# ---- tokenization against transformers --------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2"])
+def test_real_records_ids_and_labels(tok, hf, template):
+    """Token by token on 30 real three-turn records: ids equal the official per-chunk transformers
+    tokenization, and the supervised tokens spell exactly the replies and their closing text."""
+    close = {"vicuna_v1": "</s>", "llava_llama_2": " </s>"}[template]
+    for record in bench_records():
+        has_image = "image" in record
+        ids, labels = data.tokenize_conversation(record["conversations"], tok, template, has_image=has_image)
+        text, _ = data.render_conversation(record["conversations"], template, has_image)
+        assert ids == hf_ids(hf, text, tok.image_token_id), record["id"]
+        assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == (1 if template == "vicuna_v1" else 3)
+        assert ids.count(tok.image_token_id) == int(has_image)
+        runs = supervised_runs(hf, ids, labels, tok.image_token_id)
+        assert len(runs) == 3
+        for run, reply in zip(runs, replies(record)):
+            assert run in (" " + reply + close, reply + close), (record["id"], run[:60], reply[:60])
+
+
+def test_tricky_text_matches_transformers(tok, hf):
+    """Byte fallback (accents, CJK, emoji), newlines, digits, double spaces, a reply starting with
+    a quote or a space, an empty reply, text looking like a tag."""
+    conv = [{"from": "human", "value": "Café ’ 日本 🙂?\n\n<image>"}, {"from": "gpt", "value": "\"Yes\" — 42  times.\nOK"},
+            {"from": "human", "value": " leading space, <b>tag</b>"}, {"from": "gpt", "value": " spaced"},
+            {"from": "human", "value": "empty?"}, {"from": "gpt", "value": ""}]
+    for template in ["vicuna_v1", "llava_llama_2"]:
+        close = {"vicuna_v1": "</s>", "llava_llama_2": " </s>"}[template]
+        ids, labels = data.tokenize_conversation(conv, tok, template, has_image=True)
+        text, _ = data.render_conversation(conv, template, True)
+        assert ids == hf_ids(hf, text, tok.image_token_id)
+        runs = supervised_runs(hf, ids, labels, tok.image_token_id)
+        for run, reply in zip(runs, replies({"conversations": conv})):
+            assert run in (" " + reply + close, reply + close)
+        assert len(runs) == 3
+
+
+def test_plain_stage1_tokens(tok, hf):
+    for record in bench_records()[:12]:
+        caption = record["conversations"][1]["value"]
+        conv = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": caption}]
+        ids, labels = data.tokenize_conversation(conv, tok, "plain", has_image=True)
+        assert ids[:2] == [tok.bos_id, tok.image_token_id]
+        assert ids[2:] == hf(caption + "\n", add_special_tokens=False).input_ids  # [BOS] <image> caption "\n"
+        assert labels[:2] == [-100, -100] and labels[2:] == ids[2:]
+        assert tok.decode(ids[2:]) == caption + "\n"
+        assert tok.eos_id not in ids
+
+
+def test_text_only_sample(tok, hf):
+    conv = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "Blue."}]
+    ids, labels = data.tokenize_conversation(conv, tok, "vicuna_v1", num_patches=9, has_image=False)
+    assert tok.image_token_id not in ids
+    assert supervised_runs(hf, ids, labels, tok.image_token_id) == [" Blue.</s>"]
+
+
+def test_image_expansion_and_truncation(tok):
+    conv = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red boat on a calm lake."}]
+    one, lab1 = data.tokenize_conversation(conv, tok, "vicuna_v1", num_patches=0, has_image=True)
+    ids, labels = data.tokenize_conversation(conv, tok, "vicuna_v1", num_patches=7, has_image=True)
+    k = one.index(tok.image_token_id)
+    assert ids == one[:k] + [tok.image_token_id] * 7 + one[k + 1:]
+    assert labels == lab1[:k] + [-100] * 7 + lab1[k + 1:]
+    n = len(ids)
+    first_label = next(p for p, l in enumerate(labels) if l != -100)
+    # cut inside the reply: kept, shorter
+    cut, cut_labels = data.tokenize_conversation(conv, tok, "vicuna_v1", 7, True, max_length=first_label + 2)
+    assert cut == ids[: first_label + 2] and cut_labels == labels[: first_label + 2]
+    # cut after the image but before any reply token: nothing to learn
+    with pytest.raises(data.BadSample) as e:
+        data.tokenize_conversation(conv, tok, "vicuna_v1", 7, True, max_length=first_label)
+    assert e.value.reason == "nothing_to_learn"
+    # cut through the image, and just before it: never
+    for m in (k + 3, k + 6, k):
+        with pytest.raises(data.BadSample) as e:
+            data.tokenize_conversation(conv, tok, "vicuna_v1", 7, True, max_length=m)
+        assert e.value.reason == "image_too_long", m
+    # the image exactly fits: the sample is cut after it
+    with pytest.raises(data.BadSample) as e:
+        data.tokenize_conversation(conv, tok, "vicuna_v1", 7, True, max_length=k + 7)
+    assert e.value.reason == "nothing_to_learn"
+    assert len(data.tokenize_conversation(conv, tok, "vicuna_v1", 7, True, max_length=n)[0]) == n
+
+
+def test_tokenize_prompt_matches_training_prefix(tok):
+    conv = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A boat."}]
+    ids, labels = data.tokenize_conversation(conv, tok, "vicuna_v1", num_patches=4, has_image=True)
+    prompt = data.tokenize_prompt(["What is this?"], tok, "vicuna_v1", has_image=True, num_patches=4)
+    first = next(p for p, l in enumerate(labels) if l != -100)
+    assert ids[:first] == prompt  # the model sees at generation exactly what preceded the reply
+
+
+# ---- the dataset: bad samples with workers ------------------------------------------------------
+
+def _png(path, color=(200, 30, 30), size=(20, 16)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def _bad_sample_records(folder):
+    _png(folder / "good.png")
+    _png(folder / "good2.jpg", (20, 200, 20), (16, 24))
+    (folder / "garbage.png").write_bytes(b"this is not an image at all")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(buf, format="PNG")
+    (folder / "truncated.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    q = lambda v: {"from": "human", "value": v}
+    a = lambda v: {"from": "gpt", "value": v}
+    return [
+        {"id": "good-image", "image": "good.png", "conversations": [q("<image>\nWhat?"), a("Red."), q("Sure?"), a("Yes.")]},
+        {"id": "good-text", "conversations": [q("Say hi."), a("Hi.")]},
+        {"id": "missing", "image": "nowhere.png", "conversations": [q("<image>\nWhat?"), a("Red.")]},
+        {"id": "garbage", "image": "garbage.png", "conversations": [q("<image>\nWhat?"), a("Red.")]},
+        {"id": "truncated", "image": "truncated.png", "conversations": [q("<image>\nWhat?"), a("Red.")]},
+        {"id": "no-reply", "image": "good.png", "conversations": [q("<image>\nWhat?")]},
+        {"id": "human-twice", "conversations": [q("One."), q("Two."), a("Three.")]},
+        "a string, not a record",
+        {"id": "no-conversations", "image": "good.png"},
+        {"id": "placeholder-no-image", "conversations": [q("<image>\nWhat?"), a("Red.")]},
+        {"id": "image-no-placeholder", "image": "good.png", "conversations": [q("What?"), a("Red.")]},
+        {"id": "two-placeholders", "image": "good.png", "conversations": [q("<image> and <image>"), a("Red.")]},
+        {"id": "placeholder-in-reply", "image": "good.png", "conversations": [q("<image>"), a("<image> red")]},
+        {"id": "too-long-to-learn", "image": "good.png", "conversations": [q("<image>\n" + "word " * 400), a("Red.")]},
+        {"id": "bad-turn", "conversations": [q("Hi"), {"from": "robot", "value": "beep"}]},
+        {"id": "good-image-2", "image": "good2.jpg", "conversations": [q("Colour?\n<image>"), a("Green.")]},
+        {"id": "good-text-2", "conversations": [{"from": "gpt", "value": "(dropped lead)"}, q("Bye."), a("Bye.")]},
+    ]
+
+
+EXPECTED_SKIPS = {"missing_image": 1, "corrupt_image": 2, "no_reply": 1, "roles_not_alternating": 1,
+                  "unreadable_record": 3, "placeholder_without_image": 1, "image_without_placeholder": 1,
+                  "too_many_placeholders": 1, "placeholder_in_reply": 1, "nothing_to_learn": 1}
+GOOD = {"good-image", "good-text", "good-image-2", "good-text-2"}
+
+
+def test_bad_samples_skipped_named_counted_with_workers(tok, tmp_path, capsys):
+    records = _bad_sample_records(tmp_path / "img")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(records))
+    ds = data.LazySupervisedDataset(path, tmp_path / "img", tok, "vicuna_v1", image_size=32, num_patches=4,
+                                    max_length=200)
+    loader = data.make_loader(ds, batch_size=3, shuffle=True, seed=1, num_workers=2)
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        seen = []
+        for batch in loader:
+            seen += batch["ids"]
+            B, T = batch["input_ids"].shape
+            assert batch["labels"].shape == (B, T) and B >= 1
+            rows = batch["image_rows"].tolist()
+            assert rows == [r for r, i in enumerate(batch["ids"]) if i.startswith("good-image")]
+            if rows:
+                assert batch["pixel_values"].shape == (len(rows), 3, 32, 32)
+            n_img = (batch["input_ids"] == tok.image_token_id).sum(1).tolist()
+            assert n_img == [4 if r in rows else 0 for r in range(B)]
+        assert sorted(seen) == sorted(GOOD)
+    assert ds.skips.counts() == EXPECTED_SKIPS
+    assert ds.skips.events == 2 * sum(EXPECTED_SKIPS.values())
+    err = capsys.readouterr().err
+    for k, r in enumerate(records):
+        if not (isinstance(r, dict) and r.get("id") in GOOD):
+            rid = r.get("id") if isinstance(r, dict) else None
+            assert f"skipped record {k} (id {rid!r})" in err, k
+    assert "nowhere.png" in err and "garbage.png" in err
+    summary = ds.summary()
+    assert summary.startswith(f"data: skipped 13 of {len(records)} records")
+    for reason, n in EXPECTED_SKIPS.items():
+        assert f"{reason} {n}" in summary
+
+
+def test_image_too_long_skipped(tok, tmp_path):
+    """The image sits right after the system prompt, so 'too long for the image' is a property of
+    max_length and num_patches: a dataset where images cannot fit still trains its text-only
+    samples."""
+    _png(tmp_path / "a.png")
+    records = [{"id": "img", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                                  {"from": "gpt", "value": "Red."}]},
+               {"id": "txt", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]
+    ds = data.LazySupervisedDataset(records, tmp_path, tok, "vicuna_v1", image_size=16, num_patches=200, max_length=150)
+    batches = list(data.make_loader(ds, batch_size=2, shuffle=False, num_workers=0))
+    assert [b["ids"] for b in batches] == [["txt"]]
+    assert ds.skips.counts() == {"image_too_long": 1}
+
+
+def test_dataset_lengths_and_jsonl(tok, tmp_path):
+    records = _bad_sample_records(tmp_path / "img")
+    lines = [json.dumps(r) for r in records[:3]] + ["{not json"]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    ds = data.LazySupervisedDataset(tmp_path / "d.jsonl", tmp_path / "img", tok, "vicuna_v1", 32, 4)
+    assert len(ds) == 4 and ds[3].reason == "unreadable_record" and not ds[3]
+    assert ds.lengths == [5 + 128, 3, 3 + 128, 0]  # words, "<image>" counted as one (official split())
+    assert ds.modality_lengths == [5, -3, 3, 0]
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(ValueError, match="bad.json"):
+        data.LazySupervisedDataset(bad, tmp_path, tok, "vicuna_v1", 32, 4)
+
+
+def test_collate_padding():
+    s = lambda ids, img: {"input_ids": torch.tensor(ids), "labels": torch.tensor([-100] + ids[1:]),
+                          "pixel_values": torch.full((3, 4, 4), float(ids[0])) if img else None,
+                          "index": ids[0], "id": f"r{ids[0]}"}
+    skipped = data.Skipped(7, "x", "missing_image", "gone")
+    batch = data.Collator(pad_id=99)([s([1, 5, 6, 7, 8], True), None, s([2, 5], False), skipped, s([3, 5, 6], True)])
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 7, 8], [2, 5, 99, 99, 99], [3, 5, 6, 99, 99]]
+    assert batch["labels"].tolist() == [[-100, 5, 6, 7, 8], [-100, 5, -100, -100, -100], [-100, 5, 6, -100, -100]]
+    assert batch["image_rows"].tolist() == [0, 2]
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 3.0]
+    assert batch["ids"] == ["r1", "r2", "r3"]
+    assert [x.reason for x in batch["skipped"]] == ["returned_none", "missing_image"]
+    text_only = data.Collator(pad_id=0)([s([4, 5], False)])
+    assert text_only["pixel_values"] is None and text_only["image_rows"].tolist() == []
+
+
+def test_sampler_is_deterministic_and_shards():
+    a = data.EpochSampler(10, shuffle=True, seed=3)
+    b = data.EpochSampler(10, shuffle=True, seed=3)
+    assert list(a) == list(b) and sorted(a) == list(range(10))
+    a.set_epoch(1)
+    assert list(a) != list(b)
+    a.set_epoch(1, start=4)
+    b.set_epoch(1)
+    assert list(a) == list(b)[4:]
+    shares = [list(data.EpochSampler(10, True, 3, rank=r, world_size=3)) for r in range(3)]
+    assert all(len(x) == 4 for x in shares) and set(sum(shares, [])) == set(range(10))
+
+
+# ---- the synthetic world -------------------------------------------------------------------------
+
+def _answer_from_world(question, scene):
+    """Re-derive an answer from what the generator says it drew, independently of data.ask."""
+    find = lambda color=None, shape=None: [o for o in scene if color in (None, o["color"]) and shape in (None, o["shape"])]
+    cx = lambda o: (o["box"][0] + o["box"][2]) / 2
+    cy = lambda o: (o["box"][1] + o["box"][3]) / 2
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        [o] = find(shape=m[1]); return o["color"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        [o] = find(color=m[1]); return o["shape"]
+    if question == "How many shapes are there?":
+        return ["zero", "one", "two", "three"][len(scene)]
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
+        [o] = find(m[1], m[2]); size = 64
+        return ("top" if cy(o) < size / 2 else "bottom") + " " + ("left" if cx(o) < size / 2 else "right")
+    if m := re.fullmatch(r"Is the (\w+) (\w+) left or right of the (\w+) (\w+)\?", question):
+        [a], [b] = find(m[1], m[2]), find(m[3], m[4]); return "left" if cx(a) < cx(b) else "right"
+    if m := re.fullmatch(r"Is the (\w+) (\w+) above or below the (\w+) (\w+)\?", question):
+        [a], [b] = find(m[1], m[2]), find(m[3], m[4]); return "above" if cy(a) < cy(b) else "below"
+    if m := re.fullmatch(r"Is there a (\w+) (\w+)\?", question):
+        return "yes" if find(m[1], m[2]) else "no"
+    raise AssertionError(f"unexpected question {question!r}")
+
+
+def test_synthetic_world(tmp_path, tok):
+    p = data.make_synthetic(tmp_path / "a", n_train=40, n_test=120, seed=5)
+    q = data.make_synthetic(tmp_path / "b", n_train=40, n_test=120, seed=5)
+    r = data.make_synthetic(tmp_path / "c", n_train=40, n_test=120, seed=6)
+    files = sorted(f.relative_to(tmp_path / "a") for f in (tmp_path / "a").rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(tmp_path / "b") for f in (tmp_path / "b").rglob("*") if f.is_file())
+    for f in files:  # deterministic for a seed, images and tokenizer included
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert p["stage2"].read_text() != r["stage2"].read_text()
+
+    world = json.loads(p["world"].read_text())["images"]
+    stage1, stage2, test = (json.loads(p[k].read_text()) for k in ("stage1", "stage2", "test"))
+    assert len(stage1) == len(stage2) == 40 and len(test) == 120
+    for rec in stage1:
+        scene = world[rec["id"]]
+        order = sorted(scene, key=lambda o: ((o["box"][1] + o["box"][3]) > 64, (o["box"][0] + o["box"][2]) > 64))
+        names = [f"a {o['color']} {o['shape']}" for o in order]
+        expected = (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
+        assert rec["conversations"][1]["value"] == expected
+        assert rec["conversations"][0]["value"].count("<image>") == 1
+    for rec in stage2 + test:
+        scene = world[rec["id"]]
+        turns = rec["conversations"]
+        assert 2 <= len(turns) <= 8 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        for qt, at in zip(turns[::2], turns[1::2]):
+            assert at["value"] == _answer_from_world(qt["value"].replace("<image>", "").strip(), scene), rec["id"]
+    for rec in test:
+        assert rec["answer"] == rec["conversations"][1]["value"] and rec["type"] in data.QUESTION_TYPES
+
+    # the pixels show what the metadata says: each shape's colour at its centre, background elsewhere
+    for name, scene in list(world.items())[:40]:
+        img = Image.open(p["image_folder"] / f"{name}.png").convert("RGB")
+        assert img.size == (64, 64)
+        for o in scene:
+            x0, y0, x1, y1 = o["box"]
+            point = ((x0 + x1) // 2, (y0 + 2 * y1) // 3)  # inside circle, square and triangle alike
+            assert img.getpixel(point) == data.COLORS[o["color"]], (name, o)
+        used = {o["quadrant"] for o in scene}
+        for quadrant, corner in zip(data.QUADRANTS, [(0, 0), (63, 0), (0, 63), (63, 63)]):
+            assert img.getpixel(corner) == data.BACKGROUND
+
+    # small answer vocabulary, and no answer guessable without the image: per question type the
+    # most common answer is near chance, so a blank image scores near the priors
+    vocab = set(data.COLORS) | set(data.SHAPES) | set(data.QUADRANTS) | {"one", "two", "three", "yes", "no",
+                                                                           "left", "right", "above", "below"}
+    assert {r["answer"] for r in test} <= vocab
+    majority = 0
+    for kind in data.QUESTION_TYPES:
+        answers = [r["answer"] for r in test if r["type"] == kind]
+        majority += max(answers.count(x) for x in set(answers))
+    assert majority / len(test) < 0.5
+
+    # the tokenizer: small, byte fallback, reads every text of the world back
+    t = llama.Tokenizer(p["tokenizer"])
+    assert t.sp.vocab_size() <= 512 and t.sp.is_byte(t.sp.piece_to_id("<0x0A>"))
+    for rec in stage2[:10]:
+        ids, labels = data.tokenize_conversation(rec["conversations"], t, "vicuna_v1", num_patches=16, has_image=True)
+        assert t.decode([i for i, l in zip(ids, labels) if l != -100]) == " ".join(
+            turn["value"] for turn in rec["conversations"][1::2])  # each reply's "▁" is a space
+    assert len(t.encode("a red circle and a blue square.", bos=False)) <= 8
+
+    # the synthetic data trains through the real dataset and loader
+    ds = data.LazySupervisedDataset(p["stage1"], p["image_folder"], t, "plain", image_size=32, num_patches=16)
+    batch = next(iter(data.make_loader(ds, batch_size=8, shuffle=False)))
+    assert batch["pixel_values"].shape == (8, 3, 32, 32) and ds.skips.counts() == {}
+
+
+def test_normalize_answer():
+    assert data.normalize_answer("  Top Left. ") == "top left"
+    assert data.normalize_answer("Red!") == "red" and data.normalize_answer("yes") == "yes"
+
+
+# ---- ScienceQA -----------------------------------------------------------------------------------
+
+SQA_HUMAN = {
+    "1001": "Which of these objects is magnetic?\nContext: Look at the picture of two objects.\n"
+            "Options: (A) wooden spoon (B) iron nail\n<image>",
+    "1002": "Which city is the capital of the state?\nContext: N/A\nOptions: (A) Springfield (B) Chicago (C) Peoria",
+    "1003": "Which word comes last in alphabetical order?\nContext: N/A\n"
+            "Options: (A) apple (B) banana (C) cherry (D) plum\n<image>",
+    "1004": "How many legs does a spider have?\nContext: Spiders are arachnids.\n"
+            "Options: (A) two (B) four (C) six (D) seven (E) eight",
+    "1005": "What does the map show?\nContext: This map shows rivers.\nOptions: (A) rivers (B) roads\n<image>",
+}
+SQA_REASONING_FIRST = {
+    "1001": "Magnets attract some metals.\nIron is one of them. An iron nail is made of iron, so it is magnetic. "
+            "The answer is B.",
+    "1002": "Springfield is the capital of Illinois. The answer is A.",
+    "1003": " The answer is D.",  # official quirk: empty lecture + solution leave one leading space
+    "1004": "Arachnids are animals with jointed legs. A spider has eight legs. The answer is E.",
+    "1005": "Maps use symbols. The answer is A.",
+}
+SQA_ANSWER_FIRST = {
+    "1001": "The answer is B. BECAUSE: Magnets attract some metals.\nIron is one of them. An iron nail is made of "
+            "iron, so it is magnetic.",
+    "1002": "The answer is A. BECAUSE: Springfield is the capital of Illinois.",
+    "1003": "The answer is D.",
+    "1004": "The answer is E. BECAUSE: Arachnids are animals with jointed legs. A spider has eight legs.",
+    "1005": "The answer is A. BECAUSE: Maps use symbols.",
+}
+
+
+@pytest.mark.parametrize("answer_first, targets", [(False, SQA_REASONING_FIRST), (True, SQA_ANSWER_FIRST)])
+def test_scienceqa_conversion(answer_first, targets):
+    records = data.scienceqa_to_llava(SQA / "problems.json", SQA / "pid_splits.json", "test", answer_first=answer_first)
+    assert [r["id"] for r in records] == ["1001", "1002", "1003", "1004", "1005"]
+    for r in records:
+        human, gpt = r["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert human["value"] == SQA_HUMAN[r["id"]]
+        assert gpt["value"] == targets[r["id"]]
+        assert ("image" in r) == r["has_image"] == (r["id"] in ("1001", "1003", "1005"))
+    by_id = {r["id"]: r for r in records}
+    assert by_id["1001"]["image"] == "1001/image.png"  # official: relative to images/{split}
+    assert [by_id[i]["answer"] for i in sorted(by_id)] == ["B", "A", "D", "E", "A"]
+    assert by_id["1001"]["categories"] == ["NAT", "TXT", "IMG", "G1-6"]
+    assert by_id["1002"]["categories"] == ["SOC", "NO", "G7-12"]
+    assert by_id["1003"]["categories"] == ["LAN", "IMG", "G7-12"]
+    assert by_id["1004"]["categories"] == ["NAT", "TXT", "G1-6"]
+    assert by_id["1005"]["categories"] == ["SOC", "TXT", "IMG", "G7-12"]
+    assert by_id["1002"]["no_context"] and not by_id["1005"]["no_context"]
+
+
+def test_scienceqa_other_formats_and_training(tok, tmp_path):
+    [r] = [x for x in data.scienceqa_to_llava(SQA / "problems.json", SQA / "pid_splits.json", "test",
+                                               prompt_format="CQM-A") if x["id"] == "1002"]
+    assert r["conversations"][0]["value"] == ("Context: N/A\nQuestion: Which city is the capital of the state?\n"
+                                              "Options: (A) Springfield (B) Chicago (C) Peoria")
+    assert r["conversations"][1]["value"] == "The answer is A."
+    # image paths relative to another root, and the records train through the dataset
+    records = data.scienceqa_to_llava(SQA / "problems.json", SQA / "pid_splits.json", "test", image_root=SQA / "images")
+    assert {x["image"] for x in records if "image" in x} == {f"test/{p}/image.png" for p in ("1001", "1003", "1005")}
+    ds = data.LazySupervisedDataset(records, SQA / "images", tok, "vicuna_v1", image_size=16, num_patches=4)
+    batch = next(iter(data.make_loader(ds, batch_size=5, shuffle=False)))
+    assert batch["ids"] == ["1001", "1002", "1003", "1004", "1005"] and batch["image_rows"].tolist() == [0, 2, 4]
+    assert ds.skips.counts() == {}

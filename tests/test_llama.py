@@ -1,0 +1,308 @@
+"""llama.py against transformers' LlamaForCausalLM on tiny random checkpoints saved by transformers."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import transformers  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
+
+from llama import KVCache, Llama, LlamaConfig, Tokenizer, llm_state_from_checkpoint  # noqa: E402
+from weights import WeightsError  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+VOCAB = 300
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=128, initializer_range=0.1,
+            eos_token_id=None, pad_token_id=None)  # no EOS: greedy runs never stop early
+
+
+def save_hf(directory, dtype=torch.float32, seed=0, max_shard_size=None, **overrides):
+    """A random LlamaForCausalLM saved by transformers (config.json + safetensors)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**{**TINY, **overrides})
+    model = LlamaForCausalLM(config).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return Path(directory)
+
+
+def hf_model(directory, dtype=torch.float32):
+    return LlamaForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+
+
+def rewrite_config(directory, keep=None, **changes):
+    """Rewrite config.json: keep only `keep` keys (a sparse config) and apply `changes`."""
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    if keep is not None:
+        config = {k: v for k, v in config.items() if k in keep}
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama")
+    out = {}
+    # fp16, GQA (4 query heads over 2 kv heads), sharded through an index
+    out["gqa_fp16_sharded"] = save_hf(root / "gqa", torch.float16, seed=1, num_key_value_heads=2,
+                                      max_shard_size="40KB")
+    # fp32, one file, plain multi-head attention
+    out["mha_fp32"] = save_hf(root / "mha", torch.float32, seed=2)
+    # a sparse config: only the shape; everything else from the HF defaults (eps 1e-6, theta 1e4)
+    out["sparse"] = save_hf(root / "sparse", seed=3, rms_norm_eps=1e-6)
+    rewrite_config(out["sparse"], keep={"vocab_size", "hidden_size", "intermediate_size",
+                                        "num_hidden_layers", "num_attention_heads"})
+    # transformers-4 style: top-level rope_theta (5e5), no rope_parameters, eps 1e-5, GQA 4:1
+    out["tf4"] = save_hf(root / "tf4", seed=4, rope_parameters={"rope_type": "default", "rope_theta": 5e5},
+                         rms_norm_eps=1e-5, num_key_value_heads=1)
+    path = out["tf4"] / "config.json"
+    config = json.loads(path.read_text())
+    config.pop("rope_parameters")
+    config["rope_theta"] = 5e5
+    config["rope_scaling"] = None
+    path.write_text(json.dumps(config))
+    # tied embeddings: transformers saves no lm_head.weight
+    out["tied"] = save_hf(root / "tied", seed=5, tie_word_embeddings=True)
+    return out
+
+
+def ids(B=2, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("name", ["gqa_fp16_sharded", "mha_fp32", "sparse", "tf4", "tied"])
+def test_logits_match_transformers(ckpts, name):
+    ref = hf_model(ckpts[name])
+    ours = Llama.from_pretrained(ckpts[name])
+    assert ours.config.num_key_value_heads == ref.config.num_key_value_heads
+    assert ours.config.rope_theta == ref.config.rope_parameters["rope_theta"]
+    assert ours.config.rms_norm_eps == ref.config.rms_norm_eps
+    x = ids()
+    with torch.no_grad():
+        expected = ref(x).logits
+        got = ours(x)
+    assert got.dtype == torch.float32
+    assert expected.abs().max() > 0.5  # logits of a useful size, so 1e-4 means something
+    assert (got - expected).abs().max() < 1e-4
+
+
+def test_config_parsing(ckpts):
+    sparse = LlamaConfig.from_hf(json.loads((ckpts["sparse"] / "config.json").read_text()))
+    assert (sparse.rms_norm_eps, sparse.rope_theta, sparse.num_key_value_heads, sparse.head_dim) == (1e-6, 1e4, 4, 16)
+    assert sparse.max_position_embeddings == 2048  # transformers' default
+    tf4 = LlamaConfig.from_hf(json.loads((ckpts["tf4"] / "config.json").read_text()))
+    assert (tf4.rope_theta, tf4.rms_norm_eps, tf4.num_key_value_heads) == (5e5, 1e-5, 1)
+    tf5 = LlamaConfig.from_hf({"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}})
+    assert tf5.rope_theta == 5e5 and tf5.hidden_size == 4096 and tf5.num_hidden_layers == 32
+    for bad in ({"rope_scaling": {"type": "linear", "factor": 2.0}}, {"hidden_act": "gelu"},
+                {"model_type": "mistral"}, {"num_attention_heads": 6, "num_key_value_heads": 4}):
+        with pytest.raises(ValueError):
+            LlamaConfig.from_hf(bad)
+
+
+def test_to_hf_is_read_by_transformers(ckpts):
+    """model.py saves configs with to_hf(): transformers must build the same model from it."""
+    ours = Llama.from_pretrained(ckpts["tf4"])
+    d = ours.config.to_hf()
+    assert LlamaConfig.from_hf(d) == ours.config
+    ref = LlamaForCausalLM(transformers.LlamaConfig(**d)).eval()
+    ref.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
+                         for k, v in ours.state_dict().items()})
+    x = ids()
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max() < 1e-4
+
+
+def test_inputs_embeds_equals_input_ids(ckpts):
+    m = Llama.from_pretrained(ckpts["mha_fp32"])
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(m(inputs_embeds=m.embed_tokens(x)), m(x), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        m(x, inputs_embeds=m.embed_tokens(x))
+
+
+@pytest.mark.parametrize("name", ["gqa_fp16_sharded", "mha_fp32"])
+def test_kv_cache_prefill_decode_equals_full_forward(ckpts, name):
+    m = Llama.from_pretrained(ckpts[name])
+    x = ids(T=16)
+    with torch.no_grad():
+        full = m(x)
+        cache = KVCache(m.config, batch_size=2, max_len=32)
+        steps = [m(x[:, :10], cache=cache)]                    # prefill
+        steps += [m(x[:, t:t + 1], cache=cache) for t in range(10, 13)]  # decode one at a time
+        steps.append(m(x[:, 13:16], cache=cache))              # a chunk after cached tokens
+    assert cache.pos == 16
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="cannot take"):
+        m(ids(T=17), cache=cache)
+
+
+@pytest.mark.parametrize("name", ["gqa_fp16_sharded", "tf4"])
+def test_greedy_matches_transformers_generate(ckpts, name):
+    ref = hf_model(ckpts[name])
+    m = Llama.from_pretrained(ckpts[name])
+    prompt = ids(B=1, T=9, seed=3)
+    with torch.no_grad():
+        expected = ref.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
+                                do_sample=False)[0, 9:].tolist()
+        cache = KVCache(m.config, 1, 32)
+        logits, out = m(prompt, cache=cache), []
+        for _ in range(8):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # [1,1]
+            out.append(nxt.item())
+            logits = m(nxt, cache=cache)
+    assert len(expected) == 8
+    assert out == expected
+
+
+def test_left_padded_batch_equals_single_runs(ckpts):
+    m = Llama.from_pretrained(ckpts["gqa_fp16_sharded"])
+    lengths, T, new = [7, 4, 1], 7, 3
+    seqs = [ids(B=1, T=n + new, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    with torch.no_grad():
+        singles = []
+        for s, n in zip(seqs, lengths):  # unpadded: full forward and prefill+decode with a cache
+            full = m(s[None])[0]
+            cache = KVCache(m.config, 1, 16)
+            steps = [m(s[None, :n], cache=cache)[0]] + [m(s[None, t:t + 1], cache=cache)[0] for t in range(n, n + new)]
+            torch.testing.assert_close(torch.cat(steps), full, rtol=0, atol=1e-5)
+            singles.append(full)
+        batch = torch.zeros(len(seqs), T, dtype=torch.long)  # pad id 0, on the left
+        mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for b, (s, n) in enumerate(zip(seqs, lengths)):
+            batch[b, T - n:], mask[b, T - n:] = s[:n], True
+        cache = KVCache(m.config, len(seqs), 16)
+        prefill = m(batch, cache=cache, attn_mask=mask)
+        assert torch.isfinite(prefill).all()  # all-padding rows must not turn into NaN
+        no_cache = m(batch, attn_mask=mask)
+        for t in range(new):
+            nxt = torch.stack([s[n + t] for s, n in zip(seqs, lengths)])[:, None]  # [B,1]
+            mask = torch.cat([mask, torch.ones(len(seqs), 1, dtype=torch.bool)], 1)
+            step = m(nxt, cache=cache, attn_mask=mask)
+            for b, n in enumerate(lengths):
+                assert (step[b, 0] - singles[b][n + t]).abs().max() < 1e-5
+    for b, n in enumerate(lengths):
+        assert (prefill[b, T - n:] - singles[b][:n]).abs().max() < 1e-5
+        assert (no_cache[b, T - n:] - singles[b][:n]).abs().max() < 1e-5
+
+
+def test_explicit_3d_mask(ckpts):
+    m = Llama.from_pretrained(ckpts["mha_fp32"])
+    x = ids(T=8)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril().expand(2, 8, 8)
+    with torch.no_grad():
+        assert (m(x, attn_mask=causal) - m(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_load(ckpts, dtype):
+    m = Llama.from_pretrained(ckpts["gqa_fp16_sharded"], dtype=dtype)
+    assert {p.dtype for p in m.parameters()} == {dtype}
+    ref = hf_model(ckpts["gqa_fp16_sharded"], dtype=dtype)
+    full = hf_model(ckpts["gqa_fp16_sharded"])
+    x = ids()
+    with torch.no_grad():
+        got, expected, exact = m(x), ref(x).logits, full(x).logits
+    assert got.dtype == dtype
+    # same operations in the same dtype as transformers: only kernel-order noise remains
+    assert (got.float() - expected.float()).abs().max() < 0.02
+    assert (got.float() - exact).abs().max() < 0.1
+
+
+def test_tied_embeddings_are_one_parameter(ckpts):
+    m = Llama.from_pretrained(ckpts["tied"], dtype=torch.bfloat16)
+    assert m.lm_head.weight is m.embed_tokens.weight
+    assert m.lm_head.weight.dtype == torch.bfloat16
+
+
+def test_key_map():
+    t = torch.zeros(1)
+    state = {"model.embed_tokens.weight": t, "model.layers.0.self_attn.rotary_emb.inv_freq": t,
+             "lm_head.weight": t, "model.norm.weight": t, "vision.x": t}
+    assert set(llm_state_from_checkpoint(state)) == {"embed_tokens.weight", "lm_head.weight", "norm.weight", "vision.x"}
+
+
+def test_meta_build_keeps_no_stray_meta_tensors(ckpts):
+    m = Llama.from_pretrained(ckpts["mha_fp32"])
+    assert not any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
+
+
+# ---- clear errors -------------------------------------------------------------------------------
+
+def test_missing_config(tmp_path):
+    save_file({"model.norm.weight": torch.ones(4)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(WeightsError, match="config.json"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_unreadable_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="config.json.*not valid JSON"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_unsupported_config_names_file(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_act": "gelu"}))
+    with pytest.raises(WeightsError, match="config.json.*hidden_act"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_missing_weights(ckpts, tmp_path):
+    (tmp_path / "config.json").write_text((ckpts["mha_fp32"] / "config.json").read_text())
+    with pytest.raises(WeightsError, match="model.safetensors"):
+        Llama.from_pretrained(tmp_path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(WeightsError, match="nothere"):
+        Llama.from_pretrained(tmp_path / "nothere")
+
+
+def _copy_with_state(src, dst, edit):
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    state = load_file(str(src / "model.safetensors"))
+    edit(state)
+    save_file(state, str(dst / "model.safetensors"))
+    return dst
+
+
+def test_missing_key_is_named(ckpts, tmp_path):
+    d = _copy_with_state(ckpts["mha_fp32"], tmp_path / "c", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(WeightsError, match=r"missing keys: layers\.1\.mlp\.up_proj\.weight"):
+        Llama.from_pretrained(d)
+
+
+def test_unexpected_key_is_named(ckpts, tmp_path):
+    def edit(s):
+        s["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+    d = _copy_with_state(ckpts["mha_fp32"], tmp_path / "c", edit)
+    with pytest.raises(WeightsError, match=r"unexpected keys: layers\.0\.self_attn\.q_proj\.bias"):
+        Llama.from_pretrained(d)
+
+
+def test_wrong_shape_is_named(ckpts, tmp_path):
+    def edit(s):
+        s["model.norm.weight"] = torch.ones(65)
+    d = _copy_with_state(ckpts["mha_fp32"], tmp_path / "c", edit)
+    with pytest.raises(WeightsError, match=r"norm\.weight \(expected \[64\], found \[65\]\)"):
+        Llama.from_pretrained(d)
+
+
+def test_missing_tokenizer_model(tmp_path):
+    with pytest.raises(WeightsError, match="tokenizer.model"):
+        Tokenizer(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(WeightsError, match="not a sentencepiece model"):
+        Tokenizer(tmp_path)

@@ -1,0 +1,259 @@
+"""train.py: freezing, the loss against transformers, and the hand-written FSDP against one
+process and against PyTorch's FSDP2, with gloo ranks on the CPU; resume; failures."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import train
+from model import LLaVA
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "train.py")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    w = data.make_synthetic(root / "data", n_train=48, n_test=8, seed=0, image_size=64, vocab_size=400)
+    clip_dir, llm_dir = train.make_tiny_bases(root, w["tokenizer"], seed=0)
+    return {**w, "clip": clip_dir, "llm": llm_dir, "root": root}
+
+
+def base_args(world, out, stage=2, **over):
+    args = {"stage": stage, "clip": world["clip"], "llm": world["llm"],
+            "data": world["stage1" if stage == 1 else "stage2"], "image-folder": world["image_folder"],
+            "projector": "mlp2x_gelu", "image-size": 32, "pad-to-square": "false",
+            "template": "plain" if stage == 1 else "vicuna_v1", "lr": 1e-3, "global-batch": 8,
+            "micro-batch": 4, "max-steps": 3, "num-workers": 0, "max-length": 256, "out": out,
+            "warmup-ratio": 0.0, "seed": 0, "dist-timeout": 60}
+    args.update(over)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def run(args, nproc=1, timeout=240, check=True):
+    cmd = [sys.executable, TRAIN] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in open(Path(out) / "train_log.jsonl")]
+
+
+def trained(out, stage):
+    state = load_file(str(Path(out) / "model.safetensors"))
+    keep = ("multi_modal_projector.",) if stage == 1 else ("multi_modal_projector.", "language_model.")
+    return {k: v for k, v in state.items() if k.startswith(keep)}
+
+
+def assert_same_run(a, b, stage, atol=2e-5):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) and all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(la, lb)), (la, lb)
+    pa, pb = trained(a, stage), trained(b, stage)
+    assert pa.keys() == pb.keys()
+    worst = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    assert worst < atol, worst
+
+
+# ---- one process: freezing and the loss ------------------------------------------------------
+
+def test_stage1_changes_only_the_projector_and_stage2_never_the_vision_tower(world, tmp_path):
+    run(base_args(world, tmp_path / "s1", stage=1, **{"max-steps": 2}))
+    before = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+    after = LLaVA.from_pretrained(tmp_path / "s1")
+    for name, p in before.state_dict().items():
+        same = torch.equal(p, after.state_dict()[name])
+        assert same != name.startswith("projector."), name
+    run(base_args(world, tmp_path / "s2", stage=2, init=tmp_path / "s1", **{"max-steps": 2}))
+    s2 = LLaVA.from_pretrained(tmp_path / "s2")
+    for name, p in after.state_dict().items():
+        same = torch.equal(p, s2.state_dict()[name])
+        assert same == name.startswith("vision_tower."), name
+
+
+def test_loss_at_step_0_equals_transformers(world, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False).eval()
+    model.save_pretrained(tmp_path / "m")
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    from llama import Tokenizer
+    ds = data.LazySupervisedDataset(world["stage2"], world["image_folder"], Tokenizer(tmp_path / "m"),
+                                    "vicuna_v1", 32, model.config.num_patches, False, 256)
+    batch = data.Collator(model.config.pad_token_id)([ds[i] for i in range(4)])
+    with torch.no_grad():
+        _, loss = model(batch["input_ids"], batch["pixel_values"], labels=batch["labels"])
+        ref = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    assert abs(float(loss) - float(ref)) < 1e-5
+    # the training loop's first logged loss is this same number for the same global batch
+    run(base_args(world, tmp_path / "t", **{"max-steps": 1, "global-batch": 4, "micro-batch": 2, "lr": 0}))
+    idx = train.global_batch_indices(len(ds), 4, 0, 0, len(ds) // 4)
+    batch = data.Collator(model.config.pad_token_id)([ds[i] for i in idx])
+    with torch.no_grad():
+        ref = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
+    assert math.isclose(losses(tmp_path / "t")[0], float(ref), rel_tol=1e-5)
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    lrs = [train.lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == 0 and lrs[5] == 0.5 and lrs[10] == 1.0
+    assert math.isclose(lrs[55], 0.5, abs_tol=1e-12) and lrs[99] < 1e-3
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_recipes_fill_the_papers_defaults():
+    c1 = train.parse_args(["--stage", "1"])
+    assert (c1.projector, c1.image_size, c1.lr, c1.global_batch, c1.epochs, c1.template) == \
+        ("linear", 224, 2e-3, 128, 1, "plain")
+    c2 = train.parse_args(["--stage", "2", "--recipe", "v1.5", "--lr", "1e-4"])
+    assert (c2.projector, c2.image_size, c2.pad_to_square, c2.lr, c2.global_batch, c2.epochs) == \
+        ("mlp2x_gelu", 336, True, 1e-4, 128, 1)
+
+
+# ---- FSDP: 2 gloo ranks == 1 process == FSDP2 --------------------------------------------------
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_two_ranks_equal_one_process_and_fsdp2(world, tmp_path, stage):
+    ref = tmp_path / "one"
+    run(base_args(world, ref, stage=stage))                                       # 1 process, accum 2
+    ours = tmp_path / "ours"
+    run(base_args(world, ours, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true"}), nproc=2)  # accum 2
+    assert_same_run(ref, ours, stage)
+    fsdp2 = tmp_path / "fsdp2"
+    run(base_args(world, fsdp2, stage=stage, fsdp="torch"), nproc=2)               # accum 1
+    assert_same_run(ref, fsdp2, stage)
+
+
+def _shard_sizes(rank, world_size, port, tmp, clip_dir, llm_dir, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    cfg = train.fill_recipe(train.TrainConfig(stage=2, clip=clip_dir, llm=llm_dir, projector="mlp2x_gelu",
+                                              image_size=32, pad_to_square=False))
+    device, r, w = train.init_distributed(cfg)
+    model = LLaVA.from_components(clip_dir, llm_dir, projector="mlp2x_gelu", pad_to_square=False)
+    n_trainable = sum(p.numel() for p in list(model.projector.parameters()) + list(model.llm.parameters()))
+    params, _, units = train.shard_model(model, cfg, device, torch.float32)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    held = sum(p.numel() for p in params)
+    state = sum(t.numel() for s in opt.state.values() for k, t in s.items() if k != "step")
+    q.put((r, n_trainable, held, state, len(units)))
+    torch.distributed.destroy_process_group()
+
+
+def test_each_rank_holds_one_half_of_params_and_optimizer_state(world):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_shard_sizes, args=(r, 2, port, None, str(world["clip"]), str(world["llm"]), q))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+    for r, n, held, state, n_units in results:
+        assert n_units == 1 + 1 + 4 + 1  # projector, embeddings, 4 blocks, norm + head
+        assert n / 2 <= held <= n / 2 + n_units  # 1/world, plus at most one pad per unit
+        assert state == 2 * held                 # AdamW's two moments, for the shard only
+
+
+# ---- resume ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nproc_after", [1, 2])
+def test_resume_continues_to_the_same_losses(world, tmp_path, nproc_after):
+    full = tmp_path / "full"
+    run(base_args(world, full, **{"max-steps": 4}))
+    part = tmp_path / "part"
+    run(base_args(world, part, **{"max-steps": 4, "stop-at": 2}))
+    assert (part / "checkpoint-2" / "train_state.json").exists() and not (part / "model.safetensors").exists()
+    micro = 4 if nproc_after == 1 else 2
+    run(base_args(world, part, **{"max-steps": 4, "resume": "auto", "micro-batch": micro}), nproc=nproc_after)
+    assert_same_run(full, part, 2)
+
+
+def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(base_args(world, out, **{"max-steps": 2, "save-every": 1}))
+    ckpt = out / "checkpoint-1"
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    # a write that dies half-way: the temp dir is left behind, the old checkpoint untouched
+    (out / "checkpoint-1.tmp").mkdir()
+    (out / "checkpoint-1.tmp" / "model.safetensors").write_bytes(b"half")
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    cfg = train.TrainConfig(out=str(out), resume="auto")
+    assert train.find_resume(cfg).name == "checkpoint-2"
+    LLaVA.from_pretrained(out / "checkpoint-2")
+    # and in process: save_pretrained raising mid-save keeps checkpoint-2 loadable and whole
+    cfg2 = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
+                                               projector="mlp2x_gelu", image_size=32, pad_to_square=False))
+    device, _, _ = train.init_distributed(cfg2)
+    model = LLaVA.from_pretrained(out / "checkpoint-2")
+    params, full_state, units = train.shard_model(model, cfg2, device, torch.float32)
+    opt = torch.optim.AdamW(params)
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(model, "save_pretrained", boom)
+    good = {p.name: p.read_bytes() for p in (out / "checkpoint-2").iterdir()}
+    with pytest.raises(OSError):
+        train.save_checkpoint(out / "checkpoint-2", model, cfg2, full_state, opt, units, 2, {})
+    assert {p.name: p.read_bytes() for p in (out / "checkpoint-2").iterdir()} == good
+
+
+# ---- failures ----------------------------------------------------------------------------------
+
+def test_nan_loss_stops_with_step_and_sample_ids(world, tmp_path):
+    import shutil
+    from safetensors.torch import save_file
+    bad = tmp_path / "llm"
+    shutil.copytree(world["llm"], bad)
+    state = load_file(str(bad / "model.safetensors"))
+    state["lm_head.weight"][0, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"))
+    p = run(base_args(world, tmp_path / "o", llm=bad), check=False)
+    assert p.returncode != 0
+    assert "step 0: loss is nan" in p.stderr + p.stdout and "train_0000" in p.stderr + p.stdout
+
+
+def test_a_dead_rank_ends_the_run_in_bounded_time(world, tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", TRAIN] + \
+        base_args(world, out, **{"max-steps": 1000, "global-batch": 2, "micro-batch": 1})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((out / "train_log.jsonl").exists()
+                                               and (out / "train_log.jsonl").read_text().count("\n") >= 2):
+            time.sleep(0.2)
+        workers = [int(x) for x in subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train.py"],
+                                                   capture_output=True, text=True).stdout.split()]
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        t0 = time.time()
+        rc = p.wait(timeout=90)
+        assert rc != 0 and time.time() - t0 < 90
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)

@@ -1,0 +1,983 @@
+"""
+Visual instruction tuning in two stages, as in the paper, on one CPU or many GPUs.
+
+    stage 1  feature alignment   CLIP frozen, LLM frozen, projector trained  (image-caption pairs)
+    stage 2  instruction tuning  CLIP frozen, projector + LLM trained         (conversations)
+
+    python train.py --preset tiny                    # the synthetic world, end to end on a CPU
+    python train.py --stage 1 --clip DIR --llm DIR --data pretrain.json --image-folder IMGS
+    torchrun --nproc-per-node 8 train.py --stage 2 --init runs/stage1 --data llava_instruct_150k.json ...
+
+The loop is written out in `train()`: sample the global batch, split it over ranks and
+micro-batches, forward, backward, clip, step, log, checkpoint. Everything about scale lives in
+the FSDP section below, and nothing in the loop knows whether it runs on 1 CPU or 64 GPUs.
+
+Hand-written FSDP (ZeRO-3)
+--------------------------
+A *unit* is a group of modules whose trainable parameters are flattened into one fp32 vector,
+padded to a multiple of the world size W and cut into W equal shards. Rank r owns shard r:
+the master weights, their gradient and the AdamW moments exist only for that 1/W slice.
+
+          flat fp32 [N + pad]            forward / backward of one unit on rank r
+    ┌─────────┬─────────┬─────────┐
+    │ shard 0 │ shard 1 │ shard 2 │   all-gather (bf16)   ──►  full params, views into one buffer
+    └─────────┴─────────┴─────────┘   run the unit              (freed after the unit runs)
+        rank 0    rank 1    rank 2    backward: re-gather, grad of the full buffer
+                                      reduce-scatter (fp32) ──►  grad of shard r, summed over ranks
+
+Units: the projector, the token embeddings, each transformer block, and the final norm + LM
+head. The gather is an autograd Function (`GatherParams`): its backward *is* the
+reduce-scatter, so autograd itself issues it the moment the unit's gradient is complete.
+After the forward the full buffer is dropped; tensors that autograd saved from it are stored
+as (offset, shape, stride) by a saved-tensor hook and rebuilt from a re-gather when backward
+reaches the unit. With --grad-ckpt the unit's whole call (gather + forward) is wrapped in
+activation checkpointing, so the recompute re-gathers by itself. Frozen parts (CLIP always, the
+LLM in stage 1) are not units: they stay replicated in the compute dtype and are never gathered,
+so stage 1 pays nothing to shard a frozen LLM. Gradient clipping all-reduces the squared shard
+norms. `--fsdp torch` hands the same units to PyTorch's FSDP2 (`fully_shard`) instead.
+
+The loss is the summed token cross-entropy divided by the number of supervised tokens of the
+whole global batch (all ranks, all micro-batches), so 1 process and W ranks compute the same
+gradient, and gradient accumulation changes nothing but memory.
+"""
+
+import argparse
+import contextlib
+import datetime
+import functools
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+from llama import Tokenizer
+from model import LLaVA, LLaVAConfig, next_token_loss, write_json_atomic
+from weights import load_state_dict, save_state_dict
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration: the paper's recipes as defaults, every value settable on the command line
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    recipe: str = "v1"                  # "v1" (the paper) | "v1.5" (LLaVA-1.5)
+    preset: str = ""                    # "tiny": the synthetic world, end to end on a CPU
+    # where things come from
+    clip: str = "openai/clip-vit-large-patch14"
+    llm: str = "lmsys/vicuna-7b-v1.5"
+    init: str = ""                      # stage 2: a stage-1 output (or a llava-hf dir); "" = fresh projector
+    data: str = ""
+    image_folder: str = ""
+    out: str = "runs/stage1"
+    # model choices (None = the recipe's)
+    projector: str = None
+    image_size: int = None
+    pad_to_square: bool = None
+    vision_layer: int = -2
+    template: str = None
+    max_length: int = 2048
+    # optimisation (None = the recipe's)
+    lr: float = None
+    global_batch: int = None
+    micro_batch: int = 4
+    epochs: float = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_steps: int = 0                  # 0 = the epochs decide
+    seed: int = 0
+    # systems
+    device: str = ""                    # "" = cuda if available else cpu
+    dtype: str = ""                     # "" = bf16 on cuda, fp32 on cpu
+    fsdp: str = "ours"                  # "ours" | "torch" (FSDP2)
+    grad_ckpt: bool = False
+    num_workers: int = 2
+    dist_timeout: int = 600             # seconds a rank waits for a dead peer before giving up
+    save_every: int = 0                 # checkpoint every N steps (0 = only at the end)
+    stop_at: int = 0                    # save a checkpoint and stop after this step (job time limits)
+    keep: int = 2                       # checkpoints to keep
+    resume: str = ""                    # a checkpoint dir, or "auto" = the newest under --out
+    log_every: int = 1
+
+
+RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
+    "v1": {"projector": "linear", "image_size": 224, "pad_to_square": False, "template": "vicuna_v1",
+           1: {"lr": 2e-3, "global_batch": 128, "epochs": 1},
+           2: {"lr": 2e-5, "global_batch": 32, "epochs": 3}},
+    "v1.5": {"projector": "mlp2x_gelu", "image_size": 336, "pad_to_square": True, "template": "vicuna_v1",
+             1: {"lr": 1e-3, "global_batch": 256, "epochs": 1},
+             2: {"lr": 2e-5, "global_batch": 128, "epochs": 1}},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str, "bool": None}[
+            f.type if isinstance(f.type, str) else f.type.__name__]
+        if kind is None:
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
+                           const=True, default=f.default)
+        else:
+            p.add_argument(flag, type=kind, default=f.default)
+    return fill_recipe(TrainConfig(**vars(p.parse_args(argv))))
+
+
+def fill_recipe(cfg):
+    if cfg.recipe not in RECIPES:
+        raise SystemExit(f"--recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
+    recipe = RECIPES[cfg.recipe]
+    for key, value in {**recipe, **recipe[cfg.stage]}.items():
+        if isinstance(key, str) and getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.template is None:
+        cfg.template = "plain" if cfg.stage == 1 else "vicuna_v1"
+    if cfg.stage == 1 and cfg.template == "vicuna_v1" and recipe.get("template") == "vicuna_v1":
+        cfg.template = "plain"  # stage 1 is always the plain caption template in the paper
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun starts the ranks; a plain `python train.py` is a world of one
+
+def init_distributed(cfg):
+    if dist.is_initialized():  # the tiny preset runs several trainings in one process
+        return current_device(cfg), dist.get_rank(), dist.get_world_size()
+    device = current_device(cfg)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+    if "RANK" in os.environ:  # torchrun (one node or many, through its rendezvous)
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # one process: the same code path with a group of one
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def current_device(cfg):
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return device
+
+
+def log0(*args):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-written FSDP (see the module docstring)
+
+class GatherParams(torch.autograd.Function):
+    """shard [S] fp32 -> full [W*S] in the compute dtype. Backward: reduce-scatter (sum, fp32)."""
+
+    @staticmethod
+    def forward(ctx, shard, unit):
+        ctx.unit = unit
+        return unit.all_gather(shard.detach())
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        unit = ctx.unit
+        unit.full_for_backward = None  # the unit's backward is complete: free the re-gather
+        return unit.reduce_scatter(grad_full), None
+
+
+class ShardedUnit:
+    """Trainable params of `modules` flattened into one fp32 shard per rank (see docstring)."""
+
+    def __init__(self, name, modules, names, compute_dtype, device, grad_ckpt=False):
+        self.name, self.modules, self.compute_dtype = name, modules, compute_dtype
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.slots = []  # (owner module, attribute, offset, shape, qualified name)
+        flat_parts, offset = [], 0
+        for mod in modules:
+            for sub in mod.modules():
+                for attr, p in list(sub._parameters.items()):
+                    if p is None or not p.requires_grad:
+                        continue
+                    self.slots.append((sub, attr, offset, p.shape, names[id(p)]))
+                    flat_parts.append(p.detach().reshape(-1).float().cpu())
+                    offset += p.numel()
+                    del sub._parameters[attr]          # from now on a plain attribute,
+                    setattr(sub, attr, None)           # present only while the unit runs
+        self.numel = offset
+        self.shard_size = math.ceil(offset / self.world)
+        flat = torch.zeros(self.shard_size * self.world)
+        flat[:offset] = torch.cat(flat_parts)
+        self.shard = nn.Parameter(flat[self.rank * self.shard_size:(self.rank + 1) * self.shard_size]
+                                  .clone().to(device))
+        self.full_for_backward = None
+        self._saving = None
+        self._patch(grad_ckpt)
+
+    # -- collectives ------------------------------------------------------------------------------
+    def all_gather(self, shard):
+        local = shard.to(self.compute_dtype)
+        if self.world == 1:
+            return local.clone() if local.data_ptr() == shard.data_ptr() else local
+        full = torch.empty(self.shard_size * self.world, dtype=self.compute_dtype, device=shard.device)
+        dist.all_gather_into_tensor(full, local)
+        return full
+
+    def reduce_scatter(self, grad_full):
+        grad_full = grad_full.float()
+        if self.world == 1:
+            return grad_full
+        out = torch.empty(self.shard_size, dtype=torch.float32, device=grad_full.device)
+        dist.reduce_scatter_tensor(out, grad_full.contiguous(), op=dist.ReduceOp.SUM)
+        return out
+
+    # -- installing the gathered params into the modules ----------------------------------------
+    def _install(self, full):
+        for sub, attr, off, shape, _ in self.slots:
+            setattr(sub, attr, full[off:off + math.prod(shape)].view(shape))
+
+    def _uninstall(self):
+        for sub, attr, *_ in self.slots:
+            setattr(sub, attr, None)
+
+    def begin(self, save_hooks):
+        full = GatherParams.apply(self.shard, self)
+        self._install(full)
+        if save_hooks and torch.is_grad_enabled():
+            # Tensors autograd saves that live in `full` are kept as (shape, stride, offset)
+            # and rebuilt from a re-gather in backward, so `full` itself can be freed now.
+            storage = full.untyped_storage().data_ptr()
+
+            def pack(t):
+                if t.untyped_storage().data_ptr() == storage and t.dtype == full.dtype:
+                    return (self, t.shape, t.stride(), t.storage_offset())
+                return t
+
+            self._saving = torch.autograd.graph.saved_tensors_hooks(pack, ShardedUnit._unpack)
+            self._saving.__enter__()
+
+    def end(self):
+        if self._saving is not None:
+            self._saving.__exit__(None, None, None)
+            self._saving = None
+        self._uninstall()
+
+    @staticmethod
+    def _unpack(x):
+        if not (isinstance(x, tuple) and len(x) == 4 and isinstance(x[0], ShardedUnit)):
+            return x
+        unit, shape, stride, offset = x
+        if unit.full_for_backward is None:
+            unit.full_for_backward = unit.all_gather(unit.shard.detach())
+        return unit.full_for_backward.as_strided(shape, stride, offset)
+
+    def _patch(self, grad_ckpt):
+        """Route the unit's module calls through gather/free. One module: wrap its forward
+        (in a checkpoint with --grad-ckpt). Several (norm + head): gather before the first,
+        free after the last."""
+        first, last = self.modules[0], self.modules[-1]
+        f_first, f_last = first.forward, last.forward
+
+        def call(fn, *args, **kwargs):
+            self.begin(save_hooks=True)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.end()
+
+        def call_ckpt(fn, *args, **kwargs):
+            def run(*a, **k):
+                self.begin(save_hooks=False)
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.end()
+            if torch.is_grad_enabled():
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)
+
+        if first is last:
+            first.forward = functools.partial(call_ckpt if grad_ckpt else call, f_first)
+            return
+
+        def begin_first(*args, **kwargs):
+            self.begin(save_hooks=True)
+            return f_first(*args, **kwargs)
+
+        def end_last(*args, **kwargs):
+            try:
+                return f_last(*args, **kwargs)
+            finally:
+                self.end()
+
+        first.forward, last.forward = begin_first, end_last
+
+    def full_state(self):
+        """{qualified name: full fp32 tensor on CPU} gathered from all ranks."""
+        flat = self.shard.detach().float()
+        if self.world > 1:
+            full = torch.empty(self.shard_size * self.world, device=flat.device)
+            dist.all_gather_into_tensor(full, flat)
+            flat = full
+        flat = flat.cpu()
+        return {qual: flat[off:off + math.prod(shape)].view(shape).clone()
+                for _, _, off, shape, qual in self.slots}
+
+
+def training_units(model, stage):
+    """The FSDP units, in forward order: (name, [modules]). Stage 1 trains the projector alone."""
+    units = [("projector", [model.projector])]
+    if stage == 2:
+        llm = model.llm
+        units.append(("embed_tokens", [llm.embed_tokens]))
+        units += [(f"layers.{i}", [block]) for i, block in enumerate(llm.layers)]
+        units.append(("norm+lm_head", [llm.norm, llm.lm_head]))
+    return units
+
+
+def set_trainable(model, stage):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained = [model.projector] + ([model.llm] if stage == 2 else [])
+    for mod in trained:
+        for p in mod.parameters():
+            p.requires_grad_(True)
+
+
+def shard_model(model, cfg, device, compute_dtype):
+    """Freeze, move, and shard `model` for training. Returns the list of trainable parameters
+    (shards) and a function that gathers the full state dict for saving."""
+    set_trainable(model, cfg.stage)
+    if cfg.stage == 2 and model.config.text.tie_word_embeddings:
+        raise SystemExit("tied word embeddings cannot be split into the embedding and head units; "
+                         "untie them (Vicuna/LLaMA-2 are untied)")
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen_ckpt = cfg.grad_ckpt and cfg.stage == 1
+    # frozen parts: replicated in the compute dtype, never gathered
+    model.vision_tower.to(device=device, dtype=compute_dtype)
+    if cfg.stage == 1:
+        model.llm.to(device=device, dtype=compute_dtype)
+        if frozen_ckpt:  # activations of the frozen LLM are still needed for the projector's grad
+            for block in model.llm.layers:
+                block.forward = functools.partial(checkpoint_call, block.forward)
+    units = training_units(model, cfg.stage)
+    if cfg.fsdp == "ours":
+        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, grad_ckpt=cfg.grad_ckpt)
+                   for name, mods in units]
+        for mod in model.modules():  # buffers (none trainable) follow the device
+            for key, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[key] = buf.to(device)
+        params = [u.shard for u in sharded]
+
+        def full_state():
+            state = {k: v.float().cpu() for k, v in model.state_dict().items()}  # frozen parts
+            for u in sharded:
+                state.update(u.full_state())
+            return state
+
+        return params, full_state, sharded
+    if cfg.fsdp == "torch":
+        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for name, mods in units:
+            for m in mods:
+                m.to(device=device, dtype=torch.float32)
+            if cfg.grad_ckpt and name.startswith("layers."):
+                mods[0].forward = functools.partial(checkpoint_call, mods[0].forward)
+            if name != "norm+lm_head":
+                fully_shard(mods[0], mp_policy=policy)
+        if cfg.stage == 2:
+            # FSDP2 wants the root's forward to run first: the whole model is the root and owns
+            # what its sharded children do not (norm + head); the frozen CLIP stays out of it
+            fully_shard(model, mp_policy=policy, ignored_params=set(model.vision_tower.parameters()))
+        for mod in model.modules():
+            for key, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[key] = buf.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+        def full_state():
+            state = {}
+            for n, t in model.state_dict().items():
+                t = t.full_tensor() if hasattr(t, "full_tensor") else t
+                state[n] = t.float().cpu()
+            return state
+
+        return params, full_state, None
+    raise SystemExit(f"--fsdp {cfg.fsdp!r}: choose 'ours' or 'torch'")
+
+
+def checkpoint_call(fn, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def clip_grad_norm(params, max_norm, fsdp):
+    """Global grad norm over all shards (all-reduced), then scale as clip_grad_norm_ does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if fsdp == "torch":
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    if dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    norm = sq.sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+    return float(norm)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: which samples each rank sees at each step (a pure function of seed, step and world)
+
+def global_batch_indices(n, global_batch, step, seed, steps_per_epoch):
+    epoch, i = divmod(step, steps_per_epoch)
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return perm[i * global_batch:(i + 1) * global_batch].tolist()
+
+
+class MicroBatches(torch.utils.data.Sampler):
+    """Yields, for this rank, the index lists of its micro-batches from `start_step` on. The
+    global batch of a step is the same whatever the world size, so a run resumed on a
+    different number of ranks continues with the same samples."""
+
+    def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch):
+        self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
+        self.start, self.total, self.spe = start_step, total_steps, steps_per_epoch
+        self.per_rank = cfg.global_batch // world
+        self.accum = math.ceil(self.per_rank / cfg.micro_batch)
+
+    def __iter__(self):
+        for step in range(self.start, self.total):
+            idx = global_batch_indices(self.n, self.cfg.global_batch, step, self.cfg.seed, self.spe)
+            mine = idx[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            for j in range(self.accum):
+                yield mine[j * self.cfg.micro_batch:(j + 1) * self.cfg.micro_batch]
+
+    def __len__(self):
+        return (self.total - self.start) * self.accum
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: a llava-hf directory + per-rank optimizer shards + train_state.json
+
+def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step, bases):
+    """Write to `path.tmp/` and rename when every rank is done: a crash mid-write leaves the
+    previous checkpoint as it was."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = full_state()  # collective: every rank takes part
+    if rank == 0:
+        model.save_pretrained(tmp, only_projector=cfg.stage == 1, bases=bases, state=state)
+    tensors = {}
+    if sharded is not None:  # our FSDP: master shard + AdamW moments of each unit
+        for u in sharded:
+            st = optimizer.state.get(u.shard, {})
+            tensors[f"{u.name}/master"] = u.shard.detach().float().cpu()
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    tensors[f"{u.name}/{k}"] = st[k].float().cpu()
+    else:  # FSDP2: the local shards of each DTensor parameter
+        for name, p in named_trainable(model):
+            st = optimizer.state.get(p, {})
+            tensors[f"{name}/master"] = local(p).float().cpu()
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st:
+                    tensors[f"{name}/{k}"] = local(st[k]).float().cpu()
+    tensors["rng/torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"optim-rank{rank:05d}.safetensors"),
+              metadata={"world_size": str(world), "rank": str(rank), "fsdp": cfg.fsdp})
+    dist.barrier()
+    if rank == 0:
+        write_json_atomic(tmp / "train_state.json", {"step": step, "world_size": world,
+                                                    "fsdp": cfg.fsdp, "config": asdict(cfg)})
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    dist.barrier()
+
+
+def named_trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def rotate_checkpoints(out, keep):
+    ckpts = sorted(Path(out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume(cfg):
+    if cfg.resume != "auto":
+        return Path(cfg.resume)
+    ckpts = sorted(Path(cfg.out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / "train_state.json").exists()]
+    return ckpts[-1] if ckpts else None
+
+
+def load_resume_state(path, optimizer, sharded, model, device):
+    """Restore master weights and AdamW moments, re-cutting the shards when the checkpoint was
+    written by a different number of ranks (the flat layout is the same; only padding moves)."""
+    from safetensors import safe_open
+    meta = json.loads((path / "train_state.json").read_text())
+    old_world = meta["world_size"]
+    files = [path / f"optim-rank{r:05d}.safetensors" for r in range(old_world)]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise SystemExit(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    handles = [safe_open(str(f), "pt") for f in files]
+    rank = dist.get_rank()
+    step_count = torch.tensor(float(meta["step"]))
+
+    def full_of(key):
+        if key not in handles[0].keys():
+            return None
+        return torch.cat([h.get_tensor(key) for h in handles])
+
+    if sharded is not None:
+        for u in sharded:
+            for k in ("master", "exp_avg", "exp_avg_sq"):
+                full = full_of(f"{u.name}/{k}")
+                if full is None:
+                    continue
+                flat = torch.zeros(u.shard_size * u.world)
+                flat[:u.numel] = full[:u.numel]
+                mine = flat[rank * u.shard_size:(rank + 1) * u.shard_size].to(device)
+                if k == "master":
+                    u.shard.data.copy_(mine)
+                else:
+                    optimizer.state[u.shard][k] = mine.clone()
+                    optimizer.state[u.shard]["step"] = step_count.clone()
+    else:
+        if old_world != dist.get_world_size():
+            raise SystemExit("--fsdp torch resumes on the same number of ranks only; use --fsdp ours to change it")
+        h = handles[rank]
+        for name, p in named_trainable(model):
+            local(p.data).copy_(h.get_tensor(f"{name}/master"))
+            for k in ("exp_avg", "exp_avg_sq"):
+                if f"{name}/{k}" in h.keys():
+                    st = torch.zeros_like(p.data)
+                    local(st).copy_(h.get_tensor(f"{name}/{k}"))
+                    optimizer.state[p][k] = st
+                    optimizer.state[p]["step"] = step_count.clone()
+    h = handles[rank] if rank < old_world else handles[0]
+    torch.set_rng_state(h.get_tensor("rng/torch"))
+    return meta["step"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging helpers
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+                   "4090": 165e12}
+
+
+def device_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def step_flops(model_cfg, n_vision, n_llm, n_proj, stage, text_tokens, images, seq_len):
+    """FLOPs of one optimizer step, written out:
+         trained params:   6 N T   (forward 2NT, backward 4NT)
+         frozen LLM (st.1): 4 N T  (forward 2NT + the input-gradient half of backward 2NT)
+         frozen CLIP:       2 N T  per image token (forward only, no backward)
+         attention:        12 L d T^2 / 2 per sequence (QK^T and AV, fwd+bwd, causal half)
+    """
+    L, d = model_cfg.text.num_hidden_layers, model_cfg.text.hidden_size
+    patches = model_cfg.vision.num_patches + 1
+    flops = 2 * n_vision * patches * images + 6 * n_proj * model_cfg.num_patches * images
+    flops += (6 if stage == 2 else 4) * n_llm * text_tokens
+    flops += 12 * L * d * seq_len * text_tokens / 2
+    return flops
+
+
+def draw_loss_curve(losses, path):
+    """A loss-curve PNG with pillow alone: steps on x, loss on y."""
+    from PIL import Image, ImageDraw
+    W, H, pad = 640, 360, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    if len(losses) >= 2:
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1
+        pts = [(pad + i * (W - 2 * pad) / (len(losses) - 1),
+                H - pad - (v - lo) * (H - 2 * pad) / (hi - lo)) for i, v in enumerate(losses)]
+        d.line(pts, fill=(31, 119, 180), width=2)
+        d.text((5, pad - 12), f"{hi:.3f}", fill="black")
+        d.text((5, H - pad - 6), f"{lo:.3f}", fill="black")
+    d.rectangle([pad, pad, W - pad, H - pad], outline="gray")
+    d.text((pad, H - pad + 8), f"step 0 .. {len(losses)}   loss", fill="black")
+    img.save(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Building the model for a stage
+
+def build_model(cfg):
+    """Stage 1: CLIP + LLM + fresh projector. Stage 2: a stage-1 output (or any llava-hf dir) or,
+    as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
+    if cfg.stage == 1 or not cfg.init:
+        model = LLaVA.from_components(cfg.clip, cfg.llm, projector=cfg.projector,
+                                      vision_feature_layer=cfg.vision_layer,
+                                      pad_to_square=cfg.pad_to_square, seed=cfg.seed)
+        bases = {"vision": cfg.clip, "llm": cfg.llm}
+    else:
+        model = LLaVA.from_pretrained(cfg.init)
+        bases = {"vision": cfg.clip, "llm": cfg.llm}
+    model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
+    model.config.pad_to_square = bool(cfg.pad_to_square)
+    return model, bases
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+class Stop(Exception):
+    pass
+
+
+def train(cfg):
+    device, rank, world = init_distributed(cfg)
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    compute_dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32,
+                     "bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.dtype]
+    out = Path(cfg.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "train_config.json", asdict(cfg))
+        log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
+    if cfg.global_batch % world:
+        raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {world} ranks")
+
+    resume = find_resume(cfg) if cfg.resume else None
+    if cfg.resume and resume is None:
+        log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
+    model, bases = build_model(cfg) if resume is None else load_for_resume(cfg, resume)
+    tokenizer = Tokenizer(model.tokenizer_dir)
+    dataset = data.LazySupervisedDataset(
+        cfg.data, cfg.image_folder, tokenizer, template=cfg.template,
+        image_size=model.config.vision.image_size, num_patches=model.config.num_patches,
+        pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
+    n = len(dataset)
+    if n < cfg.global_batch:
+        raise SystemExit(f"{cfg.data} has {n} samples, fewer than --global-batch {cfg.global_batch}")
+    steps_per_epoch = n // cfg.global_batch
+    total = cfg.max_steps or max(1, int(round(steps_per_epoch * cfg.epochs)))
+    warmup = math.ceil(cfg.warmup_ratio * total)
+
+    n_vision, n_llm, n_proj = count_params(model.vision_tower), count_params(model.llm), count_params(model.projector)
+    model.train()
+    params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=cfg.weight_decay, foreach=False)
+    start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
+    log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
+         f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
+         f"trainable {sum(p.numel() for p in params) * world / 1e6:.2f}M params (this rank holds "
+         f"{sum(local(p).numel() for p in params) / 1e6:.2f}M), starting at step {start}")
+
+    sampler = MicroBatches(n, cfg, rank, world, start, total, steps_per_epoch)
+    collate = data.Collator(pad_id=model.config.pad_token_id)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers > 0 else None)
+    batches = iter(loader)
+
+    stop_signal = {"sig": None}
+
+    def on_signal(sig, frame):
+        stop_signal["sig"] = signal.Signals(sig).name
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    peak = device_peak_flops(device)
+    log_path = out / "train_log.jsonl"
+    log_file = open(log_path, "a") if rank == 0 else None
+    losses = []
+    bar = tqdm(total=total, initial=start, disable=rank != 0, desc=f"stage {cfg.stage}", leave=False)
+    step = start
+    try:
+        while step < total:
+            t0 = time.perf_counter()
+            micro = [next(batches) for _ in range(sampler.accum)]
+            for mb in micro:
+                for s in mb.pop("skipped"):
+                    dataset.record_skip(s)
+                if len(mb["ids"]) == 0:  # every sample bad: one pad token, nothing to learn,
+                    mb.update(input_ids=torch.full((1, 1), model.config.pad_token_id),  # but the
+                              labels=torch.full((1, 1), -100))  # collectives still run
+            # normaliser: supervised tokens of the whole global batch
+            n_tok = torch.tensor(float(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro)))
+            if world > 1:
+                dist.all_reduce(n_tok)
+            denom = max(float(n_tok), 1.0)
+            scale = world if cfg.fsdp == "torch" else 1  # FSDP2 averages its reduce-scatter
+            lr = lr_at(step, total, warmup, cfg.lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum, text_tokens, images = 0.0, 0, 0
+            for mb in micro:
+                ids = mb["input_ids"].to(device, non_blocking=True)
+                labels = mb["labels"].to(device, non_blocking=True)
+                px = mb["pixel_values"]
+                px = px.to(device, non_blocking=True) if px is not None else None
+                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                    logits, _ = model(ids, px)
+                loss = next_token_loss(logits, labels, reduction="sum")
+                (loss * scale / denom).backward()
+                loss_sum += float(loss.detach())
+                text_tokens += ids.numel()
+                images += 0 if px is None else px.shape[0]
+            stats = torch.tensor([loss_sum, float(text_tokens), float(images)], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(stats)
+            step_loss = float(stats[0]) / denom
+            if not math.isfinite(step_loss):
+                ids_here = [i for mb in micro for i in mb["ids"]]
+                raise SystemExit(f"step {step}: loss is {step_loss}; samples of this rank's batch: {ids_here}")
+            gnorm = clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dt = time.perf_counter() - t0
+            tok_s = float(stats[1]) / dt
+            record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(gnorm, 4),
+                      "tokens_per_s": round(tok_s, 1)}
+            if device.type == "cuda":
+                record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                if peak:
+                    seq = float(stats[1]) / max(1, cfg.global_batch)
+                    flops = step_flops(model.config, n_vision, n_llm, n_proj, cfg.stage,
+                                       float(stats[1]), float(stats[2]), seq)
+                    record["mfu"] = round(flops / dt / (peak * world), 4)
+            else:
+                import resource
+                record["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+            losses.append(step_loss)
+            if rank == 0:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total:
+                    tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
+                if rank == 0:
+                    rotate_checkpoints(out, cfg.keep)
+            if cfg.stop_at and step == cfg.stop_at and step < total:
+                stop_signal["sig"] = "--stop-at"
+            flag = torch.tensor([1.0 if stop_signal["sig"] else 0.0])
+            if world > 1:
+                dist.all_reduce(flag)
+            if float(flag) > 0 and step < total:
+                log0(f"{stop_signal['sig']}: saving checkpoint-{step} and stopping; continue with --resume auto")
+                save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
+                raise Stop()
+    except Stop:
+        bar.close()
+        return None
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if log_file:
+            log_file.close()
+    bar.close()
+    save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
+    state = full_state()
+    if rank == 0:
+        rotate_checkpoints(out, cfg.keep)
+        model.save_pretrained(out, only_projector=cfg.stage == 1, bases=bases, state=state)
+        all_losses = [json.loads(l)["loss"] for l in open(log_path)]
+        draw_loss_curve(all_losses, out / "loss.png")
+        log0(dataset.summary())
+        log0(f"saved {out} (loss curve {out / 'loss.png'}, log {log_path})")
+    dist.barrier()
+    return losses
+
+
+def load_for_resume(cfg, path):
+    """The model of a checkpoint: its llava-hf directory (a projector-only one in stage 1)."""
+    model = LLaVA.from_pretrained(path)
+    model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
+    return model, {"vision": cfg.clip, "llm": cfg.llm}
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warmup from 0, then cosine to 0: transformers' get_cosine_schedule_with_warmup,
+    which the official LLaVA scripts use."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------
+# The tiny preset: LLaVA in miniature, end to end on a laptop CPU
+#
+# A synthetic world of coloured shapes (data.py), a tiny CLIP and a tiny LLaMA standing in for
+# the pretrained towers, then the paper's two stages, then held-out accuracy beside the
+# accuracy of the same model shown a blank image: the gap is what the model learned to see.
+
+TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                 image_size=32, patch_size=8)
+TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+TINY_STAGES = {  # the paper's recipe in shape (stage 1: projector, stage 2: projector + LLM)
+    1: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, template="plain"),
+    2: dict(lr=2e-3, global_batch=32, micro_batch=32, epochs=3, template="vicuna_v1"),
+}
+TINY_DATA = dict(n_train=1500, n_test=200)
+
+
+def make_tiny_bases(root, tokenizer_path, seed):
+    """Random tiny CLIP and LLaMA written as transformers would write them, so that stage 1
+    starts exactly as it would from openai/clip-vit-large-patch14 and Vicuna."""
+    from clip import CLIPVision, CLIPVisionConfig
+    from llama import Llama, LlamaConfig, Tokenizer
+    torch.manual_seed(seed)
+    clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
+    vision = CLIPVision(CLIPVisionConfig(**TINY_CLIP))
+    init_normal(vision)
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    save_state_dict(vision.state_dict(), clip_dir)
+    write_json_atomic(clip_dir / "config.json", vision.config.to_hf())
+    vocab = Tokenizer(tokenizer_path).sp.vocab_size()
+    llm = Llama(LlamaConfig(vocab_size=vocab, **TINY_LLM))
+    init_normal(llm)
+    llm_dir.mkdir(parents=True, exist_ok=True)
+    state = {("lm_head." + k[8:]) if k.startswith("lm_head.") else "model." + k: v
+             for k, v in llm.state_dict().items()}
+    save_state_dict(state, llm_dir)
+    write_json_atomic(llm_dir / "config.json", llm.config.to_hf())
+    shutil.copyfile(tokenizer_path, llm_dir / "tokenizer.model")
+    return clip_dir, llm_dir
+
+
+def init_normal(module, std=0.02):
+    """GPT-2 / HF style init: N(0, 0.02) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if name.endswith("class_embedding"):
+            nn.init.normal_(p, std=std)
+
+
+def tiny_accuracy(model, world, blank=False, batch_size=32):
+    """Exact-match accuracy of greedy answers to the held-out questions (with a blank image of
+    the world's background colour when `blank`)."""
+    from PIL import Image
+    from clip import preprocess, load_image
+    tokenizer = Tokenizer(model.tokenizer_dir)
+    records = json.loads(Path(world["test"]).read_text())
+    size, square = model.config.vision.image_size, model.config.pad_to_square
+    blank_px = preprocess(Image.new("RGB", (64, 64), data.BACKGROUND), size, square)
+    correct = 0
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, model.config.template,
+                                        has_image=True, num_patches=model.config.num_patches) for r in chunk]
+        px = torch.stack([blank_px if blank else preprocess(load_image(Path(world["image_folder"]) / r["image"]),
+                                                             size, square) for r in chunk])
+        outs = model.generate_batch(prompts, px, max_new_tokens=8, eos_id=tokenizer.eos_id)
+        for r, out in zip(chunk, outs):
+            correct += data.normalize_answer(tokenizer.decode(out)) == data.normalize_answer(r["answer"])
+    return correct / len(records)
+
+
+def run_tiny(cfg):
+    from dataclasses import replace
+    t0 = time.perf_counter()
+    root = Path(cfg.out if cfg.out != TrainConfig.out else "runs/tiny")
+    world = data.make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
+                                **TINY_DATA)
+    world["example_image"] = world["image_folder"] / "test_000000.png"
+    clip_dir, llm_dir = make_tiny_bases(root, world["tokenizer"], cfg.seed)
+    common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
+                  projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
+                  max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0)
+    s1 = replace(cfg, stage=1, data=str(world["stage1"]), out=str(root / "stage1"), **common, **TINY_STAGES[1])
+    train(s1)
+    s2 = replace(cfg, stage=2, init=str(root / "stage1"), data=str(world["stage2"]), out=str(root / "stage2"),
+                 **common, **TINY_STAGES[2])
+    train(s2)
+    if dist.get_rank() == 0:
+        model = LLaVA.from_pretrained(root / "stage2").eval()
+        acc = tiny_accuracy(model, world, blank=False)
+        blank = tiny_accuracy(model, world, blank=True)
+        minutes = (time.perf_counter() - t0) / 60
+        result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2)}
+        write_json_atomic(root / "result.json", result)
+        print(f"\ntiny preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a blank "
+              f"image (chance-level means it answers from the picture); {minutes:.1f} min. "
+              f"Chat with it: python chat.py {world['example_image']} --model {root / 'stage2'}")
+        return result
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        if cfg.preset == "tiny":
+            run_tiny(cfg)
+        elif cfg.preset:
+            raise SystemExit(f"--preset {cfg.preset!r}: the only preset is 'tiny'")
+        else:
+            train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
