@@ -728,8 +728,6 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
     tokenizer.model  a sentencepiece BPE (byte fallback) trained on all of the world's text
 
     Deterministic for a given seed."""
-    import sentencepiece as spm
-
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -772,6 +770,15 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
         lines += [t["value"].replace(IMAGE, "").strip() for t in r["conversations"]]
         lines.append(" ".join(f"USER: {t['value']}" if t["from"] == "human" else f"ASSISTANT: {t['value']}"
                               for t in r["conversations"]).replace(IMAGE, "").replace("\n", " "))
+    train_tokenizer(lines, paths["tokenizer"], vocab_size)
+    return paths
+
+
+def train_tokenizer(lines, path, vocab_size):
+    """A LLaMA-shaped sentencepiece BPE (byte fallback, digits split, UNK 0 / BOS 1 / EOS 2)
+    trained on `lines` and written to `path`: the tokenizer of a synthetic world."""
+    import sentencepiece as spm
+
     model = io.BytesIO()  # trained in memory: a model_prefix path would be written into the file
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
@@ -779,8 +786,7 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
         remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
         num_threads=1, minloglevel=2)
-    paths["tokenizer"].write_bytes(model.getvalue())
-    return paths
+    Path(path).write_bytes(model.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -847,7 +853,7 @@ def scienceqa_to_llava(problems_json, pid_splits_json, split, image_root=None, a
     "image": its path relative to `image_root` (the folder you give the dataset as image folder;
     default the release's images/{split}, giving the official "{pid}/image.png"); the image
     is looked for at images/{split}/{pid}/ next to problems.json. Kept for evaluation: answer
-    (letter), subject, grade, has_text, has_image, no_context, categories."""
+    (letter), choices, subject, grade, has_text, has_image, no_context, categories."""
     problems = json.loads(Path(problems_json).read_text())
     pids = json.loads(Path(pid_splits_json).read_text())[split]
     fmt = prompt_format or ("QCM-ALE" if answer_first else "QCM-LEA")
@@ -865,7 +871,8 @@ def scienceqa_to_llava(problems_json, pid_splits_json, split, image_root=None, a
         has_text = bool((p.get("hint") or "").strip())
         record.update({
             "conversations": [{"from": "human", "value": text_in}, {"from": "gpt", "value": text_out}],
-            "answer": SQA_LETTERS[p["answer"]], "subject": p.get("subject"), "grade": p.get("grade"),
+            "answer": SQA_LETTERS[p["answer"]], "choices": list(p["choices"]),
+            "subject": p.get("subject"), "grade": p.get("grade"),
             "has_text": has_text, "has_image": has_image, "no_context": not has_text and not has_image,
             "categories": scienceqa_categories(p)})
         records.append(record)

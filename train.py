@@ -106,6 +106,7 @@ class TrainConfig:
     dtype: str = ""                     # "" = bf16 on cuda, fp32 on cpu
     fsdp: str = "ours"                  # "ours" | "torch" (FSDP2)
     grad_ckpt: bool = False
+    group_by_modality_length: bool = False  # batches of one modality and similar lengths (official)
     num_workers: int = 2
     dist_timeout: int = 600             # seconds a rank waits for a dead peer before giving up
     save_every: int = 0                 # checkpoint every N steps (0 = only at the end)
@@ -189,7 +190,8 @@ def log0(*args):
 # Hand-written FSDP (see the module docstring)
 
 class GatherParams(torch.autograd.Function):
-    """shard [S] fp32 -> full [W*S] in the compute dtype. Backward: reduce-scatter (sum, fp32)."""
+    """shard [S] fp32 -> full [W*S] in the compute dtype. Backward: reduce-scatter (sum, fp32),
+    issued asynchronously; `Schedule.finish_backward` adds the results into shard.grad."""
 
     @staticmethod
     def forward(ctx, shard, unit):
@@ -200,14 +202,76 @@ class GatherParams(torch.autograd.Function):
     def backward(ctx, grad_full):
         unit = ctx.unit
         unit.full_for_backward = None  # the unit's backward is complete: free the re-gather
-        return unit.reduce_scatter(grad_full), None
+        unit.schedule.reduce_scatter(unit, grad_full)
+        return None, None
+
+
+class Schedule:
+    """Overlap of communication with compute, shared by all units of a model.
+
+    Forward: when unit i starts, the all-gather of unit i+1 is issued (async_op: NCCL runs it
+    on its own stream, gloo on its worker threads) and waited for only when unit i+1 starts.
+    Backward: when unit i re-gathers, unit i-1's gather is issued. Gradients: each unit's
+    reduce-scatter is issued as its backward ends and waited for two units later, so at most
+    two full-size gradients are alive. The order is the order units began in the first
+    forward; all ranks run the same program, so they issue collectives in the same order."""
+
+    def __init__(self, world):
+        self.world, self.order, self.recording, self.in_backward = world, [], True, False
+        self.pending = []  # (unit, reduce-scatter output, work handle, input kept alive)
+
+    def started(self, unit):
+        if self.recording and unit not in self.order:
+            self.order.append(unit)
+        if self.world == 1 or unit not in self.order:
+            return
+        i = self.order.index(unit) + (-1 if self.in_backward else 1)
+        if 0 <= i < len(self.order):
+            self.order[i].prefetch()
+
+    def reduce_scatter(self, unit, grad_full):
+        grad_full = grad_full.float().contiguous()
+        if self.world == 1:
+            self._accumulate(unit, grad_full)
+            return
+        out = torch.empty(unit.shard_size, dtype=torch.float32, device=grad_full.device)
+        work = dist.reduce_scatter_tensor(out, grad_full, op=dist.ReduceOp.SUM, async_op=True)
+        self.pending.append((unit, out, work, grad_full))
+        while len(self.pending) > 2:
+            self._complete(self.pending.pop(0))
+
+    def _complete(self, item):
+        unit, out, work, _ = item
+        work.wait()
+        self._accumulate(unit, out)
+
+    @staticmethod
+    def _accumulate(unit, grad):
+        if unit.shard.grad is None:
+            unit.shard.grad = grad
+        else:
+            unit.shard.grad.add_(grad)
+
+    @contextlib.contextmanager
+    def backward(self):
+        """Wrap loss.backward(): flips prefetching to reverse order and, at the end, waits
+        for the outstanding reduce-scatters and drops any gather nobody consumed."""
+        self.recording, self.in_backward = False, True
+        try:
+            yield
+        finally:
+            while self.pending:
+                self._complete(self.pending.pop(0))
+            for unit in self.order:
+                unit.drop_prefetch()
+            self.in_backward = False
 
 
 class ShardedUnit:
     """Trainable params of `modules` flattened into one fp32 shard per rank (see docstring)."""
 
-    def __init__(self, name, modules, names, compute_dtype, device, grad_ckpt=False):
-        self.name, self.modules, self.compute_dtype = name, modules, compute_dtype
+    def __init__(self, name, modules, names, compute_dtype, device, schedule, grad_ckpt=False):
+        self.name, self.modules, self.compute_dtype, self.schedule = name, modules, compute_dtype, schedule
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.slots = []  # (owner module, attribute, offset, shape, qualified name)
         flat_parts, offset = [], 0
@@ -229,10 +293,16 @@ class ShardedUnit:
                                   .clone().to(device))
         self.full_for_backward = None
         self._saving = None
+        self._prefetched = None  # (buffer, work handle, source kept alive)
         self._patch(grad_ckpt)
 
     # -- collectives ------------------------------------------------------------------------------
     def all_gather(self, shard):
+        if self._prefetched is not None:
+            full, work, _ = self._prefetched
+            self._prefetched = None
+            work.wait()
+            return full
         local = shard.to(self.compute_dtype)
         if self.world == 1:
             return local.clone() if local.data_ptr() == shard.data_ptr() else local
@@ -240,13 +310,16 @@ class ShardedUnit:
         dist.all_gather_into_tensor(full, local)
         return full
 
-    def reduce_scatter(self, grad_full):
-        grad_full = grad_full.float()
-        if self.world == 1:
-            return grad_full
-        out = torch.empty(self.shard_size, dtype=torch.float32, device=grad_full.device)
-        dist.reduce_scatter_tensor(out, grad_full.contiguous(), op=dist.ReduceOp.SUM)
-        return out
+    def prefetch(self):
+        if self._prefetched is None:
+            local = self.shard.detach().to(self.compute_dtype)
+            full = torch.empty(self.shard_size * self.world, dtype=self.compute_dtype, device=local.device)
+            self._prefetched = (full, dist.all_gather_into_tensor(full, local, async_op=True), local)
+
+    def drop_prefetch(self):
+        if self._prefetched is not None:
+            self._prefetched[1].wait()
+            self._prefetched = None
 
     # -- installing the gathered params into the modules ----------------------------------------
     def _install(self, full):
@@ -259,6 +332,7 @@ class ShardedUnit:
 
     def begin(self, save_hooks):
         full = GatherParams.apply(self.shard, self)
+        self.schedule.started(self)
         self._install(full)
         if save_hooks and torch.is_grad_enabled():
             # Tensors autograd saves that live in `full` are kept as (shape, stride, offset)
@@ -286,6 +360,7 @@ class ShardedUnit:
         unit, shape, stride, offset = x
         if unit.full_for_backward is None:
             unit.full_for_backward = unit.all_gather(unit.shard.detach())
+            unit.schedule.started(unit)
         return unit.full_for_backward.as_strided(shape, stride, offset)
 
     def _patch(self, grad_ckpt):
@@ -379,7 +454,8 @@ def shard_model(model, cfg, device, compute_dtype):
                 block.forward = functools.partial(checkpoint_call, block.forward)
     units = training_units(model, cfg.stage)
     if cfg.fsdp == "ours":
-        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, grad_ckpt=cfg.grad_ckpt)
+        schedule = Schedule(dist.get_world_size())
+        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt)
                    for name, mods in units]
         for mod in model.modules():  # buffers (none trainable) follow the device
             for key, buf in mod._buffers.items():
@@ -451,11 +527,33 @@ def clip_grad_norm(params, max_norm, fsdp):
 # ------------------------------------------------------------------------------------------------
 # Data: which samples each rank sees at each step (a pure function of seed, step and world)
 
-def global_batch_indices(n, global_batch, step, seed, steps_per_epoch):
-    epoch, i = divmod(step, steps_per_epoch)
+def epoch_order(n, seed, epoch, global_batch=None, modality_lengths=None):
+    """The order of the samples in one epoch: a seeded permutation. With modality_lengths
+    (the official `group_by_modality_length`: word counts, negative for text-only records) it
+    is cut into global batches of one modality each (leftovers of both share the last batch,
+    which floor(n / global_batch) then drops), and the batches are shuffled."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(n, generator=g)
-    return perm[i * global_batch:(i + 1) * global_batch].tolist()
+    perm = torch.randperm(n, generator=g).tolist()
+    if modality_lengths is None:
+        return perm
+    batches, rest = [], []
+    for keep in (lambda l: l > 0, lambda l: l <= 0):  # image records, then text-only ones
+        group = [i for i in perm if keep(modality_lengths[i])]
+        full = len(group) // global_batch * global_batch
+        batches += [group[k:k + global_batch] for k in range(0, full, global_batch)]
+        rest += group[full:]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [i for k in order for i in batches[k]] + rest
+
+
+def group_by_length(idx, lengths, world, micro_batch):
+    """Reorder one global batch so every micro-batch holds samples of similar length (less
+    padding) and every rank gets a share of short and long ones: sort, cut into runs of
+    world x micro_batch, deal each run out to the ranks. The set of samples is unchanged, so
+    the step's gradient is too."""
+    idx = sorted(idx, key=lambda i: -abs(lengths[i]))
+    runs = [idx[k:k + world * micro_batch] for k in range(0, len(idx), world * micro_batch)]
+    return [i for r in range(world) for run in runs for i in run[r * micro_batch:(r + 1) * micro_batch]]
 
 
 class MicroBatches(torch.utils.data.Sampler):
@@ -463,16 +561,26 @@ class MicroBatches(torch.utils.data.Sampler):
     global batch of a step is the same whatever the world size, so a run resumed on a
     different number of ranks continues with the same samples."""
 
-    def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch):
+    def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch, modality_lengths=None):
         self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
         self.start, self.total, self.spe = start_step, total_steps, steps_per_epoch
         self.per_rank = cfg.global_batch // world
         self.accum = math.ceil(self.per_rank / cfg.micro_batch)
+        self.lengths = modality_lengths
+        self._epoch = (None, None)
+
+    def global_batch(self, step):
+        epoch, i = divmod(step, self.spe)
+        if self._epoch[0] != epoch:
+            self._epoch = (epoch, epoch_order(self.n, self.cfg.seed, epoch, self.cfg.global_batch, self.lengths))
+        idx = self._epoch[1][i * self.cfg.global_batch:(i + 1) * self.cfg.global_batch]
+        if self.lengths is not None:
+            idx = group_by_length(idx, self.lengths, self.world, self.cfg.micro_batch)
+        return idx
 
     def __iter__(self):
         for step in range(self.start, self.total):
-            idx = global_batch_indices(self.n, self.cfg.global_batch, step, self.cfg.seed, self.spe)
-            mine = idx[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+            mine = self.global_batch(step)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
             for j in range(self.accum):
                 yield mine[j * self.cfg.micro_batch:(j + 1) * self.cfg.micro_batch]
 
@@ -725,7 +833,8 @@ def train(cfg):
          f"trainable {sum(p.numel() for p in params) * world / 1e6:.2f}M params (this rank holds "
          f"{sum(local(p).numel() for p in params) / 1e6:.2f}M), starting at step {start}")
 
-    sampler = MicroBatches(n, cfg, rank, world, start, total, steps_per_epoch)
+    sampler = MicroBatches(n, cfg, rank, world, start, total, steps_per_epoch,
+                           dataset.modality_lengths if cfg.group_by_modality_length else None)
     collate = data.Collator(pad_id=model.config.pad_token_id)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
@@ -773,7 +882,8 @@ def train(cfg):
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     logits, _ = model(ids, px)
                 loss = next_token_loss(logits, labels, reduction="sum")
-                (loss * scale / denom).backward()
+                with sharded[0].schedule.backward() if sharded else contextlib.nullcontext():
+                    (loss * scale / denom).backward()
                 loss_sum += float(loss.detach())
                 text_tokens += ids.numel()
                 images += 0 if px is None else px.shape[0]
@@ -936,33 +1046,41 @@ def tiny_accuracy(model, world, blank=False, batch_size=32):
     return correct / len(records)
 
 
-def run_tiny(cfg):
+def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
+    """The whole preset; the keyword switches are the paper's ablations (eval.py ablate):
+    skip_stage1 = stage 2 from a fresh projector, vision_layer = CLIP layer -1 or -2 (default
+    cfg.vision_layer), world = a different synthetic world (data.make_synthetic paths)."""
     from dataclasses import replace
     t0 = time.perf_counter()
     root = Path(cfg.out if cfg.out != TrainConfig.out else "runs/tiny")
-    world = data.make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
-                                **TINY_DATA)
-    world["example_image"] = world["image_folder"] / "test_000000.png"
+    run_dir = root / tag if tag else root
+    if world is None:
+        world = data.make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
+                                    **TINY_DATA)
     clip_dir, llm_dir = make_tiny_bases(root, world["tokenizer"], cfg.seed)
     common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
-                  max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0)
-    s1 = replace(cfg, stage=1, data=str(world["stage1"]), out=str(root / "stage1"), **common, **TINY_STAGES[1])
-    train(s1)
-    s2 = replace(cfg, stage=2, init=str(root / "stage1"), data=str(world["stage2"]), out=str(root / "stage2"),
-                 **common, **TINY_STAGES[2])
+                  max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0,
+                  vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
+    if not skip_stage1:
+        s1 = replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **TINY_STAGES[1])
+        train(s1)
+    s2 = replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
+                 out=str(run_dir / "stage2"), **common, **TINY_STAGES[2])
     train(s2)
-    if dist.get_rank() == 0:
-        model = LLaVA.from_pretrained(root / "stage2").eval()
-        acc = tiny_accuracy(model, world, blank=False)
-        blank = tiny_accuracy(model, world, blank=True)
-        minutes = (time.perf_counter() - t0) / 60
-        result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2)}
-        write_json_atomic(root / "result.json", result)
-        print(f"\ntiny preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a blank "
-              f"image (chance-level means it answers from the picture); {minutes:.1f} min. "
-              f"Chat with it: python chat.py {world['example_image']} --model {root / 'stage2'}")
-        return result
+    if dist.get_rank() != 0:
+        return None
+    model = LLaVA.from_pretrained(run_dir / "stage2").eval()
+    acc = tiny_accuracy(model, world, blank=False)
+    blank = tiny_accuracy(model, world, blank=True)
+    minutes = (time.perf_counter() - t0) / 60
+    result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2)}
+    write_json_atomic(run_dir / "result.json", result)
+    example = Path(world["image_folder"]) / "test_000000.png"
+    print(f"\ntiny preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a blank "
+          f"image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
+          f"Chat with it: python chat.py {example} --model {run_dir / 'stage2'}", flush=True)
+    return result
 
 
 def main(argv=None):

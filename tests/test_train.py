@@ -101,11 +101,33 @@ def test_loss_at_step_0_equals_transformers(world, tmp_path):
     assert abs(float(loss) - float(ref)) < 1e-5
     # the training loop's first logged loss is this same number for the same global batch
     run(base_args(world, tmp_path / "t", **{"max-steps": 1, "global-batch": 4, "micro-batch": 2, "lr": 0}))
-    idx = train.global_batch_indices(len(ds), 4, 0, 0, len(ds) // 4)
+    cfg = train.TrainConfig(global_batch=4, micro_batch=2)
+    idx = train.MicroBatches(len(ds), cfg, 0, 1, 0, 1, len(ds) // 4).global_batch(0)
     batch = data.Collator(model.config.pad_token_id)([ds[i] for i in idx])
     with torch.no_grad():
         ref = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
     assert math.isclose(losses(tmp_path / "t")[0], float(ref), rel_tol=1e-5)
+
+
+def test_modality_grouping_makes_single_modality_batches_and_keeps_every_sample():
+    lengths = [(-1) ** (i % 3 == 0) * (5 + i % 7) for i in range(50)]  # every third text-only
+    order = train.epoch_order(50, 0, 0, 8, lengths)
+    assert sorted(order) == list(range(50))
+    for k in range(50 // 8 - 1):  # the full batches (the last may hold leftovers of both)
+        signs = {lengths[i] > 0 for i in order[8 * k:8 * k + 8]}
+        assert len(signs) == 1, k
+    batch = order[:8]
+    dealt = train.group_by_length(batch, lengths, world=2, micro_batch=2)
+    assert sorted(dealt) == sorted(batch)
+    micro = [dealt[k:k + 2] for k in range(0, 8, 2)]  # rank 0: micro[0:2], rank 1: micro[2:4]
+    spread = [max(abs(lengths[i]) for i in m) - min(abs(lengths[i]) for i in m) for m in micro]
+    assert max(spread) <= max(abs(lengths[i]) for i in batch) - min(abs(lengths[i]) for i in batch)
+
+
+def test_grouped_run_on_two_ranks_equals_one_process(world, tmp_path):
+    run(base_args(world, tmp_path / "a", **{"group-by-modality-length": "true"}))
+    run(base_args(world, tmp_path / "b", **{"group-by-modality-length": "true", "micro-batch": 2}), nproc=2)
+    assert_same_run(tmp_path / "a", tmp_path / "b", 2)
 
 
 def test_lr_schedule_is_warmup_then_cosine():
