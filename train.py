@@ -81,8 +81,12 @@ class TrainConfig:
     clip: str = "openai/clip-vit-large-patch14"
     llm: str = "lmsys/vicuna-7b-v1.5"
     init: str = ""                      # stage 2: a stage-1 output (or a llava-hf dir); "" = fresh projector
-    data: str = ""
+    data: str = ""                      # a LLaVA JSON/JSONL file, or "scienceqa" (see training_data)
     image_folder: str = ""
+    scienceqa_root: str = ""            # --data scienceqa: the release (problems.json, pid_splits.json, images/)
+    scienceqa_split: str = "train"
+    answer_first: bool = False          # ScienceQA targets answer-first (QCM-ALE), else reasoning-first (QCM-LEA)
+    llm_preset: str = ""                # "7b" | "13b": a random-weight LLM of Vicuna's shape (speed tests)
     out: str = "runs/stage1"
     # model choices (None = the recipe's)
     projector: str = None
@@ -773,7 +777,9 @@ def draw_loss_curve(losses, path):
 def build_model(cfg):
     """Stage 1: CLIP + LLM + fresh projector. Stage 2: a stage-1 output (or any llava-hf dir) or,
     as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
-    if cfg.stage == 1 or not cfg.init:
+    if cfg.llm_preset:
+        model, bases = vicuna_shaped(cfg), {"vision": cfg.clip, "llm": cfg.llm}
+    elif cfg.stage == 1 or not cfg.init:
         model = LLaVA.from_components(cfg.clip, cfg.llm, projector=cfg.projector,
                                       vision_feature_layer=cfg.vision_layer,
                                       pad_to_square=cfg.pad_to_square, seed=cfg.seed)
@@ -784,6 +790,48 @@ def build_model(cfg):
     model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
     model.config.pad_to_square = bool(cfg.pad_to_square)
     return model, bases
+
+
+def vicuna_shaped(cfg):
+    """--llm-preset 7b|13b, for speed measurements: CLIP from --clip, a fresh projector and an LLM
+    of Vicuna's shape (llama.VICUNA_SHAPES) with random weights; --llm (a local directory) is read
+    for its tokenizer only. The vocabulary grows by <image> and <pad> as in from_components."""
+    from clip import CLIPVision
+    from llama import Llama, LlamaConfig, VICUNA_SHAPES
+    from model import Projector
+    from weights import fetch
+    if cfg.llm_preset not in VICUNA_SHAPES:
+        raise SystemExit(f"--llm-preset {cfg.llm_preset!r}: choose one of {', '.join(VICUNA_SHAPES)}")
+    tokenizer = Tokenizer(cfg.llm)
+    shape = dict(VICUNA_SHAPES[cfg.llm_preset])
+    shape["vocab_size"] = math.ceil(max(shape["vocab_size"], tokenizer.pad_id + 1) / 64) * 64
+    torch.manual_seed(cfg.seed)
+    vision = CLIPVision.from_pretrained(fetch(cfg.clip, files=["config.json"]))
+    llm = Llama(LlamaConfig(**shape))
+    init_normal(llm)
+    config = LLaVAConfig(vision=vision.config, text=llm.config, projector=cfg.projector,
+                         vision_feature_layer=cfg.vision_layer, image_token_id=tokenizer.image_token_id,
+                         pad_token_id=tokenizer.pad_id, pad_to_square=bool(cfg.pad_to_square))
+    with torch.device("meta"):
+        model = LLaVA(config)
+    model.vision_tower, model.llm = vision, llm
+    model.projector = Projector(cfg.projector, vision.config.hidden_size, llm.config.hidden_size)
+    model.tokenizer_dir = Path(cfg.llm)
+    return model
+
+
+def training_data(cfg):
+    """What --data names -> (records or a JSON path, image folder). "scienceqa" converts the
+    release under --scienceqa-root on the fly (data.scienceqa_to_llava, split --scienceqa-split;
+    reasoning-first targets, answer-first with --answer-first); its images are under images/."""
+    if cfg.data != "scienceqa":
+        return cfg.data, cfg.image_folder
+    root = Path(cfg.scienceqa_root)
+    if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
+        raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and pid_splits.json")
+    records = data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", cfg.scienceqa_split,
+                                      image_root=root / "images", answer_first=cfg.answer_first)
+    return records, root / "images"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -811,8 +859,9 @@ def train(cfg):
         log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
     model, bases = build_model(cfg) if resume is None else load_for_resume(cfg, resume)
     tokenizer = Tokenizer(model.tokenizer_dir)
+    records, image_folder = training_data(cfg)
     dataset = data.LazySupervisedDataset(
-        cfg.data, cfg.image_folder, tokenizer, template=cfg.template,
+        records, image_folder, tokenizer, template=cfg.template,
         image_size=model.config.vision.image_size, num_patches=model.config.num_patches,
         pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
     n = len(dataset)

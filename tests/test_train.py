@@ -279,3 +279,43 @@ def test_a_dead_rank_ends_the_run_in_bounded_time(world, tmp_path):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_bad_samples_are_skipped_named_and_counted_while_the_rest_trains(world, tmp_path):
+    good = json.loads(Path(world["stage2"]).read_text())[:14]
+    img = good[0]["image"]
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    bad = [
+        {"id": "missing", "image": "nope.png", "conversations": good[0]["conversations"]},
+        {"id": "corrupt", "image": str(tmp_path / "corrupt.png"), "conversations": good[0]["conversations"]},
+        {"id": "noreply", "image": img, "conversations": good[0]["conversations"][:1]},
+        "not a record",
+        {"id": "placeholder", "conversations": good[0]["conversations"]},
+        {"id": "noplaceholder", "image": img, "conversations": [
+            {"from": "human", "value": "What colour?"}, {"from": "gpt", "value": "red"}]},
+    ]
+    records = good[:6] + bad + good[6:]
+    path = tmp_path / "mixed.json"
+    path.write_text(json.dumps(records))
+    p = run(base_args(world, tmp_path / "o", data=path, **{"global-batch": 20, "micro-batch": 5, "max-steps": 1}))
+    out = p.stdout + p.stderr
+    for rid in ("missing", "corrupt", "noreply", "placeholder", "noplaceholder"):
+        assert f"id {rid!r}" in out, rid
+    assert "skipped 6 of 20 records" in out
+    assert losses(tmp_path / "o")[0] > 0
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(world, tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, TRAIN] + base_args(world, out, **{"max-steps": 1000, "global-batch": 2, "micro-batch": 2})
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "train_log.jsonl").exists()
+                                           and (out / "train_log.jsonl").read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    text, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, text[-2000:]
+    ckpts = list(out.glob("checkpoint-*[0-9]"))
+    assert len(ckpts) == 1 and (ckpts[0] / "train_state.json").exists()
+    assert "SIGTERM: saving checkpoint" in text
