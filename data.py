@@ -164,7 +164,7 @@ class BadSample(Exception):
 # 3. Rendering a conversation to one string
 # ---------------------------------------------------------------------------------------------
 
-ROLES = {"human": "human", "gpt": "gpt"}
+ROLES = ("human", "gpt")  # the LLaVA record's "from" values, in turn order
 
 
 def _pairs(conversations):
@@ -176,13 +176,13 @@ def _pairs(conversations):
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
             raise BadSample("unreadable_record", f"turn {k} is not {{'from': 'human'|'gpt', 'value': str}}: {str(turn)[:80]}")
-        turns.append((ROLES[turn["from"]], turn["value"]))
+        turns.append((turn["from"], turn["value"]))
     if turns and turns[0][0] == "gpt":
         turns = turns[1:]
     if not turns or turns[-1][0] != "gpt":
         raise BadSample("no_reply", f"{len(turns)} turns, the last from {turns[-1][0] if turns else 'nobody'}")
     for k, (role, _) in enumerate(turns):
-        if role != ("human", "gpt")[k % 2]:
+        if role != ROLES[k % 2]:
             raise BadSample("roles_not_alternating", f"turn {k} is from {role}")
     return [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns), 2)]
 
@@ -194,7 +194,7 @@ def _place_image(pairs, has_image, tpl):
     (Official code leaves a placeholder found in a later question in that question; we move it
     to the first, which is where all published LLaVA data has it.)"""
     n_q = sum(q.count(IMAGE) for q, _ in pairs)
-    n_a = sum(a.count(IMAGE) for _, a in pairs)
+    n_a = sum(a.count(IMAGE) for _, a in pairs if a)
     if has_image is None:
         has_image = n_q + n_a > 0
     if n_a:
@@ -216,20 +216,28 @@ def _place_image(pairs, has_image, tpl):
     return [(q, a) for q, (_, a) in zip(questions, pairs)]
 
 
+def _render(pairs, tpl):
+    """[(question, reply)] -> (text, spans of the supervised text). A reply of None ends the text
+    where that reply would begin: a generation prompt."""
+    text, spans = "", []
+    lead, close = tpl.reply.split("{a}")
+    for k, (q, a) in enumerate(pairs):
+        text += (tpl.first_user if k == 0 else tpl.user).format(system=tpl.system, q=q)
+        text += tpl.assistant
+        if a is None:
+            break
+        text += lead
+        spans.append((len(text), len(text) + len(a) + len(close)))
+        text += a + close
+    return text, spans
+
+
 def render_conversation(conversations, template, has_image=None):
     """LLaVA turns -> (text, spans): the whole sample as one string, and the [start, end)
     character spans of the text the model learns (each reply and what closes it, e.g. `</s>`).
     has_image None means "the record has an image iff its text has <image>"."""
     tpl = get_template(template)
-    pairs = _place_image(_pairs(conversations), has_image, tpl)
-    text, spans = "", []
-    lead, close = tpl.reply.split("{a}")
-    for k, (q, a) in enumerate(pairs):
-        text += (tpl.first_user if k == 0 else tpl.user).format(system=tpl.system, q=q)
-        text += tpl.assistant + lead
-        spans.append((len(text), len(text) + len(a) + len(close)))
-        text += a + close
-    return text, spans
+    return _render(_place_image(_pairs(conversations), has_image, tpl), tpl)
 
 
 def prompt_for_generation(turns, template, has_image=False):
@@ -238,16 +246,14 @@ def prompt_for_generation(turns, template, has_image=False):
     ending with the user's question: either LLaVA record turns ({"from", "value"}) or plain
     strings alternating user, assistant, ..., user. With has_image the image goes in front of
     the first question (if the text has no <image> yet)."""
-    turns = [t if isinstance(t, dict) else {"from": ("human", "gpt")[k % 2], "value": t}
-             for k, t in enumerate(turns)]
+    tpl = get_template(template)
+    turns = [t if isinstance(t, dict) else {"from": ROLES[k % 2], "value": t} for k, t in enumerate(turns)]
     if not turns or turns[-1].get("from") != "human":
         raise ValueError("prompt_for_generation: the conversation must end with a user question")
     if has_image and not any(IMAGE in str(t.get("value")) for t in turns):
         turns = [{"from": "human", "value": IMAGE + "\n" + turns[0]["value"]}] + turns[1:]
-    text, _ = render_conversation(turns + [{"from": "gpt", "value": ""}], template, has_image=has_image)
-    tpl = get_template(template)
-    cut = len(tpl.reply.split("{a}")[0]) + len(tpl.reply.split("{a}")[1])
-    return text[: len(text) - cut]  # drop the empty reply: the prompt ends with tpl.assistant
+    pairs = _place_image(_pairs(turns + [{"from": "gpt", "value": ""}]), has_image, tpl)
+    return _render(pairs[:-1] + [(pairs[-1][0], None)], tpl)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -366,7 +372,7 @@ def tokenize_prompt(turns, tokenizer, template, has_image=False, num_patches=0):
     """Generation prompt ids (chat/eval): prompt_for_generation, tokenized the same way, with the
     image id expanded to num_patches copies."""
     ids = _encode(tokenizer, prompt_for_generation(turns, template, has_image))
-    return expand_image(ids, ids, tokenizer.image_token_id, num_patches)[0]
+    return expand_image(ids, [IGNORE_INDEX] * len(ids), tokenizer.image_token_id, num_patches)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,7 +576,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch, self.start = epoch, start
 
     def _share(self):
-        if self.shuffle:
+        if self.shuffle:  # one generator per (seed, epoch): any epoch's order can be rebuilt
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
         else:
             order = list(range(self.n))
@@ -612,8 +618,7 @@ def make_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0, drop_l
     sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(dataset.tokenizer.pad_id), drop_last=drop_last, pin_memory=pin_memory,
-        persistent_workers=False)
+        collate_fn=Collator(dataset.tokenizer.pad_id), drop_last=drop_last, pin_memory=pin_memory)
     return Loader(dataset, dataloader, sampler)
 
 

@@ -52,6 +52,7 @@ HF's LlamaTokenizer (legacy=False) and the official LLaVA per-chunk tokenization
 """
 
 import codecs
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +60,7 @@ import sentencepiece as spm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from weights import WeightsError, assign_weights, fetch, load_state_dict, read_json
 
@@ -139,6 +141,12 @@ VICUNA_SHAPES = {
 # -----------------------------------------------------------------------------------------------
 # the model
 
+# The SDPA kernels we allow. torch >= 2.5 on Hopper tries cuDNN attention first, and cuDNN builds
+# an execution plan for every new shape (tenths of a second each): every decoding step (the key
+# length grows by one) and every new padded batch length in training would pay it. Flash and
+# memory-efficient attention need no plan, so we leave cuDNN out. None = torch's own choice.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -184,9 +192,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)  # all keys so far: [B,KV,pos+T,hd]
         # attn_mask None means plain causal; with T_q == 1 (decoding) that is "see everything".
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
-            enable_gqa=self.n_kv != self.n_head)  # query head j uses kv head j // (H/KV)
+        with sdpa_kernel(SDPA_BACKENDS) if SDPA_BACKENDS else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1,
+                enable_gqa=self.n_kv != self.n_head)  # query head j uses kv head j // (H/KV)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)  # [B,H,T,hd] -> [B,T,H*hd]
         return self.o_proj(y)
 

@@ -452,7 +452,6 @@ def test_synthetic_world(tmp_path, tok):
             x0, y0, x1, y1 = o["box"]
             point = ((x0 + x1) // 2, (y0 + 2 * y1) // 3)  # inside circle, square and triangle alike
             assert img.getpixel(point) == data.COLORS[o["color"]], (name, o)
-        used = {o["quadrant"] for o in scene}
         for quadrant, corner in zip(data.QUADRANTS, [(0, 0), (63, 0), (0, 63), (63, 63)]):
             assert img.getpixel(corner) == data.BACKGROUND
 

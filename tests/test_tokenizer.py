@@ -178,15 +178,15 @@ def test_stream_incomplete_character_at_end(ours):
     assert s.flush() == "\ufffd"
 
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "llava-bench-coco"
+QA90 = Path(__file__).resolve().parent / "fixtures" / "llava_bench_qa90"  # LLaVA-Bench (COCO), as published
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="LLaVA-Bench text files not present")
+@pytest.mark.skipif(not QA90.is_dir(), reason="tests/fixtures/llava_bench_qa90 not present")
 def test_real_llava_bench_text(ours, tok_dir):
     """Every question and GPT-4 answer of LLaVA-Bench (COCO) in a vicuna prompt, with an image."""
     hf = LlamaTokenizer.from_pretrained(str(tok_dir), legacy=False, add_bos_token=True)
-    questions = [json.loads(line)["text"] for line in open(SHARED / "qa90_questions.jsonl")]
-    answers = [json.loads(line)["text"] for line in open(SHARED / "qa90_gpt4_answer.jsonl")]
+    questions = [json.loads(line)["text"] for line in open(QA90 / "qa90_questions.jsonl")]
+    answers = [json.loads(line)["text"] for line in open(QA90 / "qa90_gpt4_answer.jsonl")]
     for q, a in zip(questions, answers):
         text = vicuna([(q, a), (q, a)])
         ids = ours.encode(text)
