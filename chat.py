@@ -62,9 +62,10 @@ class Chat:
     def set_image(self, image):
         """A PIL image (or None for a text-only chat); starts a new conversation. The one
         preprocessing used everywhere: clip.preprocess with the checkpoint's size and padding."""
-        cfg = self.model.config
-        self.pixel_values = None if image is None else \
-            preprocess(image, cfg.vision.image_size, cfg.pad_to_square)[None].to(self.model.llm.embed_tokens.weight.device)
+        cfg, device = self.model.config, self.model.llm.embed_tokens.weight.device
+        self.pixel_values = None
+        if image is not None:
+            self.pixel_values = preprocess(image, cfg.vision.image_size, cfg.pad_to_square)[None].to(device)
         self.reset()
 
     def next_ids(self, question):

@@ -166,9 +166,12 @@ def scienceqa_records(root, split, prompt_format="QCM", letter_prompt=False):
             raise SystemExit(f"error: --root {root}: no {f} (expected the ScienceQA release layout)")
     records = data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", split,
                                       prompt_format=f"{prompt_format}-A")
-    if letter_prompt:  # official model_vqa_science --single-pred-prompt
+    if letter_prompt:  # official model_vqa_science --single-pred-prompt: after the text, before the image
         for r in records:
-            r["conversations"][0]["value"] += "\n" + LETTER_PROMPT
+            human = r["conversations"][0]
+            text, image = (human["value"][:-len(data.IMAGE) - 1], "\n" + data.IMAGE) \
+                if human["value"].endswith("\n" + data.IMAGE) else (human["value"], "")
+            human["value"] = text + "\n" + LETTER_PROMPT + image
     return records
 
 
@@ -187,7 +190,6 @@ def generate_replies(model, tokenizer, records, image_folder, out, batch_size=8,
     for start in range(0, len(records), batch_size):
         prompts, pixels, rows = [], [], []
         batch = records[start:start + batch_size]
-        bar.update(len(batch))
         for r in batch:
             has_image = r.get("image") is not None
             try:
@@ -203,13 +205,13 @@ def generate_replies(model, tokenizer, records, image_folder, out, batch_size=8,
                 continue
             prompts.append(ids)
             rows.append(r)
-        if not prompts:
-            continue
-        px = torch.stack(pixels).to(device) if pixels else None
-        outs = model.generate_batch(prompts, px, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
-        for r, ids in zip(rows, outs):
-            out.append({"id": str(r[key]), key: r[key], "text": tokenizer.decode(ids), "new_tokens": len(ids)})
-            done += 1
+        if prompts:
+            px = torch.stack(pixels).to(device) if pixels else None
+            outs = model.generate_batch(prompts, px, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+            for r, ids in zip(rows, outs):
+                out.append({"id": str(r[key]), key: r[key], "text": tokenizer.decode(ids), "new_tokens": len(ids)})
+                done += 1
+        bar.update(len(batch))
     bar.close()
     return done
 
@@ -548,15 +550,15 @@ def cmd_ablate(args):
             train.run_tiny(cfg, world=w, tag=tag, **switches)  # its open-answer accuracy does not apply here
             model, tokenizer = load_model(root / tag / "stage2", "cpu", "fp32")
             report, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test",
-                                           root / tag / "preds.jsonl", batch_size=32, max_new_tokens=64,
-                                           progress=False)
+                                           root / tag / "preds.jsonl", batch_size=32,
+                                           max_new_tokens=args.max_new_tokens, progress=False)
             results[tag] = {"accuracy": report["accuracy"]["Avg"], "failures": len(report["failures"]),
                             "minutes": round((time.perf_counter() - t) / 60, 2)}
             if tag == "best":  # what the text alone gives: every picture replaced by a blank one
                 blank = Image.new("RGB", (64, 64), data.BACKGROUND)
                 rep, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test",
-                                            root / tag / "preds_blank.jsonl", batch_size=32, max_new_tokens=64,
-                                            blank_image=blank, progress=False)
+                                            root / tag / "preds_blank.jsonl", batch_size=32,
+                                            max_new_tokens=args.max_new_tokens, blank_image=blank, progress=False)
                 results[tag]["blank_image_accuracy"] = rep["accuracy"]["Avg"]
             log(f"ablate: {tag}: {results[tag]}")
     finally:
@@ -645,6 +647,7 @@ def build_parser():
     a.add_argument("--n-train", type=int, default=1000, help="training problems (and stage-1 captions)")
     a.add_argument("--n-test", type=int, default=300)
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--max-new-tokens", type=int, default=64, help="the longest target is about 40 tokens")
     a.add_argument("--only", default=",".join(t for t, *_ in ABLATIONS),
                    type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
                    help="comma list of variants: " + ",".join(t for t, *_ in ABLATIONS))

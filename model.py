@@ -226,7 +226,9 @@ class LLaVA(nn.Module):
         are only the new turn's ids: they are appended after what the cache already holds, so
         neither the image nor the history is read again (pixel_values must then be None).
 
-        Host syncs: one per step, to check EOS (and to hand the caller an int at batch 1).
+        Host syncs: one per step, to check EOS (and to hand the caller an int at batch 1); none
+        in a batch without eos_id. Being a generator, it raises (ContextLengthError, ...) at the
+        first next(), not at the call.
         """
         single = input_ids.dim() == 1
         w = self.llm.embed_tokens.weight
@@ -259,7 +261,7 @@ class LLaVA(nn.Module):
             keep[:, :T] = attention_mask.to(device=w.device, dtype=torch.bool)
         mask_to = lambda end: None if keep is None else keep[:, :end]  # noqa: E731
 
-        embeds = self.embed(ids, pixel_values)
+        embeds = self.embed(ids, None if pixel_values is None else pixel_values.to(w.device))
         logits = self.llm(inputs_embeds=embeds, cache=cache, attn_mask=mask_to(start + T), last_only=True)[:, -1]
         if state is not None:  # only now: a failed prefill leaves the conversation as it was
             state.cache = cache
@@ -282,7 +284,7 @@ class LLaVA(nn.Module):
             if i + 1 == max_new or (eos_id is not None and bool(done.all())):  # the EOS sync
                 break
             if static is not None:
-                logits = static(self.llm, cache.k, cache.v, nxt, pos, n_real, full)
+                logits = static(self.llm, *_layer_views(cache), nxt, pos, n_real, full)
                 cache.pos += 1
                 pos += 1
                 n_real += 1
@@ -334,9 +336,6 @@ class LLaVA(nn.Module):
             cache.k[:, :, :, :old.pos] = old.k[:, :, :, :old.pos]  # [L,B,KV,pos,hd]
             cache.v[:, :, :, :old.pos] = old.v[:, :, :, :old.pos]
             cache.pos = old.pos
-        if getattr(self, "_static_step", None) is not None and hasattr(torch, "_dynamo"):
-            torch._dynamo.mark_static_address(cache.k)  # one address for the CUDA graph
-            torch._dynamo.mark_static_address(cache.v)
         return cache
 
     # ---- loading and saving -----------------------------------------------------------------
@@ -487,12 +486,25 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+def _layer_views(cache):
+    """The cache's k and v as lists of per-layer views [B,KV,L,hd], made once per cache. The
+    compiled step must mutate each layer's buffer as its own input: an in-place write into a
+    view of the whole [layers,...] tensor is functionalized by torch.compile into a copy of that
+    layer's entire cache and a copy back, every step (measured: ~3x slower decode on an H200).
+    Marked static so the CUDA graph reads them where they are."""
+    if getattr(cache, "_views", None) is None:
+        cache._views = (list(cache.k.unbind(0)), list(cache.v.unbind(0)))
+        for t in cache._views[0] + cache._views[1]:
+            torch._dynamo.mark_static_address(t)
+    return cache._views
+
+
 class _SlotWriter:
     """Stands in for the KVCache inside _static_decode_step: writes the new key/value at the
     tensor slot `pos` and returns the whole preallocated buffers, so no shape ever changes."""
 
     def __init__(self, k, v, pos):
-        self.k, self.v, self.pos = k, v, pos
+        self.k, self.v, self.pos = k, v, pos  # lists of per-layer [B,KV,L,hd]
 
     def update(self, layer_idx, k, v):
         self.k[layer_idx].index_copy_(2, self.pos, k)  # [B,KV,L,hd] <- [B,KV,1,hd] at slot pos
@@ -503,9 +515,9 @@ class _SlotWriter:
 def _static_decode_step(llm, k, v, token, pos, positions, keep):
     """One decode step with static shapes (what torch.compile + CUDA graphs need): token [B] goes
     into cache slot pos ([1] tensor) at RoPE positions [B,1]; attention covers all L slots of the
-    cache k/v [layers,B,KV,L,hd] with a mask keeping the real slots <= pos (keep [B,L] marks
-    real ones). -> next-token logits [B,V]. The eager path (Llama.forward) slices instead."""
-    slots = torch.arange(k.shape[3], device=k.device)
+    cache (k, v: lists of per-layer [B,KV,L,hd]) with a mask keeping the real slots <= pos (keep
+    [B,L] marks real ones). -> next-token logits [B,V]. The eager path (Llama.forward) slices."""
+    slots = torch.arange(k[0].shape[2], device=token.device)
     mask = (keep & (slots <= pos))[:, None, None, :]  # [B,L] -> [B,1,1,L]: all heads, one query
     x = llm.embed_tokens(token[:, None])              # [B] -> [B,1,D]
     cos, sin = llm.rope(positions)
@@ -528,9 +540,11 @@ SAVE_PREFIXES = [
 
 def next_token_loss(logits, labels, reduction="mean"):
     """Cross-entropy of position t predicting label t+1, ignoring -100. reduction "sum" lets the
-    training loop normalise by the token count of the whole global batch."""
-    logits = logits[:, :-1].float()  # [B,T-1,V]
-    targets = labels[:, 1:]          # [B,T-1]
+    training loop normalise by the token count of the whole global batch.
+    The labels move, not the logits (as transformers does): slicing the [B,T,V] logits would copy
+    the largest tensor of the step, and its backward would fill another one with zeros."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B,T]: the last position predicts nothing
+    logits = logits.float()                                      # [B,T,V]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction=reduction)
 

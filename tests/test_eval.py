@@ -77,10 +77,14 @@ def test_eval_prompt_is_the_training_prompt_in_both_orders(tok, answer_first):
 
 
 def test_official_evaluation_prompt_variants():
-    r = {x["id"]: x for x in ev.scienceqa_records(SQA, "test", prompt_format="CQM", letter_prompt=True)}["1002"]
-    assert r["conversations"][0]["value"] == (
+    r = {x["id"]: x for x in ev.scienceqa_records(SQA, "test", prompt_format="CQM", letter_prompt=True)}
+    assert r["1002"]["conversations"][0]["value"] == (
         "Context: N/A\nQuestion: Which city is the capital of the state?\nOptions: (A) Springfield (B) Chicago "
         "(C) Peoria\nAnswer with the option's letter from the given choices directly.")
+    # official model_vqa_science: the image first, the letter instruction right after the options
+    assert data.prompt_for_generation(r["1005"]["conversations"][:1], "vicuna_v1", has_image=True) == (
+        f"{SYSTEM} USER: <image>\nContext: This map shows rivers.\nQuestion: What does the map show?\n"
+        "Options: (A) rivers (B) roads\nAnswer with the option's letter from the given choices directly. ASSISTANT:")
 
 
 # ---- answer extraction ----------------------------------------------------------------------------
@@ -471,7 +475,8 @@ def test_ablate_runs_each_variant_with_its_switch(tiny_ckpt, tmp_path, monkeypat
         return {"accuracy": 0.0}
 
     monkeypatch.setattr(train, "run_tiny", fake_run_tiny)
-    assert ev.main(["ablate", "--out", str(tmp_path / "abl"), "--n-train", "8", "--n-test", "6"]) == 0
+    assert ev.main(["ablate", "--out", str(tmp_path / "abl"), "--n-train", "8", "--n-test", "6",
+                    "--max-new-tokens", "4"]) == 0
     assert [(c["tag"], c["skip_stage1"], c["vision_layer"], c["stage2"]) for c in calls] == [
         ("best", False, None, "stage2_reasoning_first.json"),
         ("layer-1", False, -1, "stage2_reasoning_first.json"),
