@@ -341,7 +341,13 @@ def preprocess(pil_image, size, pad_to_square=False):
     `size` with PIL bicubic on uint8, long side int(size * long / short) -> centre crop at offset
     (extent - size) // 2 -> rescale /255 and normalize with CLIP's mean/std.
     """
-    img = _rgb(pil_image)
+    # A grayscale image (no transparency) stays one channel through the resize and becomes RGB
+    # only in the lookup below: the three channels of its RGB version are equal, and the resize
+    # treats channels alone with the same integer weights, so this is the same result for a third
+    # of the resize work. (Padding adds a coloured border, so it converts first.)
+    gray = (pil_image.mode in ("L", "1") and not pad_to_square
+            and pil_image.info.get("transparency") is None)
+    img = pil_image.convert("L") if gray else _rgb(pil_image)
     if pad_to_square:
         img = _expand2square(img)
     w, h = img.size
@@ -358,8 +364,8 @@ def preprocess(pil_image, size, pad_to_square=False):
         img = img.resize((nw, h), Image.BICUBIC).crop((left, 0, left + size, h))
         img = img.resize((size, nh), Image.BICUBIC)
         left = 0
-    a = np.asarray(img)[top:top + size, left:left + size]   # [size, size, 3] uint8, centre crop
+    a = np.asarray(img)[top:top + size, left:left + size]   # [size, size, 3] (gray: [size, size]) uint8, centre crop
     out = np.empty((3, size, size), dtype=np.float32)
     for c in range(3):                                      # HWC uint8 -> CHW float32 via the table
-        np.take(_LUT[c], a[:, :, c], out=out[c])
+        np.take(_LUT[c], a if gray else a[:, :, c], out=out[c])
     return torch.from_numpy(out)

@@ -748,9 +748,14 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
                     {"from": "human", "value": _with_image(rng, rng.choice(CAPTION_INSTRUCTIONS))},
                     {"from": "gpt", "value": caption(scene)}]})
                 kinds = rng.sample(_kinds(scene), rng.randint(2, 4))
+                qa = [ask(scene, kind, rng) for kind in kinds]
+                # Half the conversations also ask for a description somewhere, as LLaVA-Instruct
+                # mixes detailed descriptions into its data: a dense, image-dependent signal
+                # that teaches the tiny model to look far sooner than one-word answers alone.
+                if rng.random() < 0.5:
+                    qa.insert(rng.randrange(len(qa) + 1), (rng.choice(CAPTION_INSTRUCTIONS), caption(scene)))
                 turns = []
-                for t, kind in enumerate(kinds):
-                    q, a = ask(scene, kind, rng)
+                for t, (q, a) in enumerate(qa):
                     turns += [{"from": "human", "value": _with_image(rng, q) if t == 0 else q},
                               {"from": "gpt", "value": a}]
                 stage2.append({"id": name, "image": f"{name}.png", "conversations": turns})

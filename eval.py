@@ -430,41 +430,36 @@ def cmd_judge(args):
 # 3. Ablations on the tiny synthetic world
 # =============================================================================================
 # A multiple-choice version of the world, in the ScienceQA release layout, so that the whole
-# ScienceQA path (conversion, --data scienceqa, this evaluation) runs on it. Each problem asks
-# about one picture; its "solution" states the fact the answer follows from, e.g.
-#     What color is the circle?  (A) blue (B) red (C) green
-#     reasoning-first: "The circle in the picture is red. The answer is B."
-#     answer-first:    "The answer is B. BECAUSE: The circle in the picture is red."
-# Lectures are empty (they would add the same sentence to every problem of a kind).
+# ScienceQA path (conversion, --data scienceqa, this evaluation) runs on it. Each picture holds
+# one shape; a problem asks for its colour, its shape, where it is, or whether it is a given
+# colour and shape. The "solution" is the step of reasoning the answer follows from, the same
+# for every kind of question: first say what the picture shows, then answer.
+#     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
+#     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
+#     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
+# Options come in a fixed order (the world's lists; four of the six colours, as ScienceQA has at
+# most five options), so a 4-layer model can learn which letter names which answer within a few
+# hundred steps. Lectures are empty (they would add the same sentence to every problem).
 
-MC_KINDS = ("color", "shape", "count", "where", "exists")
+MC_KINDS = ("color", "shape", "where", "exists")
 
 
-def mc_problem(scene, kind, rng):
-    """One multiple-choice problem about a scene -> (question, right answer, options pool, solution)."""
-    obj = rng.choice(scene)
-    name = f"{obj['color']} {obj['shape']}"
+def mc_problem(obj, kind, rng):
+    """One multiple-choice problem about a one-shape scene -> (question, choices, right answer)."""
     if kind == "color":
-        return (f"What color is the {obj['shape']}?", obj["color"], sorted(data.COLORS),
-                f"The {obj['shape']} in the picture is {obj['color']}.")
+        shown = {obj["color"], *rng.sample([c for c in data.COLORS if c != obj["color"]], 3)}
+        return "What color is the shape?", [c for c in data.COLORS if c in shown], obj["color"]
     if kind == "shape":
-        return (f"Which shape is the {obj['color']} object?", obj["shape"], data.SHAPES,
-                f"The {obj['color']} object is a {obj['shape']}.")
-    if kind == "count":
-        n = data.COUNTS[len(scene)]
-        return ("How many shapes are in the picture?", n, data.COUNTS[1:],
-                f"The picture shows {data.caption(scene)[:-1]}, so there {'is' if len(scene) == 1 else 'are'} "
-                f"{n} shape{'' if len(scene) == 1 else 's'}.")
+        return "Which shape is in the picture?", list(data.SHAPES), obj["shape"]
     if kind == "where":
-        return (f"Where is the {name}?", obj["quadrant"], data.QUADRANTS,
-                f"The {name} is in the {obj['quadrant']} of the picture.")
-    present = {(o["color"], o["shape"]) for o in scene}
-    if rng.random() < 0.5:
-        color, shape = rng.choice(sorted(present))
+        return "Where is the shape?", list(data.QUADRANTS), obj["quadrant"]
+    if rng.random() < 0.5:  # exists: half the time the shape that is there, else one that is not
+        color, shape = obj["color"], obj["shape"]
     else:
-        color, shape = rng.choice([(c, s) for c in sorted(data.COLORS) for s in data.SHAPES if (c, s) not in present])
-    return (f"Is there a {color} {shape} in the picture?", "yes" if (color, shape) in present else "no", ("yes", "no"),
-            f"The picture shows {data.caption(scene)[:-1]}.")
+        color, shape = rng.choice([(c, s) for c in data.COLORS for s in data.SHAPES
+                                   if (c, s) != (obj["color"], obj["shape"])])
+    there = (color, shape) == (obj["color"], obj["shape"])
+    return f"Is there a {color} {shape}?", ["yes", "no"], "yes" if there else "no"
 
 
 def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=640):
@@ -480,13 +475,13 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
         for k in range(n):
             pid = f"{split}{k:06d}"
             scene = data.random_scene(rng, image_size)
+            while len(scene) != 1:
+                scene = data.random_scene(rng, image_size)
             (out / "images" / split / pid).mkdir(parents=True, exist_ok=True)
             data.draw_scene(scene, image_size).save(out / "images" / split / pid / "image.png")
             kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
-            question, right, pool, solution = mc_problem(scene, kind, rng)
-            n_opts = len(pool) if len(pool) <= 2 else rng.randint(2, min(4, len(pool)))
-            choices = [right] + rng.sample([p for p in pool if p != right], n_opts - 1)
-            rng.shuffle(choices)
+            question, choices, right = mc_problem(scene[0], kind, rng)
+            solution = "The picture shows {} in the {}.".format(data.caption(scene)[:-1], scene[0]["quadrant"])
             problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
                              "image": "image.png", "task": "closed choice", "grade": "grade1",
                              "subject": "natural science", "topic": "shapes", "lecture": "", "solution": solution,
@@ -644,7 +639,9 @@ def build_parser():
 
     a = sub.add_parser("ablate", help="the paper's ablations on the tiny synthetic world (CPU)")
     a.add_argument("--out", default="runs/ablate")
-    a.add_argument("--n-train", type=int, default=1000, help="training problems (and stage-1 captions)")
+    a.add_argument("--n-train", type=int, default=4000,
+                   help="training problems and stage-1 captions; stage-2 steps = train.TINY_STAGES[2] epochs "
+                        "x n-train / 32 (the model needs a few hundred to start using the picture)")
     a.add_argument("--n-test", type=int, default=300)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-new-tokens", type=int, default=64, help="the longest target is about 40 tokens")

@@ -97,6 +97,7 @@ class TrainConfig:
     max_length: int = 2048
     # optimisation (None = the recipe's)
     lr: float = None
+    projector_lr: float = None          # the official mm_projector_lr; None = --lr
     global_batch: int = None
     micro_batch: int = 4
     epochs: float = None
@@ -512,6 +513,19 @@ def checkpoint_call(fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
+def param_groups(params, sharded, model, cfg):
+    """AdamW groups: the projector may take its own learning rate (--projector-lr, the official
+    mm_projector_lr), kept as a scale of the scheduled lr."""
+    scale = (cfg.projector_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0
+    if sharded is not None:
+        proj = {id(u.shard) for u in sharded if u.name == "projector"}
+    else:
+        proj = {id(p) for p in model.projector.parameters()}
+    groups = [{"params": [p for p in params if id(p) in proj], "lr_scale": scale},
+              {"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
 def clip_grad_norm(params, max_norm, fsdp):
     """Global grad norm over all shards (all-reduced), then scale as clip_grad_norm_ does."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -874,8 +888,8 @@ def train(cfg):
     n_vision, n_llm, n_proj = count_params(model.vision_tower), count_params(model.llm), count_params(model.projector)
     model.train()
     params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=cfg.weight_decay, foreach=False)
+    optimizer = torch.optim.AdamW(param_groups(params, sharded, model, cfg), lr=cfg.lr, betas=(0.9, 0.999),
+                                  eps=1e-8, weight_decay=cfg.weight_decay, foreach=False)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
          f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
@@ -921,7 +935,7 @@ def train(cfg):
             scale = world if cfg.fsdp == "torch" else 1  # FSDP2 averages its reduce-scatter
             lr = lr_at(step, total, warmup, cfg.lr)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             loss_sum, text_tokens, images = 0.0, 0, 0
             for mb in micro:
                 ids = mb["input_ids"].to(device, non_blocking=True)
@@ -1030,9 +1044,10 @@ TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num
                  image_size=32, patch_size=8)
 TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-TINY_STAGES = {  # the paper's recipe in shape (stage 1: projector, stage 2: projector + LLM)
-    1: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, template="plain"),
-    2: dict(lr=2e-3, global_batch=32, micro_batch=32, epochs=3, template="vicuna_v1"),
+TINY_STAGES = {  # 0: the LLM learns the world's text; then the paper's two stages
+    0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, template="vicuna_v1"),
+    1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
+    2: dict(lr=2e-3, projector_lr=2e-2, global_batch=32, micro_batch=32, epochs=3, template="vicuna_v1"),
 }
 TINY_DATA = dict(n_train=1500, n_test=200)
 
@@ -1095,6 +1110,35 @@ def tiny_accuracy(model, world, blank=False, batch_size=32):
     return correct / len(records)
 
 
+def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
+    """The synthetic world's "Vicuna": before LLaVA's two stages the tiny LLaMA learns the
+    world's language from text alone (captions and question-answer turns with the image left
+    out), as Vicuna knew English before LLaVA met it. Without this, stage 1 would align the
+    projector to a random LLM and teach it nothing."""
+    from dataclasses import replace
+    text = []
+    for key in ("stage1", "stage2"):
+        for r in json.loads(Path(world[key]).read_text()):
+            turns = [{"from": t["from"], "value": t["value"].replace("<image>", "").strip()}
+                     for t in r["conversations"]]
+            text.append({"id": r["id"] + "_text", "conversations": turns})
+    path = root / "data" / "text_only.json"
+    write_json_atomic(path, text)
+    s0 = replace(cfg, stage=2, init="", data=str(path), out=str(root / "llm_pretrain"), **common,
+                 **TINY_STAGES[0])
+    train(s0)
+    if dist.get_rank() == 0:
+        model = LLaVA.from_pretrained(root / "llm_pretrain")
+        out = root / "llm_pretrained"
+        out.mkdir(parents=True, exist_ok=True)
+        state = {("lm_head." + k[8:]) if k.startswith("lm_head.") else "model." + k: v
+                 for k, v in model.llm.state_dict().items()}
+        save_state_dict(state, out)
+        write_json_atomic(out / "config.json", model.llm.config.to_hf())
+        shutil.copyfile(Path(llm_dir) / "tokenizer.model", out / "tokenizer.model")
+    dist.barrier()
+
+
 def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
     """The whole preset; the keyword switches are the paper's ablations (eval.py ablate):
     skip_stage1 = stage 2 from a fresh projector, vision_layer = CLIP layer -1 or -2 (default
@@ -1111,6 +1155,9 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
                   projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
                   max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0,
                   vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
+    if not (root / "llm_pretrain" / "model.safetensors").exists():
+        pretrain_tiny_llm(cfg, root, world, llm_dir, common)
+    common["llm"] = str(root / "llm_pretrained")
     if not skip_stage1:
         s1 = replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **TINY_STAGES[1])
         train(s1)

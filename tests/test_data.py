@@ -435,12 +435,17 @@ def test_synthetic_world(tmp_path, tok):
         expected = (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
         assert rec["conversations"][1]["value"] == expected
         assert rec["conversations"][0]["value"].count("<image>") == 1
+    captions = {r["id"]: r["conversations"][1]["value"] for r in stage1}
     for rec in stage2 + test:
         scene = world[rec["id"]]
         turns = rec["conversations"]
-        assert 2 <= len(turns) <= 8 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert 2 <= len(turns) <= 10 and [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
         for qt, at in zip(turns[::2], turns[1::2]):
-            assert at["value"] == _answer_from_world(qt["value"].replace("<image>", "").strip(), scene), rec["id"]
+            question = qt["value"].replace("<image>", "").strip()
+            if question in data.CAPTION_INSTRUCTIONS:  # stage 2 opens with a description
+                assert at["value"] == captions[rec["id"]], rec["id"]
+            else:
+                assert at["value"] == _answer_from_world(question, scene), rec["id"]
     for rec in test:
         assert rec["answer"] == rec["conversations"][1]["value"] and rec["type"] in data.QUESTION_TYPES
 

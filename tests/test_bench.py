@@ -1,0 +1,71 @@
+"""bench.py runs end to end: every CPU measurement once on the tiny config (a smoke test, not a
+timing), and the prepared GPU run with tiny shapes on the CPU. Each runs as its own process, as a
+user runs it (bench.py sets threads and starts a process group)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("skimage")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"bench.py {' '.join(args)} failed ({p.returncode}):\n"
+                             f"{p.stdout[-4000:]}\n{p.stderr[-6000:]}")
+    return p.stdout
+
+
+def test_every_cpu_measurement_once(tmp_path):
+    out = tmp_path / "tiny.json"
+    stdout = run(["all", "--config", "tiny", "--threads", "1", "--warmup", "0", "--repeats", "1",
+                  "--out", str(out)])
+    res = json.loads(out.read_text())
+    header = res["header"]
+    for word in ("config tiny", "dtype float32", "device cpu", f"torch {res['torch']}", "1 threads"):
+        assert word in header, header
+    rows = {r["measurement"]: r for r in res["rows"]}
+    assert set(rows) == {"preprocess rgb", "preprocess all", "vision", "train", "prefill", "decode b1", "decode b8"}
+    for name, r in rows.items():
+        assert r["ours"] > 0 and r["transformers"] > 0, name
+        assert r["ratio"] == pytest.approx(r["ours"] / r["transformers"]), name
+        assert r["batch"] > 0 and r["seq"] > 0, name
+    assert rows["decode b8"]["batch"] == 8 and rows["decode b1"]["batch"] == 1
+    # the printed lines carry the two measured numbers and their ratio
+    printed = re.findall(r"ours\s+([\d.]+)\s+transformers\s+([\d.]+)\s+ratio\s+([\d.]+)x", stdout)
+    assert len(printed) == len(rows)
+    for ours, theirs, ratio in printed:
+        assert float(ratio) == pytest.approx(float(ours) / float(theirs), abs=0.01)
+    # same weights on both sides: the same first training loss, the same greedy tokens
+    first = re.search(r"first loss ([\d.]+) vs ([\d.]+)", rows["train"]["note"])
+    assert float(first[1]) == pytest.approx(float(first[2]), abs=1e-3)
+    assert "100% of them identical" in rows["decode b1"]["note"]
+    assert "| measurement |" in stdout  # the summary table
+
+
+def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    stdout = run(["gpu", "--device", "cpu", "--tiny", "--out", str(out)])
+    res = json.loads(out.read_text())
+    for part in ("stage2_train", "stage1_train", "decode", "smoke"):
+        assert part in res and "error" not in res[part], (part, res.get(part))
+    for part in ("stage2_train", "stage1_train"):
+        for ckpt in ("ckpt_off", "ckpt_on"):
+            r = res[part][ckpt]
+            assert r["tokens_per_s"] > 0 and r["step_tflop"] > 0 and r["finite"], (part, ckpt, r)
+            assert r["grad_ckpt"] == (ckpt == "ckpt_on")
+    assert res["decode"]["eager_tokens_per_s"] > 0 and res["decode"]["compiled_tokens_per_s"] > 0
+    for stage in (1, 2):
+        assert res["smoke"][f"stage{stage}"]["ok"], res["smoke"]
+    assert "| part | setting |" in stdout  # the summary table
