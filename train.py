@@ -328,8 +328,12 @@ class ShardedUnit:
 
     # -- installing the gathered params into the modules ----------------------------------------
     def _install(self, full):
-        for sub, attr, off, shape, _ in self.slots:
-            setattr(sub, attr, full[off:off + math.prod(shape)].view(shape))
+        # one split, not a slice per parameter: each slice's backward would zero-fill a
+        # gradient the size of the whole unit
+        sizes = [math.prod(shape) for *_, shape, _ in self.slots]
+        parts = torch.split_with_sizes(full, sizes + [full.numel() - sum(sizes)])
+        for (sub, attr, _, shape, _), p in zip(self.slots, parts):
+            setattr(sub, attr, p.view(shape))
 
     def _uninstall(self):
         for sub, attr, *_ in self.slots:
@@ -531,7 +535,7 @@ def clip_grad_norm(params, max_norm, fsdp):
     grads = [p.grad for p in params if p.grad is not None]
     if fsdp == "torch":
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum() if grads else torch.zeros(())
     if dist.get_world_size() > 1:
         dist.all_reduce(sq)
     norm = sq.sqrt()
