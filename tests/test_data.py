@@ -17,7 +17,7 @@ import llama
 from tests.helpers import make_sp_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
-BENCH = FIXTURES / "llava_bench_coco" / "coco2014_val_gpt4_qa_30x3.jsonl"
+BENCH = FIXTURES / "generate_data" / "coco2014_val_gpt4_qa_30x3.jsonl"  # LLaVA-Bench (COCO): see its README
 SQA = FIXTURES / "scienceqa"
 
 
