@@ -1071,13 +1071,20 @@ def make_tiny_bases(root, tokenizer_path, seed):
     vocab = Tokenizer(tokenizer_path).sp.vocab_size()
     llm = Llama(LlamaConfig(vocab_size=vocab, **TINY_LLM))
     init_normal(llm)
-    llm_dir.mkdir(parents=True, exist_ok=True)
-    state = {("lm_head." + k[8:]) if k.startswith("lm_head.") else "model." + k: v
-             for k, v in llm.state_dict().items()}
-    save_state_dict(state, llm_dir)
-    write_json_atomic(llm_dir / "config.json", llm.config.to_hf())
-    shutil.copyfile(tokenizer_path, llm_dir / "tokenizer.model")
+    save_llm_dir(llm, llm_dir, tokenizer_path)
     return clip_dir, llm_dir
+
+
+def save_llm_dir(llm, directory, tokenizer_path):
+    """A transformers LlamaForCausalLM directory (`model.*` + `lm_head.*` keys, config.json,
+    tokenizer.model): what LLaVA.from_components expects of Vicuna."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k if k.startswith("lm_head.") else "model." + k: v for k, v in llm.state_dict().items()}
+    save_state_dict(state, directory)
+    write_json_atomic(directory / "config.json", llm.config.to_hf())
+    if Path(tokenizer_path).resolve() != (directory / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
 
 
 def init_normal(module, std=0.02):
@@ -1133,13 +1140,7 @@ def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
     train(s0)
     if dist.get_rank() == 0:
         model = LLaVA.from_pretrained(root / "llm_pretrain")
-        out = root / "llm_pretrained"
-        out.mkdir(parents=True, exist_ok=True)
-        state = {("lm_head." + k[8:]) if k.startswith("lm_head.") else "model." + k: v
-                 for k, v in model.llm.state_dict().items()}
-        save_state_dict(state, out)
-        write_json_atomic(out / "config.json", model.llm.config.to_hf())
-        shutil.copyfile(Path(llm_dir) / "tokenizer.model", out / "tokenizer.model")
+        save_llm_dir(model.llm, root / "llm_pretrained", Path(llm_dir) / "tokenizer.model")
     dist.barrier()
 
 
