@@ -40,6 +40,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,7 @@ from pathlib import Path
 import torch
 
 import train
-from clip import CLIPVisionConfig, preprocess
+from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
 from model import LLaVA, LLaVAConfig, Projector, next_token_loss
 
@@ -238,14 +239,15 @@ def photos(names):
 
 
 def bench_preprocess(args, size=336):
-    """clip.preprocess on each picture (as the data loader calls it) and a stack, vs transformers'
-    CLIPImageProcessor on the whole list at once (its fastest use), at LLaVA-1.5's 336 px. The
+    """clip.preprocess on each picture (as the data loader calls it) and a stack, and
+    clip.preprocess_batch with a thread per core, vs transformers' CLIPImageProcessor on the whole
+    list at once (its fastest use), at LLaVA-1.5's 336 px. The
     outputs must be identical bit for bit. Two sets: the colour photos (what LLaVA's data is
     made of), and all the pictures (grayscale, bilevel and RGBA too)."""
     import transformers
     transformers.logging.set_verbosity_error()
     hf = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    rows = []
+    rows, cores = [], os.cpu_count() or 1
     for label, names in (("preprocess rgb", RGB_PHOTOS), ("preprocess all", RGB_PHOTOS + OTHER_PICTURES)):
         images = photos(names)
 
@@ -255,12 +257,19 @@ def bench_preprocess(args, size=336):
         def theirs():
             return hf(images, return_tensors="pt")["pixel_values"]
 
-        if not torch.equal(ours(), theirs()):
+        def ours_threads():
+            return preprocess_batch(images, size, threads=cores)
+
+        if not (torch.equal(ours(), theirs()) and torch.equal(ours_threads(), theirs())):
             raise AssertionError("clip.preprocess differs from CLIPImageProcessor")
-        t = race({"ours": ours, "theirs": theirs}, torch.device("cpu"), args.warmup, args.repeats)
+        t = race({"ours": ours, "threads": ours_threads, "theirs": theirs}, torch.device("cpu"),
+                 args.warmup, args.repeats)
         n = len(images)
         rows.append(Row(label, n, size, "images/s", n / t["ours"], n / t["theirs"],
-                        f"{type(hf).__name__}, {n} pictures, identical output"))
+                        f"{type(hf).__name__}, {n} pictures, identical output, one thread each"))
+        if cores > 1:
+            rows.append(Row(f"{label}, {cores} threads", n, size, "images/s", n / t["threads"], n / t["theirs"],
+                            f"clip.preprocess_batch (Pillow releases the GIL) vs the same {type(hf).__name__} call"))
     return rows
 
 

@@ -37,6 +37,8 @@ Design notes
   construction and a gather per pixel at run time.
 """
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -369,3 +371,14 @@ def preprocess(pil_image, size, pad_to_square=False):
     for c in range(3):                                      # HWC uint8 -> CHW float32 via the table
         np.take(_LUT[c], a if gray else a[:, :, c], out=out[c])
     return torch.from_numpy(out)
+
+
+def preprocess_batch(images, size, pad_to_square=False, threads=None):
+    """A list of PIL images -> [N,3,size,size], each exactly as `preprocess`. Pillow releases
+    the GIL while it converts and resizes, so threads work on several pictures at once (default:
+    one per CPU core); the result does not depend on the number of threads."""
+    threads = min(len(images), threads or os.cpu_count() or 1)
+    if threads <= 1:
+        return torch.stack([preprocess(img, size, pad_to_square) for img in images])
+    with ThreadPoolExecutor(threads) as pool:
+        return torch.stack(list(pool.map(lambda img: preprocess(img, size, pad_to_square), images)))

@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from clip import ImageError, load_image, preprocess
+from clip import ImageError, load_image, preprocess_batch
 from generate_data import ChatClient, Job, JsonlOutput, ParseError, format_context, load_context_jsonl, run_jobs
 from llama import Tokenizer
 from model import LLaVA
@@ -199,14 +199,14 @@ def generate_replies(model, tokenizer, records, image_folder, out, batch_size=8,
                     raise ValueError(f"the prompt is {len(ids)} tokens, the model's context {ctx}")
                 if has_image:
                     img = blank_image if blank_image is not None else load_image(Path(image_folder) / r["image"])
-                    pixels.append(preprocess(img, cfg.vision.image_size, cfg.pad_to_square))
+                    pixels.append(img)
             except ValueError as e:  # ImageError is one
                 log(f"skipped {r[key]}: {e}")
                 continue
             prompts.append(ids)
             rows.append(r)
         if prompts:
-            px = torch.stack(pixels).to(device) if pixels else None
+            px = preprocess_batch(pixels, cfg.vision.image_size, cfg.pad_to_square).to(device) if pixels else None
             outs = model.generate_batch(prompts, px, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
             for r, ids in zip(rows, outs):
                 out.append({"id": str(r[key]), key: r[key], "text": tokenizer.decode(ids), "new_tokens": len(ids)})

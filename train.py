@@ -33,7 +33,8 @@ as (offset, shape, stride) by a saved-tensor hook and rebuilt from a re-gather w
 reaches the unit. With --grad-ckpt the unit's whole call (gather + forward) is wrapped in
 activation checkpointing, so the recompute re-gathers by itself. Frozen parts (CLIP always, the
 LLM in stage 1) are not units: they stay replicated in the compute dtype and are never gathered,
-so stage 1 pays nothing to shard a frozen LLM. Gradient clipping all-reduces the squared shard
+so stage 1 pays nothing to shard a frozen LLM. One rank in fp32 (a CPU run) has nothing to
+gather: the modules use views of the shard itself. Gradient clipping all-reduces the squared shard
 norms. `--fsdp torch` hands the same units to PyTorch's FSDP2 (`fully_shard`) instead.
 
 The loss is the summed token cross-entropy divided by the number of supervised tokens of the
@@ -103,6 +104,7 @@ class TrainConfig:
     epochs: float = None
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999            # HF Trainer's default, as the official scripts
     grad_clip: float = 1.0
     max_steps: int = 0                  # 0 = the epochs decide
     seed: int = 0
@@ -296,6 +298,9 @@ class ShardedUnit:
         flat[:offset] = torch.cat(flat_parts)
         self.shard = nn.Parameter(flat[self.rank * self.shard_size:(self.rank + 1) * self.shard_size]
                                   .clone().to(device))
+        # One rank computing in fp32: the shard is the whole unit in the compute dtype, so the
+        # modules use views of it directly; nothing to gather, copy, free or re-gather.
+        self.local = self.world == 1 and compute_dtype == torch.float32
         self.full_for_backward = None
         self._saving = None
         self._prefetched = None  # (buffer, work handle, source kept alive)
@@ -340,6 +345,9 @@ class ShardedUnit:
             setattr(sub, attr, None)
 
     def begin(self, save_hooks):
+        if self.local:  # autograd accumulates straight into shard.grad
+            self._install(self.shard)
+            return
         full = GatherParams.apply(self.shard, self)
         self.schedule.started(self)
         self._install(full)
@@ -892,7 +900,7 @@ def train(cfg):
     n_vision, n_llm, n_proj = count_params(model.vision_tower), count_params(model.llm), count_params(model.projector)
     model.train()
     params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
-    optimizer = torch.optim.AdamW(param_groups(params, sharded, model, cfg), lr=cfg.lr, betas=(0.9, 0.999),
+    optimizer = torch.optim.AdamW(param_groups(params, sharded, model, cfg), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                                   eps=1e-8, weight_decay=cfg.weight_decay, foreach=False)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
@@ -1051,9 +1059,10 @@ TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num
 TINY_STAGES = {  # 0: the LLM learns the world's text; then the paper's two stages
     0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, template="vicuna_v1"),
     1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
-    2: dict(lr=2e-3, projector_lr=2e-2, global_batch=32, micro_batch=32, epochs=3, template="vicuna_v1"),
+    2: dict(lr=2e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=3, adam_beta2=0.95,
+            template="vicuna_v1"),
 }
-TINY_DATA = dict(n_train=1500, n_test=200)
+TINY_DATA = dict(n_train=4000, n_test=250)
 
 
 def make_tiny_bases(root, tokenizer_path, seed):
@@ -1099,26 +1108,28 @@ def init_normal(module, std=0.02):
             nn.init.normal_(p, std=std)
 
 
-def tiny_accuracy(model, world, blank=False, batch_size=32):
+def tiny_accuracy(model, world, blank=False, batch_size=50):
     """Exact-match accuracy of greedy answers to the held-out questions (with a blank image of
-    the world's background colour when `blank`)."""
+    the world's background colour when `blank`) -> (overall, {question type: accuracy})."""
     from PIL import Image
-    from clip import preprocess, load_image
+    from clip import preprocess_batch, load_image
     tokenizer = Tokenizer(model.tokenizer_dir)
     records = json.loads(Path(world["test"]).read_text())
     size, square = model.config.vision.image_size, model.config.pad_to_square
-    blank_px = preprocess(Image.new("RGB", (64, 64), data.BACKGROUND), size, square)
-    correct = 0
+    blank_image = Image.new("RGB", (64, 64), data.BACKGROUND)
+    right = {}
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, model.config.template,
                                         has_image=True, num_patches=model.config.num_patches) for r in chunk]
-        px = torch.stack([blank_px if blank else preprocess(load_image(Path(world["image_folder"]) / r["image"]),
-                                                             size, square) for r in chunk])
-        outs = model.generate_batch(prompts, px, max_new_tokens=8, eos_id=tokenizer.eos_id)
+        images = [blank_image if blank else load_image(Path(world["image_folder"]) / r["image"]) for r in chunk]
+        outs = model.generate_batch(prompts, preprocess_batch(images, size, square), max_new_tokens=32,
+                                    eos_id=tokenizer.eos_id)
         for r, out in zip(chunk, outs):
-            correct += data.normalize_answer(tokenizer.decode(out)) == data.normalize_answer(r["answer"])
-    return correct / len(records)
+            ok = data.normalize_answer(tokenizer.decode(out)) == data.normalize_answer(r["answer"])
+            right.setdefault(r.get("type", "all"), []).append(ok)
+    by_type = {k: sum(v) / len(v) for k, v in sorted(right.items())}
+    return sum(map(sum, right.values())) / len(records), by_type
 
 
 def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
@@ -1128,7 +1139,7 @@ def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
     projector to a random LLM and teach it nothing."""
     from dataclasses import replace
     text = []
-    for key in ("stage1", "stage2"):
+    for key in ("stage2",):
         for r in json.loads(Path(world[key]).read_text()):
             turns = [{"from": t["from"], "value": t["value"].replace("<image>", "").strip()}
                      for t in r["conversations"]]
@@ -1172,14 +1183,17 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
     if dist.get_rank() != 0:
         return None
     model = LLaVA.from_pretrained(run_dir / "stage2").eval()
-    acc = tiny_accuracy(model, world, blank=False)
-    blank = tiny_accuracy(model, world, blank=True)
+    acc, acc_by_type = tiny_accuracy(model, world, blank=False)
+    blank, blank_by_type = tiny_accuracy(model, world, blank=True)
     minutes = (time.perf_counter() - t0) / 60
-    result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2)}
+    result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2),
+              "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
     write_json_atomic(run_dir / "result.json", result)
     example = Path(world["image_folder"]) / "test_000000.png"
+    per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
     print(f"\ntiny preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a blank "
           f"image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
+          f"by question type, with the image (blank): {per_type}\n"
           f"Chat with it: python chat.py {example} --model {run_dir / 'stage2'}", flush=True)
     return result
 

@@ -281,6 +281,19 @@ def test_preprocess_pad_to_square_bit_exact(size):
             assert np.array_equal(ours, p(img, return_tensors="np")["pixel_values"][0]), name
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_preprocess_batch_threads_bit_exact(threads):
+    # the whole mixed list (modes, sizes) in one processor call is the reference
+    names = sorted(PHOTOS)
+    images = [PHOTOS[n] for n in names]
+    ours = clip.preprocess_batch(images, 224, threads=threads)
+    ref = _processors(224)[0](images, return_tensors="np")["pixel_values"]
+    assert ours.shape == (len(images), 3, 224, 224)
+    assert np.array_equal(ours.numpy(), ref)
+    padded = clip.preprocess_batch(images, 64, pad_to_square=True, threads=threads)
+    assert all(torch.equal(padded[i], preprocess(img, 64, pad_to_square=True)) for i, img in enumerate(images))
+
+
 def test_preprocess_square_input_unchanged_by_padding():
     img = PHOTOS["astronaut"]
     assert torch.equal(preprocess(img, 224, pad_to_square=True), preprocess(img, 224))
