@@ -319,3 +319,23 @@ def test_sigterm_saves_a_checkpoint_then_exits(world, tmp_path):
     ckpts = list(out.glob("checkpoint-*[0-9]"))
     assert len(ckpts) == 1 and (ckpts[0] / "train_state.json").exists()
     assert "SIGTERM: saving checkpoint" in text
+
+
+def test_tiny_preset_short_variant_learns_to_see(tmp_path, monkeypatch):
+    """The README's main job (`python train.py --preset tiny`), shortened to a third of its
+    steps on a smaller world: stage 0, 1 and 2 through train(), then greedy answers to held-out
+    pictures against the same model shown a blank picture."""
+    monkeypatch.setattr(train, "TINY_DATA", dict(n_train=1000, n_test=100))
+    stages = {k: dict(v) for k, v in train.TINY_STAGES.items()}
+    stages[0]["max_steps"], stages[1]["max_steps"], stages[2]["epochs"] = 40, 20, 4  # stage 2: 500 steps
+    monkeypatch.setattr(train, "TINY_STAGES", stages)
+    cfg = train.parse_args(["--preset", "tiny", "--out", str(tmp_path / "tiny")])
+    try:
+        result = train.run_tiny(cfg)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    saved = json.loads((tmp_path / "tiny" / "result.json").read_text())
+    assert saved["accuracy"] == result["accuracy"] and set(saved["by_type"]) == set(data.QUESTION_TYPES)
+    assert result["accuracy"] >= result["blank_image_accuracy"] + 0.15, result
+    assert result["by_type"]["count"]["image"] >= 0.8, result  # the first thing it learns to see
