@@ -543,10 +543,47 @@ def next_token_loss(logits, labels, reduction="mean"):
     training loop normalise by the token count of the whole global batch.
     The labels move, not the logits (as transformers does): slicing the [B,T,V] logits would copy
     the largest tensor of the step, and its backward would fill another one with zeros."""
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction {reduction!r}: 'sum' or 'mean'")
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B,T]: the last position predicts nothing
     logits = logits.float()                                      # [B,T,V]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+    total = TokenCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return total if reduction == "sum" else total / (targets != IGNORE_INDEX).sum()
+
+
+class TokenCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of rows x [N,V] against targets [N] (IGNORE_INDEX skipped), equal to
+    F.cross_entropy(reduction="sum") to float rounding.
+
+    The [N,V] logits are the largest tensors of a small model's step. F.cross_entropy keeps the
+    log-probabilities for backward, where nll_loss zero-fills one more [N,V] buffer and
+    log_softmax's backward allocates another. Here forward keeps the softmax p, and backward
+    turns that same buffer into the gradient, p - onehot(target), scaled in place: no [N,V]
+    allocation in backward at all (so it can run only once: no retain_graph)."""
+
+    @staticmethod
+    def forward(ctx, x, targets):
+        valid = targets != IGNORE_INDEX
+        safe = targets.clamp(min=0)
+        top = x.amax(dim=-1, keepdim=True)                       # [N,1]
+        p = torch.sub(x, top).exp_()                             # [N,V], the one new buffer
+        z = p.sum(dim=-1, keepdim=True)
+        p.div_(z)                                                # softmax
+        lse = (top + z.log()).squeeze(-1)                        # log-sum-exp per row
+        picked = x.gather(-1, safe[:, None]).squeeze(-1)
+        ctx.save_for_backward(p, safe, valid)
+        ctx.spent = False
+        return ((lse - picked) * valid).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.spent:
+            raise RuntimeError("TokenCrossEntropy's backward reuses its saved buffer: it runs once")
+        ctx.spent = True
+        p, safe, valid = ctx.saved_tensors
+        p[torch.arange(len(safe), device=p.device), safe] -= 1   # softmax - onehot
+        p.mul_((grad_out * valid).unsqueeze(-1).to(p.dtype))     # ignored rows get 0
+        return p, None
 
 
 def extend_vocab(llm, n_tokens):

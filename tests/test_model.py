@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from model import LLaVA, LLaVAConfig, next_token_loss
@@ -206,6 +207,26 @@ def test_text_only_forward_and_loss_ignore_index():
     lp = torch.log_softmax(logits, -1)
     want = -(lp[0, 0, 1] + lp[0, 1, 2] + lp[0, 3, 3]) / 3
     assert torch.allclose(next_token_loss(logits, labels), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_and_its_gradient_equal_torch_cross_entropy(dtype):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 6, 50)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 50, (3, 6))
+    labels[0, :3] = -100
+    labels[2] = -100
+    for reduction in ("sum", "mean"):
+        got = next_token_loss(logits, labels, reduction=reduction)
+        (g_got,) = torch.autograd.grad(3.0 * got, logits)
+        ref = F.cross_entropy(logits.float()[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), reduction=reduction)
+        (g_ref,) = torch.autograd.grad(3.0 * ref, logits)
+        assert torch.allclose(got, ref, atol=1e-5, rtol=1e-6), reduction
+        assert g_got.dtype == dtype and torch.allclose(g_got.float(), g_ref.float(), atol=1e-6), reduction
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss = next_token_loss(logits, labels, reduction="sum")
+        loss.backward(retain_graph=True)
+        loss.backward()
 
 
 def test_errors_name_the_problem(tmp_path):
