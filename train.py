@@ -1172,11 +1172,11 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
                   projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
                   max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0,
                   vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
-    # Stage 0 is shared by the ablations of one world (eval.py ablate) and redone whenever the
-    # world, the LLM or its recipe changed: a text-pretrained LLM of another world would read
-    # this world's tokens with the wrong embeddings.
-    recipe = json.dumps([TINY_LLM, TINY_STAGES[0], cfg.seed, hashlib.sha256(
-        Path(world["tokenizer"]).read_bytes() + Path(world["stage2"]).read_bytes()).hexdigest()])
+    # Stage 0 is shared by the ablations of one world (eval.py ablate: one "Vicuna" for every
+    # variant) and redone whenever the world (its tokenizer), the LLM or its recipe changed: a
+    # text-pretrained LLM of another world would read this world's tokens with wrong embeddings.
+    recipe = json.dumps([TINY_LLM, TINY_STAGES[0], cfg.seed,
+                         hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
     stamp = root / "llm_pretrained" / "nanollava_stage0.json"
     if not stamp.exists() or stamp.read_text() != recipe:
         pretrain_tiny_llm(cfg, root, world, llm_dir, common)
