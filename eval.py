@@ -188,7 +188,7 @@ def generate_replies(model, tokenizer, records, image_folder, out, batch_size=8,
     done = 0
     bar = tqdm(total=len(records), unit="q", disable=not progress, file=sys.stderr, leave=False)
     for start in range(0, len(records), batch_size):
-        prompts, pixels, rows = [], [], []
+        prompts, images, rows = [], [], []
         batch = records[start:start + batch_size]
         for r in batch:
             has_image = r.get("image") is not None
@@ -199,14 +199,14 @@ def generate_replies(model, tokenizer, records, image_folder, out, batch_size=8,
                     raise ValueError(f"the prompt is {len(ids)} tokens, the model's context {ctx}")
                 if has_image:
                     img = blank_image if blank_image is not None else load_image(Path(image_folder) / r["image"])
-                    pixels.append(img)
+                    images.append(img)
             except ValueError as e:  # ImageError is one
                 log(f"skipped {r[key]}: {e}")
                 continue
             prompts.append(ids)
             rows.append(r)
         if prompts:
-            px = preprocess_batch(pixels, cfg.vision.image_size, cfg.pad_to_square).to(device) if pixels else None
+            px = preprocess_batch(images, cfg.vision.image_size, cfg.pad_to_square).to(device) if images else None
             outs = model.generate_batch(prompts, px, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
             for r, ids in zip(rows, outs):
                 out.append({"id": str(r[key]), key: r[key], "text": tokenizer.decode(ids), "new_tokens": len(ids)})
