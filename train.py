@@ -1135,16 +1135,15 @@ def tiny_accuracy(model, world, blank=False, batch_size=50):
 
 def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
     """The synthetic world's "Vicuna": before LLaVA's two stages the tiny LLaMA learns the
-    world's language from text alone (captions and question-answer turns with the image left
-    out), as Vicuna knew English before LLaVA met it. Without this, stage 1 would align the
-    projector to a random LLM and teach it nothing."""
+    world's language from text alone (the stage-2 conversations, descriptions included, with the
+    image left out), as Vicuna knew English before LLaVA met it. Without this, stage 1 would
+    align the projector to a random LLM and teach it nothing."""
     from dataclasses import replace
     text = []
-    for key in ("stage2",):
-        for r in json.loads(Path(world[key]).read_text()):
-            turns = [{"from": t["from"], "value": t["value"].replace("<image>", "").strip()}
-                     for t in r["conversations"]]
-            text.append({"id": r["id"] + "_text", "conversations": turns})
+    for r in json.loads(Path(world["stage2"]).read_text()):
+        turns = [{"from": t["from"], "value": t["value"].replace("<image>", "").strip()}
+                 for t in r["conversations"]]
+        text.append({"id": r["id"] + "_text", "conversations": turns})
     path = root / "data" / "text_only.json"
     write_json_atomic(path, text)
     s0 = replace(cfg, stage=2, init="", data=str(path), out=str(root / "llm_pretrain"), **common,
