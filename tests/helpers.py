@@ -140,3 +140,68 @@ def make_sp_tokenizer(dir, vocab_size=512, text=None):
     for name, content in llava_hf_tokenizer_files(n).items():
         (dir / name).write_text(json.dumps(content, indent=2))
     return dir / "tokenizer.model"
+
+
+class LocalChatServer:
+    """An OpenAI-compatible POST /v1/chat/completions server on 127.0.0.1 (a free port), run in
+    a thread for the length of a `with` block: `handle(handler, body)` answers each request,
+    with `send`/`send_raw` and a `completion(text)` body. The fake GPT-4 teacher of
+    test_generate_data and the fake judge of test_eval are both one of these."""
+
+    def __init__(self, handle):
+        import socket
+        import sys
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self):
+                super().setup()  # header and body go out as two writes: no Nagle delay between
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                handle(self, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is no news
+                    super().handle_error(request, client_address)
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def completion(text):
+        return {"id": "chatcmpl-1", "object": "chat.completion", "model": "fake",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+
+    @classmethod
+    def send(cls, h, status, obj, headers=None):
+        cls.send_raw(h, status, json.dumps(obj).encode(), "application/json", headers)
+
+    @staticmethod
+    def send_raw(h, status, data, ctype, headers=None):
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        h.wfile.write(data)

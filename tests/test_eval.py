@@ -5,11 +5,9 @@ glue and the model-size presets."""
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ import data  # noqa: E402
 import eval as ev  # noqa: E402
 import llama  # noqa: E402
 import train  # noqa: E402
-from helpers import make_sp_tokenizer  # noqa: E402
+from helpers import LocalChatServer, make_sp_tokenizer  # noqa: E402
 from model import LLaVA  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures"
@@ -268,49 +266,14 @@ MALFORMED = {  # question id -> replies before a good one (the first line is nev
 }
 
 
-class FakeJudge:
+class FakeJudge(LocalChatServer):
     """POST /v1/chat/completions on 127.0.0.1: finds the question by our answer's text ("ours
     {qid}") and answers "8 {OUR_SCORE}\\nexplanation", after the scripted malformed replies."""
 
     def __init__(self, malformed):
         self.malformed = {k: list(v) for k, v in malformed.items()}
         self.requests, self.bodies, self.lock = [], [], threading.Lock()
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                super().setup()
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = judge.reply(body)
-                out = json.dumps({"id": "x", "object": "chat.completion", "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(lambda h, body: self.send(h, 200, self.completion(self.reply(body))))
 
     def reply(self, body):
         content = body["messages"][-1]["content"]

@@ -8,13 +8,11 @@ unparsable content, and error bodies that echo the API key back.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import generate_data as gd  # noqa: E402
+from helpers import LocalChatServer  # noqa: E402
 
 FIX = ROOT / "tests" / "fixtures" / "generate_data"
 CAPTIONS = FIX / "captions_val2014_mini.json"
@@ -63,8 +62,8 @@ def good_reply(image_id, kind, first_caption):
     return f"Question:\n{q}\nAnswer:\n{a}\nQuestion:\nWhat does the photo show?\nAnswer:\n{first_caption}"
 
 
-class FakeTeacher:
-    """A ThreadingHTTPServer on 127.0.0.1:0 playing POST /v1/chat/completions.
+class FakeTeacher(LocalChatServer):
+    """The GPT-4 teacher on 127.0.0.1, answering from the published LLaVA-Bench data.
 
     script: actions for the next requests, in order (then "ok"); per_image: image id -> action
     for every request about it. Actions: ok, 429, 500, timeout, garbage, nochoices, unparsable,
@@ -75,39 +74,7 @@ class FakeTeacher:
         self.sleep_for_timeout = sleep_for_timeout
         self.requests, self.times, self.auth = [], [], set()
         self.lock = threading.Lock()
-        teacher = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def setup(self):
-                super().setup()  # header and body go out as two writes: no Nagle delay between
-                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                teacher.handle(self, body)
-
-        class Server(ThreadingHTTPServer):
-            def handle_error(self, request, client_address):
-                if not isinstance(sys.exc_info()[1], OSError):  # a client that hung up is no news
-                    super().handle_error(request, client_address)
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(self.handle)
 
     def keys(self):
         with self.lock:
@@ -149,25 +116,6 @@ class FakeTeacher:
         if action == "echo_content":
             return self.send(h, 200, self.completion(f"Question:\nWhat key?\nAnswer:\nIt is {auth[7:]}."))
         return self.send(h, 200, self.completion(good_reply(image_id, kind, first_caption)))
-
-    @staticmethod
-    def completion(text):
-        return {"id": "chatcmpl-1", "object": "chat.completion", "model": "fake",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
-
-    def send(self, h, status, obj, headers=None):
-        self.send_raw(h, status, json.dumps(obj).encode(), "application/json", headers)
-
-    @staticmethod
-    def send_raw(h, status, data, ctype, headers=None):
-        h.send_response(status)
-        h.send_header("Content-Type", ctype)
-        h.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
-            h.send_header(k, v)
-        h.end_headers()
-        h.wfile.write(data)
 
 
 def gen_args(teacher, out, *extra):
