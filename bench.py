@@ -295,11 +295,12 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5):
     compute dtype, trained units as fp32 shards of our FSDP at world size 1), and a function
     running one step of train.train()'s loop on a batch: autocast forward, summed token loss over
     the batch's supervised tokens, backward, train.clip_grad_norm, AdamW, zero_grad."""
-    cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt)
+    cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=lr,
+                            weight_decay=0.0, adam_beta2=0.999)
     train.init_distributed(cfg)
     model.train()
     params, _, sharded = train.shard_model(model, cfg, device, dtype)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
+    optimizer = train.make_optimizer(params, sharded, model, cfg, fused=device.type == "cuda")
 
     def step(ids, labels, px):
         denom = max(float((labels[:, 1:] != -100).sum()), 1.0)

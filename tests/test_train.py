@@ -199,6 +199,39 @@ def test_each_rank_holds_one_half_of_params_and_optimizer_state(world):
         assert state == 2 * held                 # AdamW's two moments, for the shard only
 
 
+def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
+    """train() steps the fp32 master shards with the fused AdamW on CUDA: the shards are what that
+    kernel accepts, and its steps (projector lr scale and weight decay included) match the
+    per-tensor loop the CPU runs. Checked on the CPU, where PyTorch has the same fused kernel."""
+    cfg = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
+                                              projector="mlp2x_gelu", image_size=32, pad_to_square=False,
+                                              lr=1e-3, projector_lr=1e-2, weight_decay=0.1, adam_beta2=0.95))
+    device, _, _ = train.init_distributed(cfg)
+    try:
+        runs = []
+        for fused in (False, True):
+            model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+            params, full_state, sharded = train.shard_model(model, cfg, device, torch.float32)
+            opt = train.make_optimizer(params, sharded, model, cfg, fused=fused)
+            gen = torch.Generator().manual_seed(0)
+            for _ in range(3):
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr * g["lr_scale"]
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+            runs.append(full_state())
+    finally:
+        torch.distributed.destroy_process_group()
+    loop, fused = runs
+    start = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False).state_dict()
+    assert loop.keys() == fused.keys() == start.keys()
+    for k in loop:
+        torch.testing.assert_close(fused[k], loop[k], rtol=0, atol=1e-6, msg=k)
+    moved = [k for k in loop if not torch.equal(loop[k], start[k].float())]
+    assert any("projector" in k for k in moved) and any("layers" in k for k in moved)
+
+
 # ---- resume ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("nproc_after", [1, 2])
