@@ -1068,7 +1068,7 @@ TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num
 TINY_STAGES = {  # 0: the LLM learns the world's text; then the paper's two stages
     0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, template="vicuna_v1"),
     1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
-    2: dict(lr=2e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=3, adam_beta2=0.95,
+    2: dict(lr=1e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=4, adam_beta2=0.95,
             template="vicuna_v1"),
 }
 TINY_DATA = dict(n_train=4000, n_test=250)

@@ -360,7 +360,7 @@ def test_tiny_preset_short_variant_learns_to_see(tmp_path, monkeypatch):
     pictures against the same model shown a blank picture."""
     monkeypatch.setattr(train, "TINY_DATA", dict(n_train=1000, n_test=100))
     stages = {k: dict(v) for k, v in train.TINY_STAGES.items()}
-    stages[0]["max_steps"], stages[1]["max_steps"], stages[2]["epochs"] = 40, 20, 4  # stage 2: 500 steps
+    stages[0]["max_steps"], stages[1]["max_steps"], stages[2]["epochs"] = 40, 20, 6  # stage 2: 750 steps
     monkeypatch.setattr(train, "TINY_STAGES", stages)
     cfg = train.parse_args(["--preset", "tiny", "--out", str(tmp_path / "tiny")])
     try:
