@@ -641,7 +641,7 @@ def build_parser():
     a.add_argument("--out", default="runs/ablate")
     a.add_argument("--n-train", type=int, default=4000,
                    help="training problems and stage-1 captions; stage-2 steps = train.TINY_STAGES[2] epochs "
-                        "x n-train / 32 (the model needs a few hundred to start using the picture)")
+                        "x n-train / its global batch (the model needs a few hundred to start using the picture)")
     a.add_argument("--n-test", type=int, default=300)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-new-tokens", type=int, default=64, help="the longest target is about 40 tokens")
