@@ -107,6 +107,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.999            # HF Trainer's default, as the official scripts
     grad_clip: float = 1.0
+    fused_adamw: str = "auto"           # "auto" = on with CUDA and our FSDP | "on" | "off"
     max_steps: int = 0                  # 0 = the epochs decide
     seed: int = 0
     # systems
@@ -541,7 +542,7 @@ def param_groups(params, sharded, model, cfg):
 
 def make_optimizer(params, sharded, model, cfg, fused=False):
     """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard).
-    `fused` (train() sets it on CUDA with our FSDP) updates every shard in one kernel launch per
+    `fused` (--fused-adamw; by default on CUDA with our FSDP) updates every shard in one launch per
     step, instead of a dozen elementwise launches per shard, each reading and writing the whole
     shard again; elsewhere the plain per-tensor loop, whose arithmetic the CPU tests pin."""
     return torch.optim.AdamW(param_groups(params, sharded, model, cfg), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
@@ -715,6 +716,11 @@ def load_resume_state(path, optimizer, sharded, model, device):
     handles = [safe_open(str(f), "pt") for f in files]
     rank = dist.get_rank()
     step_count = torch.tensor(float(meta["step"]))
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+
+    def step_for(p):  # as torch's own load_state_dict: fused/capturable AdamW count on the device;
+        # one tensor per parameter either way (the fused kernel increments each in place)
+        return step_count.to(p.device, copy=True) if on_device else step_count.clone()
 
     def full_of(key):
         if key not in handles[0].keys():
@@ -734,7 +740,7 @@ def load_resume_state(path, optimizer, sharded, model, device):
                     u.shard.data.copy_(mine)
                 else:
                     optimizer.state[u.shard][k] = mine.clone()
-                    optimizer.state[u.shard]["step"] = step_count.clone()
+                    optimizer.state[u.shard]["step"] = step_for(u.shard)
     else:
         if old_world != dist.get_world_size():
             raise SystemExit("--fsdp torch resumes on the same number of ranks only; use --fsdp ours to change it")
@@ -746,7 +752,7 @@ def load_resume_state(path, optimizer, sharded, model, device):
                     st = torch.zeros_like(p.data)
                     local(st).copy_(h.get_tensor(f"{name}/{k}"))
                     optimizer.state[p][k] = st
-                    optimizer.state[p]["step"] = step_count.clone()
+                    optimizer.state[p]["step"] = step_for(p)
     h = handles[rank] if rank < old_world else handles[0]
     torch.set_rng_state(h.get_tensor("rng/torch"))
     return meta["step"]
@@ -910,7 +916,10 @@ def train(cfg):
     n_vision, n_llm, n_proj = count_params(model.vision_tower), count_params(model.llm), count_params(model.projector)
     model.train()
     params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
-    optimizer = make_optimizer(params, sharded, model, cfg, fused=device.type == "cuda" and sharded is not None)
+    if cfg.fused_adamw not in ("auto", "on", "off"):
+        raise SystemExit(f"--fused-adamw {cfg.fused_adamw!r}: choose auto, on or off")
+    fused = cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and device.type == "cuda" and sharded is not None)
+    optimizer = make_optimizer(params, sharded, model, cfg, fused=fused)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
          f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "

@@ -246,6 +246,16 @@ def test_resume_continues_to_the_same_losses(world, tmp_path, nproc_after):
     assert_same_run(full, part, 2)
 
 
+def test_resume_with_fused_adamw_continues_to_the_same_losses(world, tmp_path):
+    # the fused kernel keeps its step count on the parameters' device: a resumed state must too
+    full = tmp_path / "full"
+    run(base_args(world, full, **{"max-steps": 4, "fused-adamw": "on"}))
+    part = tmp_path / "part"
+    run(base_args(world, part, **{"max-steps": 4, "stop-at": 2, "fused-adamw": "on"}))
+    run(base_args(world, part, **{"max-steps": 4, "resume": "auto", "fused-adamw": "on"}))
+    assert_same_run(full, part, 2)
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(base_args(world, out, **{"max-steps": 2, "save-every": 1}))
