@@ -542,7 +542,7 @@ def cmd_ablate(args):
             t = time.perf_counter()
             cfg = train.parse_args(["--preset", "tiny", "--out", str(root), "--seed", str(args.seed)])
             w = {**world, "stage2": world["stage2_answer_first"]} if answer_first else world
-            train.run_tiny(cfg, world=w, tag=tag, **switches)  # its open-answer accuracy does not apply here
+            train.run_tiny(cfg, world=w, tag=tag, evaluate=False, **switches)  # scored below, as ScienceQA
             model, tokenizer = load_model(root / tag / "stage2", "cpu", "fp32")
             report, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test",
                                            root / tag / "preds.jsonl", batch_size=32,

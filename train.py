@@ -1172,10 +1172,11 @@ def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
     dist.barrier()
 
 
-def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
+def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
     """The whole preset; the keyword switches are the paper's ablations (eval.py ablate):
     skip_stage1 = stage 2 from a fresh projector, vision_layer = CLIP layer -1 or -2 (default
-    cfg.vision_layer), world = a different synthetic world (data.make_synthetic paths)."""
+    cfg.vision_layer), world = a different synthetic world (data.make_synthetic paths),
+    evaluate=False = train only (a world whose test set the caller scores its own way)."""
     from dataclasses import replace
     t0 = time.perf_counter()
     root = Path(cfg.out if cfg.out != TrainConfig.out else "runs/tiny")
@@ -1205,7 +1206,7 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
     s2 = replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
                  out=str(run_dir / "stage2"), **common, **TINY_STAGES[2])
     train(s2)
-    if dist.get_rank() != 0:
+    if dist.get_rank() != 0 or not evaluate:
         return None
     model = LLaVA.from_pretrained(run_dir / "stage2").eval()
     acc, acc_by_type = tiny_accuracy(model, world, blank=False)

@@ -431,9 +431,9 @@ def test_ablate_runs_each_variant_with_its_switch(tiny_ckpt, tmp_path, monkeypat
     import shutil
     calls = []
 
-    def fake_run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag=""):
+    def fake_run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
         calls.append({"tag": tag, "skip_stage1": skip_stage1, "vision_layer": vision_layer,
-                      "stage2": Path(world["stage2"]).name, "out": cfg.out})
+                      "stage2": Path(world["stage2"]).name, "out": cfg.out, "evaluate": evaluate})
         shutil.copytree(tiny_ckpt, Path(cfg.out) / tag / "stage2")
         return {"accuracy": 0.0}
 
@@ -445,6 +445,7 @@ def test_ablate_runs_each_variant_with_its_switch(tiny_ckpt, tmp_path, monkeypat
         ("layer-1", False, -1, "stage2_reasoning_first.json"),
         ("answer-first", False, None, "stage2_answer_first.json"),
         ("no-stage1", True, None, "stage2_reasoning_first.json")]
+    assert not any(c["evaluate"] for c in calls)  # the open-answer scoring does not apply to this world
     printed = capsys.readouterr().out
     for label in ("best variant", "last layer (-1)", "answer first", "no stage 1", "chance", "every test picture blank"):
         assert label in printed
