@@ -540,11 +540,14 @@ def param_groups(params, sharded, model, cfg):
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(params, sharded, model, cfg, fused=False):
+def make_optimizer(params, sharded, model, cfg, device):
     """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard).
-    `fused` (--fused-adamw; by default on CUDA with our FSDP) updates every shard in one launch per
-    step, instead of a dozen elementwise launches per shard, each reading and writing the whole
-    shard again; elsewhere the plain per-tensor loop, whose arithmetic the CPU tests pin."""
+    Fused (--fused-adamw; "auto" = on CUDA with our FSDP), one launch per step updates every
+    shard, instead of a dozen elementwise launches per shard, each reading and writing the whole
+    shard again; otherwise the plain per-tensor loop, whose arithmetic the CPU tests pin."""
+    if cfg.fused_adamw not in ("auto", "on", "off"):
+        raise SystemExit(f"--fused-adamw {cfg.fused_adamw!r}: choose auto, on or off")
+    fused = cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and device.type == "cuda" and sharded is not None)
     return torch.optim.AdamW(param_groups(params, sharded, model, cfg), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                              eps=1e-8, weight_decay=cfg.weight_decay, foreach=False, fused=fused)
 
@@ -916,10 +919,7 @@ def train(cfg):
     n_vision, n_llm, n_proj = count_params(model.vision_tower), count_params(model.llm), count_params(model.projector)
     model.train()
     params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
-    if cfg.fused_adamw not in ("auto", "on", "off"):
-        raise SystemExit(f"--fused-adamw {cfg.fused_adamw!r}: choose auto, on or off")
-    fused = cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and device.type == "cuda" and sharded is not None)
-    optimizer = make_optimizer(params, sharded, model, cfg, fused=fused)
+    optimizer = make_optimizer(params, sharded, model, cfg, device)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
          f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
