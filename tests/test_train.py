@@ -368,7 +368,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(world, tmp_path):
 
 
 def test_tiny_preset_short_variant_learns_to_see(tmp_path, monkeypatch):
-    """The README's main job (`python train.py --preset tiny`), shortened to a third of its
+    """The README's main job (`python train.py --preset tiny`), shortened to about a third of its
     steps on a smaller world: stage 0, 1 and 2 through train(), then greedy answers to held-out
     pictures against the same model shown a blank picture."""
     monkeypatch.setattr(train, "TINY_DATA", dict(n_train=1000, n_test=100))
