@@ -674,9 +674,13 @@ def random_scene(rng, size):
     return scene
 
 
+def a_or_an(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def caption(scene):
-    """"a red circle, a blue square and a green triangle." in reading order."""
-    names = [f"a {o['color']} {o['shape']}" for o in scene]
+    """"a red circle, an orange square and a green triangle." in reading order."""
+    names = [a_or_an(f"{o['color']} {o['shape']}") for o in scene]
     return (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
 
 
@@ -690,7 +694,7 @@ def ask(scene, kind, rng):
     if kind == "color":
         return f"What color is the {obj['shape']}?", f"The {obj['shape']} is {obj['color']}."
     if kind == "shape":
-        return f"What shape is the {obj['color']} object?", f"It is a {name(obj)}."
+        return f"What shape is the {obj['color']} object?", f"It is {a_or_an(name(obj))}."
     if kind == "count":
         n = len(scene)
         return "How many shapes are there?", "There is one shape." if n == 1 else f"There are {COUNTS[n]} shapes."

@@ -459,7 +459,7 @@ def mc_problem(obj, kind, rng):
         color, shape = rng.choice([(c, s) for c in data.COLORS for s in data.SHAPES
                                    if (c, s) != (obj["color"], obj["shape"])])
     there = (color, shape) == (obj["color"], obj["shape"])
-    return f"Is there a {color} {shape}?", ["yes", "no"], "yes" if there else "no"
+    return f"Is there {data.a_or_an(f'{color} {shape}')}?", ["yes", "no"], "yes" if there else "no"
 
 
 def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=640):

@@ -5,6 +5,7 @@ Visual instruction tuning in two stages, as in the paper, on one CPU or many GPU
     stage 2  instruction tuning  CLIP frozen, projector + LLM trained         (conversations)
 
     python train.py --preset tiny                    # the synthetic world, end to end on a CPU
+    python train.py --preset tiny-long               # the same with a 3x longer stage 2
     python train.py --stage 1 --clip DIR --llm DIR --data pretrain.json --image-folder IMGS
     torchrun --nproc-per-node 8 train.py --stage 2 --init runs/stage1 --data llava_instruct_150k.json ...
 
@@ -78,7 +79,7 @@ from weights import load_state_dict, save_state_dict
 class TrainConfig:
     stage: int = 1
     recipe: str = "v1"                  # "v1" (the paper) | "v1.5" (LLaVA-1.5)
-    preset: str = ""                    # "tiny": the synthetic world, end to end on a CPU
+    preset: str = ""                    # "tiny" | "tiny-long": the synthetic world, end to end on a CPU
     # where things come from
     clip: str = "openai/clip-vit-large-patch14"
     llm: str = "lmsys/vicuna-7b-v1.5"
@@ -107,7 +108,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.999            # HF Trainer's default, as the official scripts
     grad_clip: float = 1.0
-    fused_adamw: str = "auto"           # "auto" = on with CUDA and our FSDP | "on" | "off"
+    fused_adamw: str = "auto"           # "auto" = on with our FSDP | "on" | "off"
     max_steps: int = 0                  # 0 = the epochs decide
     seed: int = 0
     # systems
@@ -542,12 +543,13 @@ def param_groups(params, sharded, model, cfg):
 
 def make_optimizer(params, sharded, model, cfg, device):
     """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard).
-    Fused (--fused-adamw; "auto" = on CUDA with our FSDP), one launch per step updates every
-    shard, instead of a dozen elementwise launches per shard, each reading and writing the whole
-    shard again; otherwise the plain per-tensor loop, whose arithmetic the CPU tests pin."""
+    Fused (--fused-adamw; "auto" = on with our FSDP, CPU or CUDA): one kernel per step updates
+    every shard, instead of a dozen elementwise passes per shard, each reading and writing the
+    whole shard again. On the tiny preset's 43 tensors that is 0.6 ms a step instead of 6 ms on
+    one CPU core. "off" is the plain per-tensor loop; tests check the two agree to 1e-6."""
     if cfg.fused_adamw not in ("auto", "on", "off"):
         raise SystemExit(f"--fused-adamw {cfg.fused_adamw!r}: choose auto, on or off")
-    fused = cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and device.type == "cuda" and sharded is not None)
+    fused = cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and sharded is not None)
     return torch.optim.AdamW(param_groups(params, sharded, model, cfg), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
                              eps=1e-8, weight_decay=cfg.weight_decay, foreach=False, fused=fused)
 
@@ -1081,6 +1083,7 @@ TINY_STAGES = {  # 0: the LLM learns the world's text; then the paper's two stag
             template="vicuna_v1"),
 }
 TINY_DATA = dict(n_train=4000, n_test=250)
+TINY_LONG_EPOCHS = 12  # --preset tiny-long: stage 2 three times as long (6000 steps, ~11 min on 2 cores)
 
 
 def make_tiny_bases(root, tokenizer_path, seed):
@@ -1172,14 +1175,15 @@ def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
     dist.barrier()
 
 
-def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
+def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True, stage2_epochs=None):
     """The whole preset; the keyword switches are the paper's ablations (eval.py ablate):
     skip_stage1 = stage 2 from a fresh projector, vision_layer = CLIP layer -1 or -2 (default
     cfg.vision_layer), world = a different synthetic world (data.make_synthetic paths),
-    evaluate=False = train only (a world whose test set the caller scores its own way)."""
+    evaluate=False = train only (a world whose test set the caller scores its own way);
+    stage2_epochs = a longer or shorter stage 2 (--preset tiny-long)."""
     from dataclasses import replace
     t0 = time.perf_counter()
-    root = Path(cfg.out if cfg.out != TrainConfig.out else "runs/tiny")
+    root = Path(cfg.out if cfg.out != TrainConfig.out else f"runs/{cfg.preset or 'tiny'}")
     run_dir = root / tag if tag else root
     if world is None:
         world = data.make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
@@ -1204,7 +1208,7 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
         s1 = replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **TINY_STAGES[1])
         train(s1)
     s2 = replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
-                 out=str(run_dir / "stage2"), **common, **TINY_STAGES[2])
+                 out=str(run_dir / "stage2"), **common, **{**TINY_STAGES[2], "epochs": stage2_epochs or TINY_STAGES[2]["epochs"]})
     train(s2)
     if dist.get_rank() != 0 or not evaluate:
         return None
@@ -1227,10 +1231,10 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
 def main(argv=None):
     cfg = parse_args(argv)
     try:
-        if cfg.preset == "tiny":
-            run_tiny(cfg)
+        if cfg.preset in ("tiny", "tiny-long"):
+            run_tiny(cfg, stage2_epochs=TINY_LONG_EPOCHS if cfg.preset == "tiny-long" else None)
         elif cfg.preset:
-            raise SystemExit(f"--preset {cfg.preset!r}: the only preset is 'tiny'")
+            raise SystemExit(f"--preset {cfg.preset!r}: choose 'tiny' or 'tiny-long'")
         else:
             train(cfg)
     finally:

@@ -373,11 +373,11 @@ def test_tiny_preset_short_variant_learns_to_see(tmp_path, monkeypatch):
     pictures against the same model shown a blank picture."""
     monkeypatch.setattr(train, "TINY_DATA", dict(n_train=1000, n_test=100))
     stages = {k: dict(v) for k, v in train.TINY_STAGES.items()}
-    stages[0]["max_steps"], stages[1]["max_steps"], stages[2]["epochs"] = 40, 20, 6  # stage 2: 750 steps
+    stages[0]["max_steps"], stages[1]["max_steps"] = 40, 20
     monkeypatch.setattr(train, "TINY_STAGES", stages)
     cfg = train.parse_args(["--preset", "tiny", "--out", str(tmp_path / "tiny")])
     try:
-        result = train.run_tiny(cfg)
+        result = train.run_tiny(cfg, stage2_epochs=6)  # stage 2: 750 steps
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -385,3 +385,15 @@ def test_tiny_preset_short_variant_learns_to_see(tmp_path, monkeypatch):
     assert saved["accuracy"] == result["accuracy"] and set(saved["by_type"]) == set(data.QUESTION_TYPES)
     assert result["accuracy"] >= result["blank_image_accuracy"] + 0.15, result
     assert result["by_type"]["count"]["image"] >= 0.8, result  # the first thing it learns to see
+    stage2 = json.loads((tmp_path / "tiny" / "stage2" / "train_config.json").read_text())
+    assert stage2["epochs"] == 6 and stage2["lr"] == train.TINY_STAGES[2]["lr"]
+
+
+def test_tiny_long_preset_is_the_tiny_preset_with_a_longer_stage_2(monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "run_tiny", lambda cfg, **kw: calls.append((cfg.preset, kw)))
+    train.main(["--preset", "tiny-long"])
+    train.main(["--preset", "tiny"])
+    assert calls == [("tiny-long", {"stage2_epochs": train.TINY_LONG_EPOCHS}), ("tiny", {"stage2_epochs": None})]
+    with pytest.raises(SystemExit, match="choose 'tiny' or 'tiny-long'"):
+        train.main(["--preset", "huge"])
