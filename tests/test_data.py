@@ -400,7 +400,7 @@ def _answer_from_world(question, scene):
     if m := re.fullmatch(r"What color is the (\w+)\?", question):
         [o] = find(shape=m[1]); return f"The {m[1]} is {o['color']}."
     if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
-        [o] = find(color=m[1]); return f"It is a {m[1]} {o['shape']}."
+        [o] = find(color=m[1]); return f"It is {'an' if m[1] == 'orange' else 'a'} {m[1]} {o['shape']}."
     if question == "How many shapes are there?":
         return {1: "There is one shape.", 2: "There are two shapes.", 3: "There are three shapes."}[len(scene)]
     if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", question):
@@ -432,7 +432,7 @@ def test_synthetic_world(tmp_path, tok):
     for rec in stage1:
         scene = world[rec["id"]]
         order = sorted(scene, key=lambda o: ((o["box"][1] + o["box"][3]) > 64, (o["box"][0] + o["box"][2]) > 64))
-        names = [f"a {o['color']} {o['shape']}" for o in order]
+        names = [f"{'an' if o['color'] == 'orange' else 'a'} {o['color']} {o['shape']}" for o in order]  # the one vowel
         expected = (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
         assert rec["conversations"][1]["value"] == expected
         assert rec["conversations"][0]["value"].count("<image>") == 1
