@@ -300,7 +300,7 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5):
     train.init_distributed(cfg)
     model.train()
     params, _, sharded = train.shard_model(model, cfg, device, dtype)
-    optimizer = train.make_optimizer(params, sharded, model, cfg, device)
+    optimizer = train.make_optimizer(params, sharded, model, cfg)
 
     def step(ids, labels, px):
         denom = max(float((labels[:, 1:] != -100).sum()), 1.0)

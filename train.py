@@ -541,7 +541,7 @@ def param_groups(params, sharded, model, cfg):
     return [g for g in groups if g["params"]]
 
 
-def make_optimizer(params, sharded, model, cfg, device):
+def make_optimizer(params, sharded, model, cfg):
     """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard).
     Fused (--fused-adamw; "auto" = on with our FSDP, CPU or CUDA): one kernel per step updates
     every shard, instead of a dozen elementwise passes per shard, each reading and writing the
@@ -921,7 +921,7 @@ def train(cfg):
     n_vision, n_llm, n_proj = count_params(model.vision_tower), count_params(model.llm), count_params(model.projector)
     model.train()
     params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
-    optimizer = make_optimizer(params, sharded, model, cfg, device)
+    optimizer = make_optimizer(params, sharded, model, cfg)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
          f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "

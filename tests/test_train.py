@@ -213,8 +213,7 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
         for fused in (False, True):
             model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
             params, full_state, sharded = train.shard_model(model, cfg, device, torch.float32)
-            opt = train.make_optimizer(params, sharded, model, replace(cfg, fused_adamw="on" if fused else "off"),
-                                       device)
+            opt = train.make_optimizer(params, sharded, model, replace(cfg, fused_adamw="on" if fused else "off"))
             assert opt.defaults["fused"] is fused
             gen = torch.Generator().manual_seed(0)
             for _ in range(3):
