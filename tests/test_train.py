@@ -201,9 +201,9 @@ def test_each_rank_holds_one_half_of_params_and_optimizer_state(world):
 
 
 def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
-    """train() steps the fp32 master shards with the fused AdamW on CUDA: the shards are what that
-    kernel accepts, and its steps (projector lr scale and weight decay included) match the
-    per-tensor loop the CPU runs. Checked on the CPU, where PyTorch has the same fused kernel."""
+    """train() steps the fp32 master shards with the fused AdamW (--fused-adamw auto, CPU and
+    CUDA): the shards are what that kernel accepts, and its steps (projector lr scale and weight
+    decay included) match the per-tensor loop of --fused-adamw off."""
     cfg = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
                                               projector="mlp2x_gelu", image_size=32, pad_to_square=False,
                                               lr=1e-3, projector_lr=1e-2, weight_decay=0.1, adam_beta2=0.95))
