@@ -51,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+import llama
 import train
 from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
@@ -98,7 +99,7 @@ CONFIGS = {
     "1b": Shapes(vision=CLIP_L_336, text=dict(vocab_size=32064, hidden_size=2048, intermediate_size=5504,
                                               num_hidden_layers=16, num_attention_heads=32,
                                               rms_norm_eps=1e-5, max_position_embeddings=4096),
-                 batch=8, seq=1024, prompt=608, new_tokens=128),
+                 batch=16, seq=1024, prompt=608, new_tokens=128),  # 16: LLaVA-1.5's stage-2 batch per GPU
     "7b": Shapes(vision=CLIP_L_336, text=VICUNA_7B, batch=8, seq=640, prompt=608, new_tokens=128),
 }
 
@@ -301,18 +302,23 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5):
     model.train()
     params, _, sharded = train.shard_model(model, cfg, device, dtype)
     optimizer = train.make_optimizer(params, sharded, model, cfg)
+    compiled = train.wants_compiled_elementwise(cfg, device)  # as train() does: on with CUDA
 
     def step(ids, labels, px):
-        denom = max(float((labels[:, 1:] != -100).sum()), 1.0)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits, _ = model(ids, px)
-        loss = next_token_loss(logits, labels, reduction="sum")
-        with sharded[0].schedule.backward():  # FSDP's backward-order prefetch and grad hand-off
-            (loss / denom).backward()
-        train.clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach() / denom
+        was = llama.compile_elementwise(compiled)
+        try:
+            denom = max(float((labels[:, 1:] != -100).sum()), 1.0)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                logits, _ = model(ids, px)
+            loss = next_token_loss(logits, labels, reduction="sum")
+            with sharded[0].schedule.backward():  # FSDP's backward-order prefetch and grad hand-off
+                (loss / denom).backward()
+            train.clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach() / denom
+        finally:
+            llama.compile_elementwise(was)
 
     return step, params
 
@@ -530,8 +536,9 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats):
-    """tokens/s, MFU and peak memory of train.py's step on `model` (which shard_model mutates)."""
+def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, profile=False):
+    """tokens/s, MFU and peak memory of train.py's step on `model` (which shard_model mutates);
+    `profile`: then two more steps under torch.profiler, its table of the costliest operators."""
     reset_memory(device)
     c = model.config
     n_vision, n_llm, n_proj = count(model.vision_tower), count(model.llm), count(model.projector)
@@ -550,22 +557,39 @@ def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats):
            "mfu": flops / dt / peak if peak else None, "peak_mem_gb": peak_memory(device),
            "params": {"vision": n_vision, "projector": n_proj, "llm": n_llm},
            "losses": losses, "finite": all(math.isfinite(x) for x in losses)}
+    if profile:
+        out["profile"] = profile_table(lambda: step(ids, labels, px), device)
     del step, params
     return out
 
 
 def gpu_stage2(shapes, device, dtype, args):
-    """A ~1B LLaVA, stage 2 (projector + LLM trained), gradient checkpointing off and on."""
+    """A ~1B LLaVA, stage 2 (projector + LLM trained), gradient checkpointing off and on.
+    --profile: afterwards, where a step's time goes (torch.profiler, the top operators)."""
     out = {}
     for ckpt in (False, True):
         log(f"  stage 2, {shapes.text['hidden_size']}x{shapes.text['num_hidden_layers']} LLM, grad ckpt {ckpt}")
         model = build_on_device(shapes.config(), device, dtype)
         out[f"ckpt_{'on' if ckpt else 'off'}"] = r = gpu_train(model, shapes, 2, device, dtype, ckpt,
-                                                                args.warmup, args.repeats)
+                                                                args.warmup, args.repeats, args.profile and not ckpt)
         log(f"    {fmt_train(r)}")
+        if "profile" in r:
+            log(r["profile"])
         del model
         reset_memory(device)
     return out
+
+
+def profile_table(fn, device, steps=2, rows=15):
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return f"torch.profiler, {steps} steps:\n" + prof.key_averages().table(
+        sort_by=key, row_limit=rows, max_name_column_width=50)
 
 
 def gpu_stage1(model, shapes, device, dtype, args):
@@ -601,6 +625,7 @@ def decode_rate(model, ids, px, n, skip=3):
 
 def gpu_decode(model, shapes, device, dtype, args, deadline):
     unpatch(model)  # in case the training part stopped half-way
+    llama.compile_elementwise(False)  # generation as chat.py runs it (the training steps restore it too)
     model.eval()
     c = model.config
     ids, _, px = make_batch(c, 1, shapes.prompt, device, prompt=shapes.prompt)
@@ -807,6 +832,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--tiny", action="store_true", help="gpu: tiny shapes (runs on a CPU)")
+    p.add_argument("--profile", action="store_true", help="gpu: print a torch.profiler table of a stage-2 step")
     p.add_argument("--budget", type=float, default=420, help="gpu: seconds after which optional repeats are skipped")
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)

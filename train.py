@@ -37,6 +37,8 @@ LLM in stage 1) are not units: they stay replicated in the compute dtype and are
 so stage 1 pays nothing to shard a frozen LLM. One rank in fp32 (a CPU run) has nothing to
 gather: the modules use views of the shard itself. Gradient clipping all-reduces the squared shard
 norms. `--fsdp torch` hands the same units to PyTorch's FSDP2 (`fully_shard`) instead.
+On CUDA the optimizer is one fused AdamW kernel over all shards and the blocks' elementwise
+pieces (RMSNorm, RoPE, SwiGLU) run as torch.compile'd fused kernels (llama.compile_elementwise).
 
 The loss is the summed token cross-entropy divided by the number of supervised tokens of the
 whole global batch (all ranks, all micro-batches), so 1 process and W ranks compute the same
@@ -67,6 +69,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
+import llama
 from llama import Tokenizer
 from model import LLaVA, LLaVAConfig, next_token_loss, write_json_atomic
 from weights import load_state_dict, save_state_dict
@@ -109,6 +112,7 @@ class TrainConfig:
     adam_beta2: float = 0.999            # HF Trainer's default, as the official scripts
     grad_clip: float = 1.0
     fused_adamw: str = "auto"           # "auto" = on with our FSDP | "on" | "off"
+    compile_elementwise: str = "auto"   # "auto" = on with CUDA | "on" | "off" (llama.compile_elementwise)
     max_steps: int = 0                  # 0 = the epochs decide
     seed: int = 0
     # systems
@@ -554,6 +558,14 @@ def make_optimizer(params, sharded, model, cfg):
                              eps=1e-8, weight_decay=cfg.weight_decay, foreach=False, fused=fused)
 
 
+def wants_compiled_elementwise(cfg, device):
+    """--compile-elementwise: torch.compile'd RMSNorm, RoPE and SwiGLU (see llama.compile_elementwise);
+    "auto" = on with CUDA, where they take a ~1B step from 175 to 127 ms."""
+    if cfg.compile_elementwise not in ("auto", "on", "off"):
+        raise SystemExit(f"--compile-elementwise {cfg.compile_elementwise!r}: choose auto, on or off")
+    return cfg.compile_elementwise == "on" or (cfg.compile_elementwise == "auto" and device.type == "cuda")
+
+
 def clip_grad_norm(params, max_norm, fsdp):
     """Global grad norm over all shards (all-reduced), then scale as clip_grad_norm_ does."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -890,6 +902,7 @@ class Stop(Exception):
 
 def train(cfg):
     device, rank, world = init_distributed(cfg)
+    compiled_elementwise = wants_compiled_elementwise(cfg, device)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     compute_dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32,
                      "bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.dtype]
@@ -949,6 +962,7 @@ def train(cfg):
     losses = []
     bar = tqdm(total=total, initial=start, disable=rank != 0, desc=f"stage {cfg.stage}", leave=False)
     step = start
+    was_compiled = llama.compile_elementwise(compiled_elementwise)
     try:
         while step < total:
             t0 = time.perf_counter()
@@ -1031,6 +1045,7 @@ def train(cfg):
         bar.close()
         return None
     finally:
+        llama.compile_elementwise(was_compiled)
         for s, h in old_handlers.items():
             signal.signal(s, h)
         if log_file:

@@ -60,7 +60,7 @@ def test_every_cpu_measurement_once(tmp_path):
 
 def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    stdout = run(["gpu", "--device", "cpu", "--tiny", "--out", str(out)])
+    stdout = run(["gpu", "--device", "cpu", "--tiny", "--profile", "--out", str(out)])
     res = json.loads(out.read_text())
     for part in ("stage2_train", "stage1_train", "decode", "smoke"):
         assert part in res and "error" not in res[part], (part, res.get(part))
@@ -69,6 +69,9 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
             r = res[part][ckpt]
             assert r["tokens_per_s"] > 0 and r["step_tflop"] > 0 and r["finite"], (part, ckpt, r)
             assert r["grad_ckpt"] == (ckpt == "ckpt_on")
+    profile = res["stage2_train"]["ckpt_off"]["profile"]
+    assert "aten::mm" in profile and "torch.profiler, 2 steps" in stdout
+    assert "profile" not in res["stage2_train"]["ckpt_on"]
     assert res["decode"]["eager_tokens_per_s"] > 0 and res["decode"]["compiled_tokens_per_s"] > 0
     for stage in (1, 2):
         assert res["smoke"][f"stage{stage}"]["ok"], res["smoke"]

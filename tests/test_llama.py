@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import transformers  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
+import llama  # noqa: E402
 from llama import KVCache, Llama, LlamaConfig, Tokenizer, llm_state_from_checkpoint  # noqa: E402
 from weights import WeightsError  # noqa: E402
 
@@ -121,6 +122,34 @@ def test_to_hf_is_read_by_transformers(ckpts):
     x = ids()
     with torch.no_grad():
         assert (ours(x) - ref(x).logits).abs().max() < 1e-4
+
+
+def test_compiled_elementwise_matches_transformers_and_the_eager_gradients(ckpts):
+    """llama.compile_elementwise (train.py's CUDA default): logits still equal transformers', at
+    two sequence lengths (the second recompiles with a dynamic shape), gradients equal the eager
+    functions', and switching off restores the eager functions."""
+    ref, m = hf_model(ckpts["tf4"]), Llama.from_pretrained(ckpts["tf4"])  # GQA 4:1, theta 5e5
+
+    def logits_and_grads(x):
+        m.zero_grad(set_to_none=True)
+        logits = m(x)
+        logits.pow(2).mean().backward()
+        return logits.detach(), {n: p.grad for n, p in m.named_parameters()}
+
+    xs = [ids(T=12), ids(B=3, T=20, seed=1)]
+    eager = [logits_and_grads(x) for x in xs]
+    assert llama.compile_elementwise(True) is False
+    try:
+        assert llama.rms_norm is not llama._EAGER[0]
+        compiled = [logits_and_grads(x) for x in xs]
+    finally:
+        assert llama.compile_elementwise(False) is True
+    assert (llama.rms_norm, llama.apply_rope, llama.swiglu) == llama._EAGER
+    for x, (logits, grads), (_, eager_grads) in zip(xs, compiled, eager):
+        with torch.no_grad():
+            assert (logits - ref(x).logits).abs().max() < 1e-4
+        for name, g in grads.items():
+            torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_inputs_embeds_equals_input_ids(ckpts):

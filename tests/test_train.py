@@ -258,6 +258,17 @@ def test_resume_with_fused_adamw_continues_to_the_same_losses(world, tmp_path):
     assert_same_run(full, part, 2)
 
 
+def test_compiled_elementwise_trains_to_the_same_losses_with_grad_ckpt(world, tmp_path):
+    # --compile-elementwise (on by default on CUDA): the same run as the eager functions', also
+    # when gradient checkpointing recomputes through the compiled functions in backward
+    common = {"max-steps": 3, "grad-ckpt": "true"}
+    run(base_args(world, tmp_path / "eager", **common, **{"compile-elementwise": "off"}))
+    run(base_args(world, tmp_path / "compiled", **common, **{"compile-elementwise": "on"}))
+    assert_same_run(tmp_path / "eager", tmp_path / "compiled", 2)
+    p = run(base_args(world, tmp_path / "bad", **{"compile-elementwise": "yes"}), check=False)
+    assert p.returncode != 0 and "--compile-elementwise 'yes': choose auto, on or off" in p.stderr
+
+
 def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(base_args(world, out, **{"max-steps": 2, "save-every": 1}))
