@@ -18,9 +18,11 @@ The rules of the race (the numbers mean nothing without them):
   (torch.set_num_threads), same dtype, same device.
 - Same work. Training is forward + backward + gradient clipping + AdamW on both sides (stage 2:
   CLIP frozen, projector + LLM trained), ours exactly as train.py runs it: `train.shard_model`
-  with our FSDP at world size 1, so the gather/free machinery is inside the number. Decoding is
-  greedy with EOS switched off on both sides (`min_new_tokens` for transformers), so both produce
-  exactly N tokens; decode tokens/s = B (N - 1) / (t(N) - t(1)), which cancels the prefill.
+  with our FSDP at world size 1, so the gather/free machinery is inside the number (on CUDA
+  with the compiled elementwise pieces train.py uses there; transformers runs eager, as it
+  comes). Decoding is greedy with EOS switched off on both sides (`min_new_tokens` for
+  transformers), so both produce exactly N tokens; decode tokens/s = B (N - 1) / (t(N) - t(1)),
+  which cancels the prefill.
 - Each repeat runs ours and then theirs, so a machine that other work slows down slows both
   alike; after warm-up we report the median of the repeats. The ratio is ours / theirs of two
   numbers measured in this run (> 1: we are faster).
@@ -28,7 +30,7 @@ The rules of the race (the numbers mean nothing without them):
   OpenMP's barriers wait on threads the OS has parked, and small ops get many times slower
   (seen here on 2 busy cores: a tiny model decoding at 70 tokens/s with 2 threads, 500 with 1).
 
-`gpu` is one prepared run for a single H100/H200 (random weights, no download, ~5 minutes):
+`gpu` is one prepared run for a single H100/H200 (random weights, no download, ~3 minutes on an H100):
 a stage-2 step of a ~1B LLaVA and a stage-1 step with a 7B-shaped LLM through train.py's own
 path (bf16, FSDP at world size 1, gradient checkpointing off and on) with tokens/s, MFU and peak
 memory; decode tokens/s of the 7B-shaped model, eager and compiled, against the memory-bandwidth
