@@ -258,6 +258,16 @@ def test_resume_with_fused_adamw_continues_to_the_same_losses(world, tmp_path):
     assert_same_run(full, part, 2)
 
 
+def test_compile_elementwise_auto_means_cuda_with_triton(monkeypatch):
+    import importlib.util
+    want = lambda mode, dev: train.wants_compiled_elementwise(train.TrainConfig(compile_elementwise=mode), torch.device(dev))
+    assert want("on", "cpu") and not want("off", "cuda") and not want("auto", "cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "triton" else None)
+    assert want("auto", "cuda")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # torch.compile has no GPU backend
+    assert not want("auto", "cuda") and want("on", "cuda")
+
+
 def test_compiled_elementwise_trains_to_the_same_losses_with_grad_ckpt(world, tmp_path):
     # --compile-elementwise (on by default on CUDA): the same run as the eager functions', also
     # when gradient checkpointing recomputes through the compiled functions in backward
