@@ -198,11 +198,11 @@ def compile_elementwise(on=True):
     products, a negation, a concatenation and a sum per tensor), forward and backward again.
     In a ~1B stage-2 step on an H100 (torch.profiler) the matrix products took 33% of the GPU
     time and such elementwise passes about 40%. Compiled, each function is one fused kernel
-    forward and one backward: 175 -> 127 ms a step, the same losses. The modules call these names as
-    module globals at call time, so rebinding them here is the whole switch; the arithmetic is
-    the eager code's. train.py turns it on for CUDA (--compile-elementwise auto) and back off
-    when it returns; on a CPU inductor's C++ build costs more than it saves at tiny sizes, and
-    decoding compiles its whole step instead (LLaVA.compile_decode)."""
+    forward and one backward: 175 -> 127 ms a step, the same losses. The modules call these
+    names as module globals at call time, so rebinding them here is the whole switch; the
+    arithmetic is the eager code's. train.py turns it on for CUDA (--compile-elementwise auto)
+    and back off when it returns; on a CPU inductor's C++ build costs more than it saves at
+    tiny sizes, and decoding compiles its whole step instead (LLaVA.compile_decode)."""
     global rms_norm, apply_rope, swiglu
     was = rms_norm is not _EAGER[0]
     if on and not _COMPILED:

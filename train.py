@@ -112,7 +112,7 @@ class TrainConfig:
     adam_beta2: float = 0.999            # HF Trainer's default, as the official scripts
     grad_clip: float = 1.0
     fused_adamw: str = "auto"           # "auto" = on with our FSDP | "on" | "off"
-    compile_elementwise: str = "auto"   # "auto" = on with CUDA | "on" | "off" (llama.compile_elementwise)
+    compile_elementwise: str = "auto"   # "auto" = on with CUDA + Triton | "on" | "off" (llama.compile_elementwise)
     max_steps: int = 0                  # 0 = the epochs decide
     seed: int = 0
     # systems
