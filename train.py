@@ -37,8 +37,8 @@ LLM in stage 1) are not units: they stay replicated in the compute dtype and are
 so stage 1 pays nothing to shard a frozen LLM. One rank in fp32 (a CPU run) has nothing to
 gather: the modules use views of the shard itself. Gradient clipping all-reduces the squared shard
 norms. `--fsdp torch` hands the same units to PyTorch's FSDP2 (`fully_shard`) instead.
-On CUDA the optimizer is one fused AdamW kernel over all shards and the blocks' elementwise
-pieces (RMSNorm, RoPE, SwiGLU) run as torch.compile'd fused kernels (llama.compile_elementwise).
+The optimizer is one fused AdamW kernel over all shards (CPU and CUDA); on CUDA the blocks'
+elementwise pieces (RMSNorm, RoPE, SwiGLU) also run as torch.compile'd fused kernels.
 
 The loss is the summed token cross-entropy divided by the number of supervised tokens of the
 whole global batch (all ranks, all micro-batches), so 1 process and W ranks compute the same
@@ -559,9 +559,9 @@ def make_optimizer(params, sharded, model, cfg):
 
 
 def wants_compiled_elementwise(cfg, device):
-    """--compile-elementwise: torch.compile'd RMSNorm, RoPE and SwiGLU (see llama.compile_elementwise);
-    "auto" = on with CUDA, where they take a ~1B step from 175 to 127 ms, if Triton (which
-    torch.compile writes GPU kernels in) is installed; without it, auto stays eager."""
+    """--compile-elementwise: torch.compile'd RMSNorm, RoPE and SwiGLU (llama.compile_elementwise
+    says why); "auto" = on with CUDA if Triton, which torch.compile writes GPU kernels in, is
+    installed; otherwise eager."""
     if cfg.compile_elementwise not in ("auto", "on", "off"):
         raise SystemExit(f"--compile-elementwise {cfg.compile_elementwise!r}: choose auto, on or off")
     if cfg.compile_elementwise != "auto":
