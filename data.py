@@ -640,6 +640,9 @@ BACKGROUND = (235, 235, 230)
 CAPTION_INSTRUCTIONS = ("Describe the image briefly.", "What is in this picture?",
                         "Give a short caption for the image.", "Name the shapes you see.")
 QUESTION_TYPES = ("color", "shape", "count", "where", "relative")
+# How often each kind is asked in training: place and relative position need the model to find
+# one of several objects and read where it is, which it learns last (README: the tiny preset).
+QUESTION_WEIGHTS = {"color": 1, "shape": 1, "count": 1, "where": 2, "relative": 2}
 
 
 def draw_scene(scene, size):
@@ -728,7 +731,8 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
 
     images/          train_000000.png ..., test_000000.png ...
     stage1.json      pretraining records: human "<image>\\n" + brief instruction, gpt caption
-    stage2.json      instruction records: 2-4 questions per training image, short answers
+    stage2.json      instruction records: 3-6 questions per training image (QUESTION_WEIGHTS),
+                     short answers, half of them closing with a description
     test.json        held-out images, one question each, with "answer" and "type" fields
     world.json       what was drawn (shapes, colours, quadrants, boxes) per image
     tokenizer.model  a sentencepiece BPE (byte fallback) trained on all of the world's text
@@ -750,7 +754,8 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
                     {"from": "gpt", "value": caption(scene)}]})
                 qa = []
                 for _ in range(rng.randint(3, 6)):
-                    q, a = ask(scene, rng.choice(_kinds(scene)), rng)
+                    kinds = _kinds(scene)
+                    q, a = ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng)
                     if all(q != q2 for q2, _ in qa):
                         qa.append((q, a))
                 # Half the conversations end with a description, as LLaVA-Instruct mixes detailed

@@ -450,6 +450,23 @@ def test_synthetic_world(tmp_path, tok):
     for rec in test:
         assert rec["answer"] == rec["conversations"][1]["value"] and rec["type"] in data.QUESTION_TYPES
 
+    # the training mix follows QUESTION_WEIGHTS (place and relative position, the questions a
+    # model learns last, asked twice as often): the share of those two kinds, counted from the
+    # questions' wording, against the share the weights give each scene (repeats are dropped,
+    # and "How many shapes are there?" repeats most, hence the one-sided slack)
+    kind_of = {"What color": "color", "What shape": "shape", "How many": "count", "Where is": "where", "Is the": "relative"}
+    w = data.QUESTION_WEIGHTS
+    seen, expected = [], []
+    for rec in stage2:
+        n = len(world[rec["id"]])
+        share = (w["where"] + (w["relative"] if n > 1 else 0)) / (sum(w.values()) - (0 if n > 1 else w["relative"]))
+        for qt in rec["conversations"][::2]:
+            question = qt["value"].replace("<image>", "").strip()
+            if question not in data.CAPTION_INSTRUCTIONS:
+                seen.append(next(k for prefix, k in kind_of.items() if question.startswith(prefix)) in ("where", "relative"))
+                expected.append(share)
+    assert sum(expected) / len(expected) - 0.08 < sum(seen) / len(seen) < sum(expected) / len(expected) + 0.15
+
     # the pixels show what the metadata says: each shape's colour at its centre, background elsewhere
     for name, scene in list(world.items())[:40]:
         img = Image.open(p["image_folder"] / f"{name}.png").convert("RGB")

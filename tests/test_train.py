@@ -234,6 +234,77 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
     assert any("projector" in k for k in moved) and any("layers" in k for k in moved)
 
 
+def test_muon_on_our_shards_matches_torch_muon_and_adamw(world):
+    """--optimizer muon: the blocks' matrices step as torch.optim.Muon (lr matched to AdamW's
+    RMS, weight decay included) and every other tensor (norms in the same shards, embeddings,
+    head, projector at its own lr) as torch.optim.AdamW, here on plain per-tensor parameters."""
+    cfg = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
+                                              projector="mlp2x_gelu", image_size=32, pad_to_square=False,
+                                              lr=1e-3, projector_lr=1e-2, weight_decay=0.1, adam_beta2=0.95,
+                                              optimizer="muon"))
+    device, _, _ = train.init_distributed(cfg)
+    build = lambda: LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+    try:
+        model = build()
+        params, full_state, sharded = train.shard_model(model, cfg, device, torch.float32)
+        opt = train.make_optimizer(params, sharded, model, cfg)
+        gen = torch.Generator().manual_seed(0)
+        grads = []  # per step: {qualified name: gradient}, for the reference below
+        for _ in range(3):
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * g["lr_scale"]
+            step_grads = {}
+            for u in sharded:
+                u.shard.grad = torch.randn(u.shard.shape, generator=gen)
+                for _, _, offset, shape, name in u.slots:
+                    step_grads[name] = u.shard.grad[offset:offset + shape.numel()].view(shape).clone()
+            grads.append(step_grads)
+            opt.step()
+        ours = full_state()
+    finally:
+        torch.distributed.destroy_process_group()
+
+    ref = build()
+    named = dict(ref.named_parameters())
+    trained = [n for n in named if n.startswith(("projector.", "llm."))]
+    matrices = [n for n in trained if ".layers." in n and named[n].ndim == 2]
+    projector = [n for n in trained if n.startswith("projector.")]
+    rest = [n for n in trained if n not in matrices and n not in projector]
+    assert len(matrices) == 4 * 7 and len(rest) == 4 * 2 + 3
+    muon = torch.optim.Muon([named[n] for n in matrices], lr=cfg.lr, weight_decay=0.1, momentum=0.95,
+                            nesterov=True, adjust_lr_fn="match_rms_adamw")
+    adamw = torch.optim.AdamW([{"params": [named[n] for n in projector], "lr": 1e-2},
+                               {"params": [named[n] for n in rest], "lr": 1e-3}],
+                              betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    for step_grads in grads:  # shard slots carry the model's own parameter names
+        for n in trained:
+            named[n].grad = step_grads[n]
+        muon.step()
+        adamw.step()
+    start = build().state_dict()
+    reference = ref.state_dict()
+    for k in reference:
+        torch.testing.assert_close(ours[k], reference[k].float(), rtol=0, atol=2e-6, msg=k)
+    assert all(not torch.equal(reference[k], start[k]) for k in trained)
+
+
+def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path):
+    # two ranks cut the blocks' matrices across shards (the update is gathered whole); the
+    # momentum is checkpointed and re-cut like AdamW's moments when the rank count changes.
+    # (By default Newton-Schulz runs in bf16, as torch.optim.Muon: that rounds a 1e-7
+    # difference in the summed gradient to a 1e-4 one in the weights.)
+    full = tmp_path / "full"
+    muon = {"max-steps": 4, "optimizer": "muon", "dtype": "fp32"}  # fp32 Newton-Schulz: to rounding
+    run(base_args(world, full, **muon))
+    part = tmp_path / "part"
+    run(base_args(world, part, **{**muon, "stop-at": 2, "micro-batch": 2}), nproc=2)
+    run(base_args(world, part, **{**muon, "resume": "auto"}))
+    assert_same_run(full, part, 2)
+    adamw = tmp_path / "adamw"
+    run(base_args(world, adamw, **{"max-steps": 4}))
+    assert losses(adamw)[0] == losses(full)[0] and losses(adamw)[-1] != losses(full)[-1]
+
+
 # ---- resume ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("nproc_after", [1, 2])
@@ -385,6 +456,27 @@ def test_sigterm_saves_a_checkpoint_then_exits(world, tmp_path):
     ckpts = list(out.glob("checkpoint-*[0-9]"))
     assert len(ckpts) == 1 and (ckpts[0] / "train_state.json").exists()
     assert "SIGTERM: saving checkpoint" in text
+
+
+def test_tiny_clip_position_embedding_encodes_row_and_column(world):
+    """The tiny CLIP stands in for a pretrained one, whose position embeddings encode where a
+    patch is: the first half of each patch's vector is a function of its row alone, the second
+    of its column alone (sin-cos by hand below), zeros for the class token, RMS as configured."""
+    from weights import load_state_dict
+    state = load_state_dict(Path(world["clip"]))
+    table = state[next(k for k in state if k.endswith("position_embedding.weight"))]
+    grid, dim = 4, train.TINY_CLIP["hidden_size"]
+    assert table.shape == (1 + grid * grid, dim) and not table[0].any()
+    assert math.isclose(table[1:].pow(2).mean().sqrt().item(), train.TINY_POSITION_RMS, rel_tol=1e-5)
+    half, quarter = dim // 2, dim // 4
+    for r in range(grid):
+        for c in range(grid):
+            v = table[1 + r * grid + c]
+            assert torch.equal(v[:half], table[1 + r * grid][:half])  # same row, any column
+            assert torch.equal(v[half:], table[1 + c][half:])         # same column, any row
+    scale = table[1 + 1 * grid][quarter].item() / math.cos(1.0)       # row 1, lowest frequency: cos(1)
+    assert math.isclose(table[1 + 2 * grid][0].item(), scale * math.sin(2.0), rel_tol=1e-5)
+    assert math.isclose(table[1 + 3][half + 1].item(), scale * math.sin(3.0 / 100 ** (1 / quarter)), rel_tol=1e-5)
 
 
 def test_tiny_preset_short_variant_learns_to_see(tmp_path, monkeypatch):
