@@ -842,6 +842,10 @@ def load_resume_state(path, optimizer, sharded, model, device):
     written by a different number of ranks (the flat layout is the same; only padding moves)."""
     from safetensors import safe_open
     meta = json.loads((path / "train_state.json").read_text())
+    saved, now = meta["config"].get("optimizer", "adamw"), "muon" if isinstance(optimizer, Muon) else "adamw"
+    if saved != now:  # Muon's matrices keep zero AdamW moments, and AdamW's would misguide Muon
+        raise SystemExit(f"{path} was written with --optimizer {saved}; resume it with --optimizer {saved}, "
+                         f"or start a new run (--init) to switch to {now}")
     old_world = meta["world_size"]
     files = [path / f"optim-rank{r:05d}.safetensors" for r in range(old_world)]
     missing = [str(f) for f in files if not f.exists()]

@@ -303,6 +303,9 @@ def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path):
     adamw = tmp_path / "adamw"
     run(base_args(world, adamw, **{"max-steps": 4}))
     assert losses(adamw)[0] == losses(full)[0] and losses(adamw)[-1] != losses(full)[-1]
+    # the optimizer's state does not carry over to the other one: resuming with it is refused
+    p = run(base_args(world, part, **{"max-steps": 6, "resume": "auto"}), check=False)
+    assert p.returncode != 0 and "written with --optimizer muon; resume it with --optimizer muon" in p.stderr + p.stdout
 
 
 # ---- resume ------------------------------------------------------------------------------------
