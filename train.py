@@ -113,7 +113,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     adam_beta2: float = 0.999            # HF Trainer's default, as the official scripts
     grad_clip: float = 1.0
-    optimizer: str = "adamw"            # "adamw" (the paper) | "muon": Muon for the LLM blocks' matrices (Muon)
+    optimizer: str = "adamw"            # "adamw" (the paper) | "muon": Muon for the LLM blocks' matrices (class Muon)
     fused_adamw: str = "auto"           # "auto" = on with our FSDP | "on" | "off"
     compile_elementwise: str = "auto"   # "auto" = on with CUDA + Triton | "on" | "off" (llama.compile_elementwise)
     max_steps: int = 0                  # 0 = the epochs decide
