@@ -1,7 +1,7 @@
 """
 How fast nanollava is, measured against Hugging Face transformers on the same work.
 
-    python bench.py preprocess                  # images/s: clip.preprocess vs CLIPImageProcessor
+    python bench.py preprocess                  # images/s: clip.preprocess vs CLIPImageProcessor (and Llava..., padded)
     python bench.py vision  [--config tiny|20m] # CLIP tower forward, images/s
     python bench.py train   [--config ...]      # one training step (fwd + bwd + clip + AdamW), tokens/s
     python bench.py prefill [--config ...]      # a prompt (image included) into a fresh KV cache, tokens/s
@@ -243,33 +243,38 @@ def photos(names):
 
 def bench_preprocess(args, size=336):
     """clip.preprocess on each picture (as the data loader calls it) and a stack, and
-    clip.preprocess_batch with a thread per core, vs transformers' CLIPImageProcessor on the whole
-    list at once (its fastest use), at LLaVA-1.5's 336 px. The
-    outputs must be identical bit for bit. Two sets: the colour photos (what LLaVA's data is
-    made of), and all the pictures (grayscale, bilevel and RGBA too)."""
+    clip.preprocess_batch with a thread per core, vs transformers' processor on the whole list at
+    once (its fastest use), at LLaVA-1.5's 336 px. The outputs must be identical bit for bit.
+    Three sets: the colour photos (what LLaVA's data is made of) with CLIPImageProcessor, all the
+    pictures (grayscale, bilevel and RGBA too), and the colour photos padded to a square of the
+    mean colour, LLaVA-1.5's "pad" mode, with LlavaImageProcessor(do_pad=True)."""
     import transformers
     transformers.logging.set_verbosity_error()
-    hf = transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    crop = {"height": size, "width": size}
+    llava = getattr(transformers, "LlavaImageProcessorPil", transformers.LlavaImageProcessor)
+    procs = {False: transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size=crop),
+             True: llava(do_pad=True, size={"shortest_edge": size}, crop_size=crop)}
     rows, cores = [], os.cpu_count() or 1
-    for label, names in (("preprocess rgb", RGB_PHOTOS), ("preprocess all", RGB_PHOTOS + OTHER_PICTURES)):
-        images = photos(names)
+    for label, names, pad in (("preprocess rgb", RGB_PHOTOS, False), ("preprocess all", RGB_PHOTOS + OTHER_PICTURES, False),
+                              ("preprocess pad", RGB_PHOTOS, True)):
+        images, hf = photos(names), procs[pad]
 
         def ours():
-            return torch.stack([preprocess(img, size) for img in images])
+            return torch.stack([preprocess(img, size, pad_to_square=pad) for img in images])
 
         def theirs():
             return hf(images, return_tensors="pt")["pixel_values"]
 
         def ours_threads():
-            return preprocess_batch(images, size, threads=cores)
+            return preprocess_batch(images, size, pad_to_square=pad, threads=cores)
 
         if not (torch.equal(ours(), theirs()) and torch.equal(ours_threads(), theirs())):
-            raise AssertionError("clip.preprocess differs from CLIPImageProcessor")
+            raise AssertionError(f"clip.preprocess differs from {type(hf).__name__}")
         t = race({"ours": ours, "threads": ours_threads, "theirs": theirs}, torch.device("cpu"),
                  args.warmup, args.repeats)
         n = len(images)
         rows.append(Row(label, n, size, "images/s", n / t["ours"], n / t["theirs"],
-                        f"{type(hf).__name__}, {n} pictures, identical output, one thread each"))
+                        f"{type(hf).__name__}{'(do_pad=True)' if pad else ''}, {n} pictures, identical output, one thread each"))
         if cores > 1:
             rows.append(Row(f"{label}, {cores} threads", n, size, "images/s", n / t["threads"], n / t["theirs"],
                             f"clip.preprocess_batch (Pillow releases the GIL) vs the same {type(hf).__name__} call"))

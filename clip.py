@@ -334,6 +334,36 @@ def _normalize_lut():
 _LUT = _normalize_lut()
 
 
+def _resize_and_crop(img, size):
+    """Resize the short side to `size` (long side int(size * long / short)), centre crop at offset
+    (extent - size) // 2 -> uint8 array [size, size, 3] ([size, size] for a grayscale image)."""
+    w, h = img.size
+    if w <= h:  # tall (or square): short side is the width
+        nh = int(size * h / w)
+        top = (nh - size) // 2
+        return np.asarray(img.resize((size, nh), Image.BICUBIC))[top:top + size]
+    # Wide. Pillow resizes in two passes, horizontal then vertical, rounding to uint8 in between.
+    # Doing the passes as two calls is therefore the same computation, and lets us drop the
+    # columns the crop discards before the (column-independent) vertical pass.
+    nw = int(size * w / h)
+    left = (nw - size) // 2
+    img = img.resize((nw, h), Image.BICUBIC).crop((left, 0, left + size, h))
+    return np.asarray(img.resize((size, size), Image.BICUBIC))
+
+
+def _pad_wide_and_resize(img, size):
+    """LLaVA-1.5's padded square of a wide RGB picture, resized -> uint8 [size, size, 3], without
+    making the square. Pillow's horizontal pass resizes each row alone, and a row of one colour
+    comes out as that colour (an output pixel's integer weights sum to 2^22 within a few units,
+    nowhere near half a level). So only the picture's own h rows go through that pass, the w - h
+    rows of padding are filled in, and Pillow's vertical pass runs on the assembled rows. For a
+    640x427 photo this skips a third of the horizontal pass and the 640x640 canvas."""
+    w, h = img.size
+    rows = Image.new("RGB", (size, w), PAD_COLOR)  # the square's w rows after the horizontal pass
+    rows.paste(img.resize((size, h), Image.BICUBIC), (0, (w - h) // 2))  # centred, as expand2square
+    return np.asarray(rows.resize((size, size), Image.BICUBIC))
+
+
 def preprocess(pil_image, size, pad_to_square=False):
     """PIL image -> float32 tensor [3, size, size], bit-exact with transformers' CLIPImageProcessor
     (size={"shortest_edge": size}, crop_size=size; with pad_to_square, LLaVA-1.5's "pad" aspect
@@ -350,23 +380,10 @@ def preprocess(pil_image, size, pad_to_square=False):
     gray = (pil_image.mode in ("L", "1") and not pad_to_square
             and pil_image.info.get("transparency") is None)
     img = pil_image.convert("L") if gray else _rgb(pil_image)
-    if pad_to_square:
-        img = _expand2square(img)
-    w, h = img.size
-    if w <= h:  # tall (or square): short side is the width
-        nw, nh = size, int(size * h / w)
-        top, left = (nh - size) // 2, 0
-        img = img.resize((nw, nh), Image.BICUBIC)
-    else:       # wide: short side is the height
-        nw, nh = int(size * w / h), size
-        top, left = 0, (nw - size) // 2
-        # Pillow resizes in two passes, horizontal then vertical, rounding to uint8 in between.
-        # Doing the passes as two calls is therefore the same computation, and lets us drop the
-        # columns the crop discards before the (column-independent) vertical pass.
-        img = img.resize((nw, h), Image.BICUBIC).crop((left, 0, left + size, h))
-        img = img.resize((size, nh), Image.BICUBIC)
-        left = 0
-    a = np.asarray(img)[top:top + size, left:left + size]   # [size, size, 3] (gray: [size, size]) uint8, centre crop
+    if pad_to_square and img.width > img.height:
+        a = _pad_wide_and_resize(img, size)
+    else:
+        a = _resize_and_crop(_expand2square(img) if pad_to_square else img, size)
     out = np.empty((3, size, size), dtype=np.float32)
     for c in range(3):                                      # HWC uint8 -> CHW float32 via the table
         np.take(_LUT[c], a if gray else a[:, :, c], out=out[c])
@@ -380,5 +397,8 @@ def preprocess_batch(images, size, pad_to_square=False, threads=None):
     threads = min(len(images), threads or os.cpu_count() or 1)
     if threads <= 1:
         return torch.stack([preprocess(img, size, pad_to_square) for img in images])
+    # Largest pictures first, so that no thread is left resizing a big one while the others idle.
+    order = sorted(range(len(images)), key=lambda i: -images[i].width * images[i].height)
     with ThreadPoolExecutor(threads) as pool:
-        return torch.stack(list(pool.map(lambda img: preprocess(img, size, pad_to_square), images)))
+        done = dict(zip(order, pool.map(lambda i: preprocess(images[i], size, pad_to_square), order)))
+    return torch.stack([done[i] for i in range(len(images))])
