@@ -78,7 +78,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -88,6 +87,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import requests
+
+from weights import write_json_atomic
 
 try:  # advisory file lock (POSIX); without it we only lose the two-writers guard
     import fcntl
@@ -716,22 +717,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(obj, path) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # -----------------------------------------------------------------------------
 # 7. generate: contexts -> jobs -> teacher -> records
 
@@ -918,7 +903,7 @@ def cmd_merge(args) -> int:
     rng = random.Random(args.seed)
     chosen = mix(records, parse_ratio(args.ratio) if args.ratio else None, rng)
     rng.shuffle(chosen)
-    write_json_atomic(chosen, args.out)
+    write_json_atomic(args.out, chosen, indent=None)
     counts = Counter(record_type(r) for r in chosen)
     print(f"merge: {len(chosen)} of {len(records)} records -> {args.out} "
           f"({', '.join(f'{t} {n}' for t, n in sorted(counts.items()))})")
@@ -994,7 +979,7 @@ def cmd_pretrain(args) -> int:
             {"from": "human", "value": question}, {"from": "gpt", "value": caption}]})
     if args.limit is not None:
         records = records[: args.limit]
-    write_json_atomic(records, args.out)
+    write_json_atomic(args.out, records, indent=None)
     print(f"pretrain: {len(records)} records -> {args.out}" + (f" ({skipped} empty skipped)" if skipped else ""))
     return 0
 

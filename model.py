@@ -33,6 +33,7 @@ from clip import CLIPVision, CLIPVisionConfig, vision_state_from_checkpoint
 from llama import Llama, LlamaConfig, llm_state_from_checkpoint, Tokenizer
 from llama import KVCache  # generation
 from weights import WeightsError, read_json, load_state_dict, assign_weights, save_state_dict, fetch
+from weights import write_json_atomic
 
 IGNORE_INDEX = -100
 
@@ -631,16 +632,6 @@ def fold_linear_projector(state, source):
         return {"linear_1.weight": state["linear_1.weight"], "linear_1.bias": state["linear_1.bias"]}
     dtype = state["linear_1.weight"].dtype
     return {"linear_1.weight": (w2 @ w1).to(dtype), "linear_1.bias": (w2 @ b1 + b2).to(dtype)}
-
-
-def write_json_atomic(path, obj):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_tokenizer_files(src, dst, config):

@@ -73,8 +73,8 @@ from tqdm import tqdm
 import data
 import llama
 from llama import Tokenizer
-from model import LLaVA, LLaVAConfig, next_token_loss, write_json_atomic
-from weights import load_state_dict, save_state_dict
+from model import LLaVA, LLaVAConfig, next_token_loss
+from weights import load_state_dict, save_state_dict, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,12 +23,12 @@ with HTTP Range requests, and checks each file's size before renaming it into pl
 import json
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
 import requests
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 SINGLE = "model.safetensors"
@@ -153,10 +153,28 @@ def _fsync(path):  # the bytes are on disk before the rename makes them the chec
         os.fsync(f.fileno())
 
 
+def write_json_atomic(path, obj, indent=2):
+    """Write obj as JSON to a temporary file in the same directory, fsync, rename over `path`:
+    readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=indent, ensure_ascii=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_state_dict(state, directory, max_shard_bytes=5_000_000_000, prefix="model"):
     """Write `state` as {prefix}.safetensors, or as shards + index when it exceeds max_shard_bytes.
     Every file goes to NAME.tmp first and is renamed into place; files of an older save in the
     same directory that the new one does not use are removed. Returns the written paths."""
+    from safetensors.torch import save_file  # here, so that generate_data.py's JSON writes need no torch
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, seen = {}, set()

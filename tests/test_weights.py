@@ -113,8 +113,9 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_save_file(tensors, filename, metadata=metadata)
 
-    real_save_file = weights.save_file
-    monkeypatch.setattr(weights, "save_file", failing_save_file)
+    import safetensors.torch
+    real_save_file = safetensors.torch.save_file
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)  # save_state_dict imports it when called
     new = {k: v + 1 for k, v in old.items()}
     with pytest.raises(OSError, match="disk full"):
         save_state_dict(new, tmp_path, max_shard_bytes=300)
@@ -366,3 +367,17 @@ def test_fetch_offline(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=rf"cannot reach http://127.0.0.1:{port} to download test-org/tiny "
                                            r"\(offline\?\). Download the model elsewhere and pass --model DIR"):
         fetch("test-org/tiny", cache_dir=tmp_path)
+
+
+def test_write_json_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "sub" / "records.json"
+    weights.write_json_atomic(path, [{"value": "café <image>"}], indent=None)  # makes the folder
+    assert json.loads(path.read_text(encoding="utf-8")) == [{"value": "café <image>"}]
+    assert "café" in path.read_text(encoding="utf-8")  # UTF-8 as is, not \u escapes
+
+    class Unserialisable:
+        pass
+    with pytest.raises(TypeError):  # json fails halfway through the new content
+        weights.write_json_atomic(path, [{"a": 1}, Unserialisable()])
+    assert json.loads(path.read_text(encoding="utf-8")) == [{"value": "café <image>"}]
+    assert [p.name for p in path.parent.iterdir()] == ["records.json"]  # no temporary left behind
