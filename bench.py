@@ -34,7 +34,7 @@ The rules of the race (the numbers mean nothing without them):
 a stage-2 step of a ~1B LLaVA and a stage-1 step with a 7B-shaped LLM through train.py's own
 path (bf16, FSDP at world size 1, gradient checkpointing off and on) with tokens/s, MFU and peak
 memory; decode tokens/s of the 7B-shaped model, eager and compiled, against the memory-bandwidth
-bound; and a smoke run of `train.train()` for both stages. `--device cpu --tiny` runs the same
+bound; and a smoke run of `train.train()` for both stages (stage 2 with Muon too). `--device cpu --tiny` runs the same
 code with tiny shapes (the test suite does, so it is ready the day a GPU is).
 """
 
@@ -683,7 +683,8 @@ def gpu_decode(model, shapes, device, dtype, args, deadline):
 
 
 def gpu_smoke(device, dtype, workdir):
-    """train.train() itself, both stages, a few steps on a tiny synthetic world, --grad-ckpt."""
+    """train.train() itself, both stages, a few steps on a tiny synthetic world, --grad-ckpt;
+    stage 2 once more with --optimizer muon (Newton-Schulz in the compute dtype on this device)."""
     import data
     root = Path(workdir) / "smoke"
     world = data.make_synthetic(root / "data", n_train=32, n_test=4, seed=0, image_size=64, vocab_size=400)
@@ -694,15 +695,15 @@ def gpu_smoke(device, dtype, workdir):
                   device=str(device), dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype],
                   grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)
     out = {}
-    for stage in (1, 2):
+    for name, stage, optimizer in (("stage1", 1, "adamw"), ("stage2", 2, "adamw"), ("stage2_muon", 2, "muon")):
         cfg = train.fill_recipe(train.TrainConfig(
-            stage=stage, data=str(world[f"stage{stage}"]), out=str(root / f"stage{stage}"),
+            stage=stage, data=str(world[f"stage{stage}"]), out=str(root / name), optimizer=optimizer,
             init=str(root / "stage1") if stage == 2 else "", **common))
         t0 = time.perf_counter()
         losses = train.train(cfg)
-        out[f"stage{stage}"] = {"losses": losses, "seconds": time.perf_counter() - t0,
-                                "ok": bool(losses) and all(math.isfinite(x) for x in losses)}
-        log(f"  stage {stage}: losses {[round(x, 3) for x in losses]}")
+        out[name] = {"losses": losses, "seconds": time.perf_counter() - t0,
+                     "ok": bool(losses) and all(math.isfinite(x) for x in losses)}
+        log(f"  {name}: losses {[round(x, 3) for x in losses]}")
     return out
 
 
@@ -816,10 +817,10 @@ def gpu_table(res):
     s = res.get("smoke", {})
     if "error" in s:
         lines.append(f"| smoke train.train() | | | | | error: {s['error'][:120]} |")
-    for stage in (1, 2):
-        x = s.get(f"stage{stage}")
+    for name, setting in (("stage1", "stage 1"), ("stage2", "stage 2"), ("stage2_muon", "stage 2, Muon")):
+        x = s.get(name)
         if x:
-            lines.append(f"| smoke train.train() | stage {stage}, 3 steps, grad ckpt | | | | "
+            lines.append(f"| smoke train.train() | {setting}, 3 steps, grad ckpt | | | | "
                          f"{'ok' if x['ok'] else 'FAILED'}: losses {[round(v, 3) for v in x['losses']]} |")
     return "\n".join(lines)
 

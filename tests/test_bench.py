@@ -74,6 +74,7 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     assert "aten::mm" in profile and "torch.profiler, 2 steps" in stdout
     assert "profile" not in res["stage2_train"]["ckpt_on"]
     assert res["decode"]["eager_tokens_per_s"] > 0 and res["decode"]["compiled_tokens_per_s"] > 0
-    for stage in (1, 2):
-        assert res["smoke"][f"stage{stage}"]["ok"], res["smoke"]
+    for name in ("stage1", "stage2", "stage2_muon"):
+        assert res["smoke"][name]["ok"], res["smoke"]
+    assert res["smoke"]["stage2_muon"]["losses"] != res["smoke"]["stage2"]["losses"]  # Muon did step
     assert "| part | setting |" in stdout  # the summary table
