@@ -34,8 +34,8 @@ The rules of the race (the numbers mean nothing without them):
 a stage-2 step of a ~1B LLaVA and a stage-1 step with a 7B-shaped LLM through train.py's own
 path (bf16, FSDP at world size 1, gradient checkpointing off and on) with tokens/s, MFU and peak
 memory; decode tokens/s of the 7B-shaped model, eager and compiled, against the memory-bandwidth
-bound; and a smoke run of `train.train()` for both stages (stage 2 with Muon too). `--device cpu --tiny` runs the same
-code with tiny shapes (the test suite does, so it is ready the day a GPU is).
+bound; and a smoke run of `train.train()` for both stages (stage 2 with Muon too). `--device cpu
+--tiny` runs the same code with tiny shapes (the test suite does, so it is ready the day a GPU is).
 """
 
 import argparse
