@@ -58,7 +58,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from clip import ImageError, load_image, preprocess_batch
+from clip import load_image, preprocess_batch
 from generate_data import ChatClient, Job, JsonlOutput, ParseError, format_context, load_context_jsonl, run_jobs
 from llama import Tokenizer
 from model import LLaVA

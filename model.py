@@ -18,11 +18,10 @@ reads and the Hub serves. The key names of every layout we accept live in one ta
 `CHECKPOINT_PREFIXES`, so loading is "strip a prefix, hand the rest to clip.py / llama.py".
 """
 
-import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

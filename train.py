@@ -58,7 +58,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -74,7 +73,7 @@ import data
 import llama
 from llama import Tokenizer
 from model import LLaVA, LLaVAConfig, next_token_loss
-from weights import load_state_dict, save_state_dict, write_json_atomic
+from weights import save_state_dict, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,7 +529,6 @@ def shard_model(model, cfg, device, compute_dtype):
                 if buf is not None:
                     mod._buffers[key] = buf.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
 
         def full_state():
             state = {}

@@ -23,7 +23,7 @@ with HTTP Range requests, and checks each file's size before renaming it into pl
 import json
 import os
 import re
-import tempfile
+import secrets
 import time
 from pathlib import Path
 
@@ -158,15 +158,16 @@ def write_json_atomic(path, obj, indent=2):
     readers see the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    # a name no other writer uses (not mkstemp: its files are private, mode 0600, whatever the umask)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             json.dump(obj, f, indent=indent, ensure_ascii=False)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

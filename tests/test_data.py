@@ -5,7 +5,6 @@ are checked by spelling out the supervised tokens with transformers' own pieces.
 import io
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest

@@ -2,14 +2,13 @@
 transformers itself writes, in every layout DESIGN.md lists."""
 
 import json
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import LLaVA, LLaVAConfig, next_token_loss
+from model import LLaVA, next_token_loss
 from weights import WeightsError
 from helpers import make_sp_tokenizer
 
