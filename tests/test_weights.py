@@ -374,6 +374,9 @@ def test_write_json_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
     weights.write_json_atomic(path, [{"value": "café <image>"}], indent=None)  # makes the folder
     assert json.loads(path.read_text(encoding="utf-8")) == [{"value": "café <image>"}]
     assert "café" in path.read_text(encoding="utf-8")  # UTF-8 as is, not \u escapes
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")  # the permissions any file written here gets (the umask's), not mkstemp's 0600
+    assert path.stat().st_mode == plain.stat().st_mode
 
     class Unserialisable:
         pass
