@@ -704,6 +704,11 @@ def gpu_smoke(device, dtype, workdir):
         out[name] = {"losses": losses, "seconds": time.perf_counter() - t0,
                      "ok": bool(losses) and all(math.isfinite(x) for x in losses)}
         log(f"  {name}: losses {[round(x, 3) for x in losses]}")
+    # each step all-reduces a few CPU tensors; on more than one GPU that needs the group's gloo
+    # half (train.process_group_backend), which only this call shows on a single GPU
+    flag = torch.ones(1)
+    torch.distributed.all_reduce(flag)
+    out["cpu_all_reduce_ok"] = float(flag) == 1.0
     return out
 
 
@@ -817,6 +822,9 @@ def gpu_table(res):
     s = res.get("smoke", {})
     if "error" in s:
         lines.append(f"| smoke train.train() | | | | | error: {s['error'][:120]} |")
+    if "cpu_all_reduce_ok" in s:
+        lines.append(f"| smoke all_reduce of a CPU tensor | the step's bookkeeping | | | | "
+                     f"{'ok' if s['cpu_all_reduce_ok'] else 'FAILED'} |")
     for name, setting in (("stage1", "stage 1"), ("stage2", "stage 2"), ("stage2_muon", "stage 2, Muon")):
         x = s.get(name)
         if x:

@@ -178,7 +178,7 @@ def init_distributed(cfg):
     if dist.is_initialized():  # the tiny preset runs several trainings in one process
         return current_device(cfg), dist.get_rank(), dist.get_world_size()
     device = current_device(cfg)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_group_backend(device)
     timeout = datetime.timedelta(seconds=cfg.dist_timeout)
     if "RANK" in os.environ:  # torchrun (one node or many, through its rendezvous)
         dist.init_process_group(backend, timeout=timeout)
@@ -186,6 +186,14 @@ def init_distributed(cfg):
         store = dist.HashStore()
         dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def process_group_backend(device):
+    """NCCL for the CUDA tensors (FSDP's gathers and reduce-scatters, the grad norm) and gloo for
+    the CPU ones: each step all-reduces its token count, loss sum and stop flag as small CPU
+    tensors, and NCCL alone refuses CPU tensors ("No backend type associated with device type
+    cpu"), which only shows with more than one GPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 def current_device(cfg):
@@ -1112,7 +1120,7 @@ def train(cfg):
             lr = lr_at(step, total, warmup, cfg.lr)
             for g in optimizer.param_groups:
                 g["lr"] = lr * g["lr_scale"]
-            loss_sum, text_tokens, images = 0.0, 0, 0
+            mb_losses, text_tokens, images = [], 0, 0
             for mb in micro:
                 ids = mb["input_ids"].to(device, non_blocking=True)
                 labels = mb["labels"].to(device, non_blocking=True)
@@ -1123,9 +1131,10 @@ def train(cfg):
                 loss = next_token_loss(logits, labels, reduction="sum")
                 with sharded[0].schedule.backward() if sharded else contextlib.nullcontext():
                     (loss * scale / denom).backward()
-                loss_sum += float(loss.detach())
+                mb_losses.append(loss.detach())  # no float() here: that would wait for the GPU every micro-batch
                 text_tokens += ids.numel()
                 images += 0 if px is None else px.shape[0]
+            loss_sum = float(torch.stack(mb_losses).double().sum())
             stats = torch.tensor([loss_sum, float(text_tokens), float(images)], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(stats)

@@ -77,4 +77,5 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     for name in ("stage1", "stage2", "stage2_muon"):
         assert res["smoke"][name]["ok"], res["smoke"]
     assert res["smoke"]["stage2_muon"]["losses"] != res["smoke"]["stage2"]["losses"]  # Muon did step
+    assert res["smoke"]["cpu_all_reduce_ok"]
     assert "| part | setting |" in stdout  # the summary table

@@ -332,6 +332,15 @@ def test_resume_with_fused_adamw_continues_to_the_same_losses(world, tmp_path):
     assert_same_run(full, part, 2)
 
 
+def test_process_group_on_gpus_carries_cpu_tensors_too():
+    # a step all-reduces its token count, loss sum and stop flag as CPU tensors; NCCL alone would
+    # refuse them on more than one GPU, so on CUDA the group maps CPU tensors to gloo
+    from torch.distributed.distributed_c10d import BackendConfig  # how init_process_group reads it
+    spec = train.process_group_backend(torch.device("cuda", 0))
+    assert BackendConfig(spec).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    assert train.process_group_backend(torch.device("cpu")) == "gloo"
+
+
 def test_compile_elementwise_auto_means_cuda_with_triton(monkeypatch):
     import importlib.util
     want = lambda mode, dev: train.wants_compiled_elementwise(train.TrainConfig(compile_elementwise=mode), torch.device(dev))
