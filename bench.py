@@ -1,7 +1,7 @@
 """
 How fast nanollava is, measured against Hugging Face transformers on the same work.
 
-    python bench.py preprocess                  # images/s: clip.preprocess vs CLIPImageProcessor (and Llava..., padded)
+    python bench.py preprocess                  # images/s: clip.preprocess vs CLIPImageProcessor (and padded)
     python bench.py vision  [--config tiny|20m] # CLIP tower forward, images/s
     python bench.py train   [--config ...]      # one training step (fwd + bwd + clip + AdamW), tokens/s
     python bench.py prefill [--config ...]      # a prompt (image included) into a fresh KV cache, tokens/s
@@ -255,8 +255,9 @@ def bench_preprocess(args, size=336):
     procs = {False: transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size=crop),
              True: llava(do_pad=True, size={"shortest_edge": size}, crop_size=crop)}
     rows, cores = [], os.cpu_count() or 1
-    for label, names, pad in (("preprocess rgb", RGB_PHOTOS, False), ("preprocess all", RGB_PHOTOS + OTHER_PICTURES, False),
-                              ("preprocess pad", RGB_PHOTOS, True)):
+    sets = (("preprocess rgb", RGB_PHOTOS, False), ("preprocess all", RGB_PHOTOS + OTHER_PICTURES, False),
+            ("preprocess pad", RGB_PHOTOS, True))
+    for label, names, pad in sets:
         images, hf = photos(names), procs[pad]
 
         def ours():
@@ -273,8 +274,9 @@ def bench_preprocess(args, size=336):
         t = race({"ours": ours, "threads": ours_threads, "theirs": theirs}, torch.device("cpu"),
                  args.warmup, args.repeats)
         n = len(images)
+        name = type(hf).__name__ + ("(do_pad=True)" if pad else "")
         rows.append(Row(label, n, size, "images/s", n / t["ours"], n / t["theirs"],
-                        f"{type(hf).__name__}{'(do_pad=True)' if pad else ''}, {n} pictures, identical output, one thread each"))
+                        f"{name}, {n} pictures, identical output, one thread each"))
         if cores > 1:
             rows.append(Row(f"{label}, {cores} threads", n, size, "images/s", n / t["threads"], n / t["theirs"],
                             f"clip.preprocess_batch (Pillow releases the GIL) vs the same {type(hf).__name__} call"))
