@@ -70,6 +70,9 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
             r = res[part][ckpt]
             assert r["tokens_per_s"] > 0 and r["step_tflop"] > 0 and r["finite"], (part, ckpt, r)
             assert r["grad_ckpt"] == (ckpt == "ckpt_on")
+    accum = res["stage2_train"]["accum8_ckpt_off"]  # LLaVA-1.5's 8 x 16 on one GPU (here 8 x 4)
+    assert accum["micro_steps"] == 8 and accum["finite"] and accum["tokens_per_s"] > 0
+    assert accum["step_tflop"] == pytest.approx(8 * res["stage2_train"]["ckpt_off"]["step_tflop"])
     profile = res["stage2_train"]["ckpt_off"]["profile"]
     assert "aten::mm" in profile and "torch.profiler, 2 steps" in stdout
     assert "profile" not in res["stage2_train"]["ckpt_on"]
