@@ -30,7 +30,7 @@ The rules of the race (the numbers mean nothing without them):
   OpenMP's barriers wait on threads the OS has parked, and small ops get many times slower
   (seen here on 2 busy cores: a tiny model decoding at 70 tokens/s with 2 threads, 500 with 1).
 
-`gpu` is one prepared run for a single H100/H200 (random weights, no download, ~3 minutes on an H100):
+`gpu` is one prepared run for a single H100/H200 (random weights, no download, ~4 minutes on an H100):
 a stage-2 step of a ~1B LLaVA and a stage-1 step with a 7B-shaped LLM through train.py's own
 path (bf16, FSDP at world size 1, gradient checkpointing off and on; stage 2 also as LLaVA-1.5
 runs it on one GPU, 8 micro-batches per optimizer step) with tokens/s, MFU and peak memory;
