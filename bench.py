@@ -17,8 +17,10 @@ The rules of the race (the numbers mean nothing without them):
   it; our LLaVA loads that directory with `LLaVA.from_pretrained`. Same inputs, same thread count
   (torch.set_num_threads), same dtype, same device.
 - Same work. Training is forward + backward + gradient clipping + AdamW on both sides (stage 2:
-  CLIP frozen, projector + LLM trained), ours exactly as train.py runs it: `train.shard_model`
-  with our FSDP at world size 1, so the gather/free machinery is inside the number (on CUDA
+  CLIP frozen, projector + LLM trained) with the loss on the same supervised tokens, ours
+  exactly as train.py runs it: the LM head only on those tokens' positions (transformers runs
+  it on all of them), `train.shard_model` with our FSDP at world size 1, so the gather/free
+  machinery is inside the number (on CUDA
   with the compiled elementwise pieces train.py uses there; transformers runs eager, as it
   comes). Decoding is greedy with EOS switched off on both sides (`min_new_tokens` for
   transformers), so both produce exactly N tokens; decode tokens/s = B (N - 1) / (t(N) - t(1)),
@@ -54,11 +56,12 @@ from pathlib import Path
 
 import torch
 
+import data
 import llama
 import train
 from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
-from model import LLaVA, LLaVAConfig, Projector, next_token_loss
+from model import LLaVA, LLaVAConfig, Projector, token_loss
 
 # -----------------------------------------------------------------------------------------------
 # Configurations
@@ -319,11 +322,13 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5):
     def step(ids, labels, px, micro_steps=1):
         was = llama.compile_elementwise(compiled)
         try:
-            denom = max(float((labels[:, 1:] != -100).sum()), 1.0) * micro_steps
+            # train.py's collator finds the supervised positions on the CPU, in the loader
+            at, targets = (t.to(device) for t in data.supervised_positions(labels.cpu()))
+            denom = max(len(targets), 1) * micro_steps
             for _ in range(micro_steps):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    logits, _ = model(ids, px)
-                loss = next_token_loss(logits, labels, reduction="sum")
+                    logits, _ = model(ids, px, logits_at=at)
+                loss = token_loss(logits, targets)
                 with sharded[0].schedule.backward():  # FSDP's backward-order prefetch and grad hand-off
                     (loss / denom).backward()
             train.clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
@@ -496,8 +501,11 @@ def table(rows):
 # an H100 or H200), with the step FLOPs from train.step_flops:
 #     6 N T   for trained parameters (forward 2NT + backward 4NT)
 #     4 N T   for the frozen LLM of stage 1 (forward + the input-gradient half of backward)
+#     the LM head's N only on the T's supervised tokens (the only ones it runs on)
 #     2 N T   for the frozen CLIP, per image token (forward only)
 #     12 L d T^2 / 2 per sequence for attention scores and values, forward + backward, causal half
+# N counts the weights of matrix products (train.flop_params): no embedding tables, which are
+# lookups, as torchtitan counts; CLIP's blocks that run (layer -2 skips the last one).
 # Decode bound: every new token reads every weight once (the embedding table excepted: one row),
 # so tokens/s <= HBM bandwidth / (bytes of weights + bytes of the KV cache read).
 
@@ -555,7 +563,7 @@ def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, p
     `micro_steps`: that many micro-batches per optimizer step (the numbers are per optimizer step)."""
     reset_memory(device)
     c = model.config
-    n_vision, n_llm, n_proj = count(model.vision_tower), count(model.llm), count(model.projector)
+    counts = train.flop_params(model)
     step, params = ours_train_step(model, stage, device, dtype, grad_ckpt=grad_ckpt)
     B, T = shapes.batch, shapes.seq
     ids, labels, px = make_batch(c, B, T, device)
@@ -564,12 +572,13 @@ def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, p
     for _ in range(repeats):
         times.append(timed(lambda: losses.append(float(step(ids, labels, px, micro_steps))), device))
     dt = statistics.median(times)
-    flops = train.step_flops(c, n_vision, n_llm, n_proj, stage, B * T, B, T) * micro_steps
+    supervised = len(data.supervised_positions(labels.cpu())[0])
+    flops = train.step_flops(c, counts, stage, B * T, supervised, B, T) * micro_steps
     peak = train.device_peak_flops(device)
     out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,
            "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "achieved_tflops": flops / dt / 1e12,
            "mfu": flops / dt / peak if peak else None, "peak_mem_gb": peak_memory(device),
-           "params": {"vision": n_vision, "projector": n_proj, "llm": n_llm},
+           "flop_params": counts, "supervised_tokens": supervised,
            "losses": losses, "finite": all(math.isfinite(x) for x in losses)}
     if profile:
         out["profile"] = profile_table(lambda: step(ids, labels, px), device)

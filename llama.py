@@ -312,10 +312,11 @@ class Llama(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, input_ids=None, inputs_embeds=None, cache=None, positions=None, attn_mask=None,
-                last_only=False):
-        """-> logits [B,T,V] in the model dtype (last_only: [B,1,V], the next-token logits that
-        generation needs; it skips the LM head on the other T-1 positions). See the module
-        docstring for cache and masks."""
+                last_only=False, logits_at=None):
+        """-> logits [B,T,V] in the model dtype. The LM head can run on fewer positions: last_only
+        gives [B,1,V], the next-token logits that generation needs; logits_at, flat indices b*T + t
+        of N positions, gives [N,V] (training: the positions whose next token is supervised, see
+        data.supervised_positions). See the module docstring for cache and masks."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -360,6 +361,8 @@ class Llama(nn.Module):
             cache.pos = T_kv
         if last_only:
             x = x[:, -1:]  # [B,T,D] -> [B,1,D]
+        elif logits_at is not None:
+            x = x.reshape(B * T, -1).index_select(0, logits_at)  # [B,T,D] -> [B*T,D] -> [N,D]
         return self.lm_head(self.norm(x))
 
     @staticmethod

@@ -195,10 +195,11 @@ class LLaVA(nn.Module):
         # masked_scatter keeps autograd into both the text embeddings and the projector
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
 
-    def forward(self, input_ids, pixel_values=None, labels=None):
+    def forward(self, input_ids, pixel_values=None, labels=None, logits_at=None):
         """-> (logits [B,T,V], loss): loss is the mean next-token cross-entropy over the
-        positions whose label is not -100 (None without labels)."""
-        logits = self.llm(inputs_embeds=self.embed(input_ids, pixel_values))
+        positions whose label is not -100 (None without labels). Training passes logits_at, the
+        supervised positions (data.supervised_positions), and gets their logits alone, [K,V]."""
+        logits = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), logits_at=logits_at)
         loss = None
         if labels is not None:
             loss = next_token_loss(logits, labels, reduction="mean")
@@ -546,9 +547,13 @@ def next_token_loss(logits, labels, reduction="mean"):
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction {reduction!r}: 'sum' or 'mean'")
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B,T]: the last position predicts nothing
-    logits = logits.float()                                      # [B,T,V]
-    total = TokenCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    total = token_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))  # [B,T,V] -> [B*T,V]
     return total if reduction == "sum" else total / (targets != IGNORE_INDEX).sum()
+
+
+def token_loss(logits, targets):
+    """Summed cross-entropy of logits [K,V] (any float dtype; computed in fp32) against targets [K]."""
+    return TokenCrossEntropy.apply(logits.float(), targets)
 
 
 class TokenCrossEntropy(torch.autograd.Function):

@@ -114,6 +114,38 @@ def test_loss_matches_transformers(tmp_path):
     assert abs(float(loss) - float(ref)) < 1e-5
 
 
+def test_head_at_supervised_positions_only(tmp_path):
+    """Training's path (the LM head on the K supervised positions, data.supervised_positions):
+    the loss equals transformers' on the whole batch, and every gradient equals the one through
+    all B*T logits with F.cross_entropy."""
+    import data
+    from model import token_loss
+    hf, d = make_hf(tmp_path)
+    ours = LLaVA.from_pretrained(d).train()
+    (a, px_a), (b, px_b) = prompt(seed=1), prompt(T_text=6, seed=2)
+    ids = torch.cat([a, F.pad(b, (0, a.shape[1] - b.shape[1]), value=0)])  # [2,31]; row 1 right-padded
+    labels = ids.clone()
+    labels[:, :21] = -100
+    labels[1, b.shape[1]:] = -100
+    px = torch.cat([px_a, px_b])
+    positions, targets = data.supervised_positions(labels)
+    assert len(positions) == int((labels[:, 1:] != -100).sum()) < ids.numel() // 2
+    logits, _ = ours(ids, px, logits_at=positions)
+    assert logits.shape == (len(positions), VOCAB)
+    loss = token_loss(logits, targets)
+    params = list(ours.projector.parameters()) + list(ours.llm.parameters())  # what stage 2 trains
+    grads = torch.autograd.grad(loss, params)
+    full, _ = ours(ids, px)
+    ref = F.cross_entropy(full[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), reduction="sum")
+    ref_grads = torch.autograd.grad(ref, params)
+    with torch.no_grad():
+        hf_loss = hf(input_ids=ids, pixel_values=px, labels=labels).loss
+    loss, ref = float(loss.detach()), float(ref.detach())
+    assert abs(loss / len(targets) - float(hf_loss)) < 1e-5 and abs(loss - ref) < 1e-4
+    for p, g, r in zip(params, grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-6, rtol=1e-4)
+
+
 def test_greedy_continuation_identical(tmp_path):
     hf, d = make_hf(tmp_path)
     ours = LLaVA.from_pretrained(d).eval()

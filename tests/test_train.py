@@ -131,6 +131,31 @@ def test_grouped_run_on_two_ranks_equals_one_process(world, tmp_path):
     assert_same_run(tmp_path / "a", tmp_path / "b", 2)
 
 
+def test_step_flops_count_llava_15_7b_by_hand():
+    """flop_params on LLaVA-1.5-7B's shapes (built on the meta device) against counts by hand,
+    and step_flops for one stage-2 sequence written out."""
+    from clip import CLIPVisionConfig
+    from llama import LlamaConfig
+    from model import LLaVAConfig
+    cfg = LLaVAConfig(vision=CLIPVisionConfig(image_size=336), text=LlamaConfig(rms_norm_eps=1e-5))
+    with torch.device("meta"):
+        model = LLaVA(cfg)
+    D, I, d, F, V = 1024, 4096, 4096, 11008, 32000
+    clip_block = 4 * (D * D + D) + (D * I + I) + (I * D + D) + 2 * 2 * D     # q k v o, fc1, fc2, 2 LayerNorms
+    counts = train.flop_params(model)
+    assert counts["vision"] == 3 * 14 * 14 * D + 23 * clip_block == 290_315_264  # layer -2: 23 of 24 blocks
+    assert counts["projector"] == (D * d + d) + (d * d + d)
+    assert counts["llm"] == 32 * (4 * d * d + 3 * d * F + 2 * d) + d          # no embedding, no head
+    assert counts["llm"] + 2 * V * d == 6_738_415_616                      # Vicuna-7B's 6.74B
+    assert counts["lm_head"] == V * d
+    # one stage-2 sequence: 1024 tokens, 576 of them image patches, 300 supervised
+    flops = train.step_flops(cfg, counts, 2, 1024, 300, 1, 1024)
+    want = (2 * 290_315_264 * 577 + 6 * counts["projector"] * 576 + 6 * counts["llm"] * 1024
+            + 6 * V * d * 300 + 12 * 32 * d * 1024 * 1024 / 2)
+    assert flops == want
+    assert train.step_flops(cfg, counts, 1, 1024, 300, 1, 1024) == want - 2 * (counts["llm"] * 1024 + V * d * 300)
+
+
 def test_lr_schedule_is_warmup_then_cosine():
     lrs = [train.lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == 0 and lrs[5] == 0.5 and lrs[10] == 1.0
