@@ -33,8 +33,7 @@ from llama import Llama, LlamaConfig, llm_state_from_checkpoint, Tokenizer
 from llama import KVCache  # generation
 from weights import WeightsError, read_json, load_state_dict, assign_weights, save_state_dict, fetch
 from weights import write_json_atomic
-
-IGNORE_INDEX = -100
+from data import IGNORE_INDEX, supervised_positions  # the labels' conventions
 
 
 # What transformers' LlavaConfig assumes for vision_config fields a sparse config leaves out
@@ -540,15 +539,14 @@ SAVE_PREFIXES = [
 # ---- helpers used by the loaders above --------------------------------------------------------
 
 def next_token_loss(logits, labels, reduction="mean"):
-    """Cross-entropy of position t predicting label t+1, ignoring -100. reduction "sum" lets the
-    training loop normalise by the token count of the whole global batch.
-    The labels move, not the logits (as transformers does): slicing the [B,T,V] logits would copy
-    the largest tensor of the step, and its backward would fill another one with zeros."""
+    """Cross-entropy of position t predicting label t+1, ignoring -100, from the logits of every
+    position [B,T,V] (LLaVA.forward with labels). Training does not come here: it runs the LM
+    head on the supervised positions alone (logits_at) and calls token_loss."""
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction {reduction!r}: 'sum' or 'mean'")
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B,T]: the last position predicts nothing
-    total = token_loss(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))  # [B,T,V] -> [B*T,V]
-    return total if reduction == "sum" else total / (targets != IGNORE_INDEX).sum()
+    positions, targets = (t.to(logits.device) for t in supervised_positions(labels))
+    total = token_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)  # [K,V]
+    return total if reduction == "sum" else total / len(targets)
 
 
 def token_loss(logits, targets):
