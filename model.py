@@ -33,7 +33,7 @@ from llama import Llama, LlamaConfig, llm_state_from_checkpoint, Tokenizer
 from llama import KVCache  # generation
 from weights import WeightsError, read_json, load_state_dict, assign_weights, save_state_dict, fetch
 from weights import write_json_atomic
-from data import IGNORE_INDEX, supervised_positions  # the labels' conventions
+from data import supervised_positions  # the labels: position t predicts label t+1
 
 
 # What transformers' LlavaConfig assumes for vision_config fields a sparse config leaves out
@@ -555,8 +555,9 @@ def token_loss(logits, targets):
 
 
 class TokenCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of rows x [N,V] against targets [N] (IGNORE_INDEX skipped), equal to
-    F.cross_entropy(reduction="sum") to float rounding.
+    """Summed cross-entropy of rows x [N,V] against targets [N], equal to
+    F.cross_entropy(reduction="sum") to float rounding. Every row counts: the callers pass the
+    supervised positions alone (data.supervised_positions).
 
     The [N,V] logits are the largest tensors of a small model's step. F.cross_entropy keeps the
     log-probabilities for backward, where nll_loss zero-fills one more [N,V] buffer and
@@ -566,26 +567,24 @@ class TokenCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, targets):
-        valid = targets != IGNORE_INDEX
-        safe = targets.clamp(min=0)
         top = x.amax(dim=-1, keepdim=True)                       # [N,1]
         p = torch.sub(x, top).exp_()                             # [N,V], the one new buffer
         z = p.sum(dim=-1, keepdim=True)
         p.div_(z)                                                # softmax
         lse = (top + z.log()).squeeze(-1)                        # log-sum-exp per row
-        picked = x.gather(-1, safe[:, None]).squeeze(-1)
-        ctx.save_for_backward(p, safe, valid)
+        picked = x.gather(-1, targets[:, None]).squeeze(-1)
+        ctx.save_for_backward(p, targets)
         ctx.spent = False
-        return ((lse - picked) * valid).sum()
+        return (lse - picked).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.spent:
             raise RuntimeError("TokenCrossEntropy's backward reuses its saved buffer: it runs once")
         ctx.spent = True
-        p, safe, valid = ctx.saved_tensors
-        p[torch.arange(len(safe), device=p.device), safe] -= 1   # softmax - onehot
-        p.mul_((grad_out * valid).unsqueeze(-1).to(p.dtype))     # ignored rows get 0
+        p, targets = ctx.saved_tensors
+        p[torch.arange(len(targets), device=p.device), targets] -= 1  # softmax - onehot
+        p.mul_(grad_out.to(p.dtype))
         return p, None
 
 
