@@ -304,7 +304,7 @@ def bench_vision(args, pair, device, dtype):
                 f"max |diff| {err:.1e}")]
 
 
-def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5):
+def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5, reshard_after_forward=True):
     """Our model set up exactly as train.train() sets it up (train.shard_model: frozen parts in the
     compute dtype, trained units as fp32 shards of our FSDP at world size 1), and a function
     running one step of train.train()'s loop on a batch: autocast forward, summed token loss over
@@ -312,7 +312,7 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5):
     micro_steps=k the batch goes through forward and backward k times before the optimizer steps
     (gradient accumulation, as train.py does when --global-batch is k x --micro-batch)."""
     cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=lr,
-                            weight_decay=0.0, adam_beta2=0.999)
+                            weight_decay=0.0, adam_beta2=0.999, reshard_after_forward=reshard_after_forward)
     train.init_distributed(cfg)
     model.train()
     params, _, sharded = train.shard_model(model, cfg, device, dtype)
@@ -557,14 +557,16 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, profile=False, micro_steps=1):
+def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, profile=False, micro_steps=1,
+              reshard_after_forward=True):
     """tokens/s, MFU and peak memory of train.py's step on `model` (which shard_model mutates);
     `profile`: then two more steps under torch.profiler, its table of the costliest operators;
     `micro_steps`: that many micro-batches per optimizer step (the numbers are per optimizer step)."""
     reset_memory(device)
     c = model.config
     counts = train.flop_params(model)
-    step, params = ours_train_step(model, stage, device, dtype, grad_ckpt=grad_ckpt)
+    step, params = ours_train_step(model, stage, device, dtype, grad_ckpt=grad_ckpt,
+                                   reshard_after_forward=reshard_after_forward)
     B, T = shapes.batch, shapes.seq
     ids, labels, px = make_batch(c, B, T, device)
     losses = [float(step(ids, labels, px, micro_steps)) for _ in range(warmup)]
@@ -576,6 +578,7 @@ def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, p
     flops = train.step_flops(c, counts, stage, B * T, supervised, B, T) * micro_steps
     peak = train.device_peak_flops(device)
     out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,
+           "reshard_after_forward": reshard_after_forward,
            "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "achieved_tflops": flops / dt / 1e12,
            "mfu": flops / dt / peak if peak else None, "peak_mem_gb": peak_memory(device),
            "flop_params": counts, "supervised_tokens": supervised,
@@ -589,15 +592,18 @@ def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, p
 def gpu_stage2(shapes, device, dtype, args):
     """A ~1B LLaVA, stage 2 (projector + LLM trained), gradient checkpointing off and on; then, as
     LLaVA-1.5's stage 2 runs on one GPU (global batch 128 = 8 micro-batches of 16), 8 micro-batches
-    per optimizer step, so the optimizer's fixed cost is spread over 8x the tokens.
+    per optimizer step, so the optimizer's fixed cost is spread over 8x the tokens; and both with
+    the params kept from forward to backward (--reshard-after-forward false: no second cast).
     --profile: afterwards, where a step's time goes (torch.profiler, the top operators)."""
     out = {}
-    for key, ckpt, micro in (("ckpt_off", False, 1), ("ckpt_on", True, 1), ("accum8_ckpt_off", False, 8)):
+    for key, ckpt, micro, reshard in (("ckpt_off", False, 1, True), ("ckpt_on", True, 1, True),
+                                      ("kept_ckpt_off", False, 1, False), ("accum8_ckpt_off", False, 8, True),
+                                      ("accum8_kept_ckpt_off", False, 8, False)):
         log(f"  stage 2, {shapes.text['hidden_size']}x{shapes.text['num_hidden_layers']} LLM, grad ckpt {ckpt}, "
-            f"{micro} micro-batch(es) per step")
+            f"{micro} micro-batch(es) per step, reshard after forward {reshard}")
         model = build_on_device(shapes.config(), device, dtype)
         out[key] = r = gpu_train(model, shapes, 2, device, dtype, ckpt, args.warmup, args.repeats,
-                                 args.profile and key == "ckpt_off", micro_steps=micro)
+                                 args.profile and key == "ckpt_off", micro_steps=micro, reshard_after_forward=reshard)
         log(f"    {fmt_train(r)}")
         if "profile" in r:
             log(r["profile"])
@@ -820,6 +826,7 @@ def gpu_table(res):
             mem = f"{x['peak_mem_gb']:.1f} GiB" if x["peak_mem_gb"] is not None else "n/a"
             accum = f", {x['micro_steps']} micro-batches a step" if x.get("micro_steps", 1) > 1 else ""
             ckpt = "on" if x["grad_ckpt"] else "off"
+            accum += "" if x.get("reshard_after_forward", True) else ", params kept for backward"
             lines.append(f"| {label} | batch {x['batch']} x {x['seq']}{accum}, grad ckpt {ckpt} | {x['tokens_per_s']:.0f} | "
                          f"{mfu} | {mem} | {x['step_tflop']:.1f} TFLOP/step, {x['achieved_tflops']:.0f} TFLOP/s |")
     d = res.get("decode", {})

@@ -157,6 +157,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
 
+    def after_add(self, x, delta):
+        """(x + delta, self(x + delta)), as one fused function (see add_rms_norm)."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
+
 
 def rope_inv_freq(head_dim, theta):
     """[head_dim/2] fp32 inverse frequencies, computed on the CPU as transformers does."""
@@ -177,6 +181,17 @@ def rms_norm(x, weight, eps: float):
     return weight * x.to(dtype)  # HF order: cast back first, then scale
 
 
+_rms_norm = rms_norm  # the eager function, which compile_elementwise does not rebind
+
+
+def add_rms_norm(x, delta, weight, eps: float):
+    """(x + delta, rms_norm(x + delta)): a block's residual add and the norm that reads its sum.
+    Compiled as one function, the sum is read once instead of written and read back, and in
+    backward the two gradients that meet at the sum are added in the same kernel."""
+    x = x + delta
+    return x, _rms_norm(x, weight, eps)
+
+
 def apply_rope(q, k, cos, sin):
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
@@ -185,29 +200,31 @@ def swiglu(gate, up):
     return F.silu(gate) * up
 
 
-_EAGER = (rms_norm, apply_rope, swiglu)
+_EAGER = (rms_norm, add_rms_norm, apply_rope, swiglu)
 _COMPILED = []
 
 
 def compile_elementwise(on=True):
-    """Rebind rms_norm, apply_rope and swiglu to torch.compile'd versions (on=False: the eager
-    ones again). Returns whether they were compiled before, so a caller can put things back.
+    """Rebind rms_norm, add_rms_norm, apply_rope and swiglu to torch.compile'd versions
+    (on=False: the eager ones again). Returns whether they were compiled before, so a caller can
+    put things back.
 
     Why: in a bf16 training step each of these is several kernels, each reading and writing a
     whole activation (RMSNorm: upcast, square, mean, rsqrt, multiply, downcast, scale; RoPE: two
     products, a negation, a concatenation and a sum per tensor), forward and backward again.
     In a ~1B stage-2 step on an H100 (torch.profiler) the matrix products took 33% of the GPU
     time and such elementwise passes about 40%. Compiled, each function is one fused kernel
-    forward and one backward: 175 -> 127 ms a step, the same losses. The modules call these
+    forward and one backward: 175 -> 127 ms a step, the same losses. The residual adds (3% of
+    the step after that) then joined the norm after them (add_rms_norm). The modules call these
     names as module globals at call time, so rebinding them here is the whole switch; the
     arithmetic is the eager code's. train.py turns it on for CUDA (--compile-elementwise auto)
     and back off when it returns; on a CPU inductor's C++ build costs more than it saves at
     tiny sizes, and decoding compiles its whole step instead (LLaVA.compile_decode)."""
-    global rms_norm, apply_rope, swiglu
+    global rms_norm, add_rms_norm, apply_rope, swiglu
     was = rms_norm is not _EAGER[0]
     if on and not _COMPILED:
         _COMPILED.extend(torch.compile(fn) for fn in _EAGER)
-    rms_norm, apply_rope, swiglu = _COMPILED if on else _EAGER
+    rms_norm, add_rms_norm, apply_rope, swiglu = _COMPILED if on else _EAGER
     return was
 
 
@@ -264,8 +281,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache=None, layer_idx=0, attn_mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx, attn_mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, cache, layer_idx, attn_mask)
+        x, h = self.post_attention_layernorm.after_add(x, a)  # x + a, and its norm
+        return x + self.mlp(h)
 
 
 class KVCache:

@@ -32,7 +32,8 @@ reduce-scatter, so autograd itself issues it the moment the unit's gradient is c
 After the forward the full buffer is dropped; tensors that autograd saved from it are stored
 as (offset, shape, stride) by a saved-tensor hook and rebuilt from a re-gather when backward
 reaches the unit. With --grad-ckpt the unit's whole call (gather + forward) is wrapped in
-activation checkpointing, so the recompute re-gathers by itself. Frozen parts (CLIP always, the
+activation checkpointing, so the recompute re-gathers by itself. (`--reshard-after-forward
+false` keeps the buffer until backward instead: see ShardedUnit.) Frozen parts (CLIP always, the
 LLM in stage 1) are not units: they stay replicated in the compute dtype and are never gathered,
 so stage 1 pays nothing to shard a frozen LLM. One rank in fp32 (a CPU run) has nothing to
 gather: the modules use views of the shard itself. Gradient clipping all-reduces the squared shard
@@ -122,6 +123,7 @@ class TrainConfig:
     dtype: str = ""                     # "" = bf16 on cuda, fp32 on cpu; "fp32" = fp32 throughout, Muon too
     fsdp: str = "ours"                  # "ours" | "torch" (FSDP2)
     grad_ckpt: bool = False
+    reshard_after_forward: bool = True  # False: keep gathered params until backward (ShardedUnit)
     group_by_modality_length: bool = False  # batches of one modality and similar lengths (official)
     num_workers: int = 2
     dist_timeout: int = 600             # seconds a rank waits for a dead peer before giving up
@@ -225,7 +227,7 @@ class GatherParams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_full):
         unit = ctx.unit
-        unit.full_for_backward = None  # the unit's backward is complete: free the re-gather
+        unit.full_for_backward = unit.kept = None  # the unit's backward is complete: free its params
         unit.schedule.reduce_scatter(unit, grad_full)
         return None, None
 
@@ -254,10 +256,10 @@ class Schedule:
             self.order[i].prefetch()
 
     def reduce_scatter(self, unit, grad_full):
-        grad_full = grad_full.float().contiguous()
-        if self.world == 1:
+        if self.world == 1:  # nothing to sum: the bf16 grad goes into the fp32 one as it is
             self._accumulate(unit, grad_full)
             return
+        grad_full = grad_full.float().contiguous()
         out = torch.empty(unit.shard_size, dtype=torch.float32, device=grad_full.device)
         work = dist.reduce_scatter_tensor(out, grad_full, op=dist.ReduceOp.SUM, async_op=True)
         self.pending.append((unit, out, work, grad_full))
@@ -272,8 +274,8 @@ class Schedule:
     @staticmethod
     def _accumulate(unit, grad):
         if unit.shard.grad is None:
-            unit.shard.grad = grad
-        else:
+            unit.shard.grad = grad.float()
+        else:  # fp32 += bf16 upcasts inside the add: no fp32 copy of the gradient in between
             unit.shard.grad.add_(grad)
 
     @contextlib.contextmanager
@@ -288,14 +290,23 @@ class Schedule:
                 self._complete(self.pending.pop(0))
             for unit in self.order:
                 unit.drop_prefetch()
+                unit.kept = None  # a unit the loss did not reach
             self.in_backward = False
 
 
 class ShardedUnit:
-    """Trainable params of `modules` flattened into one fp32 shard per rank (see docstring)."""
+    """Trainable params of `modules` flattened into one fp32 shard per rank (see docstring).
 
-    def __init__(self, name, modules, names, compute_dtype, device, schedule, grad_ckpt=False):
+    reshard_after_forward=False keeps the gathered params from the unit's forward until its
+    backward, as FSDP2's option of that name (and ZeRO-2's traffic): backward, and --grad-ckpt's
+    recompute, use them instead of gathering again. That saves one of a unit's three collectives
+    a step (on one rank, one of its two casts to bf16), and costs the whole model in bf16 on
+    every rank at the end of the forward."""
+
+    def __init__(self, name, modules, names, compute_dtype, device, schedule, grad_ckpt=False,
+                 reshard_after_forward=True):
         self.name, self.modules, self.compute_dtype, self.schedule = name, modules, compute_dtype, schedule
+        self.reshard_after_forward = reshard_after_forward
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.slots = []  # (owner module, attribute, offset, shape, qualified name)
         flat_parts, offset = [], 0
@@ -319,6 +330,7 @@ class ShardedUnit:
         # modules use views of it directly; nothing to gather, copy, free or re-gather.
         self.local = self.world == 1 and compute_dtype == torch.float32
         self.full_for_backward = None
+        self.kept = None  # reshard_after_forward=False: the params gathered in the forward
         self._saving = None
         self._prefetched = None  # (buffer, work handle, source kept alive)
         self._patch(grad_ckpt)
@@ -379,10 +391,15 @@ class ShardedUnit:
         if self.local:  # autograd accumulates straight into shard.grad
             self._install(self.shard)
             return
+        if self.kept is not None and self.schedule.in_backward:  # --grad-ckpt recomputing
+            self._install(self.kept)
+            return
         full = GatherParams.apply(self.shard, self)
         self.schedule.started(self)
         self._install(full)
-        if save_hooks and torch.is_grad_enabled():
+        if not self.reshard_after_forward:
+            self.kept = full if torch.is_grad_enabled() else None
+        elif save_hooks and torch.is_grad_enabled():
             # Tensors autograd saves that live in `full` are kept as (shape, stride, offset)
             # and rebuilt from a re-gather in backward, so `full` itself can be freed now.
             storage = full.untyped_storage().data_ptr()
@@ -503,7 +520,8 @@ def shard_model(model, cfg, device, compute_dtype):
     units = training_units(model, cfg.stage)
     if cfg.fsdp == "ours":
         schedule = Schedule(dist.get_world_size())
-        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt)
+        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt,
+                               reshard_after_forward=cfg.reshard_after_forward)
                    for name, mods in units]
         for mod in model.modules():  # buffers (none trainable) follow the device
             for key, buf in mod._buffers.items():
@@ -527,7 +545,7 @@ def shard_model(model, cfg, device, compute_dtype):
             if cfg.grad_ckpt and name.startswith("layers."):
                 mods[0].forward = functools.partial(checkpoint_call, mods[0].forward)
             if name != "norm+lm_head":
-                fully_shard(mods[0], mp_policy=policy)
+                fully_shard(mods[0], mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
         if cfg.stage == 2:
             # FSDP2 wants the root's forward to run first: the whole model is the root and owns
             # what its sharded children do not (norm + head); the frozen CLIP stays out of it

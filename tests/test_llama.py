@@ -140,11 +140,11 @@ def test_compiled_elementwise_matches_transformers_and_the_eager_gradients(ckpts
     eager = [logits_and_grads(x) for x in xs]
     assert llama.compile_elementwise(True) is False
     try:
-        assert llama.rms_norm is not llama._EAGER[0]
+        assert llama.rms_norm is not llama._EAGER[0] and llama.add_rms_norm is not llama._EAGER[1]
         compiled = [logits_and_grads(x) for x in xs]
     finally:
         assert llama.compile_elementwise(False) is True
-    assert (llama.rms_norm, llama.apply_rope, llama.swiglu) == llama._EAGER
+    assert (llama.rms_norm, llama.add_rms_norm, llama.apply_rope, llama.swiglu) == llama._EAGER
     for x, (logits, grads), (_, eager_grads) in zip(xs, compiled, eager):
         with torch.no_grad():
             assert (logits - ref(x).logits).abs().max() < 1e-4

@@ -181,6 +181,10 @@ def test_two_ranks_equal_one_process_and_fsdp2(world, tmp_path, stage):
     ours = tmp_path / "ours"
     run(base_args(world, ours, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true"}), nproc=2)  # accum 2
     assert_same_run(ref, ours, stage)
+    kept = tmp_path / "kept"  # params kept from forward to backward: the recompute uses them
+    run(base_args(world, kept, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true",
+                                                "reshard-after-forward": "false"}), nproc=2)
+    assert_same_run(ref, kept, stage)
     fsdp2 = tmp_path / "fsdp2"
     run(base_args(world, fsdp2, stage=stage, fsdp="torch"), nproc=2)               # accum 1
     assert_same_run(ref, fsdp2, stage)
@@ -257,6 +261,56 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
         torch.testing.assert_close(fused[k], loop[k], rtol=0, atol=1e-6, msg=k)
     moved = [k for k in loop if not torch.equal(loop[k], start[k].float())]
     assert any("projector" in k for k in moved) and any("layers" in k for k in moved)
+
+
+def test_keeping_params_until_backward_gathers_once_and_changes_no_bit(world, monkeypatch):
+    """--reshard-after-forward false, one rank in bf16 (where a gather is a cast of the fp32
+    shard): each unit gathers once per micro-batch instead of again in backward (or in
+    --grad-ckpt's recompute), and the gradients are the same bits. A second micro-batch's bf16
+    gradient adds into the fp32 one exactly as an fp32 sum of the two."""
+    from llama import Tokenizer
+    from model import token_loss
+    gathers = {"n": 0}
+    all_gather = train.ShardedUnit.all_gather
+
+    def counted(self, shard):
+        gathers["n"] += 1
+        return all_gather(self, shard)
+    monkeypatch.setattr(train.ShardedUnit, "all_gather", counted)
+    base = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
+                                               projector="mlp2x_gelu", image_size=32, pad_to_square=False))
+    device, _, _ = train.init_distributed(base)
+    try:
+        tok = Tokenizer(world["llm"])
+        ds = data.LazySupervisedDataset(world["stage2"], world["image_folder"], tok, template="vicuna_v1",
+                                        image_size=32, num_patches=16, pad_to_square=False, max_length=256)
+        collate = data.Collator(pad_id=0)
+        micro = [collate([ds[i] for i in range(j, j + 3)]) for j in (0, 3)]
+
+        def grads(cfg, batches):
+            torch.manual_seed(0)  # the same fresh projector every time
+            model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+            params, _, sharded = train.shard_model(model, cfg, device, torch.bfloat16)
+            gathers["n"] = 0
+            for mb in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits, _ = model(mb["input_ids"], mb["pixel_values"], logits_at=mb["positions"])
+                with sharded[0].schedule.backward():
+                    token_loss(logits, mb["targets"]).backward()
+            assert all(u.kept is None and u.full_for_backward is None for u in sharded)  # all freed
+            return [p.grad for p in params], gathers["n"], len(sharded)
+
+        for ckpt in (False, True):
+            again, n_again, units = grads(replace(base, grad_ckpt=ckpt), micro[:1])
+            kept, n_kept, _ = grads(replace(base, grad_ckpt=ckpt, reshard_after_forward=False), micro[:1])
+            assert n_kept == units and n_again > units, (ckpt, n_kept, n_again, units)
+            assert all(torch.equal(a, b) for a, b in zip(again, kept))
+        second, _, _ = grads(replace(base, reshard_after_forward=False), micro[1:])
+        both, _, _ = grads(replace(base, reshard_after_forward=False), micro)
+        assert all(g.dtype == torch.float32 for g in both)
+        assert all(torch.equal(ab, a + b) for ab, a, b in zip(both, kept, second))
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def test_muon_on_our_shards_matches_torch_muon_and_adamw(world):
