@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import data
 import train
-from model import LLaVA
+from llama import Tokenizer
+from model import LLaVA, token_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "train.py")
@@ -92,7 +93,6 @@ def test_loss_at_step_0_equals_transformers(world, tmp_path):
     model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False).eval()
     model.save_pretrained(tmp_path / "m")
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
-    from llama import Tokenizer
     ds = data.LazySupervisedDataset(world["stage2"], world["image_folder"], Tokenizer(tmp_path / "m"),
                                     "vicuna_v1", 32, model.config.num_patches, False, 256)
     batch = data.Collator(model.config.pad_token_id)([ds[i] for i in range(4)])
@@ -268,8 +268,6 @@ def test_keeping_params_until_backward_gathers_once_and_changes_no_bit(world, mo
     shard): each unit gathers once per micro-batch instead of again in backward (or in
     --grad-ckpt's recompute), and the gradients are the same bits. A second micro-batch's bf16
     gradient adds into the fp32 one exactly as an fp32 sum of the two."""
-    from llama import Tokenizer
-    from model import token_loss
     gathers = {"n": 0}
     all_gather = train.ShardedUnit.all_gather
 
