@@ -182,6 +182,12 @@ def init_distributed(cfg):
     device = current_device(cfg)
     backend = process_group_backend(device)
     timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+    # torch._dynamo, which nn.init imports on first use (building the model), keeps the default
+    # group alive past destroy_process_group when it is first imported after the group exists
+    # (torch 2.11-2.13): gloo's threads then outlive the interpreter, and now and then a rank
+    # that finished and saved dies at exit with "terminate called without an active exception"
+    # (pytorch/pytorch#190489 describes that crash). Imported before the group, it holds none.
+    import torch._dynamo  # noqa: F401
     if "RANK" in os.environ:  # torchrun (one node or many, through its rendezvous)
         dist.init_process_group(backend, timeout=timeout)
     else:  # one process: the same code path with a group of one

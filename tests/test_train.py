@@ -229,6 +229,26 @@ def test_each_rank_holds_one_half_of_params_and_optimizer_state(world):
         assert state == 2 * held                 # AdamW's two moments, for the shard only
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_destroying_the_process_group_stops_its_threads_after_a_model_is_built(world):
+    """Building a model (nn.init imports torch._dynamo on first use) after init_process_group
+    once kept the group alive past destroy_process_group: gloo's threads outlived the
+    interpreter and a finished rank could die at exit ("terminate called without an active
+    exception"). In a fresh process, as a rank runs it: no gloo thread is left."""
+    script = f"""
+import json, os, torch.distributed as dist, train
+from model import LLaVA
+train.init_distributed(train.TrainConfig(stage=2))
+LLaVA.from_components({str(world["clip"])!r}, {str(world["llm"])!r}, projector="mlp2x_gelu", pad_to_square=False)
+dist.destroy_process_group()
+print(json.dumps([open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]))
+"""
+    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    names = json.loads(p.stdout.strip().splitlines()[-1])
+    assert not [n for n in names if "gloo" in n], names
+
+
 def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
     """train() steps the fp32 master shards with the fused AdamW (--fused-adamw auto, CPU and
     CUDA): the shards are what that kernel accepts, and its steps (projector lr scale and weight
