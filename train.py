@@ -184,7 +184,7 @@ def init_distributed(cfg):
     timeout = datetime.timedelta(seconds=cfg.dist_timeout)
     # torch._dynamo, which nn.init imports on first use (building the model), keeps the default
     # group alive past destroy_process_group when it is first imported after the group exists
-    # (torch 2.11-2.13): gloo's threads then outlive the interpreter, and now and then a rank
+    # (seen with torch 2.13): gloo's threads then outlive the interpreter, and now and then a rank
     # that finished and saved dies at exit with "terminate called without an active exception"
     # (pytorch/pytorch#190489 describes that crash). Imported before the group, it holds none.
     import torch._dynamo  # noqa: F401
