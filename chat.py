@@ -6,8 +6,9 @@ Talk to LLaVA about a picture in the terminal.
 
 Without --prompt it is a REPL: the answer streams as it is generated, follow-up questions keep
 the conversation, `/image PATH` switches to another picture (and starts over), `/reset` starts
-over, an empty line or Ctrl-D quits, Ctrl-C stops an answer. With --prompt it answers once on
-stdout and exits (messages go to stderr), so it can be scripted.
+over, an empty line, Ctrl-D or Ctrl-C at the prompt quits, Ctrl-C during an answer stops it; in a
+terminal the line has readline's editing and history. With --prompt it answers once on stdout
+and exits (messages go to stderr), so it can be scripted.
 
 How a conversation stays cheap: the first question is prefilled once with the image spliced in
 (LLaVA.generate), and the conversation keeps that KV cache (model.GenerationState). A follow-up
@@ -31,10 +32,8 @@ import torch
 import data
 from clip import ImageError, load_image, preprocess
 from llama import StreamDecoder, Tokenizer
-from model import LLaVA, ContextLengthError, GenerationState
+from model import DTYPES, NONNEG, POSITIVE, LLaVA, ContextLengthError, GenerationState, checked, device_name
 from weights import WeightsError, fetch
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class Chat:
@@ -107,7 +106,10 @@ class Chat:
 
 def load(name, device, dtype):
     """--model (a llava-hf dir or a Hub name, fetched once) -> (model, tokenizer)."""
-    path = fetch(name)
+    try:
+        path = fetch(name)
+    except WeightsError as e:
+        raise WeightsError(f"--model {name}: {e}") from None
     model = LLaVA.from_pretrained(path, dtype=dtype, device=device).eval()
     tok = Tokenizer(getattr(model, "tokenizer_dir", path))
     if tok.image_token_id != model.config.image_token_id:
@@ -117,12 +119,14 @@ def load(name, device, dtype):
 
 
 def repl(chat):
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (input() gets line editing and history)
     print("commands: /image PATH (another picture, new conversation), /reset, "
-          "empty line or Ctrl-D to quit, Ctrl-C stops an answer", file=sys.stderr)
+          "empty line, Ctrl-D or Ctrl-C to quit, Ctrl-C during an answer stops it", file=sys.stderr)
     while True:
         try:
             line = input("USER: ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
             print()
             return 0
         if not line:
@@ -132,6 +136,9 @@ def repl(chat):
             print("(new conversation)")
             continue
         if line.split()[0] == "/image":
+            if line == "/image":
+                print("usage: /image PATH (a picture file; the conversation starts over about it)")
+                continue
             try:
                 chat.set_image(load_image(line[len("/image"):].strip()))
                 print("(new image, new conversation)")
@@ -152,13 +159,15 @@ def repl(chat):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with LLaVA about an image.")
     p.add_argument("image", nargs="?", help="the picture to talk about (leave out for a text-only chat)")
-    p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="llava-hf directory or Hub name")
+    p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf",
+                   help="a llava-hf directory or Hub name (default: llava-hf/llava-1.5-7b-hf, fetched once, ~14 GB)")
     p.add_argument("--prompt", help="answer this one question, print the answer and exit")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_name, default="", help="cpu, cuda, ... (default: cuda if there is one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (default 0.2, as the official cli)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=NONNEG, default=0.2, help="0 = greedy (default 0.2, as the official cli)")
+    p.add_argument("--top-p", type=checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]"), default=1.0,
+                   help="nucleus sampling mass (default 1: off)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=512, help="longest answer in tokens (default 512)")
     p.add_argument("--seed", type=int, help="seed of the sampler (default: random)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA)")
     return p.parse_args(argv)
@@ -168,7 +177,7 @@ def main(argv=None):
     args = parse_args(argv)
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets "?"
         sys.stdout.reconfigure(errors="replace")
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     try:
         image = load_image(args.image) if args.image else None  # before a 14 GB load, not after
@@ -193,6 +202,9 @@ def main(argv=None):
     except (ImageError, WeightsError, ContextLengthError, data.BadSample) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # while loading, or during a --prompt answer
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

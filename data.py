@@ -39,7 +39,7 @@ labels, in five steps that each live in one place:
 
 4. Bad samples never crash a run and are never dropped silently. Whatever is wrong with a record
    (unreadable, missing or corrupt image, no reply, roles out of order, `<image>` without an
-   image or the reverse, too long, nothing to learn) becomes a `Skipped` marker naming the
+   image or the reverse, too long, nothing to learn, any error it raises) becomes a `Skipped` marker naming the
    record index, its id and the reason. Markers travel through DataLoader workers like samples;
    the collate function sets them aside and the main-process loader (`make_loader`) counts them
    per reason, prints a warning line for each (the first few per reason) and
@@ -68,6 +68,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import clip
+from weights import read_json
 
 IGNORE_INDEX = -100   # label of a position the loss skips (torch's cross_entropy default)
 IMAGE = "<image>"     # the placeholder for the image in a record's text
@@ -84,7 +85,10 @@ class Template:
         first_user(q1) assistant reply(a1)  user(q2) assistant reply(a2)  ...
 
     and a generation prompt is the same with the last reply left out (it ends with `assistant`).
-    Supervision covers each reply from `{a}` to its end (the reply text and its `</s>`)."""
+    Supervision covers all of `reply`: as in the official preprocess_v1, a reply is learned from
+    right after its role's `:` (or `[/INST]`) through its `</s>`, so the space in front of it is
+    a target too, also when it is a token of its own (a lone "▁" before a digit, an emoji, CJK,
+    a newline or a second space)."""
     name: str
     system: str
     first_user: str      # the first question; may use {system} and {q}
@@ -148,7 +152,12 @@ REASONS = {
     "image_too_long": "the image does not fit in max_length tokens",
     "nothing_to_learn": "no supervised token left after truncation",
     "returned_none": "the dataset returned None for this item",
+    "error": "reading the record raised an error nanollava did not expect (please report it)",
 }
+
+
+class DataError(ValueError):
+    """A data file (not one record) that cannot be used: missing, not JSON, not a list."""
 
 
 class BadSample(Exception):
@@ -226,9 +235,8 @@ def _render(pairs, tpl):
         text += tpl.assistant
         if a is None:
             break
-        text += lead
-        spans.append((len(text), len(text) + len(a) + len(close)))
-        text += a + close
+        spans.append((len(text), len(text) + len(lead) + len(a) + len(close)))
+        text += lead + a + close
     return text, spans
 
 
@@ -333,24 +341,28 @@ def expand_image(input_ids, labels, image_token_id, num_patches):
 
 
 def truncate(input_ids, labels, max_length, image_token_id):
-    """Cut to max_length tokens, never through an image (then the sample is bad)."""
-    if max_length is None or len(input_ids) <= max_length:
-        return input_ids, labels
-    last_image = max((k for k, t in enumerate(input_ids) if t == image_token_id), default=-1)
-    if last_image >= max_length:
-        raise BadSample("image_too_long", f"{len(input_ids)} tokens, the image ends at token {last_image + 1} "
-                                          f"> max_length {max_length}")
-    return input_ids[:max_length], labels[:max_length]
+    """Cut to max_length tokens, never through an image, never to nothing to learn (either way
+    the sample is bad)."""
+    if max_length is not None and len(input_ids) > max_length:
+        last_image = max((k for k, t in enumerate(input_ids) if t == image_token_id), default=-1)
+        if last_image >= max_length:
+            raise BadSample("image_too_long", f"{len(input_ids)} tokens, the image ends at token {last_image + 1} "
+                                              f"> max_length {max_length}")
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(l == IGNORE_INDEX for l in labels):
+        raise BadSample("nothing_to_learn", f"{len(input_ids)} tokens, max_length {max_length}")
+    return input_ids, labels
 
 
 def tokenize_conversation(conversations, tokenizer, template, num_patches=0, has_image=None, max_length=None):
     """LLaVA turns -> (input_ids, labels), lists of ints of equal length.
 
-    labels are -100 except on the assistant replies and their `</s>` (plain: the caption and its
-    "\\n"). With an image, its one `<image>` id becomes `num_patches` ids (0 or 1: one id).
+    labels are -100 except on the assistant replies, the space before each included, and their
+    `</s>` (plain: the caption and its "\\n"). With an image, its one `<image>` id becomes `num_patches` ids (0 or 1: one id).
     Truncated to max_length (if given). Raises BadSample for anything untrainable."""
     text, spans = render_conversation(conversations, template, has_image)
     ids = _encode(tokenizer, text)
+    text = text.replace("\u2581", " ")  # sentencepiece reads a literal "▁" as a space: its pieces spell one
     data = text.encode("utf-8")
     learn = bytearray(len(data) + 1)  # learn[b] = 1 where byte b belongs to a supervised span
     for s, e in spans:
@@ -362,10 +374,7 @@ def tokenize_conversation(conversations, tokenizer, template, num_patches=0, has
         labels.append(t if supervised else IGNORE_INDEX)
     labels[0] = IGNORE_INDEX  # BOS is never a target
     ids, labels = expand_image(ids, labels, tokenizer.image_token_id, num_patches)
-    ids, labels = truncate(ids, labels, max_length, tokenizer.image_token_id)
-    if all(l == IGNORE_INDEX for l in labels):
-        raise BadSample("nothing_to_learn", f"{len(ids)} tokens, max_length {max_length}")
-    return ids, labels
+    return truncate(ids, labels, max_length, tokenizer.image_token_id)
 
 
 def tokenize_prompt(turns, tokenizer, template, has_image=False, num_patches=0):
@@ -396,12 +405,14 @@ class Skipped:
 
 
 class SkipLog:
-    """Per-reason tally of skipped records (distinct indices), kept in the main process."""
+    """Per-reason tally of skipped records (distinct indices), kept in the main process, and the
+    records cut to max_length (trained on, but not whole)."""
 
     def __init__(self, print_first=10):
         self.print_first = print_first
         self.indices = {}  # reason -> set of record indices
         self.events = 0    # skips counted, with repeats over epochs
+        self.truncated = set()  # record indices
 
     def add(self, skipped):
         seen = self.indices.setdefault(skipped.reason, set())
@@ -420,10 +431,11 @@ class SkipLog:
         counts = self.counts()
         n = sum(counts.values())
         of = f" of {total}" if total is not None else ""
+        cut = f"; {len(self.truncated)} truncated to max_length" if self.truncated else ""
         if not n:
-            return f"data: no records skipped{of}"
+            return f"data: no records skipped{of}{cut}"
         parts = ", ".join(f"{reason} {k}" for reason, k in counts.items())
-        return f"data: skipped {n}{of} records ({parts})"
+        return f"data: skipped {n}{of} records ({parts}){cut}"
 
 
 def read_records(path):
@@ -432,7 +444,7 @@ def read_records(path):
     is an error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path}")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         records = []
@@ -446,9 +458,9 @@ def read_records(path):
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); expected a list of LLaVA records") from None
+        raise DataError(f"{path} is not valid JSON ({e}); expected a list of LLaVA records") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path} holds a JSON {type(records).__name__}; expected a list of LLaVA records")
+        raise DataError(f"{path} holds a JSON {type(records).__name__}; expected a list of LLaVA records")
     return records
 
 
@@ -498,6 +510,8 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             return self._sample(i, record)
         except BadSample as e:
             return Skipped(i, rid, e.reason, str(e))
+        except Exception as e:  # whatever one record does, it costs that sample, never the run
+            return Skipped(i, rid, "error", f"{type(e).__name__}: {e}")
 
     def _sample(self, i, record):
         if not isinstance(record, dict) or "conversations" not in record:
@@ -507,8 +521,9 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
         if image is not None and not isinstance(image, str):
             raise BadSample("unreadable_record", f"'image' is a {type(image).__name__}, not a path")
         ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template,
-                                            num_patches=self.num_patches, has_image=image is not None,
-                                            max_length=self.max_length)
+                                            num_patches=self.num_patches, has_image=image is not None)
+        truncated = self.max_length is not None and len(ids) > self.max_length
+        ids, labels = truncate(ids, labels, self.max_length, self.tokenizer.image_token_id)
         pixel_values = None
         if image is not None:  # after the text checks: a text-bad record costs no image decoding
             path = self.image_folder / image
@@ -520,7 +535,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
                 raise BadSample("corrupt_image", str(e)) from None
         return {"input_ids": torch.tensor(ids, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long),
-                "pixel_values": pixel_values, "index": i, "id": record.get("id")}
+                "pixel_values": pixel_values, "index": i, "id": record.get("id"), "truncated": truncated}
 
     def record_skip(self, skipped):
         self.skips.add(skipped)
@@ -555,6 +570,7 @@ class Collator:
     pixel_values [N, 3, S, S] the images of the N rows that have one, in row order (or None)
     image_rows [N]     which rows those are
     ids, indices       the records' ids and dataset indices, per row
+    skipped, truncated the bad samples (Skipped) and the indices of the rows cut to max_length
     """
     pad_id: int
 
@@ -575,7 +591,7 @@ class Collator:
                 "pixel_values": pixel_values,
                 "image_rows": torch.tensor(image_rows, dtype=torch.long),
                 "ids": [s["id"] for s in good], "indices": [s["index"] for s in good],
-                "skipped": skipped}
+                "skipped": skipped, "truncated": [s["index"] for s in good if s.get("truncated")]}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -890,8 +906,10 @@ def scienceqa_to_llava(problems_json, pid_splits_json, split, image_root=None, a
     default the release's images/{split}, giving the official "{pid}/image.png"); the image
     is looked for at images/{split}/{pid}/ next to problems.json. Kept for evaluation: answer
     (letter), choices, subject, grade, has_text, has_image, no_context, categories."""
-    problems = json.loads(Path(problems_json).read_text())
-    pids = json.loads(Path(pid_splits_json).read_text())[split]
+    problems, splits = read_json(problems_json, "ScienceQA problems"), read_json(pid_splits_json, "ScienceQA splits")
+    if not isinstance(splits, dict) or split not in splits:
+        raise DataError(f"{pid_splits_json} has no split {split!r}; it has {', '.join(map(repr, splits))}")
+    pids = splits[split]
     fmt = prompt_format or ("QCM-ALE" if answer_first else "QCM-LEA")
     images = Path(problems_json).parent / "images" / split
     root = Path(image_root) if image_root is not None else images

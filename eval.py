@@ -61,9 +61,8 @@ import data
 from clip import load_image, preprocess_batch
 from generate_data import ChatClient, Job, JsonlOutput, ParseError, format_context, load_context_jsonl, run_jobs
 from llama import Tokenizer
-from model import LLaVA
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from model import DTYPES, POSITIVE, LLaVA, device_name
+from weights import WeightsError
 
 
 def log(msg):
@@ -596,9 +595,9 @@ def build_parser():
 
     def model_args(s, required=True):
         s.add_argument("--model", required=required, help="a llava-hf directory (ours or the Hub's) or Hub name")
-        s.add_argument("--batch-size", type=int, default=8)
-        s.add_argument("--max-new-tokens", type=int, default=1024)
-        s.add_argument("--device", default="", help="default cuda if available, else cpu")
+        s.add_argument("--batch-size", type=POSITIVE, default=8)
+        s.add_argument("--max-new-tokens", type=POSITIVE, default=1024)
+        s.add_argument("--device", type=device_name, default="", help="default cuda if available, else cpu")
         s.add_argument("--dtype", default="", choices=["", *DTYPES], help="default bf16 on cuda, fp32 on cpu")
 
     s = sub.add_parser("scienceqa", help="accuracy per category on a ScienceQA split")
@@ -654,7 +653,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (WeightsError, data.DataError) as e:  # a file we were given cannot be used: one line
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -375,19 +375,20 @@ class ChatClient:
     timeouts, connection errors and malformed bodies are retried `max_retries` times with
     exponential backoff (base * 2**attempt, jittered to 50-100%, capped at backoff_max), never
     sooner than Retry-After; a 429 with Retry-After pauses every thread, not just the one that
-    got it. 401/403/404 stop the client: no other request could succeed. Other 4xx fail the one
-    request. Extra keyword arguments (temperature, max_tokens, ...) go into every request body.
+    got it. 401/403/404 stop the client: no other request could succeed; so do `max_down`
+    connection failures in a row (no server answers at api_base). Other 4xx fail the one request. Extra keyword arguments (temperature, max_tokens, ...) go into every request body.
     """
 
     def __init__(self, api_base: str, model: str, workers: int = 4, max_requests: int | None = None,
                  timeout: float = 120.0, max_retries: int = 6, backoff_base: float = 1.0,
-                 backoff_max: float = 60.0, api_key: str | None = None,
+                 backoff_max: float = 60.0, max_down: int = 20, api_key: str | None = None,
                  log: Callable[[str], None] = log, **params):
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.workers, self.max_requests = model, max(1, int(workers)), max_requests
         self.timeout, self.max_retries = timeout, max_retries
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
-        self.params, self._log = params, log
+        self.max_down, self.down = max_down, 0  # connection failures in a row, of all threads
+        self.params, self.log = params, log
         key = os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key
         self._secret = key.strip()
         self._headers = {"Content-Type": "application/json"}
@@ -412,10 +413,8 @@ class ChatClient:
         return bool(self._secret)
 
     def scrub(self, text: str) -> str:
+        """For what a server echoes (error bodies, exception text): never for a reply's text."""
         return text.replace(self._secret, "***") if self._secret and text else text
-
-    def say(self, msg: str) -> None:
-        self._log(self.scrub(msg))
 
     # -- budget and stopping ------------------------------------------------------
     @property
@@ -475,9 +474,16 @@ class ChatClient:
                 reason, detail, retryable, fatal = "bad request setup", f"{type(e).__name__}: {str(e)[:300]}", False, True
             except requests.ConnectionError as e:
                 reason, detail, retryable = "connection error", str(e)[:300], True
+                with self._lock:
+                    self.down += 1
+                    down = self.down
+                if down >= self.max_down:
+                    self.stop(f"{down} connection failures in a row at {self.url}: is --api-base right and "
+                              f"the server up? ({self.scrub(detail)[:160]})")
             except requests.RequestException as e:  # e.g. the body broke off mid-transfer
                 reason, detail, retryable = "request error", f"{type(e).__name__}: {str(e)[:300]}", True
             else:
+                self.down = 0
                 status = resp.status_code
                 if status == 200:
                     try:
@@ -485,7 +491,7 @@ class ChatClient:
                     except ValueError as e:
                         reason, detail, retryable = "bad response", str(e), True
                     else:
-                        return self.scrub(text), usage
+                        return text, usage
                 else:
                     reason, detail = f"http {status}", resp.text[:300].strip()
                     retryable = status in (408, 409, 429) or status >= 500
@@ -507,7 +513,7 @@ class ChatClient:
                         self._pause_until = max(self._pause_until, time.monotonic() + delay)
             with self._lock:
                 self.retries += 1
-            self.say(f"{reason}: {detail[:120]}; retry {attempt + 1}/{self.max_retries} in {delay:.2f}s")
+            self.log(f"{reason}: {detail[:120]}; retry {attempt + 1}/{self.max_retries} in {delay:.2f}s")
             self._sleep(delay)
         raise AssertionError("unreachable")
 
@@ -562,13 +568,13 @@ def _work(client: ChatClient, job: Job, parse_retries: int, report: JobReport, l
             text, _ = client.complete(job.messages)
         except APIError as e:
             if e.reason not in ("budget", "stopped"):
-                client.say(f"{job.key}: {e}")
+                client.log(f"{job.key}: {e}")
             return False, e.reason
         try:
             return True, job.parse(text)
         except ParseError as e:
             snippet = " ".join(text.split())[:80]
-            client.say(f"{job.key}: unparsable reply ({e}), attempt {attempt + 1}/{parse_retries + 1}: {snippet!r}")
+            client.log(f"{job.key}: unparsable reply ({e}), attempt {attempt + 1}/{parse_retries + 1}: {snippet!r}")
             if attempt < parse_retries:
                 with lock:
                     report.reasks += 1
@@ -762,6 +768,9 @@ def cmd_generate(args) -> int:
     prompts = {k: load_prompt(k, args.prompts) for k in kinds}
     detail_questions = read_lines(Path(args.prompts) / "detail_instructions.txt")
     ctxs = _load_contexts(args)
+    if not ctxs:
+        sys.exit(f"error: {args.context or args.captions}: no image with a usable caption, so no job to send "
+                 "(see the warnings above)")
     if args.captions and not args.instances and set(kinds) - {"conversation"}:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
 
@@ -786,7 +795,7 @@ def cmd_generate(args) -> int:
     params = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
     client = ChatClient(args.api_base, args.model, workers=args.workers, max_requests=args.max_requests,
                         timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
-                        **params)
+                        max_down=args.max_down, **params)
     if not client.has_key:
         log("note: OPENAI_API_KEY is not set; sending no Authorization header")
     from tqdm import tqdm
@@ -808,7 +817,7 @@ def cmd_generate(args) -> int:
     if client.max_requests is not None and client.budget_left == 0 and skipped:
         print(f"budget of {client.max_requests} requests spent; rerun to continue where this run stopped")
     if report.stop_reason:
-        print(f"stopped: {client.scrub(report.stop_reason)}")
+        print(f"stopped: {report.stop_reason}")
     return 0 if report.done + earlier == total else 3
 
 
@@ -989,17 +998,21 @@ def cmd_pretrain(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="LLaVA's GPT-assisted instruction data (see the module docstring).")
+    p = argparse.ArgumentParser(description="LLaVA's GPT-assisted instruction data (see the module docstring).",
+                                epilog="The API key is read from the environment variable OPENAI_API_KEY (never "
+                                       "from the command line); a local server may need none.")
     sub = p.add_subparsers(dest="command")
 
-    g = sub.add_parser("generate", help="captions + boxes -> teacher -> JSONL records (default)")
+    g = sub.add_parser("generate", help="captions + boxes -> teacher -> JSONL records (default)",
+                       epilog="The API key is read from the environment variable OPENAI_API_KEY.")
     g.add_argument("--captions", help="COCO captions_*.json")
     g.add_argument("--instances", help="COCO instances_*.json (boxes; needed for detail and complex)")
     g.add_argument("--context", help="instead: JSONL with id, image, captions, instances (normalised bbox)")
     g.add_argument("--types", default=",".join(TYPES), help="comma list of conversation,detail,complex")
     g.add_argument("--out", default="generated.jsonl", help="JSONL output, appended to and resumed from")
     g.add_argument("--api-base", default="https://api.openai.com/v1",
-                   help="any OpenAI-compatible server (vLLM, llama.cpp, ollama: http://host:port/v1)")
+                   help="any OpenAI-compatible server (vLLM, llama.cpp, ollama: http://host:port/v1); "
+                        "the key comes from $OPENAI_API_KEY")
     g.add_argument("--model", default="gpt-4o-mini", help="teacher model (the paper used GPT-4)")
     g.add_argument("--workers", type=int, default=8, help="concurrent requests")
     g.add_argument("--max-requests", type=int, default=None, help="budget: HTTP requests, retries included")
@@ -1008,26 +1021,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", type=int, default=None, metavar="N", help="print the messages for N images; send nothing")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     g.add_argument("--max-retries", type=int, default=6, help="per request, on 429/5xx/timeouts")
+    g.add_argument("--max-down", type=int, default=20,
+                   help="stop after this many connection failures in a row (no server at --api-base)")
     g.add_argument("--backoff-base", type=float, default=1.0, help="first retry waits ~this many seconds")
     g.add_argument("--parse-retries", type=int, default=2, help="re-asks when a reply does not parse")
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
+    g.add_argument("--max-tokens", type=int, default=None, help="longest reply (default: the server's)")
     g.add_argument("--prompts", default=str(PROMPTS_DIR), help="folder with system messages and examples")
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("merge", help="JSONL outputs -> one shuffled JSON list for train.py")
-    m.add_argument("--inputs", nargs="+", required=True)
-    m.add_argument("--out", default="llava_instruct.json")
+    m.add_argument("--inputs", nargs="+", required=True, help="the JSONL files `generate` wrote")
+    m.add_argument("--out", default="llava_instruct.json", help="the JSON list train.py --data reads")
     m.add_argument("--ratio", default=None, help="e.g. conversation=58,detail=23,complex=77 (default: keep all)")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=int, default=0, help="seed of the shuffle and of the --ratio sampling")
     m.set_defaults(func=cmd_merge)
 
     t = sub.add_parser("pretrain", help="image-caption pairs -> 558K/595K stage-1 JSON (no API)")
     t.add_argument("--captions", required=True, help="COCO captions json, JSON/JSONL of {image, caption}, or TSV")
-    t.add_argument("--out", default="pretrain.json")
-    t.add_argument("--instructions", default=str(PROMPTS_DIR / "brief_instructions.txt"))
-    t.add_argument("--limit", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
+    t.add_argument("--instructions", default=str(PROMPTS_DIR / "brief_instructions.txt"),
+                   help="one brief instruction per line, one drawn per caption (the paper's list by default)")
+    t.add_argument("--limit", type=int, default=None, help="only the first N pairs")
+    t.add_argument("--seed", type=int, default=0, help="seed of the instruction draw and the <image> placement")
     t.set_defaults(func=cmd_pretrain)
     return p
 

@@ -450,17 +450,22 @@ _NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 class Tokenizer:
     """The LLaMA sentencepiece tokenizer with LLaVA's two extra tokens, without transformers.
 
-    Ids match transformers' LlamaTokenizer(legacy=False) called the way the LLaVA pipeline
-    calls it: BOS once, then every `<image>`-separated chunk tokenized as its own call.
-    Within a call, HF (tokenizers, Metaspace pre-tokenizer, prepend_scheme "first") does:
+    Ids match transformers' LlamaTokenizer called the way the LLaVA pipeline calls it: BOS
+    once, then every `<image>`-separated chunk tokenized as its own call. Within a call, HF does:
       - split the text on special tokens; here only `</s>` (-> eos_id) can appear;
       - the first piece: spaces -> "▁", and one "▁" prepended unless it already starts with one;
-      - a piece after `</s>`: spaces -> "▁", nothing prepended;
+      - a piece after `</s>`: the same with `legacy=True`; with `legacy=False`, nothing prepended
+        (so a second Vicuna turn reads "</s>▁USER" in legacy mode and "</s>USER" without);
       - then BPE with byte fallback.
     Plain sentencepiece with add_dummy_prefix would always prepend "▁" (so " hi" -> "▁▁hi",
     where HF gives "▁hi") and cannot skip it after `</s>`. So we load a second copy of the model
-    with add_dummy_prefix off (see _NO_DUMMY_PREFIX) and do the prepending ourselves: first
-    pieces get a " " unless they start with a space, pieces after `</s>` get nothing.
+    with add_dummy_prefix off (see _NO_DUMMY_PREFIX) and do the prepending ourselves.
+
+    `legacy` is how the weights were trained: the released LLaVA-1.5 with transformers 4.31's
+    slow tokenizer, whose rule was legacy, and today's official code with `legacy=False`. It is
+    read from the directory's tokenizer_config.json; one that does not say is taken as legacy,
+    the rule of the transformers those checkpoints were made with (transformers 5 would assume
+    False). LLaVA.save_pretrained writes it into every directory it saves.
 
     decode drops bos/eos/unk/pad/image and any id outside the vocabulary, turns "▁" into
     spaces, joins byte-fallback pieces into UTF-8 and strips the one leading space the encoder
@@ -468,7 +473,7 @@ class Tokenizer:
     U+FFFD per byte of an invalid run: only garbage output can tell them apart).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, legacy=None):
         path = Path(path)
         model_file = path / "tokenizer.model" if path.is_dir() else path
         if not model_file.is_file():
@@ -480,8 +485,11 @@ class Tokenizer:
             raise WeightsError(f"{model_file} is not a sentencepiece model ({e})") from None
         self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=self.sp.serialized_model_proto() + _NO_DUMMY_PREFIX)
         self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        config_file = model_file.parent / "tokenizer_config.json"
+        config = read_json(config_file, "tokenizer config") if config_file.is_file() else {}
+        self.legacy = bool(config.get("legacy", True)) if legacy is None else bool(legacy)
         n = self.sp.vocab_size()
-        added = _added_tokens(model_file.parent)
+        added = _added_tokens(model_file.parent, config)
         self.image_token_id = added.get("<image>", n)
         self.pad_id = added.get("<pad>", n + 1)
         self.vocab_size = max([n, self.image_token_id + 1, self.pad_id + 1, *(i + 1 for i in added.values())])
@@ -511,7 +519,7 @@ class Tokenizer:
             for j, piece in enumerate(chunk.split("</s>")):
                 if j:
                     ids.append(self.eos_id)
-                ids += self._encode_piece(piece, first=j == 0)
+                ids += self._encode_piece(piece, first=j == 0 or self.legacy)
         return ids
 
     def id_bytes(self, i):
@@ -563,14 +571,12 @@ class StreamDecoder:
         return self._emit(self._utf8.decode(b"", final=True))
 
 
-def _added_tokens(directory):
+def _added_tokens(directory, config):
     """{content: id} of the tokens added on top of the sentencepiece vocabulary (llava-hf:
-    <image> 32000, <pad> 32001), from added_tokens.json or tokenizer_config.json."""
+    <image> 32000, <pad> 32001), from added_tokens.json or the tokenizer config."""
     added = {}
     if (directory / "added_tokens.json").is_file():
         added.update({str(k): int(v) for k, v in read_json(directory / "added_tokens.json", "added tokens").items()})
-    if (directory / "tokenizer_config.json").is_file():
-        decoder = read_json(directory / "tokenizer_config.json", "tokenizer config").get("added_tokens_decoder") or {}
-        for i, tok in decoder.items():
-            added.setdefault(tok["content"] if isinstance(tok, dict) else str(tok), int(i))
+    for i, tok in (config.get("added_tokens_decoder") or {}).items():
+        added.setdefault(tok["content"] if isinstance(tok, dict) else str(tok), int(i))
     return added

@@ -18,6 +18,7 @@ reads and the Hub serves. The key names of every layout we accept live in one ta
 `CHECKPOINT_PREFIXES`, so loading is "strip a prefix, hand the rest to clip.py / llama.py".
 """
 
+import argparse
 import math
 import os
 import shutil
@@ -63,16 +64,19 @@ class LLaVAConfig:
         """llava-hf config.json -> LLaVAConfig. Unknown keys are ignored; the text config may be
         sparse (llama.py fills the HF defaults)."""
         act = d.get("projector_hidden_act", "gelu")
+        text = LlamaConfig.from_hf(d.get("text_config") or {})
+        pad = d.get("pad_token_id")  # pads are never attended to nor supervised: any row will do,
+        pad = pad if isinstance(pad, int) and 0 <= pad < text.vocab_size else 0  # but one that exists
         if act not in ("gelu", "linear"):
             raise ValueError(f"projector_hidden_act {act!r} is not supported (gelu or linear)")
         return cls(
             vision=CLIPVisionConfig.from_hf({**LLAVA_VISION_DEFAULTS, **(d.get("vision_config") or {})}),
-            text=LlamaConfig.from_hf(d.get("text_config") or {}),
+            text=text,
             projector="linear" if act == "linear" else "mlp2x_gelu",
             vision_feature_layer=d.get("vision_feature_layer", -2),
             vision_feature_select=d.get("vision_feature_select_strategy", "default"),
             image_token_id=d.get("image_token_index", d.get("image_token_id", 32000)),
-            pad_token_id=d.get("pad_token_id") if d.get("pad_token_id") is not None else 32001,
+            pad_token_id=pad,
             pad_to_square=d.get("image_aspect_ratio", "pad") == "pad",
             template=d.get("conversation_template", "vicuna_v1"),
         )
@@ -137,7 +141,8 @@ CHECKPOINT_PREFIXES = [
 
 def split_checkpoint(state, source):
     """Split a llava-hf state dict into vision / projector / llm dicts, each in the key form of
-    its own loader. Keys that match no layout are reported, all of them, in one error."""
+    its own loader, and the problems to report: the keys that match no layout (the loaders add
+    theirs, so that one error names everything wrong with a checkpoint)."""
     parts = {"vision": {}, "projector": {}, "llm": {}}
     unknown = []
     for key, tensor in state.items():
@@ -147,9 +152,16 @@ def split_checkpoint(state, source):
                 break
         else:
             unknown.append(key)
-    if unknown:
-        raise WeightsError(f"{source}: keys that belong to no part of a LLaVA model: {', '.join(sorted(unknown))}")
-    return parts
+    problems = [f"{source}: keys that belong to no part of a LLaVA model: {', '.join(sorted(unknown))}"]
+    return parts, problems if unknown else []
+
+
+def collect(problems, load, *args):
+    """load(*args), its WeightsError added to `problems` instead of raised."""
+    try:
+        return load(*args)
+    except WeightsError as e:
+        problems.append(str(e))
 
 
 class LLaVA(nn.Module):
@@ -351,16 +363,18 @@ class LLaVA(nn.Module):
         if "nanollava_bases" in raw:  # a stage-1 output: the projector alone, beside its bases
             return cls.from_stage1(path, raw, config, dtype, device)
         state = load_state_dict(path)
-        parts = split_checkpoint(state, str(path))
+        parts, problems = split_checkpoint(state, str(path))
         if config.projector == "linear":
             parts["projector"] = fold_linear_projector(parts["projector"], str(path))
         with torch.device("meta"):
             model = cls(config)
-        model.vision_tower = CLIPVision.from_state_dict(
-            config.vision, vision_state_from_checkpoint(parts["vision"]), f"{path} (vision tower)", dtype, device)
-        assign_weights(model.projector, parts["projector"], f"{path} (projector)", dtype, device)
-        model.llm = Llama.from_state_dict(
-            config.text, llm_state_from_checkpoint(parts["llm"]), f"{path} (language model)", dtype, device)
+        model.vision_tower = collect(problems, CLIPVision.from_state_dict, config.vision,
+                                     vision_state_from_checkpoint(parts["vision"]), f"{path} (vision tower)", dtype, device)
+        collect(problems, assign_weights, model.projector, parts["projector"], f"{path} (projector)", dtype, device)
+        model.llm = collect(problems, Llama.from_state_dict, config.text,
+                            llm_state_from_checkpoint(parts["llm"]), f"{path} (language model)", dtype, device)
+        if problems:
+            raise WeightsError("; ".join(problems))
         model.tokenizer_dir = Path(path)
         return model
 
@@ -400,13 +414,15 @@ class LLaVA(nn.Module):
         model = cls.from_components(
             bases["vision"], bases["llm"], projector=config.projector, dtype=dtype, device=device,
             vision_feature_layer=config.vision_feature_layer, pad_to_square=config.pad_to_square)
-        state = split_checkpoint(load_state_dict(path), str(path))
+        state, problems = split_checkpoint(load_state_dict(path), str(path))
         if state["vision"] or state["llm"]:
-            raise WeightsError(f"{path}: a projector-only checkpoint must hold only multi_modal_projector.* keys")
+            problems.append(f"{path}: a projector-only checkpoint must hold only multi_modal_projector.* keys")
         proj = state["projector"]
         if config.projector == "linear":
             proj = fold_linear_projector(proj, str(path))
-        assign_weights(model.projector, proj, f"{path} (projector)", dtype, device)
+        collect(problems, assign_weights, model.projector, proj, f"{path} (projector)", dtype, device)
+        if problems:
+            raise WeightsError("; ".join(problems))
         model.config.template = config.template
         if (Path(path) / "tokenizer.model").exists():
             model.tokenizer_dir = Path(path)
@@ -637,24 +653,77 @@ def fold_linear_projector(state, source):
 
 def write_tokenizer_files(src, dst, config):
     """Copy the sentencepiece model and write the llava-hf tokenizer config beside it: the two
-    added tokens (<image>, <pad>) and the slow-tokenizer settings the model was trained with."""
+    added tokens (<image>, <pad>) and the slow-tokenizer settings the model was trained with,
+    `legacy` included (llama.Tokenizer), so transformers and we tokenize it the same way."""
     src, dst = Path(src), Path(dst)
     model_file = src / "tokenizer.model" if src.is_dir() else src
     if not model_file.exists():
         raise FileNotFoundError(f"no tokenizer.model in {src}: cannot write the tokenizer of {dst}")
+    tokenizer = Tokenizer(model_file)
     if model_file.resolve() != (dst / "tokenizer.model").resolve():
         shutil.copyfile(model_file, dst / "tokenizer.model.tmp")
         os.replace(dst / "tokenizer.model.tmp", dst / "tokenizer.model")
-    added = {"<image>": config.image_token_id, "<pad>": config.pad_token_id}
+    added = {"<image>": config.image_token_id}
+    if config.pad_token_id >= tokenizer.sp.vocab_size():  # else the pad is a sentencepiece piece
+        added["<pad>"] = config.pad_token_id
     write_json_atomic(dst / "added_tokens.json", added)
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    pad = "<pad>" if "<pad>" in added else tokenizer.sp.id_to_piece(config.pad_token_id)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": pad}
     write_json_atomic(dst / "special_tokens_map.json", special)
     tok_config = {
         "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "legacy": False, "model_max_length": config.text.max_position_embeddings,
+        "legacy": tokenizer.legacy, "model_max_length": config.text.max_position_embeddings,
         "padding_side": "left", **special,
         "added_tokens_decoder": {
             str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False,
                      "normalized": False, "single_word": False} for s, i in added.items()},
     }
     write_json_atomic(dst / "tokenizer_config.json", tok_config)
+
+
+# -----------------------------------------------------------------------------------------------
+# command-line values shared by train.py, chat.py and eval.py: checked when the line is parsed
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def checked(kind, test, expected):
+    """An argparse type: `kind` of the text, refused with `expected` in the message unless `test`."""
+    def convert(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
+        return value
+    return convert
+
+
+POSITIVE = checked(int, lambda v: v > 0, "a whole number > 0")
+COUNT = checked(int, lambda v: v >= 0, "a whole number >= 0")
+RATE = checked(float, lambda v: v > 0 and math.isfinite(v), "a number > 0")
+NONNEG = checked(float, lambda v: v >= 0 and math.isfinite(v), "a number >= 0")
+FRACTION = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def boolean(text):
+    value = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if text.lower() not in value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value[text.lower()]
+
+
+def device_name(text):
+    """cpu, cuda, cuda:N, mps ("" = the default): refused here when this torch cannot run it."""
+    if not text:
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no MPS device; use cpu")
+    return text

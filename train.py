@@ -4,12 +4,7 @@ Visual instruction tuning in two stages, as in the paper, on one CPU or many GPU
     stage 1  feature alignment   CLIP frozen, LLM frozen, projector trained  (image-caption pairs)
     stage 2  instruction tuning  CLIP frozen, projector + LLM trained         (conversations)
 
-    python train.py --preset tiny                    # the synthetic world, end to end on a CPU
-    python train.py --preset tiny-long               # the same with a 3x longer stage 2
-    python train.py --stage 1 --clip DIR --llm DIR --data pretrain.json --image-folder IMGS
-    torchrun --nproc-per-node 8 train.py --stage 2 --init runs/stage1 --data llava_instruct_150k.json ...
-
-The loop is written out in `train()`: sample the global batch, split it over ranks and
+(`python train.py --help` lists every flag, with examples.) The loop is written out in `train()`: sample the global batch, split it over ranks and
 micro-batches, forward, backward, clip, step, log, checkpoint. Everything about scale lives in
 the FSDP section below, and nothing in the loop knows whether it runs on 1 CPU or 64 GPUs.
 
@@ -59,8 +54,9 @@ import os
 import random
 import shutil
 import signal
+import sys
 import time
-from dataclasses import dataclass, asdict, fields
+from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -72,67 +68,15 @@ from tqdm import tqdm
 
 import data
 import llama
+from clip import ImageError
 from llama import Tokenizer
-from model import LLaVA, LLaVAConfig, token_loss
-from weights import save_state_dict, write_json_atomic
+from model import DTYPES, LLaVA, LLaVAConfig, token_loss, write_tokenizer_files
+from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
+from weights import WeightsError, fetch, is_hub_name, read_json, save_state_dict, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------
 # Configuration: the paper's recipes as defaults, every value settable on the command line
-
-@dataclass
-class TrainConfig:
-    stage: int = 1
-    recipe: str = "v1"                  # "v1" (the paper) | "v1.5" (LLaVA-1.5)
-    preset: str = ""                    # "tiny" | "tiny-long": the synthetic world, end to end on a CPU
-    # where things come from
-    clip: str = "openai/clip-vit-large-patch14"
-    llm: str = "lmsys/vicuna-7b-v1.5"
-    init: str = ""                      # stage 2: a stage-1 output (or a llava-hf dir); "" = fresh projector
-    data: str = ""                      # a LLaVA JSON/JSONL file, or "scienceqa" (see training_data)
-    image_folder: str = ""
-    scienceqa_root: str = ""            # --data scienceqa: the release (problems.json, pid_splits.json, images/)
-    scienceqa_split: str = "train"
-    answer_first: bool = False          # ScienceQA targets answer-first (QCM-ALE), else reasoning-first (QCM-LEA)
-    llm_preset: str = ""                # "7b" | "13b": a random-weight LLM of Vicuna's shape (speed tests)
-    out: str = "runs/stage1"
-    # model choices (None = the recipe's)
-    projector: str = None
-    image_size: int = None
-    pad_to_square: bool = None
-    vision_layer: int = -2
-    template: str = None
-    max_length: int = 2048
-    # optimisation (None = the recipe's)
-    lr: float = None
-    projector_lr: float = None          # the official mm_projector_lr; None = --lr
-    global_batch: int = None
-    micro_batch: int = 4
-    epochs: float = None
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    adam_beta2: float = 0.999            # HF Trainer's default, as the official scripts
-    grad_clip: float = 1.0
-    optimizer: str = "adamw"            # "adamw" (the paper) | "muon": Muon for the LLM blocks' matrices (class Muon)
-    fused_adamw: str = "auto"           # "auto" = on with our FSDP | "on" | "off"
-    compile_elementwise: str = "auto"   # "auto" = on with CUDA + Triton | "on" | "off" (llama.compile_elementwise)
-    max_steps: int = 0                  # 0 = the epochs decide
-    seed: int = 0
-    # systems
-    device: str = ""                    # "" = cuda if available else cpu
-    dtype: str = ""                     # "" = bf16 on cuda, fp32 on cpu; "fp32" = fp32 throughout, Muon too
-    fsdp: str = "ours"                  # "ours" | "torch" (FSDP2)
-    grad_ckpt: bool = False
-    reshard_after_forward: bool = True  # False: keep gathered params until backward (ShardedUnit)
-    group_by_modality_length: bool = False  # batches of one modality and similar lengths (official)
-    num_workers: int = 2
-    dist_timeout: int = 600             # seconds a rank waits for a dead peer before giving up
-    save_every: int = 0                 # checkpoint every N steps (0 = only at the end)
-    stop_at: int = 0                    # save a checkpoint and stop after this step (job time limits)
-    keep: int = 2                       # checkpoints to keep
-    resume: str = ""                    # a checkpoint dir, or "auto" = the newest under --out
-    log_every: int = 1
-
 
 RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
     "v1": {"projector": "linear", "image_size": 224, "pad_to_square": False, "template": "vicuna_v1",
@@ -142,26 +86,114 @@ RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
              1: {"lr": 1e-3, "global_batch": 256, "epochs": 1},
              2: {"lr": 2e-5, "global_batch": 128, "epochs": 1}},
 }
+PRESETS = ("tiny", "tiny-short", "tiny-long")  # the synthetic world end to end (TINY_PRESETS below)
+AUTO_ON_OFF = ("auto", "on", "off")
+TEMPLATE_NAMES = tuple(data.TEMPLATES)  # the class body below has a field named data
+
+
+
+
+def option(default, help, type=None, choices=None):
+    """A TrainConfig field and its flag: one line of help, the value check, the choices."""
+    return field(default=default, metadata={"help": help, "type": type, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    stage: int = option(1, "1: feature alignment (projector only); 2: instruction tuning (projector + LLM)",
+                        int, (1, 2))
+    recipe: str = option("v1", "v1: the paper (linear projector, 224 px); v1.5: LLaVA-1.5 (MLP projector, "
+                               "336 px, pad to square)", choices=tuple(RECIPES))
+    preset: str = option("", "the synthetic world end to end on a CPU: tiny (~5 min), tiny-short (~1.5 min), "
+                             "tiny-long (~11 min)", choices=("",) + PRESETS)
+    # where things come from
+    clip: str = option("openai/clip-vit-large-patch14", "vision tower: a CLIP directory or Hub name")
+    llm: str = option("lmsys/vicuna-7b-v1.5", "language model: a LLaMA/Vicuna safetensors directory or Hub name")
+    init: str = option("", "stage 2: a stage-1 output or a llava-hf directory to start from "
+                           "(none: a fresh projector on --clip and --llm)")
+    data: str = option("", "a LLaVA JSON list or JSONL file, or 'scienceqa' (with --scienceqa-root)")
+    image_folder: str = option("", "the folder the records' 'image' paths are relative to")
+    scienceqa_root: str = option("", "--data scienceqa: the release's folder (problems.json, pid_splits.json, images/)")
+    scienceqa_split: str = option("train", "--data scienceqa: the split to train on")
+    answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first (QCM-LEA)")
+    llm_preset: str = option("", "a random-weight LLM of Vicuna's shape, for speed tests (--llm gives the tokenizer)",
+                             choices=("", "7b", "13b"))
+    out: str = option("", "output directory (default: runs/stage1 or runs/stage2; a preset: runs/PRESET)")
+    overwrite: bool = option(False, "start over in an --out that holds another run (its checkpoints and log go)")
+    # model choices (None = the recipe's)
+    projector: str = option(None, "linear (v1) or mlp2x_gelu (v1.5)", choices=(None, "linear", "mlp2x_gelu"))
+    image_size: int = option(None, "input resolution of the vision tower", POSITIVE)
+    pad_to_square: bool = option(None, "pad pictures to a square before resizing (LLaVA-1.5)")
+    vision_layer: int = option(-2, "CLIP layer whose features the projector reads (-2: the penultimate)", int)
+    template: str = option(None, "conversation template (stage 1: plain, stage 2: vicuna_v1)",
+                           choices=(None,) + TEMPLATE_NAMES)
+    max_length: int = option(2048, "tokens per sample, image included; longer samples are cut", POSITIVE)
+    # optimisation (None = the recipe's)
+    lr: float = option(None, "peak learning rate (warmup, then cosine to 0)", NONNEG)
+    projector_lr: float = option(None, "the projector's learning rate (the official mm_projector_lr; "
+                                       "none: --lr)", NONNEG)
+    global_batch: int = option(None, "samples per optimizer step, over all ranks", POSITIVE)
+    micro_batch: int = option(4, "samples per forward on one rank (gradient accumulation makes up the rest)",
+                              POSITIVE)
+    epochs: float = option(None, "passes over the data", RATE)
+    warmup_ratio: float = option(0.03, "share of the steps spent warming up the learning rate", FRACTION)
+    weight_decay: float = option(0.0, "AdamW weight decay", NONNEG)
+    adam_beta2: float = option(0.999, "AdamW beta2 (HF Trainer's default, as the official scripts)", FRACTION)
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", NONNEG)
+    optimizer: str = option("adamw", "adamw (the paper) or muon (Muon for the LLM blocks' matrices)",
+                            choices=("adamw", "muon"))
+    fused_adamw: str = option("auto", "one fused AdamW kernel (auto: with our FSDP)", choices=AUTO_ON_OFF)
+    compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: with CUDA and Triton)",
+                                      choices=AUTO_ON_OFF)
+    max_steps: int = option(0, "stop after this many steps (0: the epochs decide)", COUNT)
+    seed: int = option(0, "seed of the data order, the projector and dropout-free init", int)
+    # systems
+    device: str = option("", "cpu, cuda, ... (default: cuda if there is one)", device_name)
+    dtype: str = option("", "compute dtype (default: bf16 on CUDA, fp32 on CPU)", choices=("",) + tuple(DTYPES))
+    threads: int = option(0, "CPU threads torch uses (0: torch's default, one per core)", COUNT)
+    fsdp: str = option("ours", "ours (the hand-written ZeRO-3 below) or torch (FSDP2)", choices=("ours", "torch"))
+    grad_ckpt: bool = option(False, "activation checkpointing: recompute each block in backward")
+    reshard_after_forward: bool = option(True, "false: keep gathered params until backward (ShardedUnit)")
+    group_by_modality_length: bool = option(False, "batches of one modality and similar lengths (official)")
+    num_workers: int = option(2, "DataLoader worker processes per rank", COUNT)
+    dist_timeout: int = option(600, "seconds a rank waits for a dead peer before giving up", POSITIVE)
+    save_every: int = option(0, "checkpoint every N steps (0: only at the end)", COUNT)
+    stop_at: int = option(0, "save a checkpoint and stop after this step (job time limits)", COUNT)
+    max_bad_share: float = option(0.05, "stop when more than this share of the samples seen are bad", FRACTION)
+    keep: int = option(2, "checkpoints to keep", COUNT)
+    resume: str = option("", "a checkpoint directory, or auto: the newest under --out")
+    log_every: int = option(1, "print one line every N steps", POSITIVE)
+
+
+EPILOG = """examples:
+  python train.py --preset tiny                    # the synthetic world, end to end on a CPU
+  python train.py --preset tiny-short              # the same in about a minute and a half
+  python train.py --stage 1 --clip DIR --llm DIR --data pretrain.json --image-folder IMGS
+  torchrun --nproc-per-node 8 train.py --stage 2 --recipe v1.5 --init runs/stage1 \\
+      --data llava_v1_5_mix665k.json --image-folder data --grad-ckpt --save-every 500
+  torchrun ... train.py ... --resume auto          # continue after a crash or a job time limit"""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), epilog=EPILOG,
+                                usage="%(prog)s (--preset NAME | --stage {1,2} --data FILE ...) [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "str": str, "bool": None}[
-            f.type if isinstance(f.type, str) else f.type.__name__]
-        if kind is None:
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), nargs="?",
-                           const=True, default=f.default)
-        else:
-            p.add_argument(flag, type=kind, default=f.default)
+        meta, default = f.metadata, f.default
+        shown = {None: "the recipe's", "": "none"}.get(default, default)
+        help = meta["help"] if "(default" in meta["help"] else f"{meta['help']} (default: {shown})"
+        kw = dict(default=default, help=help, type=meta["type"] or str)
+        if f.type in ("bool", bool):
+            kw.update(type=boolean, nargs="?", const=True, metavar="true|false")
+        if meta["choices"]:
+            named = [str(c) for c in meta["choices"] if c]
+            kw.update(type=checked(kw["type"], lambda v, c=meta["choices"]: v in c, "one of " + ", ".join(named)),
+                      metavar="{" + ",".join(named) + "}")
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return fill_recipe(TrainConfig(**vars(p.parse_args(argv))))
 
 
 def fill_recipe(cfg):
-    if cfg.recipe not in RECIPES:
-        raise SystemExit(f"--recipe {cfg.recipe!r}: choose one of {', '.join(RECIPES)}")
     recipe = RECIPES[cfg.recipe]
     for key, value in {**recipe, **recipe[cfg.stage]}.items():
         if isinstance(key, str) and getattr(cfg, key) is None:
@@ -170,6 +202,8 @@ def fill_recipe(cfg):
         cfg.template = "plain" if cfg.stage == 1 else "vicuna_v1"
     if cfg.stage == 1 and cfg.template == "vicuna_v1" and recipe.get("template") == "vicuna_v1":
         cfg.template = "plain"  # stage 1 is always the plain caption template in the paper
+    if not cfg.out:
+        cfg.out = f"runs/{cfg.preset}" if cfg.preset else f"runs/stage{cfg.stage}"
     return cfg
 
 
@@ -599,8 +633,6 @@ def make_optimizer(params, sharded, model, cfg):
     every shard, instead of a dozen elementwise passes per shard, each reading and writing the
     whole shard again. On the tiny preset's 43 tensors that is 0.6 ms a step instead of 6 ms on
     one CPU core. "off" is the plain per-tensor loop; tests check the two agree to 1e-6."""
-    if cfg.fused_adamw not in ("auto", "on", "off"):
-        raise SystemExit(f"--fused-adamw {cfg.fused_adamw!r}: choose auto, on or off")
     if cfg.optimizer not in ("adamw", "muon"):
         raise SystemExit(f"--optimizer {cfg.optimizer!r}: choose adamw or muon")
     fused = cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and sharded is not None)
@@ -716,8 +748,6 @@ def wants_compiled_elementwise(cfg, device):
     """--compile-elementwise: torch.compile'd RMSNorm, RoPE and SwiGLU (llama.compile_elementwise
     says why); "auto" = on with CUDA if Triton, which torch.compile writes GPU kernels in, is
     installed; otherwise eager."""
-    if cfg.compile_elementwise not in ("auto", "on", "off"):
-        raise SystemExit(f"--compile-elementwise {cfg.compile_elementwise!r}: choose auto, on or off")
     if cfg.compile_elementwise != "auto":
         return cfg.compile_elementwise == "on"
     import importlib.util
@@ -870,28 +900,74 @@ def rotate_checkpoints(out, keep):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_problem(path):
+    """None for a complete, readable checkpoint; else what is wrong with it, naming the file."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_dir():
+        return f"{path}: no such directory"
+    if not (path / "train_state.json").is_file():
+        return f"{path} is not a checkpoint (no train_state.json)"
+    try:
+        state = read_json(path / "train_state.json", "checkpoint state")
+        world = int(state["world_size"]), int(state["step"]), dict(state["config"])
+    except WeightsError as e:
+        return str(e)
+    except (KeyError, TypeError, ValueError):
+        return f"{path / 'train_state.json'} lacks its step, world_size or config"
+    needed = [path / "config.json"] + [path / f"optim-rank{r:05d}.safetensors" for r in range(world[0])]
+    missing = [f.name for f in needed if not f.is_file()]
+    if missing or not list(path.glob("model*.safetensors")):
+        return f"{path} is incomplete: no {', '.join(missing) or 'model.safetensors'}"
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            safe_open(str(f), "pt")  # reads the header and checks the file holds all it promises
+        except Exception as e:  # safetensors' error type differs between its versions
+            return f"{f} is unreadable ({str(e).splitlines()[0][:120]})"
+    return None
+
+
+# What may differ when a run is resumed: where and how often it writes and logs, and how it
+# computes the same steps. Anything else (data, schedule, batches, learning rates, model) would
+# continue a different run from the middle of this one.
+RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_every", "stop_at", "num_workers",
+                     "threads", "dist_timeout", "device", "micro_batch", "grad_ckpt", "reshard_after_forward",
+                     "fused_adamw", "compile_elementwise", "max_bad_share"}
+
+
 def find_resume(cfg):
-    if cfg.resume != "auto":
-        return Path(cfg.resume)
-    ckpts = sorted(Path(cfg.out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "train_state.json").exists()]
-    return ckpts[-1] if ckpts else None
+    """The checkpoint --resume names (auto: the newest complete, readable one under --out, None
+    if there is none), refused when it cannot be read or belongs to a differently configured run."""
+    if cfg.resume == "auto":
+        ckpts = sorted(Path(cfg.out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        for path in reversed(ckpts):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                break
+            log0(f"--resume auto: skipping {path.name}: {problem}")
+        else:
+            return None
+    else:
+        path, problem = Path(cfg.resume), checkpoint_problem(cfg.resume)
+        if problem:
+            raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another checkpoint (--resume auto "
+                             "takes the newest readable one)")
+    saved, now = json.loads((path / "train_state.json").read_text())["config"], json.loads(json.dumps(asdict(cfg)))
+    changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    if changed:
+        diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
+        raise SystemExit(f"{path} belongs to a run with {diff}: resume it with those values, or start a new "
+                         "run in another --out")
+    return path
 
 
 def load_resume_state(path, optimizer, sharded, model, device):
     """Restore master weights and AdamW moments, re-cutting the shards when the checkpoint was
     written by a different number of ranks (the flat layout is the same; only padding moves)."""
     from safetensors import safe_open
-    meta = json.loads((path / "train_state.json").read_text())
-    saved, now = meta["config"].get("optimizer", "adamw"), "muon" if isinstance(optimizer, Muon) else "adamw"
-    if saved != now:  # Muon's matrices keep zero AdamW moments, and AdamW's would misguide Muon
-        raise SystemExit(f"{path} was written with --optimizer {saved}; resume it with --optimizer {saved}, "
-                         f"or start a new run (--init) to switch to {now}")
+    meta = json.loads((path / "train_state.json").read_text())  # checked by find_resume
     old_world = meta["world_size"]
     files = [path / f"optim-rank{r:05d}.safetensors" for r in range(old_world)]
-    missing = [str(f) for f in files if not f.exists()]
-    if missing:
-        raise SystemExit(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     handles = [safe_open(str(f), "pt") for f in files]
     rank = dist.get_rank()
     step_count = torch.tensor(float(meta["step"]))
@@ -1018,12 +1094,13 @@ def build_model(cfg):
     if cfg.llm_preset:
         model, bases = vicuna_shaped(cfg), {"vision": cfg.clip, "llm": cfg.llm}
     elif cfg.stage == 1 or not cfg.init:
-        model = LLaVA.from_components(cfg.clip, cfg.llm, projector=cfg.projector,
+        clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
+        model = LLaVA.from_components(clip, llm, projector=cfg.projector,
                                       vision_feature_layer=cfg.vision_layer,
                                       pad_to_square=cfg.pad_to_square, seed=cfg.seed)
         bases = {"vision": cfg.clip, "llm": cfg.llm}
     else:
-        model = LLaVA.from_pretrained(cfg.init)
+        model = LLaVA.from_pretrained(fetch_for("--init", cfg.init))
         bases = {"vision": cfg.clip, "llm": cfg.llm}
     model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
     model.config.pad_to_square = bool(cfg.pad_to_square)
@@ -1037,14 +1114,11 @@ def vicuna_shaped(cfg):
     from clip import CLIPVision
     from llama import Llama, LlamaConfig, VICUNA_SHAPES
     from model import Projector
-    from weights import fetch
-    if cfg.llm_preset not in VICUNA_SHAPES:
-        raise SystemExit(f"--llm-preset {cfg.llm_preset!r}: choose one of {', '.join(VICUNA_SHAPES)}")
     tokenizer = Tokenizer(cfg.llm)
     shape = dict(VICUNA_SHAPES[cfg.llm_preset])
     shape["vocab_size"] = math.ceil(max(shape["vocab_size"], tokenizer.pad_id + 1) / 64) * 64
     torch.manual_seed(cfg.seed)
-    vision = CLIPVision.from_pretrained(fetch(cfg.clip, files=["config.json"]))
+    vision = CLIPVision.from_pretrained(fetch_for("--clip", cfg.clip, files=["config.json"]))
     llm = Llama(LlamaConfig(**shape))
     init_normal(llm)
     config = LLaVAConfig(vision=vision.config, text=llm.config, projector=cfg.projector,
@@ -1059,37 +1133,142 @@ def vicuna_shaped(cfg):
 
 
 def training_data(cfg):
-    """What --data names -> (records or a JSON path, image folder). "scienceqa" converts the
-    release under --scienceqa-root on the fly (data.scienceqa_to_llava, split --scienceqa-split;
-    reasoning-first targets, answer-first with --answer-first); its images are under images/."""
-    if cfg.data != "scienceqa":
-        return cfg.data, cfg.image_folder
-    root = Path(cfg.scienceqa_root)
-    if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
-        raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and pid_splits.json")
-    records = data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", cfg.scienceqa_split,
-                                      image_root=root / "images", answer_first=cfg.answer_first)
-    return records, root / "images"
+    """What --data names -> (records, image folder), checked before any model is built or
+    downloaded. "scienceqa" converts the release under --scienceqa-root on the fly
+    (data.scienceqa_to_llava, split --scienceqa-split; reasoning-first targets, answer-first
+    with --answer-first); its images are under images/."""
+    if not cfg.data:
+        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON or JSONL file (or scienceqa); "
+                         "python train.py --preset tiny runs without one")
+    if cfg.data == "scienceqa":
+        root = Path(cfg.scienceqa_root)
+        if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
+            raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and pid_splits.json")
+        return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", cfg.scienceqa_split,
+                                       image_root=root / "images", answer_first=cfg.answer_first), root / "images"
+    records = data.read_records(cfg.data)
+    folder = Path(cfg.image_folder or ".")
+    if cfg.image_folder and not folder.is_dir():
+        raise SystemExit(f"--image-folder {cfg.image_folder}: no such directory")
+    with_image = [r["image"] for r in records[:2000] if isinstance(r, dict) and isinstance(r.get("image"), str)][:20]
+    if with_image and not any((folder / i).is_file() for i in with_image):
+        flag = f"--image-folder {cfg.image_folder}" if cfg.image_folder else "no --image-folder (the current directory)"
+        raise SystemExit(f"{cfg.data}: none of the first {len(with_image)} images is under {flag}, e.g. "
+                         f"{folder / with_image[0]}; give the folder the records' 'image' paths start from")
+    return records, folder
+
+
+def check_sources(cfg):
+    """--init, --resume, --clip and --llm name something that exists (or a Hub name, fetched
+    later), before anything is downloaded or built."""
+    if cfg.init and cfg.stage == 1:
+        raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
+    if cfg.init and Path(cfg.init).exists():
+        config = Path(cfg.init) / "config.json"
+        if not config.is_file() or read_json(config, "LLaVA config").get("model_type") != "llava":
+            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no config.json "
+                             "with model_type llava)")
+    named = {"--init": cfg.init} if cfg.init else {"--clip": cfg.clip, "--llm": cfg.llm}
+    for flag, name in named.items():
+        if not Path(name).expanduser().exists() and not is_hub_name(name):
+            raise SystemExit(f"{flag} {name}: no such directory, and not a Hub name like org/name")
+
+
+def fetch_for(flag, name, **kw):
+    """weights.fetch, its errors naming the flag that asked for the model."""
+    try:
+        return fetch(name, **kw)
+    except WeightsError as e:
+        raise WeightsError(f"{flag} {name}: {e}") from None
+
+
+RUN_FILES = ("train_config.json", "train_log.jsonl", "config.json", "train_state.json")
+
+
+def claim_out(cfg, rank):
+    """Refuse an --out that holds another run's output, unless this run continues it (--resume)
+    or starts over (--overwrite: its checkpoints and log are removed; the rest is overwritten)."""
+    out = Path(cfg.out)
+    previous = sorted(p.name for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-"))
+    if not previous or cfg.resume:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"--out {out} holds another run ({', '.join(previous[:3])}): continue it with "
+                         "--resume auto, start over with --overwrite, or choose another --out")
+    if rank == 0:
+        for name in previous:
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+    dist.barrier()
 
 
 # ------------------------------------------------------------------------------------------------
 # The loop
 
-class Stop(Exception):
-    pass
+class Stop(KeyboardInterrupt):
+    """A run stopped by a signal or --stop-at, its checkpoint saved: main() says how to go on.
+    A KeyboardInterrupt to callers that know no better (eval.py's ablations)."""
+
+    def __init__(self, why, step, out):
+        super().__init__(f"{why}: stopped after step {step}, {Path(out) / f'checkpoint-{step}'} saved; "
+                         "continue with the same command and --resume auto")
+        self.why = why
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore Ctrl-C and SIGTERM: a terminal's Ctrl-C reaches the whole
+    process group, and a worker that died of it would end the run before it could save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+BAD_DATA_HINTS = {
+    "missing_image": "are the records' 'image' paths relative to --image-folder {image_folder}?",
+    "unreadable_record": "are the records LLaVA's {{'image', 'conversations': [{{'from', 'value'}}, ...]}}?",
+}
+
+
+def bad_data_problem(cfg, skips, bad, seen, n):
+    """None while the data trains; else why the run stops: no sample seen so far was trainable,
+    or more than --max-bad-share of them were bad (judged from min(200, n) samples on)."""
+    if bad < seen and (seen < min(200, n) or bad <= cfg.max_bad_share * seen):
+        return None
+    counts = skips.counts()
+    worst = max(counts, key=counts.get, default=None)
+    hint = BAD_DATA_HINTS.get(worst, "the first skipped records are printed above").format(
+        image_folder=cfg.image_folder or "(none: the current directory)")
+    what = ("no sample of the first batch can be trained on" if bad == seen else
+            f"{bad} of the {seen} samples seen are bad, more than --max-bad-share {cfg.max_bad_share}")
+    return f"{cfg.data}: {what} ({skips.summary(n)}); {hint}"
+
+
+def truncate_log(path, step):
+    """Keep the log's lines up to `step`: a run resumed from an older checkpoint redoes the rest."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill
+            pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def train(cfg):
+    records, image_folder = training_data(cfg)
+    check_sources(cfg)
     device, rank, world = init_distributed(cfg)
+    claim_out(cfg, rank)
     compiled_elementwise = wants_compiled_elementwise(cfg, device)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    compute_dtype = {"": torch.bfloat16 if device.type == "cuda" else torch.float32,
-                     "bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[cfg.dtype]
+    compute_dtype = DTYPES[cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     out = Path(cfg.out)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(out / "train_config.json", asdict(cfg))
-        log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
+    log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
     if cfg.global_batch % world:
         raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {world} ranks")
 
@@ -1097,8 +1276,15 @@ def train(cfg):
     if cfg.resume and resume is None:
         log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
     model, bases = build_model(cfg) if resume is None else load_for_resume(cfg, resume)
+    if rank == 0:  # only now: a run that could not start leaves no output behind. What the run
+        out.mkdir(parents=True, exist_ok=True)  # writes reads its tokenizer from out, never from a
+        write_json_atomic(out / "train_config.json", asdict(cfg))  # checkpoint rotation may delete
+        write_tokenizer_files(model.tokenizer_dir, out, model.config)
+    dist.barrier()
+    model.tokenizer_dir = out
     tokenizer = Tokenizer(model.tokenizer_dir)
-    records, image_folder = training_data(cfg)
+    log0(f"tokenizer {model.tokenizer_dir}: legacy={tokenizer.legacy} ("
+         + ('"</s>▁USER", as the released LLaVA-1.5 was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
     dataset = data.LazySupervisedDataset(
         records, image_folder, tokenizer, template=cfg.template,
         image_size=model.config.vision.image_size, num_patches=model.config.num_patches,
@@ -1110,11 +1296,14 @@ def train(cfg):
     total = cfg.max_steps or max(1, int(round(steps_per_epoch * cfg.epochs)))
     warmup = math.ceil(cfg.warmup_ratio * total)
 
-    counts = flop_params(model)
+    params_of = flop_params(model)
     model.train()
     params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
     optimizer = make_optimizer(params, sharded, model, cfg)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
+    log_path = out / "train_log.jsonl"
+    if rank == 0:
+        truncate_log(log_path, start)
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
          f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
          f"trainable {sum(p.numel() for p in params) * world / 1e6:.2f}M params (this rank holds "
@@ -1125,18 +1314,17 @@ def train(cfg):
     collate = data.Collator(pad_id=model.config.pad_token_id)
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if cfg.num_workers > 0 else None)
-    batches = iter(loader)
-
     stop_signal = {"sig": None}
 
     def on_signal(sig, frame):
         stop_signal["sig"] = signal.Signals(sig).name
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
 
     peak = device_peak_flops(device)
-    log_path = out / "train_log.jsonl"
+    bad, seen = 0, 0  # samples, all ranks, since this process started
     log_file = open(log_path, "a") if rank == 0 else None
     losses = []
     bar = tqdm(total=total, initial=start, disable=rank != 0, desc=f"stage {cfg.stage}", leave=False)
@@ -1146,18 +1334,26 @@ def train(cfg):
         while step < total:
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(sampler.accum)]
+            counts = torch.tensor([0.0, 0.0, 0.0])  # supervised tokens, bad and all samples
             for mb in micro:
+                counts += torch.tensor([len(mb["targets"]), len(mb["skipped"]), len(mb["skipped"]) + len(mb["ids"])])
                 for s in mb.pop("skipped"):
                     dataset.record_skip(s)
+                dataset.skips.truncated.update(mb.pop("truncated"))
                 if len(mb["ids"]) == 0:  # every sample bad: one pad token, nothing to learn,
                     mb.update(input_ids=torch.full((1, 1), model.config.pad_token_id),  # but the
                               labels=torch.full((1, 1), -100))  # collectives still run
                     mb["positions"], mb["targets"] = data.supervised_positions(mb["labels"])  # none
-            # normaliser: supervised tokens of the whole global batch
-            n_tok = torch.tensor(float(sum(len(mb["targets"]) for mb in micro)))
             if world > 1:
-                dist.all_reduce(n_tok)
-            denom = max(float(n_tok), 1.0)
+                dist.all_reduce(counts)
+            n_tok, bad, seen = float(counts[0]), bad + int(counts[1]), seen + int(counts[2])
+            problem = bad_data_problem(cfg, dataset.skips, bad, seen, n)
+            if problem:
+                if step > start:
+                    save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
+                    problem += f"; checkpoint-{step} saved, for --resume auto once the data is fixed"
+                raise SystemExit(problem)
+            denom = max(n_tok, 1.0)  # normaliser: supervised tokens of the whole global batch
             scale = world if cfg.fsdp == "torch" else 1  # FSDP2 averages its reduce-scatter
             lr = lr_at(step, total, warmup, cfg.lr)
             for g in optimizer.param_groups:
@@ -1195,7 +1391,7 @@ def train(cfg):
                 record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
                 if peak:
                     seq = float(stats[1]) / max(1, cfg.global_batch)
-                    flops = step_flops(model.config, counts, cfg.stage, float(stats[1]), float(n_tok), float(stats[2]), seq)
+                    flops = step_flops(model.config, params_of, cfg.stage, float(stats[1]), n_tok, float(stats[2]), seq)
                     record["mfu"] = round(flops / dt / (peak * world), 4)
             else:
                 import resource
@@ -1217,13 +1413,11 @@ def train(cfg):
             if world > 1:
                 dist.all_reduce(flag)
             if float(flag) > 0 and step < total:
-                log0(f"{stop_signal['sig']}: saving checkpoint-{step} and stopping; continue with --resume auto")
+                log0(f"{stop_signal['sig'] or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
                 save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
-                raise Stop()
-    except Stop:
-        bar.close()
-        return None
+                raise Stop(stop_signal["sig"] or "SIGTERM", step, out)
     finally:
+        bar.close()
         llama.compile_elementwise(was_compiled)
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -1271,18 +1465,20 @@ TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num
 TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 # 0: the LLM learns the world's text; then the paper's two stages. Where the LLM trains (0 and
-# 2) its matrices step with Muon; with AdamW (the paper's, still the default of --stage 1|2) in
-# both, the preset scored 70.0% at seed 0, with Muon in stage 2 83.2%, in both 86.4% (README).
-# Stage 2 is 2250 steps: the time the LM head no longer spends on unsupervised positions buys
-# 250 more within 5 minutes (seeds 0-2: 88.0% on average at 2000 steps, 89.6% at 2250).
+# 2) its matrices step with Muon, which learns the world's lookups in far fewer steps than AdamW
+# (the paper's, still the default of --stage 1|2).
 TINY_STAGES = {
     0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, optimizer="muon", template="vicuna_v1"),
     1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
     2: dict(lr=1e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=4.5, adam_beta2=0.95,
             optimizer="muon", template="vicuna_v1"),
 }
-TINY_DATA = dict(n_train=4000, n_test=250)
-TINY_LONG_EPOCHS = 12  # --preset tiny-long: stage 2 of 6000 steps (~12 min on 2 cores)
+TINY_PRESETS = {  # the world's size, and what each preset changes in TINY_STAGES
+    "tiny": dict(n_train=4000, n_test=250, stages={}),                        # stage 2: 2250 steps
+    "tiny-long": dict(n_train=4000, n_test=250, stages={2: dict(epochs=12)}),  # stage 2: 6000 steps
+    "tiny-short": dict(n_train=1000, n_test=100,                               # stage 2: 500 steps
+                       stages={0: dict(max_steps=40), 1: dict(max_steps=20), 2: dict(epochs=4)}),
+}
 
 
 def make_tiny_bases(root, tokenizer_path, seed):
@@ -1373,7 +1569,7 @@ def tiny_accuracy(model, world, blank=False, batch_size=50):
     return sum(map(sum, right.values())) / len(records), by_type
 
 
-def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
+def pretrain_tiny_llm(cfg, root, world, llm_dir, common, stage0):
     """The synthetic world's "Vicuna": before LLaVA's two stages the tiny LLaMA learns the
     world's language from text alone (the stage-2 conversations, descriptions included, with the
     image left out), as Vicuna knew English before LLaVA met it. Without this, stage 1 would
@@ -1386,8 +1582,7 @@ def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
         text.append({"id": r["id"] + "_text", "conversations": turns})
     path = root / "data" / "text_only.json"
     write_json_atomic(path, text)
-    s0 = replace(cfg, stage=2, init="", data=str(path), out=str(root / "llm_pretrain"), **common,
-                 **TINY_STAGES[0])
+    s0 = replace(cfg, stage=2, init="", data=str(path), out=str(root / "llm_pretrain"), **common, **stage0)
     train(s0)
     if dist.get_rank() == 0:
         model = LLaVA.from_pretrained(root / "llm_pretrain")
@@ -1395,41 +1590,43 @@ def pretrain_tiny_llm(cfg, root, world, llm_dir, common):
     dist.barrier()
 
 
-def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True, stage2_epochs=None):
-    """The whole preset; the keyword switches are the paper's ablations (eval.py ablate):
-    skip_stage1 = stage 2 from a fresh projector, vision_layer = CLIP layer -1 or -2 (default
-    cfg.vision_layer), world = a different synthetic world (data.make_synthetic paths),
-    evaluate=False = train only (a world whose test set the caller scores its own way);
-    stage2_epochs = a longer or shorter stage 2 (--preset tiny-long)."""
+def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
+    """The whole preset (--preset tiny, tiny-short or tiny-long: TINY_PRESETS). The keyword
+    switches are the paper's ablations (eval.py ablate): skip_stage1 = stage 2 from a fresh
+    projector, vision_layer = CLIP layer -1 or -2 (default cfg.vision_layer), world = a different
+    synthetic world (data.make_synthetic paths), evaluate=False = train only (a world whose test
+    set the caller scores its own way). A preset owns its --out and starts over in it."""
     from dataclasses import replace
     t0 = time.perf_counter()
-    root = Path(cfg.out if cfg.out != TrainConfig.out else f"runs/{cfg.preset or 'tiny'}")
+    preset = TINY_PRESETS[cfg.preset or "tiny"]
+    stages = {k: {**v, **preset["stages"].get(k, {})} for k, v in TINY_STAGES.items()}
+    root = Path(cfg.out or f"runs/{cfg.preset or 'tiny'}")
     run_dir = root / tag if tag else root
+    log0(f"{cfg.preset or 'tiny'} preset in {root}, on {torch.get_num_threads()} CPU threads "
+         "(--threads N or OMP_NUM_THREADS=N to change: on a busy machine, fewer than the free cores)")
     if world is None:
         world = data.make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
-                                    **TINY_DATA)
+                                    n_train=preset["n_train"], n_test=preset["n_test"])
     clip_dir, llm_dir = make_tiny_bases(root, world["tokenizer"], cfg.seed)
     common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
-                  max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0,
+                  max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0, overwrite=True, log_every=100,
                   vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
     # Stage 0 is shared by the ablations of one world (eval.py ablate: one "Vicuna" for every
     # variant) and redone whenever the world (its tokenizer), the LLM or its recipe changed: a
     # text-pretrained LLM of another world would read this world's tokens with wrong embeddings.
-    recipe = json.dumps([TINY_LLM, TINY_STAGES[0], cfg.seed,
+    recipe = json.dumps([TINY_LLM, stages[0], cfg.seed,
                          hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
     stamp = root / "llm_pretrained" / "nanollava_stage0.json"
     if not stamp.exists() or stamp.read_text() != recipe:
-        pretrain_tiny_llm(cfg, root, world, llm_dir, common)
+        pretrain_tiny_llm(cfg, root, world, llm_dir, common, stages[0])
         if dist.get_rank() == 0:
             stamp.write_text(recipe)
     common["llm"] = str(root / "llm_pretrained")
     if not skip_stage1:
-        s1 = replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **TINY_STAGES[1])
-        train(s1)
-    s2 = replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
-                 out=str(run_dir / "stage2"), **common, **{**TINY_STAGES[2], "epochs": stage2_epochs or TINY_STAGES[2]["epochs"]})
-    train(s2)
+        train(replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **stages[1]))
+    train(replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
+                  out=str(run_dir / "stage2"), **common, **stages[2]))
     if dist.get_rank() != 0 or not evaluate:
         return None
     model = LLaVA.from_pretrained(run_dir / "stage2").eval()
@@ -1439,24 +1636,49 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2),
               "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
     write_json_atomic(run_dir / "result.json", result)
-    example = Path(world["image_folder"]) / "test_000000.png"
     per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
-    print(f"\ntiny preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a blank "
-          f"image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
-          f"by question type, with the image (blank): {per_type}\n"
-          f"Chat with it: python chat.py {example} --model {run_dir / 'stage2'}", flush=True)
+    print(f"\n{cfg.preset or 'tiny'} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
+          f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
+          f"by question type, with the image (blank): {per_type}\n{chat_hint(world, run_dir / 'stage2')}", flush=True)
     return result
 
 
+def chat_hint(world, model_dir):
+    """How to talk to the preset's model, and what it can talk about: its world of coloured
+    shapes and five kinds of question (a real photo gets word salad)."""
+    records = json.loads(Path(world["test"]).read_text())
+    image = records[0]["image"]
+    asked = [r["conversations"][0]["value"].replace(data.IMAGE, "").strip() for r in records if r["image"] == image]
+    examples = list(dict.fromkeys(asked + ["How many shapes are there?", "What shape is the red object?",
+                                           "Where is the blue circle?"]))[:3]
+    return (f"Chat with it: python chat.py {Path(world['image_folder']) / image} --model {model_dir}\n"
+            "It knows only its world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds "
+            "of question (colour, shape, count, place, left/right or above/below), e.g.\n  "
+            + "\n  ".join(examples))
+
+
 def main(argv=None):
+    """Known errors (a missing file, bad weights, bad data, a hub out of reach) end the run with
+    one line on rank 0 and exit status 1, no traceback. A run stopped by a signal exits with the
+    shell's status for it (130 for Ctrl-C, 143 for SIGTERM), by --stop-at with 0."""
     cfg = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
-        if cfg.preset in ("tiny", "tiny-long"):
-            run_tiny(cfg, stage2_epochs=TINY_LONG_EPOCHS if cfg.preset == "tiny-long" else None)
-        elif cfg.preset:
-            raise SystemExit(f"--preset {cfg.preset!r}: choose 'tiny' or 'tiny-long'")
-        else:
-            train(cfg)
+        run_tiny(cfg) if cfg.preset else train(cfg)
+    except Stop as e:
+        print(e, file=sys.stderr, flush=True) if rank0 else None
+        raise SystemExit(0 if e.why == "--stop-at" else 128 + signal.Signals[e.why]) from None
+    except KeyboardInterrupt:  # outside a training loop: what is saved stays saved
+        print("interrupted: no step was running, nothing more to save; --resume auto continues a run",
+              file=sys.stderr, flush=True) if rank0 else None
+        raise SystemExit(130) from None
+    except (WeightsError, data.DataError, ImageError, SystemExit) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise
+        print(f"error: {e}", file=sys.stderr, flush=True) if rank0 else None
+        raise SystemExit(1) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -240,6 +240,11 @@ OPTIONAL = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.js
 CHUNK = 1 << 16  # bytes per read: an interrupted read loses at most this much
 
 
+def is_hub_name(name):
+    """org/name, as the Hub spells repositories (no "." or ".." parts)."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name))) and not any(p in (".", "..") for p in str(name).split("/"))
+
+
 def fetch(name_or_dir, cache_dir=None, files=None):
     """An existing local path is returned as is. A Hub name (org/name) is downloaded into
     {cache_dir or $NANOLLAVA_CACHE or ~/.cache/nanollava}/org--name and that directory returned:
@@ -249,7 +254,7 @@ def fetch(name_or_dir, cache_dir=None, files=None):
     if path.exists():
         return path
     name = str(name_or_dir)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or any(p in (".", "..") for p in name.split("/")):
+    if not is_hub_name(name):
         raise WeightsError(f"no such directory: {name} (and it is not a Hub name like llava-hf/llava-1.5-7b-hf)")
     base = os.environ.get("NANOLLAVA_HUB_URL", HUB).rstrip("/")
     root = Path(cache_dir or os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
@@ -291,8 +296,8 @@ def _download(session, base, name, filename, target, required=True, tries=5, why
         try:
             r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=(10, 60))
         except (requests.ConnectionError, requests.Timeout):
-            raise WeightsError(f"cannot reach {base} to download {name} (offline?). "
-                               "Download the model elsewhere and pass --model DIR") from None
+            raise WeightsError(f"{name} is no local directory, and {base} cannot be reached to download it "
+                               "(offline?): download it elsewhere and give its directory instead") from None
         with r:
             if r.status_code == 404 and not required:
                 return False

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,7 @@ def test_prompt_mode_prints_the_answer(world):
 
 def test_repl_two_turns_image_and_reset(world):
     root, ckpt, _, _ = world
-    stdin = f"{Q1}\n{Q2}\n/image {root / 'cat.jpg'}\n{Q1}\n/reset\n{Q1}\n/image {root / 'nope.jpg'}\n"
+    stdin = f"{Q1}\n{Q2}\n/image {root / 'cat.jpg'}\n{Q1}\n/reset\n{Q1}\n/image {root / 'nope.jpg'}\n/image\n"
     r = run([str(root / "astronaut.jpg"), "--model", str(ckpt), *GREEDY], stdin=stdin)
     assert r.returncode == 0, r.stderr
     answers = [line.split("ASSISTANT: ", 1)[1] for line in r.stdout.splitlines() if "ASSISTANT: " in line]
@@ -73,6 +74,45 @@ def test_repl_two_turns_image_and_reset(world):
     assert a2 != a1 and cat != a1
     assert "(new image, new conversation)" in r.stdout and "(new conversation)" in r.stdout
     assert f"error: image not found: {root / 'nope.jpg'}" in r.stdout  # a bad /image is not fatal
+    assert "usage: /image PATH" in r.stdout
+
+
+def test_terminal_line_editing_and_ctrl_c_at_the_prompt(world):
+    """In a real terminal (a pty): the left arrow edits the line (readline), and Ctrl-C at the
+    prompt, sent to the whole foreground process group as a terminal does, quits quietly."""
+    import pty
+    import select
+    import signal
+    root, ckpt, _, _ = world
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, str(ROOT / "chat.py"), str(root / "astronaut.jpg"), "--model", str(ckpt),
+                          *GREEDY], stdin=slave, stdout=slave, stderr=subprocess.PIPE, cwd=ROOT,
+                         start_new_session=True, env={**os.environ, "TERM": "xterm"})
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker, count=1, timeout=60):
+        nonlocal seen
+        end = time.time() + timeout
+        while seen.count(marker) < count and time.time() < end:
+            if select.select([master], [], [], 0.5)[0]:
+                seen += os.read(master, 4096)
+        assert seen.count(marker) >= count, seen[-500:]
+
+    try:
+        read_until(b"USER: ")
+        os.write(master, Q1[:-2].encode() + b"?\x1b[D" + Q1[-2].encode() + b"\r")  # typo mended with the arrow
+        read_until(b"USER: ", 2)
+        os.killpg(p.pid, signal.SIGINT)
+        assert p.wait(timeout=30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert text.split("ASSISTANT: ", 1)[1].split("\r\n")[0] == expected(world, Q1)[0]
+    err = p.stderr.read().decode()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
 
 
 def test_follow_up_equals_fresh_run_on_the_conversation(world):

@@ -115,7 +115,7 @@ def test_vicuna_v1_string():
     assert text == ("A chat between a curious user and an artificial intelligence assistant. The assistant "
                     "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is "
                     "this? ASSISTANT: A red boat.</s>USER: Where is it? ASSISTANT: On a lake.</s>")
-    assert [text[s:e] for s, e in spans] == ["A red boat.</s>", "On a lake.</s>"]
+    assert [text[s:e] for s, e in spans] == [" A red boat.</s>", " On a lake.</s>"]  # from after the ":"
     assert data.prompt_for_generation(TWO_TURNS[:3], "vicuna_v1", has_image=True) == text[: text.index(" On a lake")]
     assert data.prompt_for_generation(["Hi"], "vicuna_v1").endswith("questions. USER: Hi ASSISTANT:")
     assert data.prompt_for_generation(["Hi"], "vicuna_v1", has_image=True).endswith("USER: <image>\nHi ASSISTANT:")
@@ -127,7 +127,7 @@ def test_llava_llama_2_string():
                     "the visual content that the user provides, and assist the user with a variety of tasks using "
                     "natural language.\n<</SYS>>\n\n<image>\nWhat is this? [/INST] A red boat. </s><s>[INST] Where "
                     "is it? [/INST] On a lake. </s>")
-    assert [text[s:e] for s, e in spans] == ["A red boat. </s>", "On a lake. </s>"]
+    assert [text[s:e] for s, e in spans] == [" A red boat. </s>", " On a lake. </s>"]
     assert data.prompt_for_generation(TWO_TURNS[:3], "llava_llama_2", True).endswith("</s><s>[INST] Where is it? [/INST]")
     assert data.TEMPLATES["llava_llama_2"].stop == data.TEMPLATES["vicuna_v1"].stop == "</s>"
 
@@ -179,7 +179,7 @@ def test_real_records_ids_and_labels(tok, hf, template):
         runs = supervised_runs(hf, ids, labels, tok.image_token_id)
         assert len(runs) == 3
         for run, reply in zip(runs, replies(record)):
-            assert run in (" " + reply + close, reply + close), (record["id"], run[:60], reply[:60])
+            assert run == " " + reply + close, (record["id"], run[:60], reply[:60])
 
 
 def test_tricky_text_matches_transformers(tok, hf):
@@ -195,8 +195,88 @@ def test_tricky_text_matches_transformers(tok, hf):
         assert ids == hf_ids(hf, text, tok.image_token_id)
         runs = supervised_runs(hf, ids, labels, tok.image_token_id)
         for run, reply in zip(runs, replies({"conversations": conv})):
-            assert run in (" " + reply + close, reply + close)
+            assert run == " " + reply + close
         assert len(runs) == 3
+
+
+# Replies whose first character does not merge with the space before it, so that space is a
+# token of its own, a lone "▁": a digit (LLaMA splits digits, so " 2" is "▁", "2"), an emoji and
+# CJK (byte fallback), a newline, and a reply that starts with a space.
+LONE_SPACE_REPLIES = ["2 cats are on the sofa.", "😀 a smiling face", "日本 means Japan.", "\nA list follows.",
+                      " A reply with a leading space."]
+QUESTION = "<image>\nWhat is it?"
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_llama_2", "plain"])
+@pytest.mark.parametrize("reply", LONE_SPACE_REPLIES)
+def test_the_space_before_a_reply_is_learned_as_officially(tok, hf, template, reply):
+    """The official preprocess_v1 / preprocess_llama_2 / preprocess_plain mask the instruction by
+    counting the tokens of "... ASSISTANT: " minus BOS and the trailing lone "▁" (plain: BOS and
+    the image), so every token after the role's ":" (after "[/INST]", after the image) is a
+    target, the lone "▁" included. Built by hand here: the prompt's tokens masked, every later
+    token its own label."""
+    prompt = {"vicuna_v1": data.VICUNA_SYSTEM + " USER: " + QUESTION + " ASSISTANT:",
+              "llava_llama_2": f"[INST] <<SYS>>\n{data.LLAMA_2_SYSTEM}\n<</SYS>>\n\n{QUESTION} [/INST]",
+              "plain": "<image>"}[template]
+    text = prompt + {"vicuna_v1": f" {reply}</s>", "llava_llama_2": f" {reply} </s>", "plain": f"{reply}\n"}[template]
+    conv = [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": reply}]
+    ids, labels = data.tokenize_conversation(conv, tok, template, has_image=True)
+    expected_ids, n = hf_ids(hf, text, tok.image_token_id), len(hf_ids(hf, prompt, tok.image_token_id))
+    assert ids == expected_ids
+    assert labels == [data.IGNORE_INDEX] * n + expected_ids[n:]
+    if template != "plain" and not reply.startswith(" "):
+        assert hf.convert_ids_to_tokens(ids[n]) == "\u2581"  # the case in point: a lone "▁" is learned
+
+
+def official_v1_labels(hf, text, image_id):
+    """The official preprocess_v1's masking, step for step, on a rendered vicuna_v1 sample: split
+    into rounds at "</s>", mask each round's instruction ("... ASSISTANT: " minus BOS and the
+    trailing "▁") by counting the tokens of the round and of the instruction tokenized alone.
+    Written for a legacy tokenizer, where a round tokenized alone ("▁USER ...") has the ids it
+    has in context (the official code's `not tokenizer.legacy` correction does not apply)."""
+    ids = hf_ids(hf, text, image_id)
+    target, cur, sep = list(ids), 1, " ASSISTANT: "
+    target[:1] = [data.IGNORE_INDEX]
+    for rou in text.split("</s>"):
+        if rou == "":
+            break
+        instruction, reply = rou.split(sep)
+        round_len = len(hf_ids(hf, rou, image_id))
+        instruction_len = len(hf_ids(hf, instruction + sep, image_id)) - 2
+        target[cur:cur + instruction_len] = [data.IGNORE_INDEX] * instruction_len
+        cur += round_len
+    target[cur:] = [data.IGNORE_INDEX] * (len(target) - cur)
+    assert cur == len(ids), "tokenization mismatch"
+    return ids, target
+
+
+def test_multi_turn_labels_equal_the_official_preprocess_v1(tokdir):
+    """The 30 real three-turn LLaVA-Bench records, tokenized as the released LLaVA-1.5 was
+    trained (legacy: "▁USER" after "</s>"): ids and labels equal the official rule's."""
+    from transformers import LlamaTokenizer
+    legacy = llama.Tokenizer(tokdir, legacy=True)
+    hf_legacy = LlamaTokenizer.from_pretrained(str(tokdir), legacy=True, add_bos_token=True)
+    for record in bench_records():
+        has_image = "image" in record
+        for conv in (record["conversations"], record["conversations"][:2]):
+            text, _ = data.render_conversation(conv, "vicuna_v1", has_image)
+            ids, labels = data.tokenize_conversation(conv, legacy, "vicuna_v1", has_image=has_image)
+            assert (ids, labels) == official_v1_labels(hf_legacy, text, legacy.image_token_id), record["id"]
+    ids, _ = data.tokenize_conversation(record["conversations"], legacy, "vicuna_v1", has_image=has_image)
+    assert hf_legacy.convert_ids_to_tokens(ids[ids.index(legacy.eos_id) + 1]).startswith("\u2581")  # "▁USER"
+
+
+def test_literal_metaspace_in_text(tok, hf):
+    """U+2581 ("▁") in a record is read by sentencepiece as a space: the ids are the official
+    ones and the labels still cover exactly the reply."""
+    conv = [{"from": "human", "value": "<image>\nWhat does \u2581 mean?"},
+            {"from": "gpt", "value": "\u2581 is sentencepiece's space: \u2581\u2581x and a\u2581b."}]
+    for template in ["vicuna_v1", "llava_llama_2"]:
+        close = {"vicuna_v1": "</s>", "llava_llama_2": " </s>"}[template]
+        ids, labels = data.tokenize_conversation(conv, tok, template, has_image=True)
+        text, _ = data.render_conversation(conv, template, True)
+        assert ids == hf_ids(hf, text, tok.image_token_id)
+        assert supervised_runs(hf, ids, labels, tok.image_token_id) == [" " + conv[1]["value"].replace("\u2581", " ") + close]
 
 
 def test_plain_stage1_tokens(tok, hf):
@@ -330,6 +410,20 @@ def test_bad_samples_skipped_named_counted_with_workers(tok, tmp_path, capsys):
     assert summary.startswith(f"data: skipped 13 of {len(records)} records")
     for reason, n in EXPECTED_SKIPS.items():
         assert f"{reason} {n}" in summary
+
+
+def test_a_record_that_raises_anything_is_a_counted_bad_sample(tok, tmp_path, capsys):
+    """A JSON escape of half a surrogate pair ("\\ud83d" without its partner) is valid JSON and
+    makes sentencepiece raise a RuntimeError: that record is skipped and named, the rest train."""
+    path = tmp_path / "train.json"
+    path.write_text('[{"id": "ok", "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]},'
+                    ' {"id": "half-emoji", "conversations": [{"from": "human", "value": "Hi \\ud83d"},'
+                    ' {"from": "gpt", "value": "Hello."}]}]')
+    ds = data.LazySupervisedDataset(path, tmp_path, tok, "vicuna_v1", image_size=32, num_patches=4)
+    batches = list(data.make_loader(ds, batch_size=2, shuffle=False, num_workers=2))
+    assert [b["ids"] for b in batches] == [["ok"]]
+    assert ds.skips.counts() == {"error": 1}
+    assert "skipped record 1 (id 'half-emoji'): error: RuntimeError" in capsys.readouterr().err
 
 
 def test_image_too_long_skipped(tok, tmp_path):

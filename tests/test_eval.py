@@ -61,16 +61,14 @@ def test_eval_prompt_is_the_training_prompt_in_both_orders(tok, answer_first):
         if r["id"] in EXPECTED_PROMPTS:
             assert prompt == EXPECTED_PROMPTS[r["id"]]
         text, spans = data.render_conversation(r["conversations"], "vicuna_v1", has_image="image" in r)
-        assert text == prompt + " " + target + "</s>" and spans == [(len(prompt) + 1, len(text))]
+        assert text == prompt + " " + target + "</s>" and spans == [(len(prompt), len(text))]
         # ids: the evaluation prompt is exactly the unsupervised head of the training sample
         ids, labels = data.tokenize_conversation(r["conversations"], tok, "vicuna_v1", num_patches=4,
                                                  has_image="image" in r)
         p = data.tokenize_prompt([human], tok, "vicuna_v1", has_image="image" in r, num_patches=4)
         assert ids[:len(p)] == p and set(labels[:len(p)]) == {-100}
-        # everything after the prompt is learned, except a lone "▁" standing for the template's
-        # space (where the tokenizer has no piece for "▁" + the reply's first character)
-        assert -100 not in labels[len(p) + 1:]
-        assert labels[len(p)] != -100 or tok.id_bytes(ids[len(p)]) == b" "
+        # everything after the prompt is learned, a lone "▁" for the template's space included
+        assert -100 not in labels[len(p):]
         assert p.count(tok.image_token_id) == (4 if "image" in r else 0)
 
 
@@ -249,6 +247,21 @@ def test_scienceqa_missing_image_is_reported_and_skipped(tiny_ckpt, tmp_path, co
                     "--max-new-tokens", "2", "--device", "cpu"]) == 3
     assert "skipped 1003: image not found" in capsys.readouterr().err
     assert sorted(r["id"] for r in lines(out)) == ["1001", "1002", "1004", "1005"]
+
+
+def test_a_wrong_split_or_problems_file_is_one_line(tiny_ckpt, tmp_path):
+    import shutil
+    root = tmp_path / "sqa"
+    shutil.copytree(SQA, root)
+    cmd = [sys.executable, str(ROOT / "eval.py"), "scienceqa", "--model", str(tiny_ckpt), "--root", str(root),
+           "--split", "tset", "--out", str(tmp_path / "p.jsonl")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip() == f"error: {root / 'pid_splits.json'} has no split 'tset'; it has 'train', 'val', 'test'"
+    (root / "problems.json").write_text('{"1001": ')
+    with pytest.raises(SystemExit) as e:
+        ev.main(["scienceqa", "--model", str(tiny_ckpt), "--root", str(root), "--out", str(tmp_path / "p.jsonl")])
+    assert str(e.value.code).startswith(f"error: ScienceQA problems file {root / 'problems.json'} is not valid JSON")
 
 
 # ---- eval.py judge against a fake judge -------------------------------------------------------------
@@ -466,13 +479,14 @@ def test_vicuna_shapes_have_the_papers_parameter_counts():
     assert counts == {"7b": 6_738_415_616, "13b": 13_015_864_320}  # LLaMA-2 / Vicuna v1.5 7B and 13B
 
 
-def test_llm_preset_builds_a_random_llm_of_that_shape(tiny_ckpt, tmp_path, monkeypatch):
+def test_llm_preset_builds_a_random_llm_of_that_shape(tiny_ckpt, tmp_path, monkeypatch, capsys):
     small = dict(llama.VICUNA_SHAPES["7b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
     monkeypatch.setitem(llama.VICUNA_SHAPES, "test", small)
     root = tiny_ckpt.parent
     cfg = train.parse_args(["--stage", "1", "--clip", str(root / "clip"), "--llm", str(root / "llm"),
-                            "--llm-preset", "test", "--projector", "mlp2x_gelu", "--image-size", "32"])
+                            "--llm-preset", "7b", "--projector", "mlp2x_gelu", "--image-size", "32"])
+    cfg.llm_preset = "test"  # the choices were fixed when train.py was imported
     model, bases = train.build_model(cfg)
     c = model.llm.config
     assert (c.hidden_size, c.num_hidden_layers, c.rms_norm_eps, c.max_position_embeddings) == (64, 2, 1e-5, 4096)
@@ -481,5 +495,6 @@ def test_llm_preset_builds_a_random_llm_of_that_shape(tiny_ckpt, tmp_path, monke
     ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.num_patches + [5, 6]])
     logits, _ = model(ids, torch.zeros(1, 3, 32, 32))
     assert logits.shape == (1, ids.shape[1], 1024) and torch.isfinite(logits).all()
-    with pytest.raises(SystemExit, match="choose one of"):
-        train.build_model(train.parse_args(["--stage", "1", "--llm", str(root / "llm"), "--llm-preset", "70b"]))
+    with pytest.raises(SystemExit):
+        train.parse_args(["--stage", "1", "--llm", str(root / "llm"), "--llm-preset", "70b"])
+    assert "'70b' is not one of 7b, 13b" in capsys.readouterr().err

@@ -384,13 +384,12 @@ def test_api_key_never_leaks(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     out = tmp_path / "leak.jsonl"
     ids = [c.image_id for c in gd.load_coco(CAPTIONS)]
-    # error bodies that echo the key (retried, then skipped) and a reply that contains it
-    with FakeTeacher(per_image={ids[0]: "echo500", ids[1]: "echo_content"}) as t:
+    # error bodies that echo the key (retried, then skipped)
+    with FakeTeacher(per_image={ids[0]: "echo500"}) as t:
         rc = gd.main(gen_args(t, out, "--types", "conversation", "--limit", "3", "--max-retries", "1"))
     assert rc == 3
     text = capsys.readouterr()
     assert "***" in text.err and KEY not in text.out + text.err and KEY not in out.read_text()
-    assert "It is ***." in out.read_text()  # the echoed key was scrubbed from the reply itself
     # 401 echoing the key: the client stops (no other request could succeed), scrubbed
     with FakeTeacher(per_image={i: "echo401" for i in ids}) as t:
         rc = gd.main(gen_args(t, tmp_path / "leak401.jsonl", "--workers", "2"))
@@ -410,6 +409,44 @@ def test_api_key_never_leaks(tmp_path, monkeypatch, capsys):
     with pytest.raises(gd.APIError) as ei:
         client.complete([{"role": "user", "content": "hi"}])
     assert ei.value.reason == "connection error" and KEY not in "".join(traceback.format_exception(ei.value))
+
+
+def test_a_dummy_key_never_rewrites_what_the_teacher_wrote(tmp_path, monkeypatch, capsys):
+    """Local servers take any word as a key (EMPTY, ollama, ...): it is scrubbed where a key can
+    appear (an echoed error), never from a reply, so the records keep the teacher's words."""
+    monkeypatch.setenv("OPENAI_API_KEY", "the")
+    out = tmp_path / "dummy.jsonl"
+    ids = [c.image_id for c in gd.load_coco(CAPTIONS)]
+    with FakeTeacher(per_image={ids[0]: "echo500", ids[1]: "echo_content"}) as t:
+        rc = gd.main(gen_args(t, out, "--types", "conversation", "--limit", "3", "--max-retries", "0"))
+    assert rc == 3 and "header was Bearer ***" in capsys.readouterr().err
+    replies = {r["id"]: [c["value"] for c in r["conversations"] if c["from"] == "gpt"] for r in read_jsonl(out)}
+    assert replies[f"{ids[1]}_conversation"] == ["It is the."]  # the key in a reply is the reply's text
+    first_caption = gd.load_coco(CAPTIONS)[2].captions[0]
+    expected = [a for _, a in gd.parse_qa(good_reply(ids[2], "conversation", first_caption))]
+    assert replies[f"{ids[2]}_conversation"] == expected and any(" the " in a for a in expected)
+
+
+def test_a_teacher_that_is_down_stops_the_run_in_one_line(tmp_path, capsys):
+    import socket
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    args = ["generate", "--captions", str(CAPTIONS), "--instances", str(INSTANCES), "--out", str(tmp_path / "o.jsonl"),
+            "--api-base", url, "--backoff-base", "0.01", "--workers", "2", "--max-down", "5"]
+    t0 = time.monotonic()
+    assert gd.main(args) == 3 and time.monotonic() - t0 < 20
+    out = capsys.readouterr().out
+    assert f"stopped: 5 connection failures in a row at {url}/chat/completions: is --api-base right" in out
+    assert f"done 0 (+0 earlier) of {N_IMAGES * 3} jobs" in out
+
+
+def test_no_usable_caption_is_an_error(tmp_path):
+    empty = tmp_path / "captions.json"
+    empty.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}))
+    with pytest.raises(SystemExit) as e:
+        gd.main(["generate", "--captions", str(empty), "--types", "conversation", "--api-base", "http://127.0.0.1:9"])
+    assert f"error: {empty}: no image with a usable caption" in str(e.value.code)
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,9 @@
-"""llama.Tokenizer against transformers' LlamaTokenizer (legacy=False) on a tiny sentencepiece
-BPE model with byte fallback, called the way the official LLaVA pipeline calls it."""
+"""llama.Tokenizer against transformers' LlamaTokenizer and LlamaTokenizerFast, with legacy=True
+(the rule the released LLaVA-1.5 was trained with: "▁" after `</s>`) and legacy=False (today's),
+on a tiny sentencepiece BPE model with byte fallback, called the way the official LLaVA pipeline
+calls it. transformers 5 reproduces the legacy rule for every text LLaVA's templates make, so it
+is the oracle for both modes. (Where it differs from transformers 4.31's slow tokenizer, a piece
+right after `</s>` that starts with a space, 4.31 wrote "▁▁"; no template puts a space there.)"""
 
 import json
 import sys
@@ -70,15 +74,20 @@ def tok_dir(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module", params=[False, True], ids=["legacy=False", "legacy=True"])
+def legacy(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ours(tok_dir):
-    return Tokenizer(tok_dir)
+def ours(tok_dir, legacy):
+    return Tokenizer(tok_dir, legacy=legacy)
 
 
 @pytest.fixture(scope="module", params=["LlamaTokenizer", "LlamaTokenizerFast"])
-def hf(request, tok_dir):
+def hf(request, tok_dir, legacy):
     cls = {"LlamaTokenizer": LlamaTokenizer, "LlamaTokenizerFast": LlamaTokenizerFast}[request.param]
-    return cls.from_pretrained(str(tok_dir), legacy=False, add_bos_token=True)
+    return cls.from_pretrained(str(tok_dir), legacy=legacy, add_bos_token=True)
 
 
 def llava_reference(hf, text, image_token_id):
@@ -119,13 +128,32 @@ def test_ids_match_transformers_per_chunk(ours, hf, text):
     assert ours.encode(text, bos=False) == expected[1:]
 
 
-def test_vicuna_turns_after_eos_have_no_leading_space(ours):
+def test_vicuna_turns_after_eos_start_with_a_space_only_in_legacy_mode(ours, legacy):
     ids = ours.encode(PROMPTS[0])
     eos_at = [i for i, t in enumerate(ids) if t == ours.eos_id]
     assert len(eos_at) == 3
-    after = ours.sp.id_to_piece(ids[eos_at[0] + 1])
-    assert not after.startswith("▁")  # "USER" right after </s>, as HF legacy=False
+    for k in eos_at[:2]:  # "▁USER" after </s> with legacy=True, "USER" with legacy=False
+        assert ours.sp.id_to_piece(ids[k + 1]).startswith("▁") == legacy
     assert ids.count(ours.image_token_id) == 1 and ids[0] == ours.bos_id and ids.count(ours.bos_id) == 1
+
+
+def test_legacy_comes_from_tokenizer_config(tmp_path):
+    """The checkpoint says how it was trained; a config that does not say is legacy (transformers
+    4.31's default, the release's), where transformers 5 would assume False."""
+    make_sp_tokenizer(tmp_path)
+    path = tmp_path / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    assert config["legacy"] is False and Tokenizer(tmp_path).legacy is False
+    for value, expected in ((True, True), (None, True)):
+        if value is None:
+            del config["legacy"]
+        else:
+            config["legacy"] = value
+        path.write_text(json.dumps(config))
+        assert Tokenizer(tmp_path).legacy is expected and Tokenizer(tmp_path / "tokenizer.model").legacy is expected
+    assert Tokenizer(tmp_path, legacy=False).legacy is False  # an explicit choice wins
+    path.unlink()
+    assert Tokenizer(tmp_path).legacy is True
 
 
 def test_byte_fallback_used(ours):
@@ -184,7 +212,7 @@ QA90 = Path(__file__).resolve().parent / "fixtures" / "llava_bench_qa90"  # LLaV
 @pytest.mark.skipif(not QA90.is_dir(), reason="tests/fixtures/llava_bench_qa90 not present")
 def test_real_llava_bench_text(ours, tok_dir):
     """Every question and GPT-4 answer of LLaVA-Bench (COCO) in a vicuna prompt, with an image."""
-    hf = LlamaTokenizer.from_pretrained(str(tok_dir), legacy=False, add_bos_token=True)
+    hf = LlamaTokenizer.from_pretrained(str(tok_dir), legacy=ours.legacy, add_bos_token=True)
     questions = [json.loads(line)["text"] for line in open(QA90 / "qa90_questions.jsonl")]
     answers = [json.loads(line)["text"] for line in open(QA90 / "qa90_gpt4_answer.jsonl")]
     for q, a in zip(questions, answers):

@@ -402,7 +402,7 @@ def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path):
     assert losses(adamw)[0] == losses(full)[0] and losses(adamw)[-1] != losses(full)[-1]
     # the optimizer's state does not carry over to the other one: resuming with it is refused
     p = run(base_args(world, part, **{"max-steps": 6, "resume": "auto"}), check=False)
-    assert p.returncode != 0 and "written with --optimizer muon; resume it with --optimizer muon" in p.stderr + p.stdout
+    assert p.returncode == 1 and "belongs to a run with --optimizer 'muon' (now 'adamw')" in p.stderr, p.stderr
 
 
 # ---- resume ------------------------------------------------------------------------------------
@@ -456,7 +456,7 @@ def test_compiled_elementwise_trains_to_the_same_losses_with_grad_ckpt(world, tm
     run(base_args(world, tmp_path / "compiled", **common, **{"compile-elementwise": "on"}))
     assert_same_run(tmp_path / "eager", tmp_path / "compiled", 2)
     p = run(base_args(world, tmp_path / "bad", **{"compile-elementwise": "yes"}), check=False)
-    assert p.returncode != 0 and "--compile-elementwise 'yes': choose auto, on or off" in p.stderr
+    assert p.returncode == 2 and "argument --compile-elementwise: 'yes' is not one of auto, on, off" in p.stderr
 
 
 def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, monkeypatch):
@@ -468,7 +468,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, m
     (out / "checkpoint-1.tmp").mkdir()
     (out / "checkpoint-1.tmp" / "model.safetensors").write_bytes(b"half")
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
-    cfg = train.TrainConfig(out=str(out), resume="auto")
+    cfg = train.parse_args(base_args(world, out, **{"max-steps": 2, "save-every": 1, "resume": "auto"}))
     assert train.find_resume(cfg).name == "checkpoint-2"
     LLaVA.from_pretrained(out / "checkpoint-2")
     # and in process: save_pretrained raising mid-save keeps checkpoint-2 loadable and whole
@@ -543,28 +543,100 @@ def test_bad_samples_are_skipped_named_and_counted_while_the_rest_trains(world, 
     records = good[:6] + bad + good[6:]
     path = tmp_path / "mixed.json"
     path.write_text(json.dumps(records))
-    p = run(base_args(world, tmp_path / "o", data=path, **{"global-batch": 20, "micro-batch": 5, "max-steps": 1}))
+    tok = Tokenizer(world["llm"])  # a second path to the count of records cut to --max-length 200
+    cut = sum(len(data.tokenize_conversation(r["conversations"], tok, "vicuna_v1", num_patches=16, has_image=True)[0])
+              > 200 for r in good)
+    assert 0 < cut < 14
+    args = base_args(world, tmp_path / "o", data=path, **{"global-batch": 20, "micro-batch": 5, "max-steps": 1,
+                                                          "max-length": 200})
+    p = run(args + ["--max-bad-share", "0.5"])
     out = p.stdout + p.stderr
     for rid in ("missing", "corrupt", "noreply", "placeholder", "noplaceholder"):
         assert f"id {rid!r}" in out, rid
-    assert "skipped 6 of 20 records" in out
+    assert f"skipped 6 of 20 records" in out and f"; {cut} truncated to max_length" in out
     assert losses(tmp_path / "o")[0] > 0
+    # by default a run whose bad share passes a few percent stops, with the tally
+    p = run(args + ["--overwrite"], check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().endswith(f"error: {path}: 6 of the 20 samples seen are bad, more than --max-bad-share "
+                                     f"0.05 (data: skipped 6 of 20 records (corrupt_image 1, image_without_placeholder 1, "
+                                     f"missing_image 1, no_reply 1, placeholder_without_image 1, "
+                                     f"unreadable_record 1); {cut} truncated to max_length); the first skipped "
+                                     "records are printed above"), p.stderr[-1500:]
 
 
-def test_sigterm_saves_a_checkpoint_then_exits(world, tmp_path):
-    out = tmp_path / "o"
-    cmd = [sys.executable, TRAIN] + base_args(world, out, **{"max-steps": 1000, "global-batch": 2, "micro-batch": 2})
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_data_that_trains_nothing_stops_at_once_and_says_why(world, tmp_path):
+    records = json.loads(Path(world["stage2"]).read_text())
+    path = tmp_path / "keys.json"  # a common mistake: another format's key for the turns
+    path.write_text(json.dumps([{"id": r["id"], "image": r["image"], "messages": r["conversations"]} for r in records]))
+    p = run(base_args(world, tmp_path / "o", data=path, **{"max-steps": 50}), check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip().endswith(
+        f"error: {path}: no sample of the first batch can be trained on (data: skipped 8 of 48 records "
+        "(unreadable_record 8)); are the records LLaVA's {'image', 'conversations': [{'from', 'value'}, ...]}?")
+    assert losses(tmp_path / "o") == [] and not list((tmp_path / "o").glob("checkpoint-*"))
+
+
+# ---- runs that keep their promises: stopped by a signal, resumed, to the uninterrupted run's end ---
+
+LONG_RUN = {"num-workers": 2, "save-every": 5, "keep": 2, "max-steps": 48, "global-batch": 2, "micro-batch": 2}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run(base_args(world, out, **LONG_RUN))
+    return out
+
+
+def start_and_signal(args, log, sig, after_steps):
+    """train.py in its own process group, sent `sig` as a terminal's Ctrl-C is sent: to the
+    group (the DataLoader workers too) once `after_steps` steps are logged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen([sys.executable, TRAIN] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env, start_new_session=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not ((out / "train_log.jsonl").exists()
-                                           and (out / "train_log.jsonl").read_text().count("\n") >= 1):
-        time.sleep(0.1)
-    p.send_signal(signal.SIGTERM)
+    while time.time() < deadline and p.poll() is None and not (log.exists() and log.read_text().count("\n") >= after_steps):
+        time.sleep(0.02)
+    os.killpg(p.pid, sig)
     text, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, text[-2000:]
-    ckpts = list(out.glob("checkpoint-*[0-9]"))
-    assert len(ckpts) == 1 and (ckpts[0] / "train_state.json").exists()
-    assert "SIGTERM: saving checkpoint" in text
+    return p.returncode, text
+
+
+@pytest.mark.parametrize("sig, resume_from", [(signal.SIGINT, "auto"), (signal.SIGTERM, "auto"),
+                                              (signal.SIGINT, "newest unreadable"), (signal.SIGINT, "checkpoint-5")])
+def test_a_signal_to_the_process_group_saves_once_and_resume_ends_as_the_uninterrupted_run(
+        world, tmp_path, uninterrupted, sig, resume_from):
+    out = tmp_path / "o"
+    rc, text = start_and_signal(base_args(world, out, **LONG_RUN), out / "train_log.jsonl", sig, 12)
+    stopped = len(losses(out))
+    assert rc == 128 + sig and "Traceback" not in text and "exited unexpectedly" not in text, text[-3000:]
+    assert text.rstrip().endswith(f"{sig.name}: stopped after step {stopped}, {out / f'checkpoint-{stopped}'} "
+                                  "saved; continue with the same command and --resume auto"), text[-1000:]
+    assert 12 <= stopped < 48 and not list(out.glob("*.tmp"))
+    resume = "auto"
+    if resume_from == "newest unreadable":  # a checkpoint cut short on disk: the one before it is used
+        optim = out / f"checkpoint-{stopped}" / "optim-rank00000.safetensors"
+        optim.write_bytes(optim.read_bytes()[:1000])
+    elif resume_from != "auto":  # an older one, that rotation then deletes: the log is cut back to it
+        resume = str(out / resume_from)
+    p = run(base_args(world, out, **LONG_RUN, resume=resume))
+    if resume_from == "newest unreadable":
+        assert f"--resume auto: skipping checkpoint-{stopped}: {optim} is unreadable" in p.stdout + p.stderr
+    assert losses(out) == losses(uninterrupted)
+    assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-45", "checkpoint-48"]
+    if resume_from == "checkpoint-5":  # the final directory is whole: transformers and chat.py load it
+        transformers = pytest.importorskip("transformers")
+        hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+        ours = LLaVA.from_pretrained(out).eval()
+        ids = torch.tensor([[1] + [ours.config.image_token_id] * ours.config.num_patches + [5, 6, 7]])
+        px = torch.randn(1, 3, 32, 32)
+        with torch.no_grad():
+            assert (ours(ids, px)[0] - hf(input_ids=ids, pixel_values=px).logits).abs().max() < 1e-4
+        image = Path(world["image_folder"]) / json.loads(Path(world["test"]).read_text())[0]["image"]
+        chat = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(image), "--model", str(out), "--prompt",
+                               "What color is the circle?", "--max-new-tokens", "4"], capture_output=True, text=True)
+        assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
 
 
 def test_tiny_clip_position_embedding_encodes_row_and_column(world):
@@ -588,33 +660,140 @@ def test_tiny_clip_position_embedding_encodes_row_and_column(world):
     assert math.isclose(table[1 + 3][half + 1].item(), scale * math.sin(3.0 / 100 ** (1 / quarter)), rel_tol=1e-5)
 
 
-def test_tiny_preset_short_variant_learns_to_see(tmp_path, monkeypatch):
-    """The README's main job (`python train.py --preset tiny`), shortened to about a third of its
-    steps on a smaller world: stage 0, 1 and 2 through train(), then greedy answers to held-out
-    pictures against the same model shown a blank picture."""
-    monkeypatch.setattr(train, "TINY_DATA", dict(n_train=1000, n_test=100))
-    stages = {k: dict(v) for k, v in train.TINY_STAGES.items()}
-    stages[0]["max_steps"], stages[1]["max_steps"] = 40, 20
-    monkeypatch.setattr(train, "TINY_STAGES", stages)
-    cfg = train.parse_args(["--preset", "tiny", "--out", str(tmp_path / "tiny")])
-    try:
-        result = train.run_tiny(cfg, stage2_epochs=6)  # stage 2: 750 steps
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    saved = json.loads((tmp_path / "tiny" / "result.json").read_text())
-    assert saved["accuracy"] == result["accuracy"] and set(saved["by_type"]) == set(data.QUESTION_TYPES)
+@pytest.fixture(scope="module")
+def tiny_short(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-short") / "tiny"
+    return root, run(["--preset", "tiny-short", "--out", str(root), "--threads", "2"], timeout=900)
+
+
+def test_tiny_short_preset_learns_to_see(tiny_short):
+    """`python train.py --preset tiny-short`, as a newcomer runs it: the README's main job with
+    a smaller world and fewer steps. Stage 0, 1 and 2, then greedy answers to held-out pictures
+    against the same model shown a blank picture, and how to chat with it."""
+    root, p = tiny_short
+    result = json.loads((root / "result.json").read_text())
+    assert set(result["by_type"]) == set(data.QUESTION_TYPES)
     assert result["accuracy"] >= result["blank_image_accuracy"] + 0.15, result
     assert result["by_type"]["count"]["image"] >= 0.8, result  # the first thing it learns to see
-    stage2 = json.loads((tmp_path / "tiny" / "stage2" / "train_config.json").read_text())
-    assert stage2["epochs"] == 6 and stage2["lr"] == train.TINY_STAGES[2]["lr"]
+    assert f"held-out accuracy {result['accuracy']:.1%} with the image" in p.stdout
+    assert "on 2 CPU threads" in p.stdout and "It knows only its world" in p.stdout
+    assert f"--model {root / 'stage2'}" in p.stdout
+    stage2 = json.loads((root / "stage2" / "train_config.json").read_text())
+    assert stage2["epochs"] == 4 and stage2["lr"] == train.TINY_STAGES[2]["lr"]
 
 
-def test_tiny_long_preset_is_the_tiny_preset_with_a_longer_stage_2(monkeypatch):
-    calls = []
-    monkeypatch.setattr(train, "run_tiny", lambda cfg, **kw: calls.append((cfg.preset, kw)))
-    train.main(["--preset", "tiny-long"])
-    train.main(["--preset", "tiny"])
-    assert calls == [("tiny-long", {"stage2_epochs": train.TINY_LONG_EPOCHS}), ("tiny", {"stage2_epochs": None})]
-    with pytest.raises(SystemExit, match="choose 'tiny' or 'tiny-long'"):
-        train.main(["--preset", "huge"])
+def test_the_preset_stopped_in_each_stage_and_resumed_ends_as_the_uninterrupted_run(tiny_short, tmp_path):
+    """Ctrl-C in stage 0, then in stage 1, then in stage 2 of the one-minute preset, each time
+    continued with --resume auto: every stage's losses and the held-out answers are the
+    uninterrupted run's."""
+    ref, _ = tiny_short
+    root = tmp_path / "tiny"
+    cmd = ["--preset", "tiny-short", "--out", str(root), "--threads", "2"]
+    for i, (stage, after) in enumerate((("llm_pretrain", 5), ("stage1", 5), ("stage2", 50))):
+        rc, text = start_and_signal(cmd + ["--resume", "auto"] * (i > 0), root / stage / "train_log.jsonl",
+                                    signal.SIGINT, after)
+        assert rc == 130 and "Traceback" not in text, text[-3000:]
+        assert f"saved; continue with the same command and --resume auto" in text.splitlines()[-1]
+        assert str(root / stage / "checkpoint-") in text.splitlines()[-1] and not (root / "result.json").exists()
+    p = run(cmd + ["--resume", "auto"], timeout=900)
+    for stage in ("llm_pretrain", "stage1", "stage2"):
+        assert losses(root / stage) == losses(ref / stage), stage
+    got, want = (json.loads((r / "result.json").read_text()) for r in (root, ref))
+    assert {**got, "minutes": 0} == {**want, "minutes": 0}
+    assert f"held-out accuracy {want['accuracy']:.1%} with the image" in p.stdout
+
+
+def test_presets_differ_only_where_they_say():
+    tiny, long, short = (train.TINY_PRESETS[k] for k in ("tiny", "tiny-long", "tiny-short"))
+    assert long["stages"] == {2: {"epochs": 12}} and (long["n_train"], long["n_test"]) == (tiny["n_train"], tiny["n_test"])
+    assert set(short["stages"]) == {0, 1, 2} and set(train.TINY_PRESETS) == set(train.PRESETS)
+
+
+# ---- the front door: --help, values checked when parsed, inputs checked before any model -------
+
+def test_help_gives_every_flag_its_help_default_and_choices():
+    p = run(["--help"])
+    text = " ".join(p.stdout.split())  # argparse wraps lines
+    flags = [f.name.replace("_", "-") for f in train.fields(train.TrainConfig)]
+    for flag in flags:
+        assert f"--{flag}" in text, flag
+    assert text.count("(default: ") == len(flags)
+    for choices in ("{1,2}", "{v1,v1.5}", "{tiny,tiny-short,tiny-long}", "{adamw,muon}", "{ours,torch}",
+                    "{bf16,fp16,fp32}", "{auto,on,off}", "--grad-ckpt [true|false]"):
+        assert choices in text, choices
+    assert "examples: python train.py --preset tiny" in text and "--resume auto" in text
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--stage", "3", "'3' is not one of 1, 2"), ("--dtype", "fp8", "'fp8' is not one of bf16, fp16, fp32"),
+    ("--grad-ckpt", "maybe", "'maybe' is not true or false"), ("--optimizer", "sgd", "is not one of adamw, muon"),
+    ("--micro-batch", "0", "'0' is not a whole number > 0"), ("--warmup-ratio", "1.5", "is not a number in [0, 1)"),
+    ("--device", "cuda" if not torch.cuda.is_available() else "tpu", "'"), ("--preset", "huge", "tiny, tiny-short"),
+])
+def test_bad_values_are_refused_when_parsed(flag, value, says):
+    p = run([flag, value], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"error: argument {flag}: " in p.stderr and says in p.stderr, p.stderr
+
+
+def test_booleans_take_the_usual_spellings():
+    assert train.parse_args(["--grad-ckpt", "on"]).grad_ckpt is True
+    assert train.parse_args(["--grad-ckpt"]).grad_ckpt is True
+    assert train.parse_args(["--reshard-after-forward", "off"]).reshard_after_forward is False
+    assert train.parse_args(["--stage", "2"]).out == "runs/stage2" and train.parse_args([]).out == "runs/stage1"
+    assert train.parse_args(["--preset", "tiny-short"]).out == "runs/tiny-short"
+
+
+def dead_hub():
+    import socket
+    with socket.socket() as s:  # a port nobody listens on: any download attempt fails at once
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_missing_inputs_are_named_in_one_line_before_any_model_is_built(world, tmp_path, capsys):
+    """The first case runs the real command line; the rest call the same main() in this process."""
+    (tmp_path / "not.json").write_text("[{")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noconfig").mkdir()
+    good = base_args(world, tmp_path / "out")
+    cases = [
+        (["--stage", "2"], "error: stage 2 needs --data"),
+        (good + ["--data", str(tmp_path / "none.json")], "data file not found"),
+        (good + ["--data", str(tmp_path / "not.json")], "not.json is not valid JSON"),
+        (good + ["--image-folder", str(tmp_path / "nowhere")], "--image-folder " + str(tmp_path / "nowhere") + ": no such directory"),
+        (good + ["--image-folder", str(tmp_path / "empty")], "none of the first 20 images is under --image-folder"),
+        (good + ["--init", str(tmp_path / "noconfig")], "not a stage-1 output or llava-hf directory"),
+        (good + ["--init", "runs/no-such-run"], "--init runs/no-such-run: runs/no-such-run is no local directory"),
+        (good + ["--resume", str(tmp_path / "empty")], "not a checkpoint (no train_state.json)"),
+        (good + ["--clip", "no/such/dir"], "--clip no/such/dir: no such directory, and not a Hub name"),
+        (good + ["--llm", "lmsys/vicuna-7b-v1.5"], "--llm lmsys/vicuna-7b-v1.5: lmsys/vicuna-7b-v1.5 is no local directory"),
+        (good + ["--stage", "1", "--init", str(tmp_path / "noconfig")], "--init is for stage 2"),
+    ]
+    env_hub = os.environ.get("NANOLLAVA_HUB_URL")
+    os.environ["NANOLLAVA_HUB_URL"] = dead_hub()
+    try:
+        for i, (args, says) in enumerate(cases):
+            if i == 0:
+                p = run(args, check=False)
+                code, err = p.returncode, p.stderr
+            else:
+                with pytest.raises(SystemExit) as e:
+                    train.main(args)
+                code, err = e.value.code, capsys.readouterr().err
+            lines = err.strip().splitlines()
+            assert code == 1 and lines and lines[-1].startswith("error: ") and says in lines[-1], (args, err)
+            assert "Traceback" not in err, err
+    finally:
+        os.environ.pop("NANOLLAVA_HUB_URL") if env_hub is None else os.environ.update(NANOLLAVA_HUB_URL=env_hub)
+    assert not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_another_runs_output_is_kept_unless_resumed_or_overwritten(world, tmp_path):
+    out = tmp_path / "run"
+    run(base_args(world, out, **{"max-steps": 2}))
+    p = run(base_args(world, out, **{"max-steps": 1}), check=False)
+    assert p.returncode == 1 and f"error: --out {out} holds another run" in p.stderr and "--overwrite" in p.stderr
+    assert len(losses(out)) == 2
+    run(base_args(world, out, **{"max-steps": 1, "overwrite": "true"}))
+    assert len(losses(out)) == 1 and sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-1"]

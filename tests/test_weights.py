@@ -364,8 +364,8 @@ def test_fetch_offline(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("NANOLLAVA_HUB_URL", f"http://127.0.0.1:{port}")
-    with pytest.raises(WeightsError, match=rf"cannot reach http://127.0.0.1:{port} to download test-org/tiny "
-                                           r"\(offline\?\). Download the model elsewhere and pass --model DIR"):
+    with pytest.raises(WeightsError, match=rf"test-org/tiny is no local directory, and http://127.0.0.1:{port} "
+                                           r"cannot be reached to download it \(offline\?\)"):
         fetch("test-org/tiny", cache_dir=tmp_path)
 
 
