@@ -589,11 +589,14 @@ def uninterrupted(world, tmp_path_factory):
     return out
 
 
-def start_and_signal(args, log, sig, after_steps):
-    """train.py in its own process group, sent `sig` as a terminal's Ctrl-C is sent: to the
-    group (the DataLoader workers too) once `after_steps` steps are logged."""
+def start_and_signal(args, log, sig, after_steps, nproc=1):
+    """train.py (under torchrun if nproc > 1) in its own process group, sent `sig` as a
+    terminal's Ctrl-C is sent: to the group (torchrun, every rank, the DataLoader workers too)
+    once `after_steps` steps are logged."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.Popen([sys.executable, TRAIN] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    cmd = [sys.executable, TRAIN] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
+    p = subprocess.Popen(cmd + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=env, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None and not (log.exists() and log.read_text().count("\n") >= after_steps):
@@ -603,27 +606,36 @@ def start_and_signal(args, log, sig, after_steps):
     return p.returncode, text
 
 
-@pytest.mark.parametrize("sig, resume_from", [(signal.SIGINT, "auto"), (signal.SIGTERM, "auto"),
+@pytest.mark.parametrize("sig, resume_from", [(signal.SIGINT, "auto"), (signal.SIGTERM, "auto on 2 ranks"),
                                               (signal.SIGINT, "newest unreadable"), (signal.SIGINT, "checkpoint-5")])
 def test_a_signal_to_the_process_group_saves_once_and_resume_ends_as_the_uninterrupted_run(
         world, tmp_path, uninterrupted, sig, resume_from):
-    out = tmp_path / "o"
-    rc, text = start_and_signal(base_args(world, out, **LONG_RUN), out / "train_log.jsonl", sig, 12)
+    out, nproc = tmp_path / "o", 2 if resume_from == "auto on 2 ranks" else 1
+    rc, text = start_and_signal(base_args(world, out, **LONG_RUN), out / "train_log.jsonl", sig, 12, nproc)
     stopped = len(losses(out))
-    assert rc == 128 + sig and "Traceback" not in text and "exited unexpectedly" not in text, text[-3000:]
-    assert text.rstrip().endswith(f"{sig.name}: stopped after step {stopped}, {out / f'checkpoint-{stopped}'} "
-                                  "saved; continue with the same command and --resume auto"), text[-1000:]
-    assert 12 <= stopped < 48 and not list(out.glob("*.tmp"))
+    said = (f"{sig.name}: stopped after step {stopped}, {out / f'checkpoint-{stopped}'} saved; continue with the "
+            "same command and --resume auto")
+    if nproc == 1:
+        assert rc == 128 + sig and "Traceback" not in text and "exited unexpectedly" not in text, text[-3000:]
+        assert text.rstrip().endswith(said), text[-1000:]
+    else:  # torchrun passes the signal to every rank and then reports it (its own traceback)
+        assert rc != 0 and said in text and "exited unexpectedly" not in text, text[-3000:]
+        assert [line for line in text.splitlines() if "Traceback" in line and "[rank" in line] == [], text[-3000:]
+    assert 12 <= stopped < 48 and not list(out.glob("*.tmp")) and train.checkpoint_problem(out / f"checkpoint-{stopped}") is None
     resume = "auto"
     if resume_from == "newest unreadable":  # a checkpoint cut short on disk: the one before it is used
         optim = out / f"checkpoint-{stopped}" / "optim-rank00000.safetensors"
         optim.write_bytes(optim.read_bytes()[:1000])
-    elif resume_from != "auto":  # an older one, that rotation then deletes: the log is cut back to it
+    elif resume_from.startswith("checkpoint-"):  # an older one, that rotation then deletes: the log is cut back to it
         resume = str(out / resume_from)
-    p = run(base_args(world, out, **LONG_RUN, resume=resume))
+    p = run(base_args(world, out, **LONG_RUN, resume=resume), nproc=nproc)
     if resume_from == "newest unreadable":
         assert f"--resume auto: skipping checkpoint-{stopped}: {optim} is unreadable" in p.stdout + p.stderr
-    assert losses(out) == losses(uninterrupted)
+    if nproc == 1:
+        assert losses(out) == losses(uninterrupted)
+    else:  # two ranks sum the same gradients in another order
+        assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(losses(out), losses(uninterrupted)))
+        assert len(losses(out)) == len(losses(uninterrupted))
     assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-45", "checkpoint-48"]
     if resume_from == "checkpoint-5":  # the final directory is whole: transformers and chat.py load it
         transformers = pytest.importorskip("transformers")
