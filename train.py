@@ -1531,6 +1531,8 @@ def save_llm_dir(llm, directory, tokenizer_path):
     write_json_atomic(directory / "config.json", llm.config.to_hf())
     if Path(tokenizer_path).resolve() != (directory / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
+    # A world trained from scratch has no release to match: today's rule, no "▁" after </s>
+    write_json_atomic(directory / "tokenizer_config.json", {"legacy": False})
 
 
 def init_normal(module, std=0.02):
