@@ -58,6 +58,7 @@ import torch
 
 import data
 import llama
+import tiny
 import train
 from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
@@ -91,8 +92,8 @@ VICUNA_7B = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, nu
                  num_attention_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096)
 
 CONFIGS = {
-    # the tiny preset's towers (train.py) with its vocabulary (512 pieces + <image>, <pad>, to 576)
-    "tiny": Shapes(vision=train.TINY_CLIP, text={**train.TINY_LLM, "vocab_size": 576},
+    # the tiny preset's towers (tiny.py) with its vocabulary (512 pieces + <image>, <pad>, to 576)
+    "tiny": Shapes(vision=tiny.TINY_CLIP, text={**tiny.TINY_LLM, "vocab_size": 576},
                    batch=32, seq=64, prompt=40, new_tokens=32),
     # ~20M-class: 25M parameters in the LLaMA blocks (LLaMA's MLP ratio) + 3M in CLIP, and the real
     # 32064-token vocabulary (33M more in the embedding and head): 62M in all
@@ -712,12 +713,11 @@ def gpu_decode(model, shapes, device, dtype, args, deadline):
 def gpu_smoke(device, dtype, workdir):
     """train.train() itself, both stages, a few steps on a tiny synthetic world, --grad-ckpt;
     stage 2 once more with --optimizer muon (Newton-Schulz in the compute dtype on this device)."""
-    import data
     root = Path(workdir) / "smoke"
-    world = data.make_synthetic(root / "data", n_train=32, n_test=4, seed=0, image_size=64, vocab_size=400)
-    clip_dir, llm_dir = train.make_tiny_bases(root, world["tokenizer"], seed=0)
+    world = tiny.make_synthetic(root / "data", n_train=32, n_test=4, seed=0, image_size=64, vocab_size=400)
+    clip_dir, llm_dir = tiny.make_tiny_bases(root, world["tokenizer"], seed=0)
     common = dict(clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
-                  projector="mlp2x_gelu", image_size=train.TINY_CLIP["image_size"], pad_to_square=False,
+                  projector="mlp2x_gelu", image_size=tiny.TINY_CLIP["image_size"], pad_to_square=False,
                   global_batch=8, micro_batch=4, max_steps=3, warmup_ratio=0.0, max_length=256,
                   device=str(device), dtype={torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype],
                   grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)

@@ -50,22 +50,18 @@ labels, in five steps that each live in one place:
    causal mask needs no attention mask), stacks the images of the rows that have one and says
    which rows those are; text-only rows simply hold no image ids.
 
-Also here: the synthetic world of the tiny preset (`make_synthetic`: coloured shapes, captions,
-questions, a small sentencepiece tokenizer) and the ScienceQA conversion
-(`scienceqa_to_llava`), both producing records in the same LLaVA format.
+Also here: the ScienceQA conversion (`scienceqa_to_llava`), which produces records in the same
+LLaVA format. (The tiny preset's synthetic world is tiny.py's.)
 """
 
-import io
 import json
 import math
 import os
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 import clip
 from weights import read_json
@@ -654,195 +650,7 @@ def make_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0, drop_l
 
 
 # ---------------------------------------------------------------------------------------------
-# 7. The synthetic world (tiny preset)
-# ---------------------------------------------------------------------------------------------
-# Pictures of 1-3 coloured shapes, each in its own quadrant of a plain background. Within one
-# picture colours are distinct and shapes are distinct, so "the red one" and "the circle" name
-# one object. Every question needs the picture: a blank image leaves the model with the answer
-# priors, which are near uniform (1/6 colours, 1/3 shapes and counts, 1/4 places, 1/2 for
-# left/right and above/below). Answers are short templated sentences (see `ask`).
-
-COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220),
-          "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
-SHAPES = ("circle", "square", "triangle")
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")  # reading order
-COUNTS = ("zero", "one", "two", "three")
-BACKGROUND = (235, 235, 230)
-CAPTION_INSTRUCTIONS = ("Describe the image briefly.", "What is in this picture?",
-                        "Give a short caption for the image.", "Name the shapes you see.")
-QUESTION_TYPES = ("color", "shape", "count", "where", "relative")
-# How often each kind is asked in training: place and relative position need the model to find
-# one of several objects and read where it is, which it learns last (README: the tiny preset).
-QUESTION_WEIGHTS = {"color": 1, "shape": 1, "count": 1, "where": 2, "relative": 2}
-
-
-def draw_scene(scene, size):
-    """A scene (list of {"shape", "color", "box"}) -> PIL image."""
-    img = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for obj in scene:
-        x0, y0, x1, y1 = obj["box"]
-        color = COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=color)
-        elif obj["shape"] == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=color)
-        else:  # triangle, pointing up
-            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=color)
-    return img
-
-
-def random_scene(rng, size):
-    """1-3 objects with distinct colours, shapes and quadrants, each centred in its quadrant at
-    8/10 of its side. (Sizes and places drawn at random made the tiny model's job much harder:
-    with them it had not learned to look after the preset's steps.)"""
-    n = rng.randint(1, 3)
-    half = size // 2
-    scene = []
-    for quadrant, color, shape in zip(rng.sample(QUADRANTS, n), rng.sample(sorted(COLORS), n), rng.sample(SHAPES, n)):
-        qx, qy = (half if "right" in quadrant else 0), (half if "bottom" in quadrant else 0)
-        side = int(0.8 * half)
-        x0, y0 = qx + (half - side) // 2, qy + (half - side) // 2
-        scene.append({"shape": shape, "color": color, "quadrant": quadrant, "box": [x0, y0, x0 + side, y0 + side]})
-    scene.sort(key=lambda o: QUADRANTS.index(o["quadrant"]))
-    return scene
-
-
-def a_or_an(word):
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def caption(scene):
-    """"a red circle, an orange square and a green triangle." in reading order."""
-    names = [a_or_an(f"{o['color']} {o['shape']}") for o in scene]
-    return (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + "."
-
-
-def ask(scene, kind, rng):
-    """One question of `kind` about the scene -> (question, answer). Answers are short sentences,
-    as in LLaVA-Instruct, and they name the object just before the word the picture decides
-    ("The triangle is green."): the model looks the object up where it names it, instead of
-    carrying the question's words to the end of the question first."""
-    obj = rng.choice(scene)
-    name = lambda o: f"{o['color']} {o['shape']}"
-    if kind == "color":
-        return f"What color is the {obj['shape']}?", f"The {obj['shape']} is {obj['color']}."
-    if kind == "shape":
-        return f"What shape is the {obj['color']} object?", f"It is {a_or_an(name(obj))}."
-    if kind == "count":
-        n = len(scene)
-        return "How many shapes are there?", "There is one shape." if n == 1 else f"There are {COUNTS[n]} shapes."
-    if kind == "where":
-        return f"Where is the {name(obj)}?", f"The {name(obj)} is in the {obj['quadrant']}."
-    if kind == "relative":  # needs two objects; they differ in column or row (distinct quadrants)
-        a, b = rng.sample(scene, 2)
-        right, below = "right" in a["quadrant"], "bottom" in a["quadrant"]
-        if right != ("right" in b["quadrant"]):
-            return f"Is the {name(a)} left or right of the {name(b)}?", f"The {name(a)} is {'right' if right else 'left'} of it."
-        return f"Is the {name(a)} above or below the {name(b)}?", f"The {name(a)} is {'below' if below else 'above'} it."
-    raise ValueError(f"unknown question kind {kind!r}")
-
-
-def _kinds(scene):
-    return [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1]
-
-
-def _with_image(rng, text):
-    """The placeholder before or after the text, as in the published data."""
-    return IMAGE + "\n" + text if rng.random() < 0.5 else text + "\n" + IMAGE
-
-
-def normalize_answer(text):
-    """For exact-match accuracy: lower case, no surrounding spaces or punctuation, single spaces."""
-    return " ".join(text.lower().replace(",", " ").split()).strip(" .!?;:'\"")
-
-
-def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=512):
-    """Write the synthetic world into out_dir and return its paths:
-
-    images/          train_000000.png ..., test_000000.png ...
-    stage1.json      pretraining records: human "<image>\\n" + brief instruction, gpt caption
-    stage2.json      instruction records: 3-6 questions per training image (QUESTION_WEIGHTS),
-                     short answers, half of them closing with a description
-    test.json        held-out images, one question each, with "answer" and "type" fields
-    world.json       what was drawn (shapes, colours, quadrants, boxes) per image
-    tokenizer.model  a sentencepiece BPE (byte fallback) trained on all of the world's text
-
-    Deterministic for a given seed."""
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    world, stage1, stage2, test = {}, [], [], []
-    for split, n in (("train", n_train), ("test", n_test)):
-        for k in range(n):
-            name = f"{split}_{k:06d}"
-            scene = random_scene(rng, image_size)
-            draw_scene(scene, image_size).save(out / "images" / f"{name}.png")
-            world[name] = scene
-            if split == "train":
-                stage1.append({"id": name, "image": f"{name}.png", "conversations": [
-                    {"from": "human", "value": _with_image(rng, rng.choice(CAPTION_INSTRUCTIONS))},
-                    {"from": "gpt", "value": caption(scene)}]})
-                qa = []
-                for _ in range(rng.randint(3, 6)):
-                    kinds = _kinds(scene)
-                    q, a = ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng)
-                    if all(q != q2 for q2, _ in qa):
-                        qa.append((q, a))
-                # Half the conversations end with a description, as LLaVA-Instruct mixes detailed
-                # descriptions into its data: a dense, image-dependent signal. Last, so that it
-                # never gives away the answers to the questions the picture should answer.
-                if rng.random() < 0.5:
-                    qa.append((rng.choice(CAPTION_INSTRUCTIONS), caption(scene)))
-                turns = []
-                for t, (q, a) in enumerate(qa):
-                    turns += [{"from": "human", "value": _with_image(rng, q) if t == 0 else q},
-                              {"from": "gpt", "value": a}]
-                stage2.append({"id": name, "image": f"{name}.png", "conversations": turns})
-            else:
-                kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
-                if kind not in _kinds(scene):
-                    kind = "where"
-                q, a = ask(scene, kind, rng)
-                test.append({"id": name, "image": f"{name}.png", "type": kind, "answer": a, "conversations": [
-                    {"from": "human", "value": IMAGE + "\n" + q}, {"from": "gpt", "value": a}]})
-
-    paths = {"image_folder": out / "images", "stage1": out / "stage1.json", "stage2": out / "stage2.json",
-             "test": out / "test.json", "world": out / "world.json", "tokenizer": out / "tokenizer.model"}
-    for key, obj in (("stage1", stage1), ("stage2", stage2), ("test", test),
-                     ("world", {"seed": seed, "image_size": image_size, "images": world})):
-        paths[key].write_text(json.dumps(obj, indent=1))
-
-    # The tokenizer learns every string the model will read or write.
-    # Weighted by how often it is read: the system prompt opens every conversation, so it
-    # becomes a few whole-word pieces instead of the ~70 fragments of a once-seen line.
-    lines = [VICUNA_SYSTEM] * len(stage2) + [LLAMA_2_SYSTEM, *CAPTION_INSTRUCTIONS, *COLORS, *SHAPES, *QUADRANTS, *COUNTS,
-             "yes no left right above below"]
-    for r in stage1 + stage2 + test:
-        lines += [t["value"].replace(IMAGE, "").strip() for t in r["conversations"]]
-        lines.append(" ".join(f"USER: {t['value']}" if t["from"] == "human" else f"ASSISTANT: {t['value']}"
-                              for t in r["conversations"]).replace(IMAGE, "").replace("\n", " "))
-    train_tokenizer(lines, paths["tokenizer"], vocab_size)
-    return paths
-
-
-def train_tokenizer(lines, path, vocab_size):
-    """A LLaMA-shaped sentencepiece BPE (byte fallback, digits split, UNK 0 / BOS 1 / EOS 2)
-    trained on `lines` and written to `path`: the tokenizer of a synthetic world."""
-    import sentencepiece as spm
-
-    model = io.BytesIO()  # trained in memory: a model_prefix path would be written into the file
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        num_threads=1, minloglevel=2)
-    Path(path).write_bytes(model.getvalue())
-
-
-# ---------------------------------------------------------------------------------------------
-# 8. ScienceQA -> LLaVA records
+# 7. ScienceQA -> LLaVA records
 # ---------------------------------------------------------------------------------------------
 # The official conversion (scripts/convert_sqa_to_llava.py + convert_sqa_to_llava_base_prompt.py,
 # create_one_example_chatbot), reproduced string for string, quirks included:

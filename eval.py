@@ -40,14 +40,13 @@ Three chapters, one per subcommand.
 3. Ablations (`ablate`). The paper's ScienceQA ablations, measured on a multiple-choice version
    of the tiny synthetic world: a ScienceQA-format release drawn from the same coloured-shape
    scenes, whose targets carry a one-sentence explanation, so that answer-first and
-   reasoning-first targets both exist. Each variant is train.run_tiny with one switch:
+   reasoning-first targets both exist. Each variant is tiny.run_tiny with one switch:
    CLIP layer -1 instead of -2, no stage 1 (stage 2 from a fresh projector), answer-first
    targets; accuracy is this file's ScienceQA evaluation of the held-out split.
 """
 
 import argparse
 import json
-import random
 import re
 import sys
 import time
@@ -425,91 +424,6 @@ def cmd_judge(args):
     return 0 if len(rows) == len(questions) else 3
 
 
-# =============================================================================================
-# 3. Ablations on the tiny synthetic world
-# =============================================================================================
-# A multiple-choice version of the world, in the ScienceQA release layout, so that the whole
-# ScienceQA path (conversion, --data scienceqa, this evaluation) runs on it. Each picture holds
-# one shape; a problem asks for its colour, its shape, where it is, or whether it is a given
-# colour and shape. The "solution" is the step of reasoning the answer follows from, the same
-# for every kind of question: first say what the picture shows, then answer.
-#     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
-#     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
-#     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
-# Options come in a fixed order (the world's lists; four of the six colours, as ScienceQA has at
-# most five options), so a 4-layer model can learn which letter names which answer within a few
-# hundred steps. Lectures are empty (they would add the same sentence to every problem).
-
-MC_KINDS = ("color", "shape", "where", "exists")
-
-
-def mc_problem(obj, kind, rng):
-    """One multiple-choice problem about a one-shape scene -> (question, choices, right answer)."""
-    if kind == "color":
-        shown = {obj["color"], *rng.sample([c for c in data.COLORS if c != obj["color"]], 3)}
-        return "What color is the shape?", [c for c in data.COLORS if c in shown], obj["color"]
-    if kind == "shape":
-        return "Which shape is in the picture?", list(data.SHAPES), obj["shape"]
-    if kind == "where":
-        return "Where is the shape?", list(data.QUADRANTS), obj["quadrant"]
-    if rng.random() < 0.5:  # exists: half the time the shape that is there, else one that is not
-        color, shape = obj["color"], obj["shape"]
-    else:
-        color, shape = rng.choice([(c, s) for c in data.COLORS for s in data.SHAPES
-                                   if (c, s) != (obj["color"], obj["shape"])])
-    there = (color, shape) == (obj["color"], obj["shape"])
-    return f"Is there {data.a_or_an(f'{color} {shape}')}?", ["yes", "no"], "yes" if there else "no"
-
-
-def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=640):
-    """Write the multiple-choice world as a ScienceQA release into out_dir and return the paths
-    train.run_tiny takes: problems.json, pid_splits.json, images/{split}/{pid}/image.png,
-    stage1.json (captions of the training pictures), stage2_reasoning_first.json and
-    stage2_answer_first.json (data.scienceqa_to_llava of the train split), test.json (the test
-    split, same conversion) and a tokenizer trained on all of it. Deterministic per seed."""
-    out = Path(out_dir)
-    rng = random.Random(seed)
-    problems, splits, stage1 = {}, {"train": [], "val": [], "test": []}, []
-    for split, n in (("train", n_train), ("test", n_test)):
-        for k in range(n):
-            pid = f"{split}{k:06d}"
-            scene = data.random_scene(rng, image_size)
-            while len(scene) != 1:
-                scene = data.random_scene(rng, image_size)
-            (out / "images" / split / pid).mkdir(parents=True, exist_ok=True)
-            data.draw_scene(scene, image_size).save(out / "images" / split / pid / "image.png")
-            kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
-            question, choices, right = mc_problem(scene[0], kind, rng)
-            solution = "The picture shows {} in the {}.".format(data.caption(scene)[:-1], scene[0]["quadrant"])
-            problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
-                             "image": "image.png", "task": "closed choice", "grade": "grade1",
-                             "subject": "natural science", "topic": "shapes", "lecture": "", "solution": solution,
-                             "split": split}
-            splits[split].append(pid)
-            if split == "train":
-                stage1.append({"id": pid, "image": f"train/{pid}/image.png", "conversations": [
-                    {"from": "human", "value": data.IMAGE + "\n" + rng.choice(data.CAPTION_INSTRUCTIONS)},
-                    {"from": "gpt", "value": data.caption(scene)}]})
-    (out / "problems.json").write_text(json.dumps(problems, indent=1))
-    (out / "pid_splits.json").write_text(json.dumps(splits))
-    paths = {"root": out, "image_folder": out / "images", "stage1": out / "stage1.json",
-             "stage2": out / "stage2_reasoning_first.json", "stage2_answer_first": out / "stage2_answer_first.json",
-             "test": out / "test.json", "tokenizer": out / "tokenizer.model"}
-    paths["stage1"].write_text(json.dumps(stage1))
-    convert = lambda split, af: data.scienceqa_to_llava(  # noqa: E731
-        out / "problems.json", out / "pid_splits.json", split, image_root=out / "images", answer_first=af)
-    paths["stage2"].write_text(json.dumps(convert("train", False)))
-    paths["stage2_answer_first"].write_text(json.dumps(convert("train", True)))
-    paths["test"].write_text(json.dumps(convert("test", False)))
-    lines = [data.VICUNA_SYSTEM, *data.CAPTION_INSTRUCTIONS, *(r["conversations"][1]["value"] for r in stage1)]
-    for af in (False, True):
-        for r in convert("train", af):
-            q, a = (t["value"].replace(data.IMAGE, "").strip() for t in r["conversations"])
-            lines += [q, a, f"USER: {q} ASSISTANT: {a}".replace("\n", " ")]
-    data.train_tokenizer(lines, paths["tokenizer"], vocab_size)
-    return paths
-
-
 # The paper's Table 8 (ScienceQA test accuracy, 13B, best variant 90.92).
 PAPER_ABLATIONS = {"best": 90.92, "layer-1": 89.96, "answer-first": 89.77, "no-stage1": 85.81}
 ABLATIONS = (  # tag, row label, run_tiny switches, trained on the answer-first targets
@@ -522,13 +436,13 @@ ABLATIONS = (  # tag, row label, run_tiny switches, trained on the answer-first 
 
 def cmd_ablate(args):
     import torch.distributed as dist
-    import train
+    import tiny  # trains through train.py: only this command needs it
     from PIL import Image
 
     t0 = time.perf_counter()
     root = Path(args.out)
-    world = make_mc_world(root / "data", args.n_train, args.n_test, seed=args.seed,
-                          image_size=train.TINY_CLIP["image_size"] * 2)
+    world = tiny.make_mc_world(root / "data", args.n_train, args.n_test, seed=args.seed,
+                          image_size=tiny.TINY_CLIP["image_size"] * 2)
     records = data.scienceqa_to_llava(world["root"] / "problems.json", world["root"] / "pid_splits.json", "test")
     chance = 100 * sum(1 / len(r["choices"]) for r in records) / len(records)
     log(f"ablate: multiple-choice world of {args.n_train} training and {args.n_test} test problems in "
@@ -539,9 +453,9 @@ def cmd_ablate(args):
             if tag not in args.only:
                 continue
             t = time.perf_counter()
-            cfg = train.parse_args(["--preset", "tiny", "--out", str(root), "--seed", str(args.seed)])
+            cfg = tiny.preset_config(root, args.seed)
             w = {**world, "stage2": world["stage2_answer_first"]} if answer_first else world
-            train.run_tiny(cfg, world=w, tag=tag, evaluate=False, **switches)  # scored below, as ScienceQA
+            tiny.run_tiny(cfg, world=w, tag=tag, evaluate=False, **switches)  # scored below, as ScienceQA
             model, tokenizer = load_model(root / tag / "stage2", "cpu", "fp32")
             report, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test",
                                            root / tag / "preds.jsonl", batch_size=32,
@@ -549,7 +463,7 @@ def cmd_ablate(args):
             results[tag] = {"accuracy": report["accuracy"]["Avg"], "failures": len(report["failures"]),
                             "minutes": round((time.perf_counter() - t) / 60, 2)}
             if tag == "best":  # what the text alone gives: every picture replaced by a blank one
-                blank = Image.new("RGB", (64, 64), data.BACKGROUND)
+                blank = Image.new("RGB", (64, 64), tiny.BACKGROUND)
                 rep, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test",
                                             root / tag / "preds_blank.jsonl", batch_size=32,
                                             max_new_tokens=args.max_new_tokens, blank_image=blank, progress=False)
@@ -639,7 +553,7 @@ def build_parser():
     a = sub.add_parser("ablate", help="the paper's ablations on the tiny synthetic world (CPU)")
     a.add_argument("--out", default="runs/ablate")
     a.add_argument("--n-train", type=int, default=4000,
-                   help="training problems and stage-1 captions; stage-2 steps = train.TINY_STAGES[2] epochs "
+                   help="training problems and stage-1 captions; stage-2 steps = tiny.TINY_STAGES[2] epochs "
                         "x n-train / its global batch (the model needs a few hundred to start using the picture)")
     a.add_argument("--n-test", type=int, default=300)
     a.add_argument("--seed", type=int, default=0)

@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import datetime
 import functools
-import hashlib
 import json
 import math
 import os
@@ -72,7 +71,7 @@ from clip import ImageError
 from llama import Tokenizer
 from model import DTYPES, LLaVA, LLaVAConfig, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
-from weights import WeightsError, fetch, is_hub_name, read_json, save_state_dict, write_json_atomic
+from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,7 +85,7 @@ RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
              1: {"lr": 1e-3, "global_batch": 256, "epochs": 1},
              2: {"lr": 2e-5, "global_batch": 128, "epochs": 1}},
 }
-PRESETS = ("tiny", "tiny-short", "tiny-long")  # the synthetic world end to end (TINY_PRESETS below)
+PRESETS = ("tiny", "tiny-short", "tiny-long")  # the synthetic world end to end (tiny.TINY_PRESETS)
 AUTO_ON_OFF = ("auto", "on", "off")
 TEMPLATE_NAMES = tuple(data.TEMPLATES)  # the class body below has a field named data
 
@@ -1106,6 +1105,17 @@ def build_model(cfg):
     model.config.pad_to_square = bool(cfg.pad_to_square)
     return model, bases
 
+def init_normal(module, std=0.02):
+    """GPT-2 / HF style init: N(0, 0.02) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if name.endswith("class_embedding"):
+            nn.init.normal_(p, std=std)
+
 
 def vicuna_shaped(cfg):
     """--llm-preset 7b|13b, for speed measurements: CLIP from --clip, a fresh projector and an LLM
@@ -1453,212 +1463,6 @@ def lr_at(step, total, warmup, peak):
     return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# ------------------------------------------------------------------------------------------------
-# The tiny preset: LLaVA in miniature, end to end on a laptop CPU
-#
-# A synthetic world of coloured shapes (data.py), a tiny CLIP and a tiny LLaMA standing in for
-# the pretrained towers, then the paper's two stages, then held-out accuracy beside the
-# accuracy of the same model shown a blank image: the gap is what the model learned to see.
-
-TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                 image_size=32, patch_size=8)
-TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
-# 0: the LLM learns the world's text; then the paper's two stages. Where the LLM trains (0 and
-# 2) its matrices step with Muon, which learns the world's lookups in far fewer steps than AdamW
-# (the paper's, still the default of --stage 1|2).
-TINY_STAGES = {
-    0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, optimizer="muon", template="vicuna_v1"),
-    1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
-    2: dict(lr=1e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=4.5, adam_beta2=0.95,
-            optimizer="muon", template="vicuna_v1"),
-}
-TINY_PRESETS = {  # the world's size, and what each preset changes in TINY_STAGES
-    "tiny": dict(n_train=4000, n_test=250, stages={}),                        # stage 2: 2250 steps
-    "tiny-long": dict(n_train=4000, n_test=250, stages={2: dict(epochs=12)}),  # stage 2: 6000 steps
-    "tiny-short": dict(n_train=1000, n_test=100,                               # stage 2: 500 steps
-                       stages={0: dict(max_steps=40), 1: dict(max_steps=20), 2: dict(epochs=4)}),
-}
-
-
-def make_tiny_bases(root, tokenizer_path, seed):
-    """Random tiny CLIP and LLaMA written as transformers would write them, so that stage 1
-    starts exactly as it would from openai/clip-vit-large-patch14 and Vicuna. The CLIP is
-    random but for its position embedding: a pretrained CLIP's patch features say where the
-    patch is, and a random 0.02-std table left that at 4% of each feature's norm, too faint
-    for the tiny LLaMA to find which of several shapes is where."""
-    from clip import CLIPVision, CLIPVisionConfig
-    from llama import Llama, LlamaConfig, Tokenizer
-    torch.manual_seed(seed)
-    clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
-    vision = CLIPVision(CLIPVisionConfig(**TINY_CLIP))
-    init_normal(vision)
-    with torch.no_grad():  # a pretrained CLIP's position embeddings encode row and column
-        table = grid_position_embedding(TINY_CLIP["image_size"] // TINY_CLIP["patch_size"], TINY_CLIP["hidden_size"])
-        vision.embeddings.position_embedding.weight.copy_(table * TINY_POSITION_RMS)
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    save_state_dict(vision.state_dict(), clip_dir)
-    write_json_atomic(clip_dir / "config.json", vision.config.to_hf())
-    vocab = Tokenizer(tokenizer_path).sp.vocab_size()
-    llm = Llama(LlamaConfig(vocab_size=vocab, **TINY_LLM))
-    init_normal(llm)
-    save_llm_dir(llm, llm_dir, tokenizer_path)
-    return clip_dir, llm_dir
-
-
-TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
-
-
-def grid_position_embedding(grid, dim):
-    """[1 + grid**2, dim], unit RMS: zeros for the class token, then for each patch (row-major)
-    sines and cosines of its row in the first half of the dimensions and of its column in the
-    second, at dim/4 frequencies (the 2-D sin-cos table of MAE)."""
-    freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    enc = lambda pos: torch.cat([torch.sin(pos.flatten()[:, None] * freqs), torch.cos(pos.flatten()[:, None] * freqs)], 1)
-    table = torch.cat([enc(rows.float()), enc(cols.float())], 1)  # [grid**2, dim]
-    table = table / table.pow(2).mean().sqrt()
-    return torch.cat([torch.zeros(1, dim), table])
-
-
-def save_llm_dir(llm, directory, tokenizer_path):
-    """A transformers LlamaForCausalLM directory (`model.*` + `lm_head.*` keys, config.json,
-    tokenizer.model): what LLaVA.from_components expects of Vicuna."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k if k.startswith("lm_head.") else "model." + k: v for k, v in llm.state_dict().items()}
-    save_state_dict(state, directory)
-    write_json_atomic(directory / "config.json", llm.config.to_hf())
-    if Path(tokenizer_path).resolve() != (directory / "tokenizer.model").resolve():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
-    # A world trained from scratch has no release to match: today's rule, no "▁" after </s>
-    write_json_atomic(directory / "tokenizer_config.json", {"legacy": False})
-
-
-def init_normal(module, std=0.02):
-    """GPT-2 / HF style init: N(0, 0.02) weights, zero biases, unit norms."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-    for name, p in module.named_parameters():
-        if name.endswith("class_embedding"):
-            nn.init.normal_(p, std=std)
-
-
-def tiny_accuracy(model, world, blank=False, batch_size=50):
-    """Exact-match accuracy of greedy answers to the held-out questions (with a blank image of
-    the world's background colour when `blank`) -> (overall, {question type: accuracy})."""
-    from PIL import Image
-    from clip import preprocess_batch, load_image
-    tokenizer = Tokenizer(model.tokenizer_dir)
-    records = json.loads(Path(world["test"]).read_text())
-    size, square = model.config.vision.image_size, model.config.pad_to_square
-    blank_image = Image.new("RGB", (64, 64), data.BACKGROUND)
-    right = {}
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, model.config.template,
-                                        has_image=True, num_patches=model.config.num_patches) for r in chunk]
-        images = [blank_image if blank else load_image(Path(world["image_folder"]) / r["image"]) for r in chunk]
-        outs = model.generate_batch(prompts, preprocess_batch(images, size, square), max_new_tokens=32,
-                                    eos_id=tokenizer.eos_id)
-        for r, out in zip(chunk, outs):
-            ok = data.normalize_answer(tokenizer.decode(out)) == data.normalize_answer(r["answer"])
-            right.setdefault(r.get("type", "all"), []).append(ok)
-    by_type = {k: sum(v) / len(v) for k, v in sorted(right.items())}
-    return sum(map(sum, right.values())) / len(records), by_type
-
-
-def pretrain_tiny_llm(cfg, root, world, llm_dir, common, stage0):
-    """The synthetic world's "Vicuna": before LLaVA's two stages the tiny LLaMA learns the
-    world's language from text alone (the stage-2 conversations, descriptions included, with the
-    image left out), as Vicuna knew English before LLaVA met it. Without this, stage 1 would
-    align the projector to a random LLM and teach it nothing."""
-    from dataclasses import replace
-    text = []
-    for r in json.loads(Path(world["stage2"]).read_text()):
-        turns = [{"from": t["from"], "value": t["value"].replace("<image>", "").strip()}
-                 for t in r["conversations"]]
-        text.append({"id": r["id"] + "_text", "conversations": turns})
-    path = root / "data" / "text_only.json"
-    write_json_atomic(path, text)
-    s0 = replace(cfg, stage=2, init="", data=str(path), out=str(root / "llm_pretrain"), **common, **stage0)
-    train(s0)
-    if dist.get_rank() == 0:
-        model = LLaVA.from_pretrained(root / "llm_pretrain")
-        save_llm_dir(model.llm, root / "llm_pretrained", Path(llm_dir) / "tokenizer.model")
-    dist.barrier()
-
-
-def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
-    """The whole preset (--preset tiny, tiny-short or tiny-long: TINY_PRESETS). The keyword
-    switches are the paper's ablations (eval.py ablate): skip_stage1 = stage 2 from a fresh
-    projector, vision_layer = CLIP layer -1 or -2 (default cfg.vision_layer), world = a different
-    synthetic world (data.make_synthetic paths), evaluate=False = train only (a world whose test
-    set the caller scores its own way). A preset owns its --out and starts over in it."""
-    from dataclasses import replace
-    t0 = time.perf_counter()
-    preset = TINY_PRESETS[cfg.preset or "tiny"]
-    stages = {k: {**v, **preset["stages"].get(k, {})} for k, v in TINY_STAGES.items()}
-    root = Path(cfg.out or f"runs/{cfg.preset or 'tiny'}")
-    run_dir = root / tag if tag else root
-    log0(f"{cfg.preset or 'tiny'} preset in {root}, on {torch.get_num_threads()} CPU threads "
-         "(--threads N or OMP_NUM_THREADS=N to change: on a busy machine, fewer than the free cores)")
-    if world is None:
-        world = data.make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
-                                    n_train=preset["n_train"], n_test=preset["n_test"])
-    clip_dir, llm_dir = make_tiny_bases(root, world["tokenizer"], cfg.seed)
-    common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
-                  projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
-                  max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0, overwrite=True, log_every=100,
-                  vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
-    # Stage 0 is shared by the ablations of one world (eval.py ablate: one "Vicuna" for every
-    # variant) and redone whenever the world (its tokenizer), the LLM or its recipe changed: a
-    # text-pretrained LLM of another world would read this world's tokens with wrong embeddings.
-    recipe = json.dumps([TINY_LLM, stages[0], cfg.seed,
-                         hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
-    stamp = root / "llm_pretrained" / "nanollava_stage0.json"
-    if not stamp.exists() or stamp.read_text() != recipe:
-        pretrain_tiny_llm(cfg, root, world, llm_dir, common, stages[0])
-        if dist.get_rank() == 0:
-            stamp.write_text(recipe)
-    common["llm"] = str(root / "llm_pretrained")
-    if not skip_stage1:
-        train(replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **stages[1]))
-    train(replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
-                  out=str(run_dir / "stage2"), **common, **stages[2]))
-    if dist.get_rank() != 0 or not evaluate:
-        return None
-    model = LLaVA.from_pretrained(run_dir / "stage2").eval()
-    acc, acc_by_type = tiny_accuracy(model, world, blank=False)
-    blank, blank_by_type = tiny_accuracy(model, world, blank=True)
-    minutes = (time.perf_counter() - t0) / 60
-    result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2),
-              "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
-    write_json_atomic(run_dir / "result.json", result)
-    per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
-    print(f"\n{cfg.preset or 'tiny'} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
-          f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
-          f"by question type, with the image (blank): {per_type}\n{chat_hint(world, run_dir / 'stage2')}", flush=True)
-    return result
-
-
-def chat_hint(world, model_dir):
-    """How to talk to the preset's model, and what it can talk about: its world of coloured
-    shapes and five kinds of question (a real photo gets word salad)."""
-    records = json.loads(Path(world["test"]).read_text())
-    image = records[0]["image"]
-    asked = [r["conversations"][0]["value"].replace(data.IMAGE, "").strip() for r in records if r["image"] == image]
-    examples = list(dict.fromkeys(asked + ["How many shapes are there?", "What shape is the red object?",
-                                           "Where is the blue circle?"]))[:3]
-    return (f"Chat with it: python chat.py {Path(world['image_folder']) / image} --model {model_dir}\n"
-            "It knows only its world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds "
-            "of question (colour, shape, count, place, left/right or above/below), e.g.\n  "
-            + "\n  ".join(examples))
-
-
 def main(argv=None):
     """Known errors (a missing file, bad weights, bad data, a hub out of reach) end the run with
     one line on rank 0 and exit status 1, no traceback. A run stopped by a signal exits with the
@@ -1668,7 +1472,11 @@ def main(argv=None):
         torch.set_num_threads(cfg.threads)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
-        run_tiny(cfg) if cfg.preset else train(cfg)
+        if cfg.preset:
+            import tiny  # the preset's chapter: it runs train() below, stage after stage
+            tiny.run_tiny(cfg)
+        else:
+            train(cfg)
     except Stop as e:
         print(e, file=sys.stderr, flush=True) if rank0 else None
         raise SystemExit(0 if e.why == "--stop-at" else 128 + signal.Signals[e.why]) from None
@@ -1687,4 +1495,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.modules["train"] = sys.modules[__name__]  # tiny.py's `import train` is this module, not a copy
     main()

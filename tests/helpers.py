@@ -12,8 +12,14 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "train.py")
 
 # Our own sentences (not copied from any data set): plain English with the words the LLaVA
 # templates use, digits, punctuation, a little code and some repeated phrases so BPE has merges.
@@ -205,3 +211,36 @@ class LocalChatServer:
             h.send_header(k, v)
         h.end_headers()
         h.wfile.write(data)
+
+
+# ---- train.py on the real command line ----------------------------------------------------------
+
+def run(args, nproc=1, timeout=240, check=True):
+    cmd = [sys.executable, TRAIN] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    p = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
+    return p
+
+
+def losses(out):
+    return [json.loads(l)["loss"] for l in open(Path(out) / "train_log.jsonl")]
+
+
+def start_and_signal(args, log, sig, after_steps, nproc=1):
+    """train.py (under torchrun if nproc > 1) in its own process group, sent `sig` as a
+    terminal's Ctrl-C is sent: to the group (torchrun, every rank, the DataLoader workers too)
+    once `after_steps` steps are logged."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, TRAIN] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
+    p = subprocess.Popen(cmd + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, env=env, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (log.exists() and log.read_text().count("\n") >= after_steps):
+        time.sleep(0.02)
+    os.killpg(p.pid, sig)
+    text, _ = p.communicate(timeout=120)
+    return p.returncode, text

@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
 import llama  # noqa: E402
+import tiny  # noqa: E402
 import train  # noqa: E402
 from helpers import LocalChatServer, make_sp_tokenizer  # noqa: E402
 from model import LLaVA  # noqa: E402
@@ -156,10 +157,10 @@ def test_category_accuracy_on_known_predictions():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    """A random tiny LLaVA (train.make_tiny_bases + from_components) saved as a llava-hf directory."""
+    """A random tiny LLaVA (tiny.make_tiny_bases + from_components) saved as a llava-hf directory."""
     root = tmp_path_factory.mktemp("tiny")
     tokenizer = make_sp_tokenizer(root / "tok")
-    clip_dir, llm_dir = train.make_tiny_bases(root, tokenizer, seed=0)
+    clip_dir, llm_dir = tiny.make_tiny_bases(root, tokenizer, seed=0)
     model = LLaVA.from_components(clip_dir, llm_dir, projector="mlp2x_gelu", seed=0)
     model.save_pretrained(root / "ckpt")
     return root / "ckpt"
@@ -389,7 +390,7 @@ def test_judge_with_our_model_answering(tiny_ckpt, tmp_path, counting):
 # ---- ablations ----------------------------------------------------------------------------------
 
 def test_multiple_choice_world(tmp_path):
-    w = ev.make_mc_world(tmp_path / "mc", n_train=30, n_test=10, seed=1, image_size=64)
+    w = tiny.make_mc_world(tmp_path / "mc", n_train=30, n_test=10, seed=1, image_size=64)
     problems = json.loads((w["root"] / "problems.json").read_text())
     splits = json.loads((w["root"] / "pid_splits.json").read_text())
     assert len(splits["train"]) == 30 and len(splits["test"]) == 10
@@ -417,8 +418,8 @@ def test_multiple_choice_world(tmp_path):
 def test_train_on_scienceqa_data(tmp_path):
     """`train.py --stage 2 --data scienceqa --scienceqa-root DIR --answer-first` trains on the
     release converted on the fly."""
-    w = ev.make_mc_world(tmp_path / "mc", n_train=16, n_test=2, seed=0, image_size=64)
-    clip_dir, llm_dir = train.make_tiny_bases(tmp_path, w["tokenizer"], seed=0)
+    w = tiny.make_mc_world(tmp_path / "mc", n_train=16, n_test=2, seed=0, image_size=64)
+    clip_dir, llm_dir = tiny.make_tiny_bases(tmp_path, w["tokenizer"], seed=0)
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "2", "--clip", str(clip_dir), "--llm", str(llm_dir),
            "--data", "scienceqa", "--scienceqa-root", str(w["root"]), "--answer-first", "--projector", "mlp2x_gelu",
@@ -450,7 +451,7 @@ def test_ablate_runs_each_variant_with_its_switch(tiny_ckpt, tmp_path, monkeypat
         shutil.copytree(tiny_ckpt, Path(cfg.out) / tag / "stage2")
         return {"accuracy": 0.0}
 
-    monkeypatch.setattr(train, "run_tiny", fake_run_tiny)
+    monkeypatch.setattr(tiny, "run_tiny", fake_run_tiny)
     assert ev.main(["ablate", "--out", str(tmp_path / "abl"), "--n-train", "8", "--n-test", "6",
                     "--max-new-tokens", "4"]) == 0
     assert [(c["tag"], c["skip_stage1"], c["vision_layer"], c["stage2"]) for c in calls] == [

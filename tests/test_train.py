@@ -16,19 +16,19 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import tiny
 import train
 from llama import Tokenizer
 from model import LLaVA, token_loss
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = str(ROOT / "train.py")
+from helpers import ROOT, TRAIN, losses, run, start_and_signal
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    w = data.make_synthetic(root / "data", n_train=48, n_test=8, seed=0, image_size=64, vocab_size=400)
-    clip_dir, llm_dir = train.make_tiny_bases(root, w["tokenizer"], seed=0)
+    w = tiny.make_synthetic(root / "data", n_train=48, n_test=8, seed=0, image_size=64, vocab_size=400)
+    clip_dir, llm_dir = tiny.make_tiny_bases(root, w["tokenizer"], seed=0)
     return {**w, "clip": clip_dir, "llm": llm_dir, "root": root}
 
 
@@ -41,20 +41,6 @@ def base_args(world, out, stage=2, **over):
             "warmup-ratio": 0.0, "seed": 0, "dist-timeout": 60}
     args.update(over)
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
-
-def run(args, nproc=1, timeout=240, check=True):
-    cmd = [sys.executable, TRAIN] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    p = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and p.returncode != 0:
-        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
-    return p
-
-
-def losses(out):
-    return [json.loads(l)["loss"] for l in open(Path(out) / "train_log.jsonl")]
 
 
 def trained(out, stage):
@@ -553,7 +539,7 @@ def test_bad_samples_are_skipped_named_and_counted_while_the_rest_trains(world, 
     out = p.stdout + p.stderr
     for rid in ("missing", "corrupt", "noreply", "placeholder", "noplaceholder"):
         assert f"id {rid!r}" in out, rid
-    assert f"skipped 6 of 20 records" in out and f"; {cut} truncated to max_length" in out
+    assert "skipped 6 of 20 records" in out and f"; {cut} truncated to max_length" in out
     assert losses(tmp_path / "o")[0] > 0
     # by default a run whose bad share passes a few percent stops, with the tally
     p = run(args + ["--overwrite"], check=False)
@@ -587,23 +573,6 @@ def uninterrupted(world, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     run(base_args(world, out, **LONG_RUN))
     return out
-
-
-def start_and_signal(args, log, sig, after_steps, nproc=1):
-    """train.py (under torchrun if nproc > 1) in its own process group, sent `sig` as a
-    terminal's Ctrl-C is sent: to the group (torchrun, every rank, the DataLoader workers too)
-    once `after_steps` steps are logged."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, TRAIN] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
-    p = subprocess.Popen(cmd + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True, env=env, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (log.exists() and log.read_text().count("\n") >= after_steps):
-        time.sleep(0.02)
-    os.killpg(p.pid, sig)
-    text, _ = p.communicate(timeout=120)
-    return p.returncode, text
 
 
 @pytest.mark.parametrize("sig, resume_from", [(signal.SIGINT, "auto"), (signal.SIGTERM, "auto on 2 ranks"),
@@ -649,76 +618,6 @@ def test_a_signal_to_the_process_group_saves_once_and_resume_ends_as_the_uninter
         chat = subprocess.run([sys.executable, str(ROOT / "chat.py"), str(image), "--model", str(out), "--prompt",
                                "What color is the circle?", "--max-new-tokens", "4"], capture_output=True, text=True)
         assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
-
-
-def test_tiny_clip_position_embedding_encodes_row_and_column(world):
-    """The tiny CLIP stands in for a pretrained one, whose position embeddings encode where a
-    patch is: the first half of each patch's vector is a function of its row alone, the second
-    of its column alone (sin-cos by hand below), zeros for the class token, RMS as configured."""
-    from weights import load_state_dict
-    state = load_state_dict(Path(world["clip"]))
-    table = state[next(k for k in state if k.endswith("position_embedding.weight"))]
-    grid, dim = 4, train.TINY_CLIP["hidden_size"]
-    assert table.shape == (1 + grid * grid, dim) and not table[0].any()
-    assert math.isclose(table[1:].pow(2).mean().sqrt().item(), train.TINY_POSITION_RMS, rel_tol=1e-5)
-    half, quarter = dim // 2, dim // 4
-    for r in range(grid):
-        for c in range(grid):
-            v = table[1 + r * grid + c]
-            assert torch.equal(v[:half], table[1 + r * grid][:half])  # same row, any column
-            assert torch.equal(v[half:], table[1 + c][half:])         # same column, any row
-    scale = table[1 + 1 * grid][quarter].item() / math.cos(1.0)       # row 1, lowest frequency: cos(1)
-    assert math.isclose(table[1 + 2 * grid][0].item(), scale * math.sin(2.0), rel_tol=1e-5)
-    assert math.isclose(table[1 + 3][half + 1].item(), scale * math.sin(3.0 / 100 ** (1 / quarter)), rel_tol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def tiny_short(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-short") / "tiny"
-    return root, run(["--preset", "tiny-short", "--out", str(root), "--threads", "2"], timeout=900)
-
-
-def test_tiny_short_preset_learns_to_see(tiny_short):
-    """`python train.py --preset tiny-short`, as a newcomer runs it: the README's main job with
-    a smaller world and fewer steps. Stage 0, 1 and 2, then greedy answers to held-out pictures
-    against the same model shown a blank picture, and how to chat with it."""
-    root, p = tiny_short
-    result = json.loads((root / "result.json").read_text())
-    assert set(result["by_type"]) == set(data.QUESTION_TYPES)
-    assert result["accuracy"] >= result["blank_image_accuracy"] + 0.15, result
-    assert result["by_type"]["count"]["image"] >= 0.8, result  # the first thing it learns to see
-    assert f"held-out accuracy {result['accuracy']:.1%} with the image" in p.stdout
-    assert "on 2 CPU threads" in p.stdout and "It knows only its world" in p.stdout
-    assert f"--model {root / 'stage2'}" in p.stdout
-    stage2 = json.loads((root / "stage2" / "train_config.json").read_text())
-    assert stage2["epochs"] == 4 and stage2["lr"] == train.TINY_STAGES[2]["lr"]
-
-
-def test_the_preset_stopped_in_each_stage_and_resumed_ends_as_the_uninterrupted_run(tiny_short, tmp_path):
-    """Ctrl-C in stage 0, then in stage 1, then in stage 2 of the one-minute preset, each time
-    continued with --resume auto: every stage's losses and the held-out answers are the
-    uninterrupted run's."""
-    ref, _ = tiny_short
-    root = tmp_path / "tiny"
-    cmd = ["--preset", "tiny-short", "--out", str(root), "--threads", "2"]
-    for i, (stage, after) in enumerate((("llm_pretrain", 5), ("stage1", 5), ("stage2", 50))):
-        rc, text = start_and_signal(cmd + ["--resume", "auto"] * (i > 0), root / stage / "train_log.jsonl",
-                                    signal.SIGINT, after)
-        assert rc == 130 and "Traceback" not in text, text[-3000:]
-        assert f"saved; continue with the same command and --resume auto" in text.splitlines()[-1]
-        assert str(root / stage / "checkpoint-") in text.splitlines()[-1] and not (root / "result.json").exists()
-    p = run(cmd + ["--resume", "auto"], timeout=900)
-    for stage in ("llm_pretrain", "stage1", "stage2"):
-        assert losses(root / stage) == losses(ref / stage), stage
-    got, want = (json.loads((r / "result.json").read_text()) for r in (root, ref))
-    assert {**got, "minutes": 0} == {**want, "minutes": 0}
-    assert f"held-out accuracy {want['accuracy']:.1%} with the image" in p.stdout
-
-
-def test_presets_differ_only_where_they_say():
-    tiny, long, short = (train.TINY_PRESETS[k] for k in ("tiny", "tiny-long", "tiny-short"))
-    assert long["stages"] == {2: {"epochs": 12}} and (long["n_train"], long["n_test"]) == (tiny["n_train"], tiny["n_test"])
-    assert set(short["stages"]) == {0, 1, 2} and set(train.TINY_PRESETS) == set(train.PRESETS)
 
 
 # ---- the front door: --help, values checked when parsed, inputs checked before any model -------
