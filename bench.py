@@ -19,7 +19,7 @@ The rules of the race (the numbers mean nothing without them):
 - Same work. Training is forward + backward + gradient clipping + AdamW on both sides (stage 2:
   CLIP frozen, projector + LLM trained) with the loss on the same supervised tokens, ours
   exactly as train.py runs it: the LM head only on those tokens' positions (transformers runs
-  it on all of them), `train.shard_model` with our FSDP at world size 1, so the gather/free
+  it on all of them), `fsdp.shard_model` with our FSDP at world size 1, so the gather/free
   machinery is inside the number (on CUDA
   with the compiled elementwise pieces train.py uses there; transformers runs eager, as it
   comes). Decoding is greedy with EOS switched off on both sides (`min_new_tokens` for
@@ -57,6 +57,7 @@ from pathlib import Path
 import torch
 
 import data
+import fsdp
 import llama
 import tiny
 import train
@@ -308,17 +309,17 @@ def bench_vision(args, pair, device, dtype):
 
 
 def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5, reshard_after_forward=True):
-    """Our model set up exactly as train.train() sets it up (train.shard_model: frozen parts in the
+    """Our model set up exactly as train.train() sets it up (fsdp.shard_model: frozen parts in the
     compute dtype, trained units as fp32 shards of our FSDP at world size 1), and a function
     running one step of train.train()'s loop on a batch: autocast forward, summed token loss over
-    the batch's supervised tokens, backward, train.clip_grad_norm, AdamW, zero_grad. With
+    the batch's supervised tokens, backward, fsdp.clip_grad_norm, AdamW, zero_grad. With
     micro_steps=k the batch goes through forward and backward k times before the optimizer steps
     (gradient accumulation, as train.py does when --global-batch is k x --micro-batch)."""
     cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=lr,
                             weight_decay=0.0, adam_beta2=0.999, reshard_after_forward=reshard_after_forward)
-    train.init_distributed(cfg)
+    fsdp.init_distributed(cfg)
     model.train()
-    params, _, sharded = train.shard_model(model, cfg, device, dtype)
+    params, _, sharded = fsdp.shard_model(model, cfg, device, dtype)
     optimizer = train.make_optimizer(params, sharded, model, cfg)
     compiled = train.wants_compiled_elementwise(cfg, device)  # as train() does: on with CUDA
 
@@ -334,7 +335,7 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5, resha
                 loss = token_loss(logits, targets)
                 with sharded[0].schedule.backward():  # FSDP's backward-order prefetch and grad hand-off
                     (loss / denom).backward()
-            train.clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
+            fsdp.clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             return loss.detach() * micro_steps / denom
@@ -732,7 +733,7 @@ def gpu_smoke(device, dtype, workdir):
                      "ok": bool(losses) and all(math.isfinite(x) for x in losses)}
         log(f"  {name}: losses {[round(x, 3) for x in losses]}")
     # each step all-reduces a few CPU tensors; on more than one GPU that needs the group's gloo
-    # half (train.process_group_backend), which only this call shows on a single GPU
+    # half (fsdp.process_group_backend), which only this call shows on a single GPU
     flag = torch.ones(1)
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0

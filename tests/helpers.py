@@ -10,6 +10,7 @@ the system temp dir, so many tests (and pytest processes) share one model.
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -244,3 +245,38 @@ def start_and_signal(args, log, sig, after_steps, nproc=1):
     os.killpg(p.pid, sig)
     text, _ = p.communicate(timeout=120)
     return p.returncode, text
+
+
+def make_world(root):
+    """A small synthetic world and random tiny bases under root: what train.py runs on in tests."""
+    import tiny
+    w = tiny.make_synthetic(root / "data", n_train=48, n_test=8, seed=0, image_size=64, vocab_size=400)
+    clip_dir, llm_dir = tiny.make_tiny_bases(root, w["tokenizer"], seed=0)
+    return {**w, "clip": clip_dir, "llm": llm_dir, "root": root}
+
+
+def base_args(world, out, stage=2, **over):
+    args = {"stage": stage, "clip": world["clip"], "llm": world["llm"],
+            "data": world["stage1" if stage == 1 else "stage2"], "image-folder": world["image_folder"],
+            "projector": "mlp2x_gelu", "image-size": 32, "pad-to-square": "false",
+            "template": "plain" if stage == 1 else "vicuna_v1", "lr": 1e-3, "global-batch": 8,
+            "micro-batch": 4, "max-steps": 3, "num-workers": 0, "max-length": 256, "out": out,
+            "warmup-ratio": 0.0, "seed": 0, "dist-timeout": 60}
+    args.update(over)
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def trained(out, stage):
+    from safetensors.torch import load_file
+    state = load_file(str(Path(out) / "model.safetensors"))
+    keep = ("multi_modal_projector.",) if stage == 1 else ("multi_modal_projector.", "language_model.")
+    return {k: v for k, v in state.items() if k.startswith(keep)}
+
+
+def assert_same_run(a, b, stage, atol=2e-5):
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) and all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(la, lb)), (la, lb)
+    pa, pb = trained(a, stage), trained(b, stage)
+    assert pa.keys() == pb.keys()
+    worst = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+    assert worst < atol, worst

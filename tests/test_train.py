@@ -16,46 +16,17 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import tiny
+import fsdp
 import train
 from llama import Tokenizer
-from model import LLaVA, token_loss
+from model import LLaVA
 
-from helpers import ROOT, TRAIN, losses, run, start_and_signal
+from helpers import ROOT, TRAIN, assert_same_run, base_args, losses, make_world, run, start_and_signal
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    w = tiny.make_synthetic(root / "data", n_train=48, n_test=8, seed=0, image_size=64, vocab_size=400)
-    clip_dir, llm_dir = tiny.make_tiny_bases(root, w["tokenizer"], seed=0)
-    return {**w, "clip": clip_dir, "llm": llm_dir, "root": root}
-
-
-def base_args(world, out, stage=2, **over):
-    args = {"stage": stage, "clip": world["clip"], "llm": world["llm"],
-            "data": world["stage1" if stage == 1 else "stage2"], "image-folder": world["image_folder"],
-            "projector": "mlp2x_gelu", "image-size": 32, "pad-to-square": "false",
-            "template": "plain" if stage == 1 else "vicuna_v1", "lr": 1e-3, "global-batch": 8,
-            "micro-batch": 4, "max-steps": 3, "num-workers": 0, "max-length": 256, "out": out,
-            "warmup-ratio": 0.0, "seed": 0, "dist-timeout": 60}
-    args.update(over)
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
-
-
-def trained(out, stage):
-    state = load_file(str(Path(out) / "model.safetensors"))
-    keep = ("multi_modal_projector.",) if stage == 1 else ("multi_modal_projector.", "language_model.")
-    return {k: v for k, v in state.items() if k.startswith(keep)}
-
-
-def assert_same_run(a, b, stage, atol=2e-5):
-    la, lb = losses(a), losses(b)
-    assert len(la) == len(lb) and all(math.isclose(x, y, rel_tol=1e-5, abs_tol=1e-6) for x, y in zip(la, lb)), (la, lb)
-    pa, pb = trained(a, stage), trained(b, stage)
-    assert pa.keys() == pb.keys()
-    worst = max((pa[k] - pb[k]).abs().max().item() for k in pa)
-    assert worst < atol, worst
+    return make_world(tmp_path_factory.mktemp("world"))
 
 
 # ---- one process: freezing and the loss ------------------------------------------------------
@@ -158,83 +129,6 @@ def test_recipes_fill_the_papers_defaults():
         ("mlp2x_gelu", 336, True, 1e-4, 128, 1)
 
 
-# ---- FSDP: 2 gloo ranks == 1 process == FSDP2 --------------------------------------------------
-
-@pytest.mark.parametrize("stage", [1, 2])
-def test_two_ranks_equal_one_process_and_fsdp2(world, tmp_path, stage):
-    ref = tmp_path / "one"
-    run(base_args(world, ref, stage=stage))                                       # 1 process, accum 2
-    ours = tmp_path / "ours"
-    run(base_args(world, ours, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true"}), nproc=2)  # accum 2
-    assert_same_run(ref, ours, stage)
-    kept = tmp_path / "kept"  # params kept from forward to backward: the recompute uses them
-    run(base_args(world, kept, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true",
-                                                "reshard-after-forward": "false"}), nproc=2)
-    assert_same_run(ref, kept, stage)
-    fsdp2 = tmp_path / "fsdp2"
-    run(base_args(world, fsdp2, stage=stage, fsdp="torch"), nproc=2)               # accum 1
-    assert_same_run(ref, fsdp2, stage)
-
-
-def _shard_sizes(rank, world_size, port, tmp, clip_dir, llm_dir, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
-    cfg = train.fill_recipe(train.TrainConfig(stage=2, clip=clip_dir, llm=llm_dir, projector="mlp2x_gelu",
-                                              image_size=32, pad_to_square=False))
-    device, r, w = train.init_distributed(cfg)
-    model = LLaVA.from_components(clip_dir, llm_dir, projector="mlp2x_gelu", pad_to_square=False)
-    n_trainable = sum(p.numel() for p in list(model.projector.parameters()) + list(model.llm.parameters()))
-    params, _, units = train.shard_model(model, cfg, device, torch.float32)
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt.step()
-    held = sum(p.numel() for p in params)
-    state = sum(t.numel() for s in opt.state.values() for k, t in s.items() if k != "step")
-    q.put((r, n_trainable, held, state, len(units)))
-    torch.distributed.destroy_process_group()
-
-
-def test_each_rank_holds_one_half_of_params_and_optimizer_state(world):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_shard_sizes, args=(r, 2, port, None, str(world["clip"]), str(world["llm"]), q))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    results = [q.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
-    for r, n, held, state, n_units in results:
-        assert n_units == 1 + 1 + 4 + 1  # projector, embeddings, 4 blocks, norm + head
-        assert n / 2 <= held <= n / 2 + n_units  # 1/world, plus at most one pad per unit
-        assert state == 2 * held                 # AdamW's two moments, for the shard only
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
-def test_destroying_the_process_group_stops_its_threads_after_a_model_is_built(world):
-    """Building a model (nn.init imports torch._dynamo on first use) after init_process_group
-    once kept the group alive past destroy_process_group: gloo's threads outlived the
-    interpreter and a finished rank could die at exit ("terminate called without an active
-    exception"). In a fresh process, as a rank runs it: no gloo thread is left."""
-    script = f"""
-import json, os, torch.distributed as dist, train
-from model import LLaVA
-train.init_distributed(train.TrainConfig(stage=2))
-LLaVA.from_components({str(world["clip"])!r}, {str(world["llm"])!r}, projector="mlp2x_gelu", pad_to_square=False)
-dist.destroy_process_group()
-print(json.dumps([open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task")]))
-"""
-    p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr[-3000:]
-    names = json.loads(p.stdout.strip().splitlines()[-1])
-    assert not [n for n in names if "gloo" in n], names
-
-
 def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
     """train() steps the fp32 master shards with the fused AdamW (--fused-adamw auto, CPU and
     CUDA): the shards are what that kernel accepts, and its steps (projector lr scale and weight
@@ -242,12 +136,12 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
     cfg = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
                                               projector="mlp2x_gelu", image_size=32, pad_to_square=False,
                                               lr=1e-3, projector_lr=1e-2, weight_decay=0.1, adam_beta2=0.95))
-    device, _, _ = train.init_distributed(cfg)
+    device, _, _ = fsdp.init_distributed(cfg)
     try:
         runs = []
         for fused in (False, True):
             model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
-            params, full_state, sharded = train.shard_model(model, cfg, device, torch.float32)
+            params, full_state, sharded = fsdp.shard_model(model, cfg, device, torch.float32)
             opt = train.make_optimizer(params, sharded, model, replace(cfg, fused_adamw="on" if fused else "off"))
             assert opt.defaults["fused"] is fused
             gen = torch.Generator().manual_seed(0)
@@ -269,54 +163,6 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
     assert any("projector" in k for k in moved) and any("layers" in k for k in moved)
 
 
-def test_keeping_params_until_backward_gathers_once_and_changes_no_bit(world, monkeypatch):
-    """--reshard-after-forward false, one rank in bf16 (where a gather is a cast of the fp32
-    shard): each unit gathers once per micro-batch instead of again in backward (or in
-    --grad-ckpt's recompute), and the gradients are the same bits. A second micro-batch's bf16
-    gradient adds into the fp32 one exactly as an fp32 sum of the two."""
-    gathers = {"n": 0}
-    all_gather = train.ShardedUnit.all_gather
-
-    def counted(self, shard):
-        gathers["n"] += 1
-        return all_gather(self, shard)
-    monkeypatch.setattr(train.ShardedUnit, "all_gather", counted)
-    base = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
-                                               projector="mlp2x_gelu", image_size=32, pad_to_square=False))
-    device, _, _ = train.init_distributed(base)
-    try:
-        tok = Tokenizer(world["llm"])
-        ds = data.LazySupervisedDataset(world["stage2"], world["image_folder"], tok, template="vicuna_v1",
-                                        image_size=32, num_patches=16, pad_to_square=False, max_length=256)
-        collate = data.Collator(pad_id=0)
-        micro = [collate([ds[i] for i in range(j, j + 3)]) for j in (0, 3)]
-
-        def grads(cfg, batches):
-            torch.manual_seed(0)  # the same fresh projector every time
-            model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
-            params, _, sharded = train.shard_model(model, cfg, device, torch.bfloat16)
-            gathers["n"] = 0
-            for mb in batches:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits, _ = model(mb["input_ids"], mb["pixel_values"], logits_at=mb["positions"])
-                with sharded[0].schedule.backward():
-                    token_loss(logits, mb["targets"]).backward()
-            assert all(u.kept is None and u.full_for_backward is None for u in sharded)  # all freed
-            return [p.grad for p in params], gathers["n"], len(sharded)
-
-        for ckpt in (False, True):
-            again, n_again, units = grads(replace(base, grad_ckpt=ckpt), micro[:1])
-            kept, n_kept, _ = grads(replace(base, grad_ckpt=ckpt, reshard_after_forward=False), micro[:1])
-            assert n_kept == units and n_again > units, (ckpt, n_kept, n_again, units)
-            assert all(torch.equal(a, b) for a, b in zip(again, kept))
-        second, _, _ = grads(replace(base, reshard_after_forward=False), micro[1:])
-        both, _, _ = grads(replace(base, reshard_after_forward=False), micro)
-        assert all(g.dtype == torch.float32 for g in both)
-        assert all(torch.equal(ab, a + b) for ab, a, b in zip(both, kept, second))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
 def test_muon_on_our_shards_matches_torch_muon_and_adamw(world):
     """--optimizer muon: the blocks' matrices step as torch.optim.Muon (lr matched to AdamW's
     RMS, weight decay included) and every other tensor (norms in the same shards, embeddings,
@@ -325,11 +171,11 @@ def test_muon_on_our_shards_matches_torch_muon_and_adamw(world):
                                               projector="mlp2x_gelu", image_size=32, pad_to_square=False,
                                               lr=1e-3, projector_lr=1e-2, weight_decay=0.1, adam_beta2=0.95,
                                               optimizer="muon"))
-    device, _, _ = train.init_distributed(cfg)
+    device, _, _ = fsdp.init_distributed(cfg)
     build = lambda: LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
     try:
         model = build()
-        params, full_state, sharded = train.shard_model(model, cfg, device, torch.float32)
+        params, full_state, sharded = fsdp.shard_model(model, cfg, device, torch.float32)
         opt = train.make_optimizer(params, sharded, model, cfg)
         gen = torch.Generator().manual_seed(0)
         grads = []  # per step: {qualified name: gradient}, for the reference below
@@ -415,15 +261,6 @@ def test_resume_with_fused_adamw_continues_to_the_same_losses(world, tmp_path):
     assert_same_run(full, part, 2)
 
 
-def test_process_group_on_gpus_carries_cpu_tensors_too():
-    # a step all-reduces its token count, loss sum and stop flag as CPU tensors; NCCL alone would
-    # refuse them on more than one GPU, so on CUDA the group maps CPU tensors to gloo
-    from torch.distributed.distributed_c10d import BackendConfig  # how init_process_group reads it
-    spec = train.process_group_backend(torch.device("cuda", 0))
-    assert BackendConfig(spec).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
-    assert train.process_group_backend(torch.device("cpu")) == "gloo"
-
-
 def test_compile_elementwise_auto_means_cuda_with_triton(monkeypatch):
     import importlib.util
     want = lambda mode, dev: train.wants_compiled_elementwise(train.TrainConfig(compile_elementwise=mode), torch.device(dev))
@@ -460,9 +297,9 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, m
     # and in process: save_pretrained raising mid-save keeps checkpoint-2 loadable and whole
     cfg2 = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
                                                projector="mlp2x_gelu", image_size=32, pad_to_square=False))
-    device, _, _ = train.init_distributed(cfg2)
+    device, _, _ = fsdp.init_distributed(cfg2)
     model = LLaVA.from_pretrained(out / "checkpoint-2")
-    params, full_state, units = train.shard_model(model, cfg2, device, torch.float32)
+    params, full_state, units = fsdp.shard_model(model, cfg2, device, torch.float32)
     opt = torch.optim.AdamW(params)
 
     def boom(*a, **k):

@@ -1,0 +1,456 @@
+"""
+Hand-written FSDP (ZeRO-3), and the process group it runs in. train.py's loop calls
+`init_distributed`, `shard_model` and `clip_grad_norm` and never sees a collective itself.
+
+A *unit* is a group of modules whose trainable parameters are flattened into one fp32 vector,
+padded to a multiple of the world size W and cut into W equal shards. Rank r owns shard r:
+the master weights, their gradient and the AdamW moments exist only for that 1/W slice.
+
+          flat fp32 [N + pad]            forward / backward of one unit on rank r
+    ┌─────────┬─────────┬─────────┐
+    │ shard 0 │ shard 1 │ shard 2 │   all-gather (bf16)   ──►  full params, views into one buffer
+    └─────────┴─────────┴─────────┘   run the unit              (freed after the unit runs)
+        rank 0    rank 1    rank 2    backward: re-gather, grad of the full buffer
+                                      reduce-scatter (fp32) ──►  grad of shard r, summed over ranks
+
+Units: the projector, the token embeddings, each transformer block, and the final norm + LM
+head. The gather is an autograd Function (`GatherParams`): its backward *is* the
+reduce-scatter, so autograd itself issues it the moment the unit's gradient is complete.
+After the forward the full buffer is dropped; tensors that autograd saved from it are stored
+as (offset, shape, stride) by a saved-tensor hook and rebuilt from a re-gather when backward
+reaches the unit. With --grad-ckpt the unit's whole call (gather + forward) is wrapped in
+activation checkpointing, so the recompute re-gathers by itself. (`--reshard-after-forward
+false` keeps the buffer until backward instead: see ShardedUnit.) Frozen parts (CLIP always, the
+LLM in stage 1) are not units: they stay replicated in the compute dtype and are never gathered,
+so stage 1 pays nothing to shard a frozen LLM. One rank in fp32 (a CPU run) has nothing to
+gather: the modules use views of the shard itself. Gradient clipping all-reduces the squared shard
+norms. `--fsdp torch` hands the same units to PyTorch's FSDP2 (`fully_shard`) instead.
+"""
+
+import contextlib
+import datetime
+import functools
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+
+# ------------------------------------------------------------------------------------------------
+# The process group: torchrun starts the ranks; a plain `python train.py` is a world of one
+
+def init_distributed(cfg):
+    if dist.is_initialized():  # the tiny preset runs several trainings in one process
+        return current_device(cfg), dist.get_rank(), dist.get_world_size()
+    device = current_device(cfg)
+    backend = process_group_backend(device)
+    timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+    # torch._dynamo, which nn.init imports on first use (building the model), keeps the default
+    # group alive past destroy_process_group when it is first imported after the group exists
+    # (seen with torch 2.13): gloo's threads then outlive the interpreter, and now and then a rank
+    # that finished and saved dies at exit with "terminate called without an active exception"
+    # (pytorch/pytorch#190489 describes that crash). Imported before the group, it holds none.
+    import torch._dynamo  # noqa: F401
+    if "RANK" in os.environ:  # torchrun (one node or many, through its rendezvous)
+        dist.init_process_group(backend, timeout=timeout)
+    else:  # one process: the same code path with a group of one
+        store = dist.HashStore()
+        dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def process_group_backend(device):
+    """NCCL for the CUDA tensors (FSDP's gathers and reduce-scatters, the grad norm) and gloo for
+    the CPU ones: each step all-reduces its token count, loss sum and stop flag as small CPU
+    tensors, and NCCL alone refuses CPU tensors ("No backend type associated with device type
+    cpu"), which only shows with more than one GPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def current_device(cfg):
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    return device
+
+
+# ------------------------------------------------------------------------------------------------
+# Units, shards and the gather
+
+class GatherParams(torch.autograd.Function):
+    """shard [S] fp32 -> full [W*S] in the compute dtype. Backward: reduce-scatter (sum, fp32),
+    issued asynchronously; `Schedule.finish_backward` adds the results into shard.grad."""
+
+    @staticmethod
+    def forward(ctx, shard, unit):
+        ctx.unit = unit
+        return unit.all_gather(shard.detach())
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        unit = ctx.unit
+        unit.full_for_backward = unit.kept = None  # the unit's backward is complete: free its params
+        unit.schedule.reduce_scatter(unit, grad_full)
+        return None, None
+
+
+class Schedule:
+    """Overlap of communication with compute, shared by all units of a model.
+
+    Forward: when unit i starts, the all-gather of unit i+1 is issued (async_op: NCCL runs it
+    on its own stream, gloo on its worker threads) and waited for only when unit i+1 starts.
+    Backward: when unit i re-gathers, unit i-1's gather is issued. Gradients: each unit's
+    reduce-scatter is issued as its backward ends and waited for two units later, so at most
+    two full-size gradients are alive. The order is the order units began in the first
+    forward; all ranks run the same program, so they issue collectives in the same order."""
+
+    def __init__(self, world):
+        self.world, self.order, self.recording, self.in_backward = world, [], True, False
+        self.pending = []  # (unit, reduce-scatter output, work handle, input kept alive)
+
+    def started(self, unit):
+        if self.recording and unit not in self.order:
+            self.order.append(unit)
+        if self.world == 1 or unit not in self.order:
+            return
+        i = self.order.index(unit) + (-1 if self.in_backward else 1)
+        if 0 <= i < len(self.order):
+            self.order[i].prefetch()
+
+    def reduce_scatter(self, unit, grad_full):
+        if self.world == 1:  # nothing to sum: the bf16 grad goes into the fp32 one as it is
+            self._accumulate(unit, grad_full)
+            return
+        grad_full = grad_full.float().contiguous()
+        out = torch.empty(unit.shard_size, dtype=torch.float32, device=grad_full.device)
+        work = dist.reduce_scatter_tensor(out, grad_full, op=dist.ReduceOp.SUM, async_op=True)
+        self.pending.append((unit, out, work, grad_full))
+        while len(self.pending) > 2:
+            self._complete(self.pending.pop(0))
+
+    def _complete(self, item):
+        unit, out, work, _ = item
+        work.wait()
+        self._accumulate(unit, out)
+
+    @staticmethod
+    def _accumulate(unit, grad):
+        if unit.shard.grad is None:
+            unit.shard.grad = grad.float()
+        else:  # fp32 += bf16 upcasts inside the add: no fp32 copy of the gradient in between
+            unit.shard.grad.add_(grad)
+
+    @contextlib.contextmanager
+    def backward(self):
+        """Wrap loss.backward(): flips prefetching to reverse order and, at the end, waits
+        for the outstanding reduce-scatters and drops any gather nobody consumed."""
+        self.recording, self.in_backward = False, True
+        try:
+            yield
+        finally:
+            while self.pending:
+                self._complete(self.pending.pop(0))
+            for unit in self.order:
+                unit.drop_prefetch()
+                unit.kept = None  # a unit the loss did not reach
+            self.in_backward = False
+
+
+class ShardedUnit:
+    """Trainable params of `modules` flattened into one fp32 shard per rank (see docstring).
+
+    reshard_after_forward=False keeps the gathered params from the unit's forward until its
+    backward, as FSDP2's option of that name (and ZeRO-2's traffic): backward, and --grad-ckpt's
+    recompute, use them instead of gathering again. That saves one of a unit's three collectives
+    a step (on one rank, one of its two casts to bf16), and costs the whole model in bf16 on
+    every rank at the end of the forward."""
+
+    def __init__(self, name, modules, names, compute_dtype, device, schedule, grad_ckpt=False,
+                 reshard_after_forward=True):
+        self.name, self.modules, self.compute_dtype, self.schedule = name, modules, compute_dtype, schedule
+        self.reshard_after_forward = reshard_after_forward
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.slots = []  # (owner module, attribute, offset, shape, qualified name)
+        flat_parts, offset = [], 0
+        for mod in modules:
+            for sub in mod.modules():
+                for attr, p in list(sub._parameters.items()):
+                    if p is None or not p.requires_grad:
+                        continue
+                    self.slots.append((sub, attr, offset, p.shape, names[id(p)]))
+                    flat_parts.append(p.detach().reshape(-1).float().cpu())
+                    offset += p.numel()
+                    del sub._parameters[attr]          # from now on a plain attribute,
+                    setattr(sub, attr, None)           # present only while the unit runs
+        self.numel = offset
+        self.shard_size = math.ceil(offset / self.world)
+        flat = torch.zeros(self.shard_size * self.world)
+        flat[:offset] = torch.cat(flat_parts)
+        self.shard = nn.Parameter(flat[self.rank * self.shard_size:(self.rank + 1) * self.shard_size]
+                                  .clone().to(device))
+        # One rank computing in fp32: the shard is the whole unit in the compute dtype, so the
+        # modules use views of it directly; nothing to gather, copy, free or re-gather.
+        self.local = self.world == 1 and compute_dtype == torch.float32
+        self.full_for_backward = None
+        self.kept = None  # reshard_after_forward=False: the params gathered in the forward
+        self._saving = None
+        self._prefetched = None  # (buffer, work handle, source kept alive)
+        self._patch(grad_ckpt)
+
+    # -- collectives ------------------------------------------------------------------------------
+    def all_gather(self, shard):
+        if self._prefetched is not None:
+            full, work, _ = self._prefetched
+            self._prefetched = None
+            work.wait()
+            return full
+        local = shard.to(self.compute_dtype)
+        if self.world == 1:
+            return local.clone() if local.data_ptr() == shard.data_ptr() else local
+        return self.gather_flat(local)
+
+    def gather_flat(self, local):
+        """A shard-shaped tensor (the params, or Muon's update) -> the unit's whole flat vector."""
+        if self.world == 1:
+            return local
+        full = torch.empty(self.shard_size * self.world, dtype=local.dtype, device=local.device)
+        dist.all_gather_into_tensor(full, local)
+        return full
+
+    def sum_scatter_flat(self, full):
+        """The unit's whole flat vector, summed over the ranks -> this rank's shard of the sum."""
+        if self.world == 1:
+            return full
+        out = torch.empty(self.shard_size, dtype=full.dtype, device=full.device)
+        dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM)
+        return out
+
+    def prefetch(self):
+        if self._prefetched is None:
+            local = self.shard.detach().to(self.compute_dtype)
+            full = torch.empty(self.shard_size * self.world, dtype=self.compute_dtype, device=local.device)
+            self._prefetched = (full, dist.all_gather_into_tensor(full, local, async_op=True), local)
+
+    def drop_prefetch(self):
+        if self._prefetched is not None:
+            self._prefetched[1].wait()
+            self._prefetched = None
+
+    # -- installing the gathered params into the modules ----------------------------------------
+    def _install(self, full):
+        # one split, not a slice per parameter: each slice's backward would zero-fill a
+        # gradient the size of the whole unit
+        sizes = [math.prod(shape) for *_, shape, _ in self.slots]
+        parts = torch.split_with_sizes(full, sizes + [full.numel() - sum(sizes)])
+        for (sub, attr, _, shape, _), p in zip(self.slots, parts):
+            setattr(sub, attr, p.view(shape))
+
+    def _uninstall(self):
+        for sub, attr, *_ in self.slots:
+            setattr(sub, attr, None)
+
+    def begin(self, save_hooks):
+        if self.local:  # autograd accumulates straight into shard.grad
+            self._install(self.shard)
+            return
+        if self.kept is not None and self.schedule.in_backward:  # --grad-ckpt recomputing
+            self._install(self.kept)
+            return
+        full = GatherParams.apply(self.shard, self)
+        self.schedule.started(self)
+        self._install(full)
+        if not self.reshard_after_forward:
+            self.kept = full if torch.is_grad_enabled() else None
+        elif save_hooks and torch.is_grad_enabled():
+            # Tensors autograd saves that live in `full` are kept as (shape, stride, offset)
+            # and rebuilt from a re-gather in backward, so `full` itself can be freed now.
+            storage = full.untyped_storage().data_ptr()
+
+            def pack(t):
+                if t.untyped_storage().data_ptr() == storage and t.dtype == full.dtype:
+                    return (self, t.shape, t.stride(), t.storage_offset())
+                return t
+
+            self._saving = torch.autograd.graph.saved_tensors_hooks(pack, ShardedUnit._unpack)
+            self._saving.__enter__()
+
+    def end(self):
+        if self._saving is not None:
+            self._saving.__exit__(None, None, None)
+            self._saving = None
+        self._uninstall()
+
+    @staticmethod
+    def _unpack(x):
+        if not (isinstance(x, tuple) and len(x) == 4 and isinstance(x[0], ShardedUnit)):
+            return x
+        unit, shape, stride, offset = x
+        if unit.full_for_backward is None:
+            unit.full_for_backward = unit.all_gather(unit.shard.detach())
+            unit.schedule.started(unit)
+        return unit.full_for_backward.as_strided(shape, stride, offset)
+
+    def _patch(self, grad_ckpt):
+        """Route the unit's module calls through gather/free. One module: wrap its forward
+        (in a checkpoint with --grad-ckpt). Several (norm + head): gather before the first,
+        free after the last."""
+        first, last = self.modules[0], self.modules[-1]
+        f_first, f_last = first.forward, last.forward
+
+        def call(fn, *args, **kwargs):
+            self.begin(save_hooks=True)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.end()
+
+        def call_ckpt(fn, *args, **kwargs):
+            def run(*a, **k):
+                self.begin(save_hooks=False)
+                try:
+                    return fn(*a, **k)
+                finally:
+                    self.end()
+            if torch.is_grad_enabled():
+                return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return run(*args, **kwargs)
+
+        if first is last:
+            first.forward = functools.partial(call_ckpt if grad_ckpt else call, f_first)
+            return
+
+        def begin_first(*args, **kwargs):
+            self.begin(save_hooks=True)
+            return f_first(*args, **kwargs)
+
+        def end_last(*args, **kwargs):
+            try:
+                return f_last(*args, **kwargs)
+            finally:
+                self.end()
+
+        first.forward, last.forward = begin_first, end_last
+
+    def full_state(self):
+        """{qualified name: full fp32 tensor on CPU} gathered from all ranks."""
+        flat = self.shard.detach().float()
+        if self.world > 1:
+            full = torch.empty(self.shard_size * self.world, device=flat.device)
+            dist.all_gather_into_tensor(full, flat)
+            flat = full
+        flat = flat.cpu()
+        return {qual: flat[off:off + math.prod(shape)].view(shape).clone()
+                for _, _, off, shape, qual in self.slots}
+
+
+def training_units(model, stage):
+    """The FSDP units, in forward order: (name, [modules]). Stage 1 trains the projector alone."""
+    units = [("projector", [model.projector])]
+    if stage == 2:
+        llm = model.llm
+        units.append(("embed_tokens", [llm.embed_tokens]))
+        units += [(f"layers.{i}", [block]) for i, block in enumerate(llm.layers)]
+        units.append(("norm+lm_head", [llm.norm, llm.lm_head]))
+    return units
+
+
+def set_trainable(model, stage):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained = [model.projector] + ([model.llm] if stage == 2 else [])
+    for mod in trained:
+        for p in mod.parameters():
+            p.requires_grad_(True)
+
+
+def shard_model(model, cfg, device, compute_dtype):
+    """Freeze, move, and shard `model` for training. Returns the list of trainable parameters
+    (shards) and a function that gathers the full state dict for saving."""
+    set_trainable(model, cfg.stage)
+    if cfg.stage == 2 and model.config.text.tie_word_embeddings:
+        raise SystemExit("tied word embeddings cannot be split into the embedding and head units; "
+                         "untie them (Vicuna/LLaMA-2 are untied)")
+    names = {id(p): n for n, p in model.named_parameters()}
+    frozen_ckpt = cfg.grad_ckpt and cfg.stage == 1
+    # frozen parts: replicated in the compute dtype, never gathered
+    model.vision_tower.to(device=device, dtype=compute_dtype)
+    if cfg.stage == 1:
+        model.llm.to(device=device, dtype=compute_dtype)
+        if frozen_ckpt:  # activations of the frozen LLM are still needed for the projector's grad
+            for block in model.llm.layers:
+                block.forward = functools.partial(checkpoint_call, block.forward)
+    units = training_units(model, cfg.stage)
+    if cfg.fsdp == "ours":
+        schedule = Schedule(dist.get_world_size())
+        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt,
+                               reshard_after_forward=cfg.reshard_after_forward)
+                   for name, mods in units]
+        for mod in model.modules():  # buffers (none trainable) follow the device
+            for key, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[key] = buf.to(device)
+        params = [u.shard for u in sharded]
+
+        def full_state():
+            state = {k: v.float().cpu() for k, v in model.state_dict().items()}  # frozen parts
+            for u in sharded:
+                state.update(u.full_state())
+            return state
+
+        return params, full_state, sharded
+    if cfg.fsdp == "torch":
+        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for name, mods in units:
+            for m in mods:
+                m.to(device=device, dtype=torch.float32)
+            if cfg.grad_ckpt and name.startswith("layers."):
+                mods[0].forward = functools.partial(checkpoint_call, mods[0].forward)
+            if name != "norm+lm_head":
+                fully_shard(mods[0], mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+        if cfg.stage == 2:
+            # FSDP2 wants the root's forward to run first: the whole model is the root and owns
+            # what its sharded children do not (norm + head); the frozen CLIP stays out of it
+            fully_shard(model, mp_policy=policy, ignored_params=set(model.vision_tower.parameters()))
+        for mod in model.modules():
+            for key, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[key] = buf.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def full_state():
+            state = {}
+            for n, t in model.state_dict().items():
+                t = t.full_tensor() if hasattr(t, "full_tensor") else t
+                state[n] = t.float().cpu()
+            return state
+
+        return params, full_state, None
+    raise SystemExit(f"--fsdp {cfg.fsdp!r}: choose 'ours' or 'torch'")
+
+
+def checkpoint_call(fn, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def clip_grad_norm(params, max_norm, fsdp):
+    """Global grad norm over all shards (all-reduced), then scale as clip_grad_norm_ does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if fsdp == "torch":
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum() if grads else torch.zeros(())
+    if dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    norm = sq.sqrt()
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device))
+    return float(norm)
