@@ -41,8 +41,8 @@ labels, in five steps that each live in one place:
    (unreadable, missing or corrupt image, no reply, roles out of order, `<image>` without an
    image or the reverse, too long, nothing to learn, any error it raises) becomes a `Skipped` marker naming the
    record index, its id and the reason. Markers travel through DataLoader workers like samples;
-   the collate function sets them aside and the main-process loader (`make_loader`) counts them
-   per reason, prints a warning line for each (the first few per reason) and
+   the collate function sets them aside and the training loop, in the main process, counts them
+   (`dataset.record_skip`) per reason, prints a warning line for each (the first few per reason) and
    `dataset.summary()` gives the tally at the end of a run. Counting in the main process is the
    point: a counter inside the dataset would be counted in worker copies and lost.
 
@@ -55,7 +55,6 @@ LLaVA format. (The tiny preset's synthetic world is tiny.py's.)
 """
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -541,7 +540,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Collation and the loader
+# 6. Collation
 # ---------------------------------------------------------------------------------------------
 
 def supervised_positions(labels):
@@ -588,65 +587,6 @@ class Collator:
                 "image_rows": torch.tensor(image_rows, dtype=torch.long),
                 "ids": [s["id"] for s in good], "indices": [s["index"] for s in good],
                 "skipped": skipped, "truncated": [s["index"] for s in good if s.get("truncated")]}
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Indices for one epoch: a permutation seeded by (seed, epoch) (or 0..n-1), this rank's
-    share of it (rank::world_size, padded by wrapping so shares are equal), from `start` on
-    (resuming mid-epoch). Deterministic, so a resumed run sees the same order."""
-
-    def __init__(self, n, shuffle=True, seed=0, rank=0, world_size=1):
-        self.n, self.shuffle, self.seed, self.rank, self.world_size = n, shuffle, seed, rank, world_size
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def _share(self):
-        if self.shuffle:  # one generator per (seed, epoch): any epoch's order can be rebuilt
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch)).tolist()
-        else:
-            order = list(range(self.n))
-        total = math.ceil(self.n / self.world_size) * self.world_size if self.n else 0
-        order += order[: total - len(order)]
-        return order[self.rank::self.world_size]
-
-    def __iter__(self):
-        return iter(self._share()[self.start:])
-
-    def __len__(self):
-        return max(0, (math.ceil(self.n / self.world_size) if self.n else 0) - self.start)
-
-
-class Loader:
-    """A DataLoader over a LazySupervisedDataset that counts skipped records in this (the main)
-    process and never yields an empty batch."""
-
-    def __init__(self, dataset, dataloader, sampler):
-        self.dataset, self.dataloader, self.sampler = dataset, dataloader, sampler
-
-    def set_epoch(self, epoch, start=0):
-        self.sampler.set_epoch(epoch, start)
-
-    def __len__(self):
-        return len(self.dataloader)
-
-    def __iter__(self):
-        for batch in self.dataloader:
-            for s in batch.pop("skipped"):
-                self.dataset.record_skip(s)
-            if len(batch["ids"]):
-                yield batch
-
-
-def make_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0, drop_last=False,
-                rank=0, world_size=1, pin_memory=False):
-    """Batches of `batch_size` records (fewer where records were skipped)."""
-    sampler = EpochSampler(len(dataset), shuffle, seed, rank, world_size)
-    dataloader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-        collate_fn=Collator(dataset.tokenizer.pad_id), drop_last=drop_last, pin_memory=pin_memory)
-    return Loader(dataset, dataloader, sampler)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -216,6 +216,21 @@ class LocalChatServer:
 
 # ---- train.py on the real command line ----------------------------------------------------------
 
+def batches(dataset, batch_size, num_workers=0, shuffle=False, seed=0):
+    """A DataLoader over `dataset` with data.Collator, counting bad samples in this process as
+    train.py's loop does; yields only batches with a good sample."""
+    import torch
+    import data
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(seed),
+        num_workers=num_workers, collate_fn=data.Collator(dataset.tokenizer.pad_id))
+    for batch in loader:
+        for s in batch.pop("skipped"):
+            dataset.record_skip(s)
+        if batch["ids"]:
+            yield batch
+
+
 def run(args, nproc=1, timeout=240, check=True):
     cmd = [sys.executable, TRAIN] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]

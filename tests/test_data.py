@@ -13,7 +13,7 @@ from PIL import Image
 
 import data
 import llama
-from tests.helpers import make_sp_tokenizer
+from tests.helpers import batches, make_sp_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 BENCH = FIXTURES / "generate_data" / "coco2014_val_gpt4_qa_30x3.jsonl"  # LLaVA-Bench (COCO): see its README
@@ -383,11 +383,9 @@ def test_bad_samples_skipped_named_counted_with_workers(tok, tmp_path, capsys):
     path.write_text(json.dumps(records))
     ds = data.LazySupervisedDataset(path, tmp_path / "img", tok, "vicuna_v1", image_size=32, num_patches=4,
                                     max_length=200)
-    loader = data.make_loader(ds, batch_size=3, shuffle=True, seed=1, num_workers=2)
     for epoch in range(2):
-        loader.set_epoch(epoch)
         seen = []
-        for batch in loader:
+        for batch in batches(ds, 3, num_workers=2, shuffle=True, seed=epoch):
             seen += batch["ids"]
             B, T = batch["input_ids"].shape
             assert batch["labels"].shape == (B, T) and B >= 1
@@ -420,8 +418,7 @@ def test_a_record_that_raises_anything_is_a_counted_bad_sample(tok, tmp_path, ca
                     ' {"id": "half-emoji", "conversations": [{"from": "human", "value": "Hi \\ud83d"},'
                     ' {"from": "gpt", "value": "Hello."}]}]')
     ds = data.LazySupervisedDataset(path, tmp_path, tok, "vicuna_v1", image_size=32, num_patches=4)
-    batches = list(data.make_loader(ds, batch_size=2, shuffle=False, num_workers=2))
-    assert [b["ids"] for b in batches] == [["ok"]]
+    assert [b["ids"] for b in batches(ds, 2, num_workers=2)] == [["ok"]]
     assert ds.skips.counts() == {"error": 1}
     assert "skipped record 1 (id 'half-emoji'): error: RuntimeError" in capsys.readouterr().err
 
@@ -435,8 +432,7 @@ def test_image_too_long_skipped(tok, tmp_path):
                                                                   {"from": "gpt", "value": "Red."}]},
                {"id": "txt", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}]
     ds = data.LazySupervisedDataset(records, tmp_path, tok, "vicuna_v1", image_size=16, num_patches=200, max_length=150)
-    batches = list(data.make_loader(ds, batch_size=2, shuffle=False, num_workers=0))
-    assert [b["ids"] for b in batches] == [["txt"]]
+    assert [b["ids"] for b in batches(ds, 2)] == [["txt"]]
     assert ds.skips.counts() == {"image_too_long": 1}
 
 
@@ -471,19 +467,6 @@ def test_collate_padding():
     assert [x.reason for x in batch["skipped"]] == ["returned_none", "missing_image"]
     text_only = data.Collator(pad_id=0)([s([4, 5], False)])
     assert text_only["pixel_values"] is None and text_only["image_rows"].tolist() == []
-
-
-def test_sampler_is_deterministic_and_shards():
-    a = data.EpochSampler(10, shuffle=True, seed=3)
-    b = data.EpochSampler(10, shuffle=True, seed=3)
-    assert list(a) == list(b) and sorted(a) == list(range(10))
-    a.set_epoch(1)
-    assert list(a) != list(b)
-    a.set_epoch(1, start=4)
-    b.set_epoch(1)
-    assert list(a) == list(b)[4:]
-    shares = [list(data.EpochSampler(10, True, 3, rank=r, world_size=3)) for r in range(3)]
-    assert all(len(x) == 4 for x in shares) and set(sum(shares, [])) == set(range(10))
 
 
 # ---- ScienceQA -----------------------------------------------------------------------------------
@@ -547,6 +530,6 @@ def test_scienceqa_other_formats_and_training(tok, tmp_path):
     records = data.scienceqa_to_llava(SQA / "problems.json", SQA / "pid_splits.json", "test", image_root=SQA / "images")
     assert {x["image"] for x in records if "image" in x} == {f"test/{p}/image.png" for p in ("1001", "1003", "1005")}
     ds = data.LazySupervisedDataset(records, SQA / "images", tok, "vicuna_v1", image_size=16, num_patches=4)
-    batch = next(iter(data.make_loader(ds, batch_size=5, shuffle=False)))
+    batch = next(batches(ds, 5))
     assert batch["ids"] == ["1001", "1002", "1003", "1004", "1005"] and batch["image_rows"].tolist() == [0, 2, 4]
     assert ds.skips.counts() == {}

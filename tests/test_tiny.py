@@ -15,7 +15,7 @@ import data
 import llama
 import tiny
 import train
-from helpers import losses, run, start_and_signal
+from helpers import batches, losses, run, start_and_signal
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_synthetic_world(tmp_path):
 
     # the synthetic data trains through the real dataset and loader
     ds = data.LazySupervisedDataset(p["stage1"], p["image_folder"], t, "plain", image_size=32, num_patches=16)
-    batch = next(iter(data.make_loader(ds, batch_size=8, shuffle=False)))
+    batch = next(batches(ds, 8))
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and ds.skips.counts() == {}
 
 
