@@ -18,8 +18,10 @@ A second world, multiple choice in the ScienceQA release layout, serves the pape
 import hashlib
 import io
 import json
+import math
 import random
 import shutil
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -386,12 +388,12 @@ def save_llm_dir(llm, directory, tokenizer_path):
 
 def tiny_accuracy(model, world, blank=False, batch_size=50):
     """Exact-match accuracy of greedy answers to the held-out questions (with a blank image of
-    the world's background colour when `blank`) -> (overall, {question type: accuracy})."""
+    the world's background colour when `blank`) -> (overall, {question type: accuracy}, answers)."""
     tokenizer = Tokenizer(model.tokenizer_dir)
     records = json.loads(Path(world["test"]).read_text())
     size, square = model.config.vision.image_size, model.config.pad_to_square
     blank_image = Image.new("RGB", (64, 64), BACKGROUND)
-    right = {}
+    right, answers = {}, []
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, model.config.template,
@@ -400,10 +402,37 @@ def tiny_accuracy(model, world, blank=False, batch_size=50):
         outs = model.generate_batch(prompts, preprocess_batch(images, size, square), max_new_tokens=32,
                                     eos_id=tokenizer.eos_id)
         for r, out in zip(chunk, outs):
-            ok = normalize_answer(tokenizer.decode(out)) == normalize_answer(r["answer"])
+            answers.append(tokenizer.decode(out).strip())
+            ok = normalize_answer(answers[-1]) == normalize_answer(r["answer"])
             right.setdefault(r.get("type", "all"), []).append(ok)
     by_type = {k: sum(v) / len(v) for k, v in sorted(right.items())}
-    return sum(map(sum, right.values())) / len(records), by_type
+    return sum(map(sum, right.values())) / len(records), by_type, answers
+
+
+def draw_samples(world, answers, blank_answers, path, n=12, columns=4):
+    """A sheet of the first `n` held-out pictures, each with its question, the model's answer
+    with the picture and with a blank one, green where right and red where wrong: the one-glance
+    proof that the model looks."""
+    from PIL import ImageFont
+    records = json.loads(Path(world["test"]).read_text())[:n]
+    font = ImageFont.load_default(size=13)
+    cell, side = (250, 250), 128
+    sheet = Image.new("RGB", (cell[0] * columns, cell[1] * math.ceil(len(records) / columns)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (r, said, said_blank) in enumerate(zip(records, answers, blank_answers)):
+        x, y = cell[0] * (k % columns) + 8, cell[1] * (k // columns) + 8
+        picture = load_image(Path(world["image_folder"]) / r["image"]).resize((side, side), Image.NEAREST)
+        sheet.paste(picture, (x, y))
+        lines = [(r["conversations"][0]["value"].replace(data.IMAGE, "").strip(), "black")]
+        for label, text in (("seen", said), ("blank", said_blank)):
+            right = normalize_answer(text) == normalize_answer(r["answer"])
+            lines.append((f"{label}: {text}", (0, 128, 0) if right else (200, 0, 0)))
+        y += side + 4
+        for text, colour in lines:
+            for line in textwrap.wrap(text, 34):
+                draw.text((x, y), line, fill=colour, font=font)
+                y += 16
+    sheet.save(path)
 
 
 def pretrain_tiny_llm(cfg, root, world, llm_dir, common, stage0):
@@ -465,8 +494,12 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     if dist.get_rank() != 0 or not evaluate:
         return None
     model = LLaVA.from_pretrained(run_dir / "stage2").eval()
-    acc, acc_by_type = tiny_accuracy(model, world, blank=False)
-    blank, blank_by_type = tiny_accuracy(model, world, blank=True)
+    acc, acc_by_type, answers = tiny_accuracy(model, world, blank=False)
+    blank, blank_by_type, blank_answers = tiny_accuracy(model, world, blank=True)
+    draw_samples(world, answers, blank_answers, run_dir / "samples.png")
+    train.draw_loss_curve([(name, train.logged_losses(d / "train_log.jsonl")) for name, d in
+                           (("stage 0 (text)", root / "llm_pretrain"), ("stage 1", run_dir / "stage1"),
+                            ("stage 2", run_dir / "stage2")) if (d / "train_log.jsonl").exists()], run_dir / "loss.png")
     minutes = (time.perf_counter() - t0) / 60
     result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2),
               "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
@@ -474,6 +507,7 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
     print(f"\n{cfg.preset or 'tiny'} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
           f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
+          f"pictures and answers: {run_dir / 'samples.png'}, loss of every stage: {run_dir / 'loss.png'}\n"
           f"by question type, with the image (blank): {per_type}\n{chat_hint(world, run_dir / 'stage2')}", flush=True)
     return result
 

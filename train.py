@@ -622,22 +622,61 @@ def step_flops(model_cfg, counts, stage, text_tokens, supervised_tokens, images,
     return flops
 
 
-def draw_loss_curve(losses, path):
-    """A loss-curve PNG with pillow alone: steps on x, loss on y."""
+def logged_losses(log_path):
+    return [json.loads(line)["loss"] for line in open(log_path)]
+
+
+def nice_ticks(lo, hi, log):
+    """Round tick values within [lo, hi]: 1-2-5 steps per decade on a log axis, else ~6 steps."""
+    if log:
+        ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+                 for m in (1, 2, 5)]
+    else:
+        step = 10 ** math.floor(math.log10(max(hi - lo, 1) / 5))
+        step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= 6)
+        ticks = [k * step for k in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
+    return [t for t in ticks if lo <= t <= hi]
+
+
+def draw_loss_curve(stages, path):
+    """stages: [(name, per-step losses)] -> a PNG (pillow alone) of the stages one after another
+    on a shared step axis, on a log axis: the raw loss in a light line under its centred running
+    average over about 5% of the stage's steps."""
     from PIL import Image, ImageDraw
-    W, H, pad = 640, 360, 40
+    W, H, left, right, top, bottom = 800, 420, 60, 20, 30, 40
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
-    if len(losses) >= 2:
-        lo, hi = min(losses), max(losses)
-        hi = hi if hi > lo else lo + 1
-        pts = [(pad + i * (W - 2 * pad) / (len(losses) - 1),
-                H - pad - (v - lo) * (H - 2 * pad) / (hi - lo)) for i, v in enumerate(losses)]
-        d.line(pts, fill=(31, 119, 180), width=2)
-        d.text((5, pad - 12), f"{hi:.3f}", fill="black")
-        d.text((5, H - pad - 6), f"{lo:.3f}", fill="black")
-    d.rectangle([pad, pad, W - pad, H - pad], outline="gray")
-    d.text((pad, H - pad + 8), f"step 0 .. {len(losses)}   loss", fill="black")
+    losses = [v for _, curve in stages for v in curve if v > 0 and math.isfinite(v)]
+    n = sum(len(curve) for _, curve in stages)
+    if len(losses) < 2 or n < 2:
+        return img.save(path)
+    lo, hi = min(losses), max(losses) if max(losses) > min(losses) else min(losses) * 2
+    x = lambda i: left + i * (W - left - right) / (n - 1)
+    y = lambda v: top + (math.log(hi) - math.log(max(v, lo))) * (H - top - bottom) / (math.log(hi) - math.log(lo))
+    for t in nice_ticks(lo, hi, log=True):
+        d.line([(left, y(t)), (W - right, y(t))], fill=(235, 235, 235))
+        d.text((5, y(t) - 6), f"{t:g}", fill="black")
+    for t in nice_ticks(0, n - 1, log=False):
+        d.line([(x(t), H - bottom), (x(t), H - bottom + 4)], fill="black")
+        d.text((x(t) - 10, H - bottom + 8), f"{int(t)}", fill="black")
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+    start, legend = 0, left
+    for k, (name, curve) in enumerate(stages):
+        colour, w = colours[k % 4], max(1, len(curve) // 40)
+        logs = [math.log(max(v, lo)) for v in curve]  # the average of log losses sits mid-band
+        smooth = [math.exp(sum(logs[max(0, i - w):i + w + 1]) / len(logs[max(0, i - w):i + w + 1]))
+                  for i in range(len(curve))]
+        points = lambda vs: [(x(start + i), y(v)) for i, v in enumerate(vs)]
+        if len(curve) > 1:
+            d.line(points(curve), fill=tuple(c + (255 - c) * 2 // 3 for c in colour), width=1)
+            d.line(points(smooth), fill=colour, width=2)
+        if start:
+            d.line([(x(start), top), (x(start), H - bottom)], fill="gray")
+        d.text((legend, 8), name, fill=colour)
+        legend += d.textlength(name) + 16
+        start += len(curve)
+    d.rectangle([left, top, W - right, H - bottom], outline="gray")
+    d.text((W // 2 - 40, H - 14), "step   (loss, log scale)", fill="black")
     img.save(path)
 
 
@@ -996,8 +1035,7 @@ def train(cfg):
     if rank == 0:
         rotate_checkpoints(out, cfg.keep)
         model.save_pretrained(out, only_projector=cfg.stage == 1, bases=bases, state=state)
-        all_losses = [json.loads(l)["loss"] for l in open(log_path)]
-        draw_loss_curve(all_losses, out / "loss.png")
+        draw_loss_curve([(f"stage {cfg.stage}", logged_losses(log_path))], out / "loss.png")
         log0(dataset.summary())
         log0(f"saved {out} (loss curve {out / 'loss.png'}, log {log_path})")
     dist.barrier()

@@ -186,6 +186,13 @@ def test_tiny_short_preset_learns_to_see(tiny_short):
     assert f"held-out accuracy {result['accuracy']:.1%} with the image" in p.stdout
     assert "on 2 CPU threads" in p.stdout and "It knows only its world" in p.stdout
     assert f"--model {root / 'stage2'}" in p.stdout
+    # the sheet of pictures: 12 held-out ones, 4 by 3, each pasted at 128 px over its answers
+    from PIL import Image
+    sheet = Image.open(root / "samples.png").convert("RGB")
+    first = json.loads((root / "data" / "test.json").read_text())[0]["image"]
+    picture = Image.open(root / "data" / "images" / first).convert("RGB").resize((128, 128), Image.NEAREST)
+    assert sheet.size == (1000, 750) and sheet.crop((8, 8, 136, 136)).tobytes() == picture.tobytes()
+    assert Image.open(root / "loss.png").size == (800, 420) and f"{root / 'samples.png'}" in p.stdout
     stage2 = json.loads((root / "stage2" / "train_config.json").read_text())
     assert stage2["epochs"] == 4 and stage2["lr"] == tiny.TINY_STAGES[2]["lr"]
 

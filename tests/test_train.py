@@ -545,3 +545,18 @@ def test_another_runs_output_is_kept_unless_resumed_or_overwritten(world, tmp_pa
     assert len(losses(out)) == 2
     run(base_args(world, out, **{"max-steps": 1, "overwrite": "true"}))
     assert len(losses(out)) == 1 and sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+def test_loss_curve_ticks_and_stages(tmp_path):
+    """1-2-5 ticks per decade on the log loss axis, round step ticks, and each stage drawn in its
+    own colour where its loss is: a constant 1.0 between 2.0 and 0.5 sits mid-height."""
+    assert train.nice_ticks(0.03, 5.2, log=True) == [0.05, 0.1, 0.2, 0.5, 1, 2, 5]
+    assert train.nice_ticks(0, 2499, log=False) == [0, 500, 1000, 1500, 2000]
+    assert train.nice_ticks(0, 124, log=False) == [0, 50, 100]
+    train.draw_loss_curve([("a", [2.0] * 50), ("b", [1.0] * 50), ("c", [0.5] * 50)], tmp_path / "loss.png")
+    from PIL import Image
+    img = Image.open(tmp_path / "loss.png").convert("RGB")
+    assert img.size == (800, 420)
+    mid_x = 60 + 75 * (800 - 60 - 20) / 149   # step 75, the middle of stage b
+    mid_y = 30 + (420 - 30 - 40) / 2           # log(1) is halfway between log(2) and log(0.5)
+    assert img.getpixel((round(mid_x), round(mid_y))) == (255, 127, 14)
