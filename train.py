@@ -865,181 +865,255 @@ def truncate_log(path, step):
     os.replace(tmp, path)
 
 
-def train(cfg):
+@dataclass
+class Run:
+    """What one run holds from its first step to its last: start_run builds it, the step
+    functions below read it. A record, not a class with behaviour: the loop is train()."""
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    rank: int
+    world: int
+    dtype: torch.dtype
+    model: LLaVA
+    bases: dict
+    dataset: data.LazySupervisedDataset
+    params: list          # the trainable tensors this rank updates (shards under our FSDP)
+    full_state: object    # () -> the full trainable state dict, a collective
+    sharded: list | None  # our FSDP's units, None otherwise
+    optimizer: torch.optim.Optimizer
+    sampler: "MicroBatches"
+    total: int            # steps
+    warmup: int
+    start: int            # the step a resumed run continues after
+    flop_params: dict
+    bad: int = 0          # samples, all ranks, since this process started
+    seen: int = 0
+
+    @property
+    def log_path(self):
+        return self.out / "train_log.jsonl"
+
+
+def start_run(cfg):
+    """Everything before the first step: the inputs checked, the process group, the output
+    directory claimed, the model built (or restored from a checkpoint), the tokenizer written
+    beside the run, the dataset, the shards, the optimizer and the step to start from."""
     records, image_folder = training_data(cfg)
     check_sources(cfg)
     device, rank, world = init_distributed(cfg)
     claim_out(cfg, rank)
-    compiled_elementwise = wants_compiled_elementwise(cfg, device)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    compute_dtype = DTYPES[cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    out = Path(cfg.out)
     log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
     if cfg.global_batch % world:
         raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {world} ranks")
-
     resume = find_resume(cfg) if cfg.resume else None
     if cfg.resume and resume is None:
         log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
     model, bases = build_model(cfg) if resume is None else load_for_resume(cfg, resume)
+    out = Path(cfg.out)
     if rank == 0:  # only now: a run that could not start leaves no output behind. What the run
         out.mkdir(parents=True, exist_ok=True)  # writes reads its tokenizer from out, never from a
         write_json_atomic(out / "train_config.json", asdict(cfg))  # checkpoint rotation may delete
         write_tokenizer_files(model.tokenizer_dir, out, model.config)
     dist.barrier()
     model.tokenizer_dir = out
-    tokenizer = Tokenizer(model.tokenizer_dir)
-    log0(f"tokenizer {model.tokenizer_dir}: legacy={tokenizer.legacy} ("
+    tokenizer = Tokenizer(out)
+    log0(f"tokenizer {out}: legacy={tokenizer.legacy} ("
          + ('"</s>▁USER", as the released LLaVA-1.5 was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
     dataset = data.LazySupervisedDataset(
-        records, image_folder, tokenizer, template=cfg.template,
-        image_size=model.config.vision.image_size, num_patches=model.config.num_patches,
-        pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
+        records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
+        num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
     n = len(dataset)
     if n < cfg.global_batch:
         raise SystemExit(f"{cfg.data} has {n} samples, fewer than --global-batch {cfg.global_batch}")
-    steps_per_epoch = n // cfg.global_batch
-    total = cfg.max_steps or max(1, int(round(steps_per_epoch * cfg.epochs)))
-    warmup = math.ceil(cfg.warmup_ratio * total)
-
+    total = cfg.max_steps or max(1, int(round(n // cfg.global_batch * cfg.epochs)))
     params_of = flop_params(model)
     model.train()
-    params, full_state, sharded = shard_model(model, cfg, device, compute_dtype)
+    dtype = DTYPES[cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    params, full_state, sharded = shard_model(model, cfg, device, dtype)
     optimizer = make_optimizer(params, sharded, model, cfg)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
-    log_path = out / "train_log.jsonl"
     if rank == 0:
-        truncate_log(log_path, start)
+        truncate_log(out / "train_log.jsonl", start)
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
          f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
          f"trainable {sum(p.numel() for p in params) * world / 1e6:.2f}M params (this rank holds "
          f"{sum(local(p).numel() for p in params) / 1e6:.2f}M), starting at step {start}")
-
-    sampler = MicroBatches(n, cfg, rank, world, start, total, steps_per_epoch,
+    sampler = MicroBatches(n, cfg, rank, world, start, total, n // cfg.global_batch,
                            dataset.modality_lengths if cfg.group_by_modality_length else None)
-    collate = data.Collator(pad_id=model.config.pad_token_id)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-        worker_init_fn=ignore_stop_signals, pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if cfg.num_workers > 0 else None)
-    stop_signal = {"sig": None}
+    return Run(cfg, out, device, rank, world, dtype, model, bases, dataset, params, full_state, sharded,
+               optimizer, sampler, total, math.ceil(cfg.warmup_ratio * total), start, params_of)
+
+
+def save(run, step):
+    save_checkpoint(run.out / f"checkpoint-{step}", run.model, run.cfg, run.full_state, run.optimizer,
+                    run.sharded, step, run.bases)
+
+
+def next_micro_batches(run, batches, step):
+    """This rank's micro-batches of the step and the supervised tokens of the whole global batch
+    (the loss's normaliser). Bad samples are counted here, in the main process; a micro-batch
+    whose samples were all bad becomes one pad token with nothing to learn, so that the
+    collectives still run on every rank. Too much bad data stops the run, saved."""
+    micro = [next(batches) for _ in range(run.sampler.accum)]
+    counts = torch.tensor([0.0, 0.0, 0.0])  # supervised tokens, bad and all samples
+    for mb in micro:
+        counts += torch.tensor([len(mb["targets"]), len(mb["skipped"]), len(mb["skipped"]) + len(mb["ids"])])
+        for s in mb.pop("skipped"):
+            run.dataset.record_skip(s)
+        run.dataset.skips.truncated.update(mb.pop("truncated"))
+        if len(mb["ids"]) == 0:
+            mb.update(input_ids=torch.full((1, 1), run.model.config.pad_token_id), labels=torch.full((1, 1), -100))
+            mb["positions"], mb["targets"] = data.supervised_positions(mb["labels"])  # none
+    if run.world > 1:
+        dist.all_reduce(counts)
+    run.bad, run.seen = run.bad + int(counts[1]), run.seen + int(counts[2])
+    problem = bad_data_problem(run.cfg, run.dataset.skips, run.bad, run.seen, len(run.dataset))
+    if problem:
+        if step > run.start:
+            save(run, step)
+            problem += f"; checkpoint-{step} saved, for --resume auto once the data is fixed"
+        raise SystemExit(problem)
+    return micro, float(counts[0])
+
+
+def forward_backward(run, micro, n_tok, step):
+    """Gradients of the step's loss: the sum over supervised tokens of the whole global batch,
+    divided by their number, however the batch is split over ranks and micro-batches. ->
+    (the loss, [loss sum, text tokens, images] of all ranks)."""
+    denom = max(n_tok, 1.0)
+    scale = run.world if run.cfg.fsdp == "torch" else 1  # FSDP2 averages its reduce-scatter
+    mb_losses, text_tokens, images = [], 0, 0
+    for mb in micro:
+        ids, at, targets = (mb[k].to(run.device, non_blocking=True) for k in ("input_ids", "positions", "targets"))
+        px = mb["pixel_values"]
+        px = px.to(run.device, non_blocking=True) if px is not None else None
+        with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
+            logits, _ = run.model(ids, px, logits_at=at)  # [K,V]: the LM head on supervised positions only
+        loss = token_loss(logits, targets)
+        with run.sharded[0].schedule.backward() if run.sharded else contextlib.nullcontext():
+            (loss * scale / denom).backward()
+        mb_losses.append(loss.detach())  # no float() here: that would wait for the GPU every micro-batch
+        text_tokens += ids.numel()
+        images += 0 if px is None else px.shape[0]
+    stats = torch.tensor([float(torch.stack(mb_losses).double().sum()), float(text_tokens), float(images)],
+                         dtype=torch.float64)
+    if run.world > 1:
+        dist.all_reduce(stats)
+    step_loss = float(stats[0]) / denom
+    if not math.isfinite(step_loss):
+        raise SystemExit(f"step {step}: loss is {step_loss}; samples of this rank's batch: "
+                         f"{[i for mb in micro for i in mb['ids']]}")
+    return step_loss, stats
+
+
+def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
+    """One line of train_log.jsonl: loss, lr, gradient norm, speed, memory (and MFU on CUDA)."""
+    record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 4),
+              "tokens_per_s": round(float(stats[1]) / seconds, 1)}
+    if run.device.type == "cuda":
+        record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
+        if peak:
+            seq = float(stats[1]) / max(1, run.cfg.global_batch)
+            flops = step_flops(run.model.config, run.flop_params, run.cfg.stage, float(stats[1]), n_tok,
+                               float(stats[2]), seq)
+            record["mfu"] = round(flops / seconds / (peak * run.world), 4)
+    else:
+        import resource
+        record["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return record
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """Ctrl-C and SIGTERM only set a flag: the loop ends its step, saves and stops."""
+    stop = {"sig": None}
 
     def on_signal(sig, frame):
-        stop_signal["sig"] = signal.Signals(sig).name
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
-
-    peak = device_peak_flops(device)
-    bad, seen = 0, 0  # samples, all ranks, since this process started
-    log_file = open(log_path, "a") if rank == 0 else None
-    losses = []
-    bar = tqdm(total=total, initial=start, disable=rank != 0, desc=f"stage {cfg.stage}", leave=False)
-    step = start
-    was_compiled = llama.compile_elementwise(compiled_elementwise)
+        stop["sig"] = signal.Signals(sig).name
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while step < total:
-            t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(sampler.accum)]
-            counts = torch.tensor([0.0, 0.0, 0.0])  # supervised tokens, bad and all samples
-            for mb in micro:
-                counts += torch.tensor([len(mb["targets"]), len(mb["skipped"]), len(mb["skipped"]) + len(mb["ids"])])
-                for s in mb.pop("skipped"):
-                    dataset.record_skip(s)
-                dataset.skips.truncated.update(mb.pop("truncated"))
-                if len(mb["ids"]) == 0:  # every sample bad: one pad token, nothing to learn,
-                    mb.update(input_ids=torch.full((1, 1), model.config.pad_token_id),  # but the
-                              labels=torch.full((1, 1), -100))  # collectives still run
-                    mb["positions"], mb["targets"] = data.supervised_positions(mb["labels"])  # none
-            if world > 1:
-                dist.all_reduce(counts)
-            n_tok, bad, seen = float(counts[0]), bad + int(counts[1]), seen + int(counts[2])
-            problem = bad_data_problem(cfg, dataset.skips, bad, seen, n)
-            if problem:
-                if step > start:
-                    save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
-                    problem += f"; checkpoint-{step} saved, for --resume auto once the data is fixed"
-                raise SystemExit(problem)
-            denom = max(n_tok, 1.0)  # normaliser: supervised tokens of the whole global batch
-            scale = world if cfg.fsdp == "torch" else 1  # FSDP2 averages its reduce-scatter
-            lr = lr_at(step, total, warmup, cfg.lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["lr_scale"]
-            mb_losses, text_tokens, images = [], 0, 0
-            for mb in micro:
-                ids, at, targets = (mb[k].to(device, non_blocking=True) for k in ("input_ids", "positions", "targets"))
-                px = mb["pixel_values"]
-                px = px.to(device, non_blocking=True) if px is not None else None
-                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    logits, _ = model(ids, px, logits_at=at)  # [K,V]: the LM head on supervised positions only
-                loss = token_loss(logits, targets)
-                with sharded[0].schedule.backward() if sharded else contextlib.nullcontext():
-                    (loss * scale / denom).backward()
-                mb_losses.append(loss.detach())  # no float() here: that would wait for the GPU every micro-batch
-                text_tokens += ids.numel()
-                images += 0 if px is None else px.shape[0]
-            loss_sum = float(torch.stack(mb_losses).double().sum())
-            stats = torch.tensor([loss_sum, float(text_tokens), float(images)], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(stats)
-            step_loss = float(stats[0]) / denom
-            if not math.isfinite(step_loss):
-                ids_here = [i for mb in micro for i in mb["ids"]]
-                raise SystemExit(f"step {step}: loss is {step_loss}; samples of this rank's batch: {ids_here}")
-            gnorm = clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            tok_s = float(stats[1]) / dt
-            record = {"step": step, "loss": round(step_loss, 6), "lr": lr, "grad_norm": round(gnorm, 4),
-                      "tokens_per_s": round(tok_s, 1)}
-            if device.type == "cuda":
-                record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                if peak:
-                    seq = float(stats[1]) / max(1, cfg.global_batch)
-                    flops = step_flops(model.config, params_of, cfg.stage, float(stats[1]), n_tok, float(stats[2]), seq)
-                    record["mfu"] = round(flops / dt / (peak * world), 4)
-            else:
-                import resource
-                record["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-            losses.append(step_loss)
-            if rank == 0:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == total:
-                    tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
-                if rank == 0:
-                    rotate_checkpoints(out, cfg.keep)
-            if cfg.stop_at and step == cfg.stop_at and step < total:
-                stop_signal["sig"] = "--stop-at"
-            flag = torch.tensor([1.0 if stop_signal["sig"] else 0.0])
-            if world > 1:
-                dist.all_reduce(flag)
-            if float(flag) > 0 and step < total:
-                log0(f"{stop_signal['sig'] or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
-                save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
-                raise Stop(stop_signal["sig"] or "SIGTERM", step, out)
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def save_or_stop(run, step, stop):
+    """After a step: the periodic checkpoint, and the stop that every rank agrees on (a signal
+    may reach one rank only), saved first."""
+    cfg = run.cfg
+    if cfg.save_every and step % cfg.save_every == 0 and step < run.total:
+        save(run, step)
+        if run.rank == 0:
+            rotate_checkpoints(run.out, cfg.keep)
+    if cfg.stop_at and step == cfg.stop_at and step < run.total:
+        stop["sig"] = "--stop-at"
+    flag = torch.tensor([1.0 if stop["sig"] else 0.0])
+    if run.world > 1:
+        dist.all_reduce(flag)
+    if float(flag) > 0 and step < run.total:
+        log0(f"{stop['sig'] or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
+        save(run, step)
+        raise Stop(stop["sig"] or "SIGTERM", step, run.out)
+
+
+def train(cfg):
+    """One stage, start to end: -> the per-step losses of this process's steps."""
+    run = start_run(cfg)
+    loader = torch.utils.data.DataLoader(
+        run.dataset, batch_sampler=run.sampler, collate_fn=data.Collator(pad_id=run.model.config.pad_token_id),
+        num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=run.device.type == "cuda",
+        prefetch_factor=4 if cfg.num_workers > 0 else None)
+    peak, losses, step = device_peak_flops(run.device), [], run.start
+    log_file = open(run.log_path, "a") if run.rank == 0 else None
+    bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=f"stage {cfg.stage}", leave=False)
+    was_compiled = llama.compile_elementwise(wants_compiled_elementwise(cfg, run.device))
+    try:
+        with stop_signals() as stop:
+            batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
+            while step < run.total:
+                t0 = time.perf_counter()
+                micro, n_tok = next_micro_batches(run, batches, step)
+                lr = lr_at(step, run.total, run.warmup, cfg.lr)
+                for g in run.optimizer.param_groups:
+                    g["lr"] = lr * g["lr_scale"]
+                loss, stats = forward_backward(run, micro, n_tok, step)
+                gnorm = clip_grad_norm(run.params, cfg.grad_clip, cfg.fsdp)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                record = step_record(run, step, loss, lr, gnorm, time.perf_counter() - t0, stats, n_tok, peak)
+                losses.append(loss)
+                if log_file:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                    bar.update(1)
+                    if step % cfg.log_every == 0 or step == run.total:
+                        tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
+                save_or_stop(run, step, stop)
     finally:
         bar.close()
         llama.compile_elementwise(was_compiled)
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
         if log_file:
             log_file.close()
-    bar.close()
-    save_checkpoint(out / f"checkpoint-{step}", model, cfg, full_state, optimizer, sharded, step, bases)
-    state = full_state()
-    if rank == 0:
-        rotate_checkpoints(out, cfg.keep)
-        model.save_pretrained(out, only_projector=cfg.stage == 1, bases=bases, state=state)
-        draw_loss_curve([(f"stage {cfg.stage}", logged_losses(log_path))], out / "loss.png")
-        log0(dataset.summary())
-        log0(f"saved {out} (loss curve {out / 'loss.png'}, log {log_path})")
-    dist.barrier()
+    finish(run, step)
     return losses
+
+
+def finish(run, step):
+    """The last checkpoint, then the model itself (a llava-hf directory, or stage 1's projector),
+    the loss curve and the bad-data tally."""
+    save(run, step)
+    state = run.full_state()
+    if run.rank == 0:
+        rotate_checkpoints(run.out, run.cfg.keep)
+        run.model.save_pretrained(run.out, only_projector=run.cfg.stage == 1, bases=run.bases, state=state)
+        draw_loss_curve([(f"stage {run.cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
+        log0(run.dataset.summary())
+        log0(f"saved {run.out} (loss curve {run.out / 'loss.png'}, log {run.log_path})")
+    dist.barrier()
 
 
 def load_for_resume(cfg, path):
