@@ -211,11 +211,10 @@ def compile_elementwise(on=True):
 
     Why: in a bf16 training step each of these is several kernels, each reading and writing a
     whole activation (RMSNorm: upcast, square, mean, rsqrt, multiply, downcast, scale; RoPE: two
-    products, a negation, a concatenation and a sum per tensor), forward and backward again.
-    In a ~1B stage-2 step on an H100 (torch.profiler) the matrix products took 33% of the GPU
-    time and such elementwise passes about 40%. Compiled, each function is one fused kernel
-    forward and one backward: 175 -> 127 ms a step, the same losses. The residual adds (3% of
-    the step after that) then joined the norm after them (add_rms_norm). The modules call these
+    products, a negation, a concatenation and a sum per tensor), forward and backward again:
+    on a GPU such passes over memory can cost more time than the matrix products. Compiled,
+    each function is one fused kernel forward and one backward, with the same arithmetic; the
+    residual add joins the norm after it (add_rms_norm) for the same reason. The modules call these
     names as module globals at call time, so rebinding them here is the whole switch; the
     arithmetic is the eager code's. train.py turns it on for CUDA (--compile-elementwise auto)
     and back off when it returns; on a CPU inductor's C++ build costs more than it saves at
@@ -244,9 +243,8 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd)                  # [B,T,KV,hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # [B,KV,T,hd]
         # RoPE before the heads move forward, so q and k stay laid out [B,T,H,hd] in memory, as
-        # flash attention reads them. Applied to the [B,H,T,hd] views instead, the compiled RoPE
-        # wrote new layouts and the 1B GPU step spent 6.6 ms copying q/k/v-sized tensors: 228 ms
-        # a step then, 217 ms now (same losses; elementwise math does not care about layout).
+        # flash attention reads them: applied to the [B,H,T,hd] views, the compiled RoPE would
+        # write new layouts, and each would be copied back (the math does not care about layout).
         cos, sin = cos.to(x.dtype)[:, :, None], sin.to(x.dtype)[:, :, None]  # [B|1,T,hd] -> [B|1,T,1,hd]
         q, k = apply_rope(q, k, cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)                          # [B,H,T,hd], [B,KV,T,hd]

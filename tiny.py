@@ -10,8 +10,8 @@ stand in for the pretrained towers, and then the run is the paper's, through tra
     stage 2  instruction tuning on conversations: projector + LLM
 
 Last, greedy answers to held-out pictures are scored against the same model shown a blank
-picture of the world's background: the gap between the two is what the model learned to see.
-A second world, multiple choice in the ScienceQA release layout, serves the paper's ablations
+picture of the world's background: the gap between the two is what the model learned to see,
+and samples.png shows a dozen of those pictures with both answers. A second world, multiple choice in the ScienceQA release layout, serves the paper's ablations
 (`eval.py ablate`) and shares this one's drawing and words.
 """
 
