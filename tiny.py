@@ -328,8 +328,8 @@ TINY_STAGES = {
 TINY_PRESETS = {  # the world's size, and what each preset changes in TINY_STAGES
     "tiny": dict(n_train=4000, n_test=250, stages={}),                        # stage 2: 2250 steps
     "tiny-long": dict(n_train=4000, n_test=250, stages={2: dict(epochs=12)}),  # stage 2: 6000 steps
-    "tiny-short": dict(n_train=1000, n_test=100,                               # stage 2: 500 steps
-                       stages={0: dict(max_steps=40), 1: dict(max_steps=20), 2: dict(epochs=4)}),
+    "tiny-short": dict(n_train=1000, n_test=100,                               # stage 2: 375 steps
+                       stages={0: dict(max_steps=40), 1: dict(max_steps=20), 2: dict(epochs=3)}),
 }
 
 

@@ -194,7 +194,7 @@ def test_tiny_short_preset_learns_to_see(tiny_short):
     assert sheet.size == (1000, 750) and sheet.crop((8, 8, 136, 136)).tobytes() == picture.tobytes()
     assert Image.open(root / "loss.png").size == (800, 420) and f"{root / 'samples.png'}" in p.stdout
     stage2 = json.loads((root / "stage2" / "train_config.json").read_text())
-    assert stage2["epochs"] == 4 and stage2["lr"] == tiny.TINY_STAGES[2]["lr"]
+    assert stage2["epochs"] == 3 and stage2["lr"] == tiny.TINY_STAGES[2]["lr"]
 
 
 def test_the_preset_stopped_in_each_stage_and_resumed_ends_as_the_uninterrupted_run(tiny_short, tmp_path):
