@@ -1,11 +1,13 @@
 """llama.py against transformers' LlamaForCausalLM on tiny random checkpoints saved by transformers."""
 
+import functools
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -127,7 +129,8 @@ def test_to_hf_is_read_by_transformers(ckpts):
 def test_compiled_elementwise_matches_transformers_and_the_eager_gradients(ckpts):
     """llama.compile_elementwise (train.py's CUDA default): logits still equal transformers', at
     two sequence lengths (the second recompiles with a dynamic shape), gradients equal the eager
-    functions', and switching off restores the eager functions."""
+    functions', also when activation checkpointing (--grad-ckpt) recomputes each block through
+    the compiled functions in backward, and switching off restores the eager functions."""
     ref, m = hf_model(ckpts["tf4"]), Llama.from_pretrained(ckpts["tf4"])  # GQA 4:1, theta 5e5
 
     def logits_and_grads(x):
@@ -142,6 +145,12 @@ def test_compiled_elementwise_matches_transformers_and_the_eager_gradients(ckpts
     try:
         assert llama.rms_norm is not llama._EAGER[0] and llama.add_rms_norm is not llama._EAGER[1]
         compiled = [logits_and_grads(x) for x in xs]
+        blocks = [block.forward for block in m.layers]
+        for block, forward in zip(m.layers, blocks):
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, forward, use_reentrant=False)
+        recomputed = logits_and_grads(xs[1])
+        for block, forward in zip(m.layers, blocks):
+            block.forward = forward
     finally:
         assert llama.compile_elementwise(False) is True
     assert (llama.rms_norm, llama.add_rms_norm, llama.apply_rope, llama.swiglu) == llama._EAGER
@@ -150,6 +159,8 @@ def test_compiled_elementwise_matches_transformers_and_the_eager_gradients(ckpts
             assert (logits - ref(x).logits).abs().max() < 1e-4
         for name, g in grads.items():
             torch.testing.assert_close(g, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, g in recomputed[1].items():
+        torch.testing.assert_close(g, eager[1][1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_inputs_embeds_equals_input_ids(ckpts):

@@ -263,17 +263,6 @@ def test_compile_elementwise_auto_means_cuda_with_triton(monkeypatch):
     assert not want("auto", "cuda") and want("on", "cuda")
 
 
-def test_compiled_elementwise_trains_to_the_same_losses_with_grad_ckpt(world, tmp_path):
-    # --compile-elementwise (on by default on CUDA): the same run as the eager functions', also
-    # when gradient checkpointing recomputes through the compiled functions in backward
-    common = {"max-steps": 3, "grad-ckpt": "true"}
-    run(base_args(world, tmp_path / "eager", **common, **{"compile-elementwise": "off"}))
-    run(base_args(world, tmp_path / "compiled", **common, **{"compile-elementwise": "on"}))
-    assert_same_run(tmp_path / "eager", tmp_path / "compiled", 2)
-    p = run(base_args(world, tmp_path / "bad", **{"compile-elementwise": "yes"}), check=False)
-    assert p.returncode == 2 and "argument --compile-elementwise: 'yes' is not one of auto, on, off" in p.stderr
-
-
 def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run(base_args(world, out, **{"max-steps": 2, "save-every": 1}))
@@ -469,6 +458,7 @@ def test_help_gives_every_flag_its_help_default_and_choices():
     ("--grad-ckpt", "maybe", "'maybe' is not true or false"), ("--optimizer", "sgd", "is not one of adamw, muon"),
     ("--micro-batch", "0", "'0' is not a whole number > 0"), ("--warmup-ratio", "1.5", "is not a number in [0, 1)"),
     ("--device", "cuda" if not torch.cuda.is_available() else "tpu", "'"), ("--preset", "huge", "tiny, tiny-short"),
+    ("--compile-elementwise", "yes", "'yes' is not one of auto, on, off"),
 ])
 def test_bad_values_are_refused_when_parsed(flag, value, says):
     p = run([flag, value], check=False)
