@@ -8,41 +8,18 @@ LLaVA-Bench relative score, and the paper's ablations re-run in miniature on the
         --api-base https://api.openai.com/v1 --judge-model gpt-4o --out judge.jsonl
     python eval.py ablate                        # trains the tiny variants, prints the ablation table
 
-Three chapters, one per subcommand.
-
-1. ScienceQA. Every problem of a split becomes the prompt training used (data.scienceqa_to_llava
-   for the text, data.tokenize_prompt for the template: one copy of both), the model answers
-   greedily in batches (LLaVA.generate_batch), and the answer letter is read off the reply by
-   `extract_answer`: a bare letter ("B"), a letter and a period at the start ("B. iron nail"),
-   or the sentence "The answer is B." exactly once. Anything else (no letter, the sentence
-   twice, two different letters, a letter beyond the options) is a failure: counted wrong and
-   listed, never guessed. Accuracy is reported per column of the paper's table:
-
-        subject           context modality     grade
-        NAT   SOC   LAN | TXT   IMG   NO     | G1-6  G7-12 | Avg
-
-   (TXT: the problem has a hint, IMG: an image, NO: neither; a problem with both counts in
-   both.) Predictions are appended to a JSONL file as each batch finishes (one line per
-   problem, flushed and fsync'ed: generate_data.JsonlOutput), and a rerun skips the problems
-   already in it, so an interrupted evaluation resumes where it stopped. The table is always
-   recomputed from the release and the reply texts in that file.
-
-2. The judge (LLaVA-Bench, the paper's chatbot metric). Our model answers each question about
-   its image (or its answers are read from a JSONL file). A text-only judge then sees the
-   image's captions and boxes, the question, the reference answer (GPT-4's) and ours, and gives
-   each a score from 1 to 10 on its first line ("8 6"). The relative score is mean(ours) /
-   mean(reference), per category (conv, detail, complex) and overall. The judge speaks through
-   generate_data.ChatClient / run_jobs (retries, budget, no key in logs). A reply whose first
-   line is not exactly two scores is a ParseError: re-asked (counted), then skipped, never read
-   as a score by accident. Judgments are appended to a JSONL file, so a rerun asks only for the
-   missing ones.
-
-3. Ablations (`ablate`). The paper's ScienceQA ablations, measured on a multiple-choice version
-   of the tiny synthetic world: a ScienceQA-format release drawn from the same coloured-shape
-   scenes, whose targets carry a one-sentence explanation, so that answer-first and
-   reasoning-first targets both exist. Each variant is tiny.run_tiny with one switch:
-   CLIP layer -1 instead of -2, no stage 1 (stage 2 from a fresh projector), answer-first
-   targets; accuracy is this file's ScienceQA evaluation of the held-out split.
+1. ScienceQA: each problem becomes the prompt training used (data.scienceqa_to_llava, then
+   data.tokenize_prompt), the model answers greedily in batches, and `extract_answer` reads
+   the letter strictly: a bare letter, "B. ..." at the start, or "The answer is B." once;
+   anything else is a failure, counted wrong and listed, never guessed. Accuracy per column of
+   the paper's table (NAT SOC LAN | TXT IMG NO | G1-6 G7-12 | Avg). Predictions are appended
+   to a JSONL file as each batch finishes, so a rerun resumes where it stopped.
+2. The judge (LLaVA-Bench): a text-only judge sees the image's captions and boxes, the
+   question, the reference answer and ours, and scores both from 1 to 10 on its first line
+   ("8 6"); relative score = mean(ours) / mean(reference), per category. It speaks through
+   generate_data's client (retries, budget, no key in logs); a malformed first line is re-asked.
+3. Ablations: the paper's ScienceQA ablations (CLIP layer -1, no stage 1, answer first) on a
+   multiple-choice version of the tiny world, each one tiny.run_tiny switch, scored as 1.
 """
 
 import argparse
@@ -58,15 +35,11 @@ from tqdm import tqdm
 
 import data
 from clip import load_image, preprocess_batch
-from generate_data import ChatClient, Job, JsonlOutput, ParseError, format_context, load_context_jsonl, run_jobs
+from generate_data import (ChatClient, Job, JsonlOutput, ParseError, format_context, load_context_jsonl, log,
+                           run_jobs)
 from llama import Tokenizer
 from model import DTYPES, POSITIVE, LLaVA, device_name
 from weights import WeightsError
-
-
-def log(msg):
-    """Progress and warnings go to stderr; stdout carries the tables."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 def load_model(path, device="", dtype=""):

@@ -238,38 +238,22 @@ class LLaVA(nn.Module):
         are only the new turn's ids: they are appended after what the cache already holds, so
         neither the image nor the history is read again (pixel_values must then be None).
 
-        Host syncs: one per step, to check EOS (and to hand the caller an int at batch 1); none
-        in a batch without eos_id. Being a generator, it raises (ContextLengthError, ...) at the
-        first next(), not at the call.
+        One host sync per step, to check EOS (none in a batch without eos_id). Being a generator,
+        it raises (ContextLengthError, ...) at the first next(), not at the call.
         """
         single = input_ids.dim() == 1
         w = self.llm.embed_tokens.weight
         ids = (input_ids[None] if single else input_ids).to(w.device)  # [B,T]
         B = ids.shape[0]
-        cache, start, what = None, 0, "the prompt"
-        if state is not None and state.cache is not None:  # a follow-up turn
-            if B != 1 or attention_mask is not None:
-                raise ValueError("a conversation state continues one unpadded sequence (batch 1)")
-            if pixel_values is not None:
-                raise ValueError("this conversation already holds its image: start a new "
-                                 "GenerationState to talk about another one")
-            cache, start, what = state.cache, state.cache.pos, "the conversation with this message"
-            unfed = torch.tensor(state.tokens[start:], dtype=ids.dtype, device=ids.device)
-            ids = torch.cat([unfed[None], ids], 1)  # the last sampled token(s) were never fed
+        cache, start, what, ids = self._with_history(ids, state, pixel_values, attention_mask)
         T = ids.shape[1]
-        ctx = self.config.text.max_position_embeddings
-        if start + T > ctx:
-            raise ContextLengthError(f"{what} is {start + T} tokens, longer than the model's context "
-                                     f"of {ctx} tokens (max_position_embeddings)")
-        max_new = min(max_new_tokens, ctx - (start + T) + 1)  # the last new token is never fed
-        cache = self._cache_with_room(cache, B, start + T + max(max_new - 1, 0))
+        cache, max_new = self._cache_with_room(cache, B, start + T, max_new_tokens, what)
         if generator is None and seed is not None and temperature > 0:
             generator = torch.Generator(device=w.device).manual_seed(seed)
 
         # keep [B, max_len]: True on the slots that hold (or will hold) a real token
-        keep = None
-        if attention_mask is not None:
-            keep = torch.ones(B, cache.max_len, dtype=torch.bool, device=w.device)
+        keep = torch.ones(B, cache.max_len, dtype=torch.bool, device=w.device) if attention_mask is not None else None
+        if keep is not None:
             keep[:, :T] = attention_mask.to(device=w.device, dtype=torch.bool)
         mask_to = lambda end: None if keep is None else keep[:, :end]  # noqa: E731
 
@@ -302,6 +286,21 @@ class LLaVA(nn.Module):
                 n_real += 1
             else:
                 logits = self.llm(nxt[:, None], cache=cache, attn_mask=mask_to(cache.pos + 1), last_only=True)[:, -1]
+
+    @staticmethod
+    def _with_history(ids, state, pixel_values, attention_mask):
+        """-> (cache, start, what the context holds, ids to feed). A follow-up turn continues the
+        conversation's cache after its last position; the last sampled token was never fed."""
+        if state is None or state.cache is None:
+            return None, 0, "the prompt", ids
+        if ids.shape[0] != 1 or attention_mask is not None:
+            raise ValueError("a conversation state continues one unpadded sequence (batch 1)")
+        if pixel_values is not None:
+            raise ValueError("this conversation already holds its image: start a new "
+                             "GenerationState to talk about another one")
+        start = state.cache.pos
+        unfed = torch.tensor(state.tokens[start:], dtype=ids.dtype, device=ids.device)
+        return state.cache, start, "the conversation with this message", torch.cat([unfed[None], ids], 1)
 
     def generate_batch(self, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
                        seed=None, generator=None, eos_id=2):
@@ -336,11 +335,18 @@ class LLaVA(nn.Module):
         self._static_step = step
         return self
 
-    def _cache_with_room(self, old, B, need):
-        """A KVCache with at least `need` positions, holding what `old` held. Sizes are rounded
-        up to 256 (the compiled step recompiles per size), and growing copies once per turn."""
+    def _cache_with_room(self, old, B, fed, max_new_tokens, what):
+        """-> (a KVCache with room for `fed` tokens and the new ones, holding what `old` held; how
+        many new tokens fit in the context). Sizes are rounded up to 256 (the compiled step
+        recompiles per size), and growing copies once per turn."""
+        ctx = self.config.text.max_position_embeddings
+        if fed > ctx:
+            raise ContextLengthError(f"{what} is {fed} tokens, longer than the model's context "
+                                     f"of {ctx} tokens (max_position_embeddings)")
+        max_new = min(max_new_tokens, ctx - fed + 1)  # the last new token is never fed
+        need = fed + max(max_new - 1, 0)
         if old is not None and old.max_len >= need:
-            return old
+            return old, max_new
         w = self.llm.embed_tokens.weight
         size = min(self.config.text.max_position_embeddings, -(-need // 256) * 256)
         cache = KVCache(self.config.text, B, size, w.dtype, w.device)
@@ -348,7 +354,7 @@ class LLaVA(nn.Module):
             cache.k[:, :, :, :old.pos] = old.k[:, :, :, :old.pos]  # [L,B,KV,pos,hd]
             cache.v[:, :, :, :old.pos] = old.v[:, :, :, :old.pos]
             cache.pos = old.pos
-        return cache
+        return cache, max_new
 
     # ---- loading and saving -----------------------------------------------------------------
 
