@@ -56,14 +56,13 @@ from pathlib import Path
 
 import torch
 
-import data
 import fsdp
 import llama
 import tiny
 import train
 from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
-from model import LLaVA, LLaVAConfig, Projector, token_loss
+from model import LLaVA, LLaVAConfig, Projector, supervised_positions, token_loss
 
 # -----------------------------------------------------------------------------------------------
 # Configurations
@@ -327,7 +326,7 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False, lr=2e-5, resha
         was = llama.compile_elementwise(compiled)
         try:
             # train.py's collator finds the supervised positions on the CPU, in the loader
-            at, targets = (t.to(device) for t in data.supervised_positions(labels.cpu()))
+            at, targets = (t.to(device) for t in supervised_positions(labels.cpu()))
             denom = max(len(targets), 1) * micro_steps
             for _ in range(micro_steps):
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -578,7 +577,7 @@ def gpu_train(model, shapes, stage, device, dtype, grad_ckpt, warmup, repeats, p
     for _ in range(repeats):
         times.append(timed(lambda: losses.append(float(step(ids, labels, px, micro_steps))), device))
     dt = statistics.median(times)
-    supervised = len(data.supervised_positions(labels.cpu())[0])
+    supervised = len(supervised_positions(labels.cpu())[0])
     flops = train.step_flops(c, counts, stage, B * T, supervised, B, T) * micro_steps
     peak = train.device_peak_flops(device)
     out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,

@@ -543,25 +543,12 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 # 6. Collation
 # ---------------------------------------------------------------------------------------------
 
-def supervised_positions(labels):
-    """labels [B, T] -> (positions [K], targets [K]): the flat positions b*T + t whose next label
-    (t + 1) is supervised, and those labels. Position t predicts token t + 1, so these K are the
-    only positions where the LM head and the loss have work: in LLaVA's data most are not (the
-    576 image tokens, the system prompt, the questions; in stage 1 all but a caption's dozen
-    tokens). K depends on the data, so the collator finds it on the CPU: on a GPU, finding it
-    would make the host wait for the device."""
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)  # [B*T]
-    positions = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    return positions, targets[positions]
-
-
 @dataclass
 class Collator:
     """Samples -> one batch. Bad samples (Skipped or None) are set aside in batch["skipped"].
 
     input_ids  [B, T]  right-padded with pad_id
     labels     [B, T]  right-padded with -100
-    positions, targets [K]  supervised_positions(labels): where the LM head runs in training
     pixel_values [N, 3, S, S] the images of the N rows that have one, in row order (or None)
     image_rows [N]     which rows those are
     ids, indices       the records' ids and dataset indices, per row
@@ -581,8 +568,7 @@ class Collator:
             labels[r, : len(s["labels"])] = s["labels"]
         image_rows = [r for r, s in enumerate(good) if s["pixel_values"] is not None]
         pixel_values = torch.stack([good[r]["pixel_values"] for r in image_rows]) if image_rows else None
-        positions, targets = supervised_positions(labels)
-        return {"input_ids": input_ids, "labels": labels, "positions": positions, "targets": targets,
+        return {"input_ids": input_ids, "labels": labels,
                 "pixel_values": pixel_values,
                 "image_rows": torch.tensor(image_rows, dtype=torch.long),
                 "ids": [s["id"] for s in good], "indices": [s["index"] for s in good],

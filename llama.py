@@ -332,7 +332,7 @@ class Llama(nn.Module):
         """-> logits [B,T,V] in the model dtype. The LM head can run on fewer positions: last_only
         gives [B,1,V], the next-token logits that generation needs; logits_at, flat indices b*T + t
         of N positions, gives [N,V] (training: the positions whose next token is supervised, see
-        data.supervised_positions). See the module docstring for cache and masks."""
+        model.supervised_positions). See the module docstring for cache and masks."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds

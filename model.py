@@ -34,7 +34,6 @@ from llama import Llama, LlamaConfig, llm_state_from_checkpoint, Tokenizer
 from llama import KVCache  # generation
 from weights import WeightsError, read_json, load_state_dict, assign_weights, save_state_dict, fetch
 from weights import write_json_atomic
-from data import supervised_positions  # the labels: position t predicts label t+1
 
 
 # What transformers' LlavaConfig assumes for vision_config fields a sparse config leaves out
@@ -209,7 +208,7 @@ class LLaVA(nn.Module):
     def forward(self, input_ids, pixel_values=None, labels=None, logits_at=None):
         """-> (logits [B,T,V], loss): loss is the mean next-token cross-entropy over the
         positions whose label is not -100 (None without labels). Training passes logits_at, the
-        supervised positions (data.supervised_positions), and gets their logits alone, [K,V]."""
+        supervised positions (supervised_positions), and gets their logits alone, [K,V]."""
         logits = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), logits_at=logits_at)
         loss = None
         if labels is not None:
@@ -560,6 +559,18 @@ SAVE_PREFIXES = [
 
 # ---- helpers used by the loaders above --------------------------------------------------------
 
+def supervised_positions(labels):
+    """labels [B, T] -> (positions [K], targets [K]): the flat positions b*T + t whose next label
+    (t + 1) is supervised, and those labels. Position t predicts token t + 1, so these K are the
+    only positions where the LM head and the loss have work: in LLaVA's data most are not (the
+    576 image tokens, the system prompt, the questions; in stage 1 all but a caption's dozen
+    tokens). K depends on the data, so training finds it on the CPU, before the batch moves:
+    on a GPU, finding it would make the host wait for the device."""
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # [B*T]
+    positions = (targets != -100).nonzero().squeeze(1)
+    return positions, targets[positions]
+
+
 def next_token_loss(logits, labels, reduction="mean"):
     """Cross-entropy of position t predicting label t+1, ignoring -100, from the logits of every
     position [B,T,V] (LLaVA.forward with labels). Training does not come here: it runs the LM
@@ -579,7 +590,7 @@ def token_loss(logits, targets):
 class TokenCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of rows x [N,V] against targets [N], equal to
     F.cross_entropy(reduction="sum") to float rounding. Every row counts: the callers pass the
-    supervised positions alone (data.supervised_positions).
+    supervised positions alone (supervised_positions).
 
     The [N,V] logits are the largest tensors of a small model's step. F.cross_entropy keeps the
     log-probabilities for backward, where nll_loss zero-fills one more [N,V] buffer and

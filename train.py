@@ -43,7 +43,7 @@ import llama
 from fsdp import clip_grad_norm, init_distributed, shard_model
 from clip import ImageError
 from llama import Tokenizer
-from model import DTYPES, LLaVA, LLaVAConfig, token_loss, write_tokenizer_files
+from model import DTYPES, LLaVA, LLaVAConfig, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
 from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atomic
 
@@ -956,13 +956,14 @@ def next_micro_batches(run, batches, step):
     micro = [next(batches) for _ in range(run.sampler.accum)]
     counts = torch.tensor([0.0, 0.0, 0.0])  # supervised tokens, bad and all samples
     for mb in micro:
-        counts += torch.tensor([len(mb["targets"]), len(mb["skipped"]), len(mb["skipped"]) + len(mb["ids"])])
-        for s in mb.pop("skipped"):
+        skipped = mb.pop("skipped")
+        for s in skipped:
             run.dataset.record_skip(s)
         run.dataset.skips.truncated.update(mb.pop("truncated"))
         if len(mb["ids"]) == 0:
             mb.update(input_ids=torch.full((1, 1), run.model.config.pad_token_id), labels=torch.full((1, 1), -100))
-            mb["positions"], mb["targets"] = data.supervised_positions(mb["labels"])  # none
+        mb["positions"], mb["targets"] = supervised_positions(mb["labels"])  # where the LM head runs
+        counts += torch.tensor([len(mb["targets"]), len(skipped), len(skipped) + len(mb["ids"])])
     if run.world > 1:
         dist.all_reduce(counts)
     run.bad, run.seen = run.bad + int(counts[1]), run.seen + int(counts[2])

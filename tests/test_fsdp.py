@@ -16,7 +16,7 @@ import fsdp
 import train
 from helpers import ROOT, assert_same_run, base_args, make_world, run
 from llama import Tokenizer
-from model import LLaVA, token_loss
+from model import LLaVA, supervised_positions, token_loss
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +121,8 @@ def test_keeping_params_until_backward_gathers_once_and_changes_no_bit(world, mo
                                         image_size=32, num_patches=16, pad_to_square=False, max_length=256)
         collate = data.Collator(pad_id=0)
         micro = [collate([ds[i] for i in range(j, j + 3)]) for j in (0, 3)]
+        for mb in micro:
+            mb["positions"], mb["targets"] = supervised_positions(mb["labels"])
 
         def grads(cfg, batches):
             torch.manual_seed(0)  # the same fresh projector every time

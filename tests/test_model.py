@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from model import LLaVA, next_token_loss
+from model import LLaVA, next_token_loss, supervised_positions
 from weights import WeightsError
 from helpers import make_sp_tokenizer
 
@@ -114,11 +114,17 @@ def test_loss_matches_transformers(tmp_path):
     assert abs(float(loss) - float(ref)) < 1e-5
 
 
+def test_supervised_positions_by_hand():
+    # position t predicts label t+1; rows are 5 long, so row r's position t is 5r + t
+    labels = torch.tensor([[-100, 5, 6, 7, 8], [-100, 5, -100, -100, -100], [-100, 5, 6, -100, -100]])
+    positions, targets = supervised_positions(labels)
+    assert positions.tolist() == [0, 1, 2, 3, 5, 10, 11] and targets.tolist() == [5, 6, 7, 8, 5, 5, 6]
+
+
 def test_head_at_supervised_positions_only(tmp_path):
-    """Training's path (the LM head on the K supervised positions, data.supervised_positions):
+    """Training's path (the LM head on the K supervised positions, supervised_positions):
     the loss equals transformers' on the whole batch, and every gradient equals the one through
     all B*T logits with F.cross_entropy."""
-    import data
     from model import token_loss
     hf, d = make_hf(tmp_path)
     ours = LLaVA.from_pretrained(d).train()
@@ -128,7 +134,7 @@ def test_head_at_supervised_positions_only(tmp_path):
     labels[:, :21] = -100
     labels[1, b.shape[1]:] = -100
     px = torch.cat([px_a, px_b])
-    positions, targets = data.supervised_positions(labels)
+    positions, targets = supervised_positions(labels)
     assert len(positions) == int((labels[:, 1:] != -100).sum()) < ids.numel() // 2
     logits, _ = ours(ids, px, logits_at=positions)
     assert logits.shape == (len(positions), VOCAB)
