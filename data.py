@@ -550,8 +550,7 @@ class Collator:
     input_ids  [B, T]  right-padded with pad_id
     labels     [B, T]  right-padded with -100
     pixel_values [N, 3, S, S] the images of the N rows that have one, in row order (or None)
-    image_rows [N]     which rows those are
-    ids, indices       the records' ids and dataset indices, per row
+    ids                the records' ids, per row
     skipped, truncated the bad samples (Skipped) and the indices of the rows cut to max_length
     """
     pad_id: int
@@ -566,12 +565,9 @@ class Collator:
         for r, s in enumerate(good):
             input_ids[r, : len(s["input_ids"])] = s["input_ids"]
             labels[r, : len(s["labels"])] = s["labels"]
-        image_rows = [r for r, s in enumerate(good) if s["pixel_values"] is not None]
-        pixel_values = torch.stack([good[r]["pixel_values"] for r in image_rows]) if image_rows else None
-        return {"input_ids": input_ids, "labels": labels,
-                "pixel_values": pixel_values,
-                "image_rows": torch.tensor(image_rows, dtype=torch.long),
-                "ids": [s["id"] for s in good], "indices": [s["index"] for s in good],
+        images = [s["pixel_values"] for s in good if s["pixel_values"] is not None]
+        pixel_values = torch.stack(images) if images else None
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values, "ids": [s["id"] for s in good],
                 "skipped": skipped, "truncated": [s["index"] for s in good if s.get("truncated")]}
 
 
