@@ -141,6 +141,25 @@ def normalize_answer(text):
     return " ".join(text.lower().replace(",", " ").split()).strip(" .!?;:'\"")
 
 
+def conversation(scene, rng):
+    """3-6 distinct questions about a scene and their answers, as LLaVA-Instruct turns."""
+    qa = []
+    for _ in range(rng.randint(3, 6)):
+        kinds = _kinds(scene)
+        q, a = ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng)
+        if all(q != q2 for q2, _ in qa):
+            qa.append((q, a))
+    # Half the conversations end with a description, as LLaVA-Instruct mixes detailed
+    # descriptions into its data: a dense, image-dependent signal. Last, so that it
+    # never gives away the answers to the questions the picture should answer.
+    if rng.random() < 0.5:
+        qa.append((rng.choice(CAPTION_INSTRUCTIONS), caption(scene)))
+    turns = []
+    for t, (q, a) in enumerate(qa):
+        turns += [{"from": "human", "value": _with_image(rng, q) if t == 0 else q}, {"from": "gpt", "value": a}]
+    return turns
+
+
 def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=512):
     """Write the synthetic world into out_dir and return its paths:
 
@@ -167,22 +186,7 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
                 stage1.append({"id": name, "image": f"{name}.png", "conversations": [
                     {"from": "human", "value": _with_image(rng, rng.choice(CAPTION_INSTRUCTIONS))},
                     {"from": "gpt", "value": caption(scene)}]})
-                qa = []
-                for _ in range(rng.randint(3, 6)):
-                    kinds = _kinds(scene)
-                    q, a = ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng)
-                    if all(q != q2 for q2, _ in qa):
-                        qa.append((q, a))
-                # Half the conversations end with a description, as LLaVA-Instruct mixes detailed
-                # descriptions into its data: a dense, image-dependent signal. Last, so that it
-                # never gives away the answers to the questions the picture should answer.
-                if rng.random() < 0.5:
-                    qa.append((rng.choice(CAPTION_INSTRUCTIONS), caption(scene)))
-                turns = []
-                for t, (q, a) in enumerate(qa):
-                    turns += [{"from": "human", "value": _with_image(rng, q) if t == 0 else q},
-                              {"from": "gpt", "value": a}]
-                stage2.append({"id": name, "image": f"{name}.png", "conversations": turns})
+                stage2.append({"id": name, "image": f"{name}.png", "conversations": conversation(scene, rng)})
             else:
                 kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
                 if kind not in _kinds(scene):
