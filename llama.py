@@ -125,19 +125,6 @@ class LlamaConfig:
         return d
 
 
-# The paper's two language-model sizes (Vicuna v1.5 = LLaMA-2 shapes: no GQA, eps 1e-5, 4096
-# context), as LlamaConfig fields: `train.py --llm-preset 7b|13b` builds a random-weight LLM of
-# that shape for speed measurements. 6.74B and 13.02B parameters at vocab 32000.
-VICUNA_SHAPES = {
-    "7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
-               max_position_embeddings=4096),
-    "13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                num_attention_heads=40, num_key_value_heads=40, rms_norm_eps=1e-5,
-                max_position_embeddings=4096),
-}
-
-
 # -----------------------------------------------------------------------------------------------
 # the model
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from PIL import Image, ImageDraw
 
 import data
@@ -337,6 +338,18 @@ TINY_PRESETS = {  # the world's size, and what each preset changes in TINY_STAGE
 }
 
 
+def init_normal(module, std=0.02):
+    """GPT-2 / HF style init: N(0, 0.02) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+    for name, p in module.named_parameters():
+        if name.endswith("class_embedding"):
+            nn.init.normal_(p, std=std)
+
+
 def make_tiny_bases(root, tokenizer_path, seed):
     """Random tiny CLIP and LLaMA written as transformers would write them, so that stage 1
     starts exactly as it would from openai/clip-vit-large-patch14 and Vicuna. The CLIP is
@@ -346,7 +359,7 @@ def make_tiny_bases(root, tokenizer_path, seed):
     torch.manual_seed(seed)
     clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
     vision = CLIPVision(CLIPVisionConfig(**TINY_CLIP))
-    train.init_normal(vision)
+    init_normal(vision)
     with torch.no_grad():  # a pretrained CLIP's position embeddings encode row and column
         table = grid_position_embedding(TINY_CLIP["image_size"] // TINY_CLIP["patch_size"], TINY_CLIP["hidden_size"])
         vision.embeddings.position_embedding.weight.copy_(table * TINY_POSITION_RMS)
@@ -355,7 +368,7 @@ def make_tiny_bases(root, tokenizer_path, seed):
     write_json_atomic(clip_dir / "config.json", vision.config.to_hf())
     vocab = Tokenizer(tokenizer_path).sp.vocab_size()
     llm = Llama(LlamaConfig(vocab_size=vocab, **TINY_LLM))
-    train.init_normal(llm)
+    init_normal(llm)
     save_llm_dir(llm, llm_dir, tokenizer_path)
     return clip_dir, llm_dir
 

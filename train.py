@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from tqdm import tqdm
 
 import data
@@ -43,7 +42,7 @@ import llama
 from fsdp import clip_grad_norm, init_distributed, shard_model
 from clip import ImageError
 from llama import Tokenizer
-from model import DTYPES, LLaVA, LLaVAConfig, supervised_positions, token_loss, write_tokenizer_files
+from model import DTYPES, LLaVA, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
 from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atomic
 
@@ -89,8 +88,6 @@ class TrainConfig:
     scienceqa_root: str = option("", "--data scienceqa: the release's folder (problems.json, pid_splits.json, images/)")
     scienceqa_split: str = option("train", "--data scienceqa: the split to train on")
     answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first (QCM-LEA)")
-    llm_preset: str = option("", "a random-weight LLM of Vicuna's shape, for speed tests (--llm gives the tokenizer)",
-                             choices=("", "7b", "13b"))
     out: str = option("", "output directory (default: runs/stage1 or runs/stage2; a preset: runs/PRESET)")
     overwrite: bool = option(False, "start over in an --out that holds another run (its checkpoints and log go)")
     # model choices (None = the recipe's)
@@ -683,9 +680,7 @@ def draw_loss_curve(stages, path):
 def build_model(cfg):
     """Stage 1: CLIP + LLM + fresh projector. Stage 2: a stage-1 output (or any llava-hf dir) or,
     as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
-    if cfg.llm_preset:
-        model, bases = vicuna_shaped(cfg), {"vision": cfg.clip, "llm": cfg.llm}
-    elif cfg.stage == 1 or not cfg.init:
+    if cfg.stage == 1 or not cfg.init:
         clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
         model = LLaVA.from_components(clip, llm, projector=cfg.projector,
                                       vision_feature_layer=cfg.vision_layer,
@@ -697,43 +692,6 @@ def build_model(cfg):
     model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
     model.config.pad_to_square = bool(cfg.pad_to_square)
     return model, bases
-
-def init_normal(module, std=0.02):
-    """GPT-2 / HF style init: N(0, 0.02) weights, zero biases, unit norms."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-            nn.init.normal_(m.weight, std=std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-    for name, p in module.named_parameters():
-        if name.endswith("class_embedding"):
-            nn.init.normal_(p, std=std)
-
-
-def vicuna_shaped(cfg):
-    """--llm-preset 7b|13b, for speed measurements: CLIP from --clip, a fresh projector and an LLM
-    of Vicuna's shape (llama.VICUNA_SHAPES) with random weights; --llm (a local directory) is read
-    for its tokenizer only. The vocabulary grows by <image> and <pad> as in from_components."""
-    from clip import CLIPVision
-    from llama import Llama, LlamaConfig, VICUNA_SHAPES
-    from model import Projector
-    tokenizer = Tokenizer(cfg.llm)
-    shape = dict(VICUNA_SHAPES[cfg.llm_preset])
-    shape["vocab_size"] = math.ceil(max(shape["vocab_size"], tokenizer.pad_id + 1) / 64) * 64
-    torch.manual_seed(cfg.seed)
-    vision = CLIPVision.from_pretrained(fetch_for("--clip", cfg.clip, files=["config.json"]))
-    llm = Llama(LlamaConfig(**shape))
-    init_normal(llm)
-    config = LLaVAConfig(vision=vision.config, text=llm.config, projector=cfg.projector,
-                         vision_feature_layer=cfg.vision_layer, image_token_id=tokenizer.image_token_id,
-                         pad_token_id=tokenizer.pad_id, pad_to_square=bool(cfg.pad_to_square))
-    with torch.device("meta"):
-        model = LLaVA(config)
-    model.vision_tower, model.llm = vision, llm
-    model.projector = Projector(cfg.projector, vision.config.hidden_size, llm.config.hidden_size)
-    model.tokenizer_dir = Path(cfg.llm)
-    return model
-
 
 def training_data(cfg):
     """What --data names -> (records, image folder), checked before any model is built or

@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +18,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import data  # noqa: E402
 import eval as ev  # noqa: E402
-import llama  # noqa: E402
 import tiny  # noqa: E402
 import train  # noqa: E402
 from helpers import LocalChatServer, make_sp_tokenizer  # noqa: E402
@@ -469,33 +467,3 @@ def test_ablate_runs_each_variant_with_its_switch(tiny_ckpt, tmp_path, monkeypat
     assert all(len(lines(tmp_path / "abl" / t / "preds.jsonl")) == 6 for t in result["results"])
 
 
-# ---- model size presets ---------------------------------------------------------------------------
-
-def test_vicuna_shapes_have_the_papers_parameter_counts():
-    counts = {}
-    for name, shape in llama.VICUNA_SHAPES.items():
-        with torch.device("meta"):
-            m = llama.Llama(llama.LlamaConfig(**shape))
-        counts[name] = sum(p.numel() for p in m.parameters())
-    assert counts == {"7b": 6_738_415_616, "13b": 13_015_864_320}  # LLaMA-2 / Vicuna v1.5 7B and 13B
-
-
-def test_llm_preset_builds_a_random_llm_of_that_shape(tiny_ckpt, tmp_path, monkeypatch, capsys):
-    small = dict(llama.VICUNA_SHAPES["7b"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=4, vocab_size=1000)
-    monkeypatch.setitem(llama.VICUNA_SHAPES, "test", small)
-    root = tiny_ckpt.parent
-    cfg = train.parse_args(["--stage", "1", "--clip", str(root / "clip"), "--llm", str(root / "llm"),
-                            "--llm-preset", "7b", "--projector", "mlp2x_gelu", "--image-size", "32"])
-    cfg.llm_preset = "test"  # the choices were fixed when train.py was imported
-    model, bases = train.build_model(cfg)
-    c = model.llm.config
-    assert (c.hidden_size, c.num_hidden_layers, c.rms_norm_eps, c.max_position_embeddings) == (64, 2, 1e-5, 4096)
-    assert c.vocab_size == 1024  # 1000 grown by <image>, <pad> to a multiple of 64
-    assert model.projector.linear_1.in_features == model.vision_tower.config.hidden_size
-    ids = torch.tensor([[1] + [model.config.image_token_id] * model.config.num_patches + [5, 6]])
-    logits, _ = model(ids, torch.zeros(1, 3, 32, 32))
-    assert logits.shape == (1, ids.shape[1], 1024) and torch.isfinite(logits).all()
-    with pytest.raises(SystemExit):
-        train.parse_args(["--stage", "1", "--llm", str(root / "llm"), "--llm-preset", "70b"])
-    assert "'70b' is not one of 7b, 13b" in capsys.readouterr().err
