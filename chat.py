@@ -4,11 +4,8 @@ Talk to LLaVA about a picture in the terminal.
     python chat.py photo.jpg                                   # llava-hf/llava-1.5-7b-hf, fetched once
     python chat.py photo.jpg --model runs/stage2 --prompt "What is unusual about this image?"
 
-Without --prompt it is a REPL: the answer streams as it is generated, follow-up questions keep
-the conversation, `/image PATH` switches to another picture (and starts over), `/reset` starts
-over, an empty line, Ctrl-D or Ctrl-C at the prompt quits, Ctrl-C during an answer stops it; in a
-terminal the line has readline's editing and history. With --prompt it answers once on stdout
-and exits (messages go to stderr), so it can be scripted.
+Without --prompt it is a REPL (the answer streams; follow-ups keep the conversation; /image,
+/reset; readline editing in a terminal); with --prompt it answers once on stdout, for scripts.
 
 How a conversation stays cheap: the first question is prefilled once with the image spliced in
 (LLaVA.generate), and the conversation keeps that KV cache (model.GenerationState). A follow-up
@@ -18,9 +15,6 @@ everything after the `</s>` that closed the previous reply. `</s>` is a boundary
 tokenizer's chunks, so those ids are exactly the ones a fresh tokenization would give there,
 and the history in the cache is the token ids the model actually wrote (a reply re-tokenized
 from its text could come out differently).
-
-Sampling defaults follow the official LLaVA cli: temperature 0.2, 512 new tokens; temperature 0
-is greedy. --seed makes a sampled conversation repeatable (one generator for the whole chat).
 """
 
 import argparse
