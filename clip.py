@@ -6,35 +6,16 @@ file is that tower, written from scratch in the style of OpenAI's CLIP model.py 
 exact image preprocessing that CLIP (and therefore LLaVA) was trained with.
 
 Design notes
-
-- Module names mirror the checkpoint keys. The submodules are called `embeddings.patch_embedding`,
-  `pre_layrnorm` (sic, that is how OpenAI spelled it and every checkpoint stores it),
-  `encoder.layers.N.self_attn.q_proj`, ... exactly like Hugging Face's `CLIPVisionModel`, so
-  `CLIPVision().state_dict()` has the checkpoint's keys minus a prefix and loading is a plain
-  `load_state_dict` with no renaming table to maintain. The one place that knows about prefixes
-  (`vision_model.` in an OpenAI CLIPModel file, none in a transformers 5 CLIPVisionModel file, the
-  text tower to ignore) is `vision_state_from_checkpoint`; model.py reuses it for the llava-hf
-  `vision_tower.*` keys.
-
-- Hidden-state indexing. Hugging Face numbers the encoder's hidden states the way LLaVA's
-  `vision_feature_layer` refers to them: `hidden_states[0]` is the input to the first block (the
-  embeddings after `pre_layrnorm`), `hidden_states[i]` is the output of block i, so there are
-  L + 1 of them and `-1` is the last block's output, `-2` the penultimate one. `forward(x, layer)`
-  takes the same index and returns that one tensor.
-
-- Early stop. LLaVA uses layer -2, so the last block's output is never needed: we simply do not run
-  it (1/24 of the tower's compute saved, and no list of 25 activations kept alive). The
-  `post_layernorm` only ever applies to the pooled CLS token (CLIP's image embedding), which LLaVA
-  does not use; it is kept so the weights load strictly and `pooled()` reproduces CLIP's pooler.
-
-- Weights are materialised once: the model is built on the meta device (no random init, no memory)
-  and the checkpoint tensors are assigned into it by `weights.assign_weights`, which checks every
-  key and shape first and names all the offenders in one error.
-
-- Preprocessing reproduces transformers' CLIPImageProcessor bit for bit (see `preprocess`), but in
-  one pass without its layout shuffles and float64 temporaries: rescale + normalize is a 256-entry
-  lookup table per channel computed with the processor's own float arithmetic, so it is exact by
-  construction and a gather per pixel at run time.
+- Module names mirror the checkpoint keys (`embeddings.patch_embedding`, `pre_layrnorm`, sic,
+  `encoder.layers.N.self_attn.q_proj`, ...) as in Hugging Face's `CLIPVisionModel`, so loading
+  needs no renaming table; the one place that knows the prefixes (`vision_model.`, the text tower
+  to ignore) is `vision_state_from_checkpoint`.
+- `forward(x, layer)` takes LLaVA's `vision_feature_layer` index of the hidden states (0: the
+  embeddings after `pre_layrnorm`, i: block i's output, -2: the penultimate) and runs no block
+  after it: LLaVA never runs the last one.
+- Preprocessing reproduces transformers' CLIPImageProcessor bit for bit in one pass: rescale +
+  normalize is a 256-entry table per channel computed with the processor's own float arithmetic,
+  so it is exact by construction and one gather per pixel.
 """
 
 import os
@@ -336,7 +317,7 @@ _LUT = _normalize_lut()
 
 def _resize_and_crop(img, size):
     """Resize the short side to `size` (long side int(size * long / short)), centre crop at offset
-    (extent - size) // 2 -> uint8 array [size, size, 3] ([size, size] for a grayscale image)."""
+    (extent - size) // 2 -> uint8 array [size, size, 3]."""
     w, h = img.size
     if w <= h:  # tall (or square): short side is the width
         nh = int(size * h / w)
@@ -374,13 +355,7 @@ def preprocess(pil_image, size, pad_to_square=False, out=None):
     `size` with PIL bicubic on uint8, long side int(size * long / short) -> centre crop at offset
     (extent - size) // 2 -> rescale /255 and normalize with CLIP's mean/std.
     """
-    # A grayscale image (no transparency) stays one channel through the resize and becomes RGB
-    # only in the lookup below: the three channels of its RGB version are equal, and the resize
-    # treats channels alone with the same integer weights, so this is the same result for a third
-    # of the resize work. (Padding adds a coloured border, so it converts first.)
-    gray = (pil_image.mode in ("L", "1") and not pad_to_square
-            and pil_image.info.get("transparency") is None)
-    img = pil_image.convert("L") if gray else _rgb(pil_image)
+    img = _rgb(pil_image)
     if pad_to_square and img.width > img.height:
         a = _pad_wide_and_resize(img, size)
     else:
@@ -388,7 +363,7 @@ def preprocess(pil_image, size, pad_to_square=False, out=None):
     out = torch.empty(3, size, size, dtype=torch.float32) if out is None else out
     planes = out.numpy()                                    # the same memory, as numpy
     for c in range(3):                                      # HWC uint8 -> CHW float32 via the table
-        np.take(_LUT[c], a if gray else a[:, :, c], out=planes[c])
+        np.take(_LUT[c], a[:, :, c], out=planes[c])
     return out
 
 
