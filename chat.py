@@ -27,6 +27,7 @@ import data
 from clip import ImageError, load_image, preprocess
 from llama import StreamDecoder, Tokenizer
 from model import DTYPES, NONNEG, POSITIVE, LLaVA, ContextLengthError, GenerationState, checked, device_name
+from model import dtype_for
 from weights import WeightsError, fetch
 
 
@@ -172,7 +173,7 @@ def main(argv=None):
     if hasattr(sys.stdout, "reconfigure"):  # a terminal that cannot show a character gets "?"
         sys.stdout.reconfigure(errors="replace")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = dtype_for(device, args.dtype)
     try:
         image = load_image(args.image) if args.image else None  # before a 14 GB load, not after
         t0 = time.perf_counter()

@@ -38,14 +38,14 @@ from clip import load_image, preprocess_batch
 from generate_data import (ChatClient, Job, JsonlOutput, ParseError, format_context, load_context_jsonl, log,
                            run_jobs)
 from llama import Tokenizer
-from model import DTYPES, POSITIVE, LLaVA, device_name
+from model import DTYPES, POSITIVE, LLaVA, device_name, dtype_for
 from weights import WeightsError
 
 
 def load_model(path, device="", dtype=""):
     """A llava-hf directory (ours or the Hub's) ready for generation, and its tokenizer."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[dtype] if dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype_for(device, dtype)
     model = LLaVA.from_pretrained(path, dtype=dtype, device=device).eval()
     return model, Tokenizer(model.tokenizer_dir)
 

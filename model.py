@@ -704,6 +704,11 @@ def write_tokenizer_files(src, dst, config):
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def dtype_for(device, name=""):
+    """--dtype NAME, or the default: bf16 on CUDA, fp32 elsewhere."""
+    return DTYPES[name or ("bf16" if device.type == "cuda" else "fp32")]
+
+
 def checked(kind, test, expected):
     """An argparse type: `kind` of the text, refused with `expected` in the message unless `test`."""
     def convert(text):

@@ -42,7 +42,7 @@ import llama
 from fsdp import clip_grad_norm, init_distributed, shard_model
 from clip import ImageError
 from llama import Tokenizer
-from model import DTYPES, LLaVA, supervised_positions, token_loss, write_tokenizer_files
+from model import DTYPES, LLaVA, dtype_for, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
 from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atomic
 
@@ -885,7 +885,7 @@ def start_run(cfg):
     total = cfg.max_steps or max(1, int(round(n // cfg.global_batch * cfg.epochs)))
     params_of = flop_params(model)
     model.train()
-    dtype = DTYPES[cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = dtype_for(device, cfg.dtype)
     params, full_state, sharded = shard_model(model, cfg, device, dtype)
     optimizer = make_optimizer(params, sharded, model, cfg)
     start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
