@@ -1,9 +1,10 @@
-"""train.py: freezing, the loss against transformers, and the hand-written FSDP against one
-process and against PyTorch's FSDP2, with gloo ranks on the CPU; resume; failures."""
+"""train.py as a user runs it, in a subprocess: freezing, the loss against transformers, Muon,
+resume on another rank count, signals to the process group, bad data, the command line."""
 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -217,7 +218,7 @@ def test_muon_on_our_shards_matches_torch_muon_and_adamw(world):
     assert all(not torch.equal(reference[k], start[k]) for k in trained)
 
 
-def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path):
+def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path, four_steps):
     # two ranks cut the blocks' matrices across shards (the update is gathered whole); the
     # momentum is checkpointed and re-cut like AdamW's moments when the rank count changes.
     # (By default Newton-Schulz runs in bf16, as torch.optim.Muon: that rounds a 1e-7
@@ -229,9 +230,7 @@ def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path):
     run(base_args(world, part, **{**muon, "stop-at": 2, "micro-batch": 2}), nproc=2)
     run(base_args(world, part, **{**muon, "resume": "auto"}))
     assert_same_run(full, part, 2)
-    adamw = tmp_path / "adamw"
-    run(base_args(world, adamw, **{"max-steps": 4}))
-    assert losses(adamw)[0] == losses(full)[0] and losses(adamw)[-1] != losses(full)[-1]
+    assert losses(four_steps)[0] == losses(full)[0] and losses(four_steps)[-1] != losses(full)[-1]  # AdamW's
     # the optimizer's state does not carry over to the other one: resuming with it is refused
     p = run(base_args(world, part, **{"max-steps": 6, "resume": "auto"}), check=False)
     assert p.returncode == 1 and "belongs to a run with --optimizer 'muon' (now 'adamw')" in p.stderr, p.stderr
@@ -239,18 +238,23 @@ def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path):
 
 # ---- resume ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("nproc_after", [1, 2])
-def test_resume_continues_to_the_same_losses(world, tmp_path, nproc_after):
-    # fused AdamW (on by default with our FSDP) keeps its step count on the parameters' device:
-    # a resumed state must too
-    full = tmp_path / "full"
-    run(base_args(world, full, **{"max-steps": 4}))
+@pytest.fixture(scope="module")
+def four_steps(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("four") / "run"
+    run(base_args(world, out, **{"max-steps": 4}))
+    return out
+
+
+def test_resume_continues_to_the_same_losses(world, tmp_path, four_steps):
+    # on 1 process and on 2 ranks (the shards re-cut); fused AdamW (on by default with our FSDP)
+    # keeps its step count on the parameters' device: a resumed state must too
     part = tmp_path / "part"
     run(base_args(world, part, **{"max-steps": 4, "stop-at": 2}))
     assert (part / "checkpoint-2" / "train_state.json").exists() and not (part / "model.safetensors").exists()
-    micro = 4 if nproc_after == 1 else 2
-    run(base_args(world, part, **{"max-steps": 4, "resume": "auto", "micro-batch": micro}), nproc=nproc_after)
-    assert_same_run(full, part, 2)
+    shutil.copytree(part, tmp_path / "part2")
+    for out, nproc, micro in ((part, 1, 4), (tmp_path / "part2", 2, 2)):
+        run(base_args(world, out, **{"max-steps": 4, "resume": "auto", "micro-batch": micro}), nproc=nproc)
+        assert_same_run(four_steps, out, 2)
 
 
 def test_compile_elementwise_auto_means_cuda_with_triton(monkeypatch):
@@ -460,10 +464,15 @@ def test_help_gives_every_flag_its_help_default_and_choices():
     ("--device", "cuda" if not torch.cuda.is_available() else "tpu", "'"), ("--preset", "huge", "tiny, tiny-short"),
     ("--compile-elementwise", "yes", "'yes' is not one of auto, on, off"),
 ])
-def test_bad_values_are_refused_when_parsed(flag, value, says):
-    p = run([flag, value], check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr
-    assert f"error: argument {flag}: " in p.stderr and says in p.stderr, p.stderr
+def test_bad_values_are_refused_when_parsed(flag, value, says, capsys):
+    # argparse's own exit, as on the command line (which the first case runs for real)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args([flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: argument {flag}: " in err and says in err, err
+    if flag == "--stage":
+        p = run([flag, value], check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and says in p.stderr, p.stderr
 
 
 def test_booleans_take_the_usual_spellings():
