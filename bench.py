@@ -232,12 +232,12 @@ def bench_vision(args, pair, device, dtype):
                 f"max |diff| {err:.1e}")]
 
 
-def ours_train_step(model, stage, device, dtype, grad_ckpt=False, reshard_after_forward=True):
+def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
     """Our model set up as train.train() sets it up (fsdp.shard_model: frozen parts in the compute
     dtype, trained units as fp32 shards of our FSDP at world size 1), and one step of its loop.
     micro_steps=k: k forward + backward passes per optimizer step, train.py's accumulation."""
     cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=2e-5,
-                            weight_decay=0.0, adam_beta2=0.999, reshard_after_forward=reshard_after_forward)
+                            weight_decay=0.0, adam_beta2=0.999)
     fsdp.init_distributed(cfg)
     model.train()
     params, _, sharded = fsdp.shard_model(model, cfg, device, dtype)
@@ -381,12 +381,10 @@ def run_measurements(args, names):
 # A decode step reads every weight once (the embedding table: one row) and the KV cache so far,
 # so tokens/s <= HBM bandwidth / those bytes.
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-# name: (gradient checkpointing, micro-batches per optimizer step, reshard after forward). 8 x 16
-# is LLaVA-1.5's stage-2 global batch of 128 on one GPU; "kept" keeps the gathered params from
-# forward to backward (--reshard-after-forward false: no second cast)
-STAGE2_RUNS = {"ckpt_off": (False, 1, True), "ckpt_on": (True, 1, True), "kept_ckpt_off": (False, 1, False),
-               "accum8_ckpt_off": (False, 8, True), "accum8_kept_ckpt_off": (False, 8, False)}
-STAGE1_RUNS = {"ckpt_off": (False, 1, True), "ckpt_on": (True, 1, True)}
+# name: (gradient checkpointing, micro-batches per optimizer step). 8 x 16 is LLaVA-1.5's
+# stage-2 global batch of 128 on one GPU
+STAGE2_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
+STAGE1_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1)}
 GPU_TABLE = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
 
 
@@ -403,13 +401,13 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, reshard, profile):
+def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, profile):
     """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model;
     `profile`: two more steps under torch.profiler, its table of the costliest operators."""
     reset_memory(device)
     model = build(llava_config(shapes), device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
-    step = ours_train_step(model, stage, device, dtype, grad_ckpt, reshard)
+    step = ours_train_step(model, stage, device, dtype, grad_ckpt)
     B, T = shapes["batch"], shapes["seq"]
     ids, labels, px = make_batch(model.config, B, T, device)
     losses = []  # one step per call (min_sample=0), so runs of the same steps log the same losses
@@ -418,8 +416,7 @@ def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, reshar
     supervised = len(supervised_positions(labels.cpu())[0])
     flops = train.step_flops(model.config, counts, stage, B * T, supervised, B, T) * micro_steps
     peak = train.device_peak_flops(device)
-    out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "reshard_after_forward": reshard,
-           "batch": B, "seq": T, "step_s": dt, "tokens_per_s": B * T * micro_steps / dt,
+    out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "tokens_per_s": B * T * micro_steps / dt,
            "step_tflop": flops / 1e12, "achieved_tflops": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
            "losses": losses, "finite": all(math.isfinite(x) for x in losses)}
@@ -438,8 +435,8 @@ def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, reshar
 
 def gpu_stage(shapes, stage, runs, device, dtype, args, table):
     out = {}
-    for key, (ckpt, micro, reshard) in runs.items():
-        out[key] = x = gpu_train(shapes, stage, device, dtype, args, ckpt, micro, reshard,
+    for key, (ckpt, micro) in runs.items():
+        out[key] = x = gpu_train(shapes, stage, device, dtype, args, ckpt, micro,
                                  profile=args.profile and stage == 2 and key == "ckpt_off")
         mfu = f"{x['mfu']:.1%}" if x["mfu"] is not None else "n/a"
         mem = f"{x['peak_mem_gb']:.1f} GiB" if x["peak_mem_gb"] is not None else "n/a"

@@ -19,8 +19,7 @@ reduce-scatter, so autograd itself issues it the moment the unit's gradient is c
 After the forward the full buffer is dropped; tensors that autograd saved from it are stored
 as (offset, shape, stride) by a saved-tensor hook and rebuilt from a re-gather when backward
 reaches the unit. With --grad-ckpt the unit's whole call (gather + forward) is wrapped in
-activation checkpointing, so the recompute re-gathers by itself. (`--reshard-after-forward
-false` keeps the buffer until backward instead: see ShardedUnit.) Frozen parts (CLIP always, the
+activation checkpointing, so the recompute re-gathers by itself. Frozen parts (CLIP always, the
 LLM in stage 1) are not units: they stay replicated in the compute dtype and are never gathered,
 so stage 1 pays nothing to shard a frozen LLM. One rank in fp32 (a CPU run) has nothing to
 gather: the modules use views of the shard itself. Gradient clipping all-reduces the squared shard
@@ -94,7 +93,7 @@ class GatherParams(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_full):
         unit = ctx.unit
-        unit.full_for_backward = unit.kept = None  # the unit's backward is complete: free its params
+        unit.full_for_backward = None  # the unit's backward is complete: free its params
         unit.schedule.reduce_scatter(unit, grad_full)
         return None, None
 
@@ -157,23 +156,14 @@ class Schedule:
                 self._complete(self.pending.pop(0))
             for unit in self.order:
                 unit.drop_prefetch()
-                unit.kept = None  # a unit the loss did not reach
             self.in_backward = False
 
 
 class ShardedUnit:
-    """Trainable params of `modules` flattened into one fp32 shard per rank (see docstring).
+    """Trainable params of `modules` flattened into one fp32 shard per rank (see docstring)."""
 
-    reshard_after_forward=False keeps the gathered params from the unit's forward until its
-    backward, as FSDP2's option of that name (and ZeRO-2's traffic): backward, and --grad-ckpt's
-    recompute, use them instead of gathering again. That saves one of a unit's three collectives
-    a step (on one rank, one of its two casts to bf16), and costs the whole model in bf16 on
-    every rank at the end of the forward."""
-
-    def __init__(self, name, modules, names, compute_dtype, device, schedule, grad_ckpt=False,
-                 reshard_after_forward=True):
+    def __init__(self, name, modules, names, compute_dtype, device, schedule, grad_ckpt=False):
         self.name, self.modules, self.compute_dtype, self.schedule = name, modules, compute_dtype, schedule
-        self.reshard_after_forward = reshard_after_forward
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.slots = []  # (owner module, attribute, offset, shape, qualified name)
         flat_parts, offset = [], 0
@@ -197,7 +187,6 @@ class ShardedUnit:
         # modules use views of it directly; nothing to gather, copy, free or re-gather.
         self.local = self.world == 1 and compute_dtype == torch.float32
         self.full_for_backward = None
-        self.kept = None  # reshard_after_forward=False: the params gathered in the forward
         self._saving = None
         self._prefetched = None  # (buffer, work handle, source kept alive)
         self._patch(grad_ckpt)
@@ -221,14 +210,6 @@ class ShardedUnit:
         full = torch.empty(self.shard_size * self.world, dtype=local.dtype, device=local.device)
         dist.all_gather_into_tensor(full, local)
         return full
-
-    def sum_scatter_flat(self, full):
-        """The unit's whole flat vector, summed over the ranks -> this rank's shard of the sum."""
-        if self.world == 1:
-            return full
-        out = torch.empty(self.shard_size, dtype=full.dtype, device=full.device)
-        dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.SUM)
-        return out
 
     def prefetch(self):
         if self._prefetched is None:
@@ -258,15 +239,10 @@ class ShardedUnit:
         if self.local:  # autograd accumulates straight into shard.grad
             self._install(self.shard)
             return
-        if self.kept is not None and self.schedule.in_backward:  # --grad-ckpt recomputing
-            self._install(self.kept)
-            return
         full = GatherParams.apply(self.shard, self)
         self.schedule.started(self)
         self._install(full)
-        if not self.reshard_after_forward:
-            self.kept = full if torch.is_grad_enabled() else None
-        elif save_hooks and torch.is_grad_enabled():
+        if save_hooks and torch.is_grad_enabled():
             # Tensors autograd saves that live in `full` are kept as (shape, stride, offset)
             # and rebuilt from a re-gather in backward, so `full` itself can be freed now.
             storage = full.untyped_storage().data_ptr()
@@ -387,8 +363,7 @@ def shard_model(model, cfg, device, compute_dtype):
     units = training_units(model, cfg.stage)
     if cfg.fsdp == "ours":
         schedule = Schedule(dist.get_world_size())
-        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt,
-                               reshard_after_forward=cfg.reshard_after_forward)
+        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt)
                    for name, mods in units]
         for mod in model.modules():  # buffers (none trainable) follow the device
             for key, buf in mod._buffers.items():
@@ -412,7 +387,7 @@ def shard_model(model, cfg, device, compute_dtype):
             if cfg.grad_ckpt and name.startswith("layers."):
                 mods[0].forward = functools.partial(checkpoint_call, mods[0].forward)
             if name != "norm+lm_head":
-                fully_shard(mods[0], mp_policy=policy, reshard_after_forward=cfg.reshard_after_forward)
+                fully_shard(mods[0], mp_policy=policy)
         if cfg.stage == 2:
             # FSDP2 wants the root's forward to run first: the whole model is the root and owns
             # what its sharded children do not (norm + head); the frozen CLIP stays out of it

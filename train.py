@@ -123,7 +123,6 @@ class TrainConfig:
     threads: int = option(0, "CPU threads torch uses (0: torch's default, one per core)", COUNT)
     fsdp: str = option("ours", "ours (the hand-written ZeRO-3 below) or torch (FSDP2)", choices=("ours", "torch"))
     grad_ckpt: bool = option(False, "activation checkpointing: recompute each block in backward")
-    reshard_after_forward: bool = option(True, "false: keep gathered params until backward (ShardedUnit)")
     group_by_modality_length: bool = option(False, "batches of one modality and similar lengths (official)")
     num_workers: int = option(2, "DataLoader worker processes per rank", COUNT)
     dist_timeout: int = option(600, "seconds a rank waits for a dead peer before giving up", POSITIVE)
@@ -241,12 +240,8 @@ class Muon(torch.optim.AdamW):
       2. The momentum is elementwise, so it lives in the shard like AdamW's moments (and is
          checkpointed and re-cut the same way).
       3. Newton-Schulz needs whole matrices: each rank all-gathers the block's Nesterov update
-         (one fp32 all-gather per block per step). The matrices are shared out: of each shape's
-         matrices (every block's q, ...), the j-th is rank j % W's to orthogonalise. Each rank
-         writes its results into an otherwise zero vector the size of the block, and a
-         reduce-scatter (sum) hands every rank its own slice of all of them, exactly, since
-         each element is one rank's number plus zeros. So W ranks do 1/W of the products each,
-         for one more collective of the same size as the gather.
+         (one fp32 all-gather per block per step), orthogonalises every matrix, and steps its own
+         slice. Every rank does the same products; in exchange the update needs one collective.
     """
 
     def __init__(self, groups, matrix_units, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16, **adamw):
@@ -279,20 +274,16 @@ class Muon(torch.optim.AdamW):
                 if len(shape) == 2:
                     same_shape.setdefault(tuple(shape), []).append((u, offset))
         out = {u: torch.zeros_like(update) for u, update in updates.items()}
-        rank, world = dist.get_rank(), dist.get_world_size()
         # One batched Newton-Schulz per shape (every block's q, every block's k, ...): a few
         # large matrix products instead of many small ones.
         for shape, where in same_shape.items():
-            mine = where[rank::world]  # this rank's share (3 in the docstring)
-            if not mine:
-                continue
             n, scale = math.prod(shape), 0.2 * math.sqrt(max(shape))
-            stack = torch.stack([updates[u][offset:offset + n].view(shape) for u, offset in mine])
+            stack = torch.stack([updates[u][offset:offset + n].view(shape) for u, offset in where])
             ortho = newton_schulz(stack, self.ns_steps, self.ns_dtype)  # [matrices, rows, cols]
-            for (u, offset), o in zip(mine, ortho):
+            for (u, offset), o in zip(where, ortho):
                 out[u][offset:offset + n] = o.flatten().float() * scale
         for u, o in out.items():
-            u.shard.add_(u.sum_scatter_flat(o), alpha=-lr[id(u.shard)])
+            u.shard.add_(o[u.rank * u.shard_size:(u.rank + 1) * u.shard_size], alpha=-lr[id(u.shard)])
 
 
 def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7):
@@ -481,7 +472,7 @@ def checkpoint_problem(path):
 # computes the same steps. Anything else (data, schedule, batches, learning rates, model) would
 # continue a different run from the middle of this one.
 RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_every", "stop_at", "num_workers",
-                     "threads", "dist_timeout", "device", "micro_batch", "grad_ckpt", "reshard_after_forward",
+                     "threads", "dist_timeout", "device", "micro_batch", "grad_ckpt",
                      "fused_adamw", "compile_elementwise", "max_bad_share"}
 
 

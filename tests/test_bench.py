@@ -73,10 +73,6 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     accum = res["stage2_train"]["accum8_ckpt_off"]  # LLaVA-1.5's 8 x 16 on one GPU (here 8 x 4)
     assert accum["micro_steps"] == 8 and accum["finite"] and accum["tokens_per_s"] > 0
     assert accum["step_tflop"] == pytest.approx(8 * res["stage2_train"]["ckpt_off"]["step_tflop"])
-    for kept, again in (("kept_ckpt_off", "ckpt_off"), ("accum8_kept_ckpt_off", "accum8_ckpt_off")):
-        # params kept from forward to backward instead of cast again: the same steps, bit for bit
-        assert not res["stage2_train"][kept]["reshard_after_forward"]
-        assert res["stage2_train"][kept]["losses"] == res["stage2_train"][again]["losses"]
     profile = res["stage2_train"]["ckpt_off"]["profile"]
     assert "aten::mm" in profile and "torch.profiler, 2 steps" in stdout
     assert "profile" not in res["stage2_train"]["ckpt_on"]

@@ -31,11 +31,6 @@ def test_two_ranks_equal_one_process_and_fsdp2(world, tmp_path, stage):
     ours = tmp_path / "ours"
     run(base_args(world, ours, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true"}), nproc=2)  # accum 2
     assert_same_run(ref, ours, stage)
-    if stage == 2:  # params kept from forward to backward: the recompute uses them
-        kept = tmp_path / "kept"
-        run(base_args(world, kept, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true",
-                                                    "reshard-after-forward": "false"}), nproc=2)
-        assert_same_run(ref, kept, stage)
     fsdp2 = tmp_path / "fsdp2"
     run(base_args(world, fsdp2, stage=stage, fsdp="torch"), nproc=2)               # accum 1
     assert_same_run(ref, fsdp2, stage)
@@ -100,18 +95,10 @@ print(json.dumps([open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os
     assert not [n for n in names if "gloo" in n], names
 
 
-def test_keeping_params_until_backward_gathers_once_and_changes_no_bit(world, monkeypatch):
-    """--reshard-after-forward false, one rank in bf16 (where a gather is a cast of the fp32
-    shard): each unit gathers once per micro-batch instead of again in backward (or in
-    --grad-ckpt's recompute), and the gradients are the same bits. A second micro-batch's bf16
-    gradient adds into the fp32 one exactly as an fp32 sum of the two."""
-    gathers = {"n": 0}
-    all_gather = fsdp.ShardedUnit.all_gather
-
-    def counted(self, shard):
-        gathers["n"] += 1
-        return all_gather(self, shard)
-    monkeypatch.setattr(fsdp.ShardedUnit, "all_gather", counted)
+def test_bf16_micro_batch_gradients_add_into_fp32_exactly(world):
+    """One rank in bf16 (where a gather is a cast of the fp32 shard): a second micro-batch's
+    bf16 gradient adds into the fp32 one exactly as an fp32 sum of the two, with and without
+    --grad-ckpt, and every gathered buffer is freed when backward ends."""
     base = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
                                                projector="mlp2x_gelu", image_size=32, pad_to_square=False))
     device, _, _ = fsdp.init_distributed(base)
@@ -128,24 +115,19 @@ def test_keeping_params_until_backward_gathers_once_and_changes_no_bit(world, mo
             torch.manual_seed(0)  # the same fresh projector every time
             model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
             params, _, sharded = fsdp.shard_model(model, cfg, device, torch.bfloat16)
-            gathers["n"] = 0
             for mb in batches:
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     logits, _ = model(mb["input_ids"], mb["pixel_values"], logits_at=mb["positions"])
                 with sharded[0].schedule.backward():
                     token_loss(logits, mb["targets"]).backward()
-            assert all(u.kept is None and u.full_for_backward is None for u in sharded)  # all freed
-            return [p.grad for p in params], gathers["n"], len(sharded)
+            assert all(u.full_for_backward is None and u._prefetched is None for u in sharded)  # all freed
+            return [p.grad for p in params]
 
         for ckpt in (False, True):
-            again, n_again, units = grads(replace(base, grad_ckpt=ckpt), micro[:1])
-            kept, n_kept, _ = grads(replace(base, grad_ckpt=ckpt, reshard_after_forward=False), micro[:1])
-            assert n_kept == units and n_again > units, (ckpt, n_kept, n_again, units)
-            assert all(torch.equal(a, b) for a, b in zip(again, kept))
-        second, _, _ = grads(replace(base, reshard_after_forward=False), micro[1:])
-        both, _, _ = grads(replace(base, reshard_after_forward=False), micro)
-        assert all(g.dtype == torch.float32 for g in both)
-        assert all(torch.equal(ab, a + b) for ab, a, b in zip(both, kept, second))
+            cfg = replace(base, grad_ckpt=ckpt)
+            first, second, both = grads(cfg, micro[:1]), grads(cfg, micro[1:]), grads(cfg, micro)
+            assert all(g.dtype == torch.float32 for g in both)
+            assert all(torch.equal(ab, a + b) for ab, a, b in zip(both, first, second))
     finally:
         torch.distributed.destroy_process_group()
 

@@ -478,7 +478,7 @@ def test_bad_values_are_refused_when_parsed(flag, value, says, capsys):
 def test_booleans_take_the_usual_spellings():
     assert train.parse_args(["--grad-ckpt", "on"]).grad_ckpt is True
     assert train.parse_args(["--grad-ckpt"]).grad_ckpt is True
-    assert train.parse_args(["--reshard-after-forward", "off"]).reshard_after_forward is False
+    assert train.parse_args(["--group-by-modality-length", "off"]).group_by_modality_length is False
     assert train.parse_args(["--stage", "2"]).out == "runs/stage2" and train.parse_args([]).out == "runs/stage1"
     assert train.parse_args(["--preset", "tiny-short"]).out == "runs/tiny-short"
 
