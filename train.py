@@ -59,10 +59,7 @@ RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
              2: {"lr": 2e-5, "global_batch": 128, "epochs": 1}},
 }
 PRESETS = ("tiny", "tiny-short", "tiny-long")  # the synthetic world end to end (tiny.TINY_PRESETS)
-AUTO_ON_OFF = ("auto", "on", "off")
 TEMPLATE_NAMES = tuple(data.TEMPLATES)  # the class body below has a field named data
-
-
 
 
 def option(default, help, type=None, choices=None):
@@ -112,9 +109,8 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", NONNEG)
     optimizer: str = option("adamw", "adamw (the paper) or muon (Muon for the LLM blocks' matrices)",
                             choices=("adamw", "muon"))
-    fused_adamw: str = option("auto", "one fused AdamW kernel (auto: with our FSDP)", choices=AUTO_ON_OFF)
     compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: with CUDA and Triton)",
-                                      choices=AUTO_ON_OFF)
+                                      choices=("auto", "on", "off"))
     max_steps: int = option(0, "stop after this many steps (0: the epochs decide)", COUNT)
     seed: int = option(0, "seed of the data order, the projector and dropout-free init", int)
     # systems
@@ -197,13 +193,10 @@ def param_groups(params, sharded, model, cfg):
 def make_optimizer(params, sharded, model, cfg):
     """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard), or,
     with --optimizer muon, `Muon` for the matrices of the LLM's blocks and AdamW for the rest.
-    Fused (--fused-adamw; "auto" = on with our FSDP, CPU or CUDA): one kernel per step updates
-    every shard, instead of a dozen elementwise passes per shard, each reading and writing the
-    whole shard again. "off" is the plain per-tensor loop."""
-    fused = cfg.fused_adamw == "on" or (cfg.fused_adamw == "auto" and sharded is not None)
+    Fused: one kernel updates a shard, instead of a dozen elementwise passes over it."""
     groups = param_groups(params, sharded, model, cfg)
     adamw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay,
-                 foreach=False, fused=fused)
+                 foreach=False, fused=sharded is not None)  # FSDP2's DTensors take the loop
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, **adamw)
     if sharded is None:
@@ -222,8 +215,7 @@ class Muon(torch.optim.AdamW):
     Why: the gradient of a weight matrix is nearly low-rank, a few directions dominate it, and
     an elementwise optimizer spends most of each step on those. Muon replaces the momentum
     G = U S V^T by roughly U V^T, every singular value ~1, so rare directions learn as fast as
-    common ones. In the tiny preset the tiny LLaMA has to learn new lookups (a shape's colour,
-    its place) from the image tokens, and with Muon it learns them in about half the steps.
+    common ones (in the tiny preset: a shape's colour or place, looked up from image tokens).
 
     The update, per matrix W (rows x cols) and step, is torch.optim.Muon's (a test compares):
         m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m          (Nesterov momentum)
@@ -378,7 +370,7 @@ class MicroBatches(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: a llava-hf directory + per-rank optimizer shards + train_state.json
 
-def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step, bases):
+def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
     """Write to `path.tmp/` and rename when every rank is done: a crash mid-write leaves the
     previous checkpoint as it was."""
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -390,7 +382,7 @@ def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step, base
     dist.barrier()
     state = full_state()  # collective: every rank takes part
     if rank == 0:
-        model.save_pretrained(tmp, only_projector=cfg.stage == 1, bases=bases, state=state)
+        model.save_pretrained(tmp, only_projector=cfg.stage == 1, bases=bases(cfg), state=state)
     tensors = {}
     if sharded is not None:  # our FSDP: master shard + AdamW moments of each unit
         for u in sharded:
@@ -473,7 +465,7 @@ def checkpoint_problem(path):
 # continue a different run from the middle of this one.
 RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_every", "stop_at", "num_workers",
                      "threads", "dist_timeout", "device", "micro_batch", "grad_ckpt",
-                     "fused_adamw", "compile_elementwise", "max_bad_share"}
+                     "compile_elementwise", "max_bad_share"}
 
 
 def find_resume(cfg):
@@ -577,10 +569,9 @@ def count_params(module):
 
 def flop_params(model):
     """The parameter counts step_flops multiplies, taken before shard_model moves the params out
-    of the modules. Only weights that enter a matrix product count: CLIP's patch embedding and
-    the blocks that run (layer -2 skips the last); the LLM's blocks and final norm, and its LM
-    head apart, as it runs on the supervised positions alone. Embedding tables are lookups and
-    cost no FLOPs (torchtitan's MFU leaves them out too); the norms' few weights are counted."""
+    of the modules: weights that enter a matrix product (CLIP's patch embedding and the blocks
+    that run; the LLM's blocks, and its LM head apart, run on the supervised positions alone).
+    Embedding tables are lookups and cost no FLOPs; the norms' few weights are counted."""
     vt, llm = model.vision_tower, model.llm
     blocks = vt.num_blocks_for(model.config.vision_feature_layer)
     head = llm.lm_head.weight.numel()
@@ -668,21 +659,27 @@ def draw_loss_curve(stages, path):
 # ------------------------------------------------------------------------------------------------
 # Building the model for a stage
 
-def build_model(cfg):
-    """Stage 1: CLIP + LLM + fresh projector. Stage 2: a stage-1 output (or any llava-hf dir) or,
+def build_model(cfg, resume=None):
+    """A checkpoint's model when resuming (a projector-only llava-hf directory in stage 1). Else
+    stage 1: CLIP + LLM + fresh projector; stage 2: a stage-1 output (or any llava-hf dir) or,
     as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
-    if cfg.stage == 1 or not cfg.init:
+    if resume is not None:
+        model = LLaVA.from_pretrained(resume)
+    elif cfg.stage == 1 or not cfg.init:
         clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
-        model = LLaVA.from_components(clip, llm, projector=cfg.projector,
-                                      vision_feature_layer=cfg.vision_layer,
+        model = LLaVA.from_components(clip, llm, projector=cfg.projector, vision_feature_layer=cfg.vision_layer,
                                       pad_to_square=cfg.pad_to_square, seed=cfg.seed)
-        bases = {"vision": cfg.clip, "llm": cfg.llm}
     else:
         model = LLaVA.from_pretrained(fetch_for("--init", cfg.init))
-        bases = {"vision": cfg.clip, "llm": cfg.llm}
     model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
     model.config.pad_to_square = bool(cfg.pad_to_square)
-    return model, bases
+    return model
+
+
+def bases(cfg):
+    """Where stage 1's saved projector finds its vision tower and LLM."""
+    return {"vision": cfg.clip, "llm": cfg.llm}
+
 
 def training_data(cfg):
     """What --data names -> (records, image folder), checked before any model is built or
@@ -822,7 +819,6 @@ class Run:
     world: int
     dtype: torch.dtype
     model: LLaVA
-    bases: dict
     dataset: data.LazySupervisedDataset
     params: list          # the trainable tensors this rank updates (shards under our FSDP)
     full_state: object    # () -> the full trainable state dict, a collective
@@ -856,7 +852,7 @@ def start_run(cfg):
     resume = find_resume(cfg) if cfg.resume else None
     if cfg.resume and resume is None:
         log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
-    model, bases = build_model(cfg) if resume is None else load_for_resume(cfg, resume)
+    model = build_model(cfg, resume)
     out = Path(cfg.out)
     if rank == 0:  # only now: a run that could not start leaves no output behind. What the run
         out.mkdir(parents=True, exist_ok=True)  # writes reads its tokenizer from out, never from a
@@ -888,13 +884,13 @@ def start_run(cfg):
          f"{sum(local(p).numel() for p in params) / 1e6:.2f}M), starting at step {start}")
     sampler = MicroBatches(n, cfg, rank, world, start, total, n // cfg.global_batch,
                            dataset.modality_lengths if cfg.group_by_modality_length else None)
-    return Run(cfg, out, device, rank, world, dtype, model, bases, dataset, params, full_state, sharded,
+    return Run(cfg, out, device, rank, world, dtype, model, dataset, params, full_state, sharded,
                optimizer, sampler, total, math.ceil(cfg.warmup_ratio * total), start, params_of)
 
 
 def save(run, step):
     save_checkpoint(run.out / f"checkpoint-{step}", run.model, run.cfg, run.full_state, run.optimizer,
-                    run.sharded, step, run.bases)
+                    run.sharded, step)
 
 
 def next_micro_batches(run, batches, step):
@@ -1056,18 +1052,11 @@ def finish(run, step):
     state = run.full_state()
     if run.rank == 0:
         rotate_checkpoints(run.out, run.cfg.keep)
-        run.model.save_pretrained(run.out, only_projector=run.cfg.stage == 1, bases=run.bases, state=state)
+        run.model.save_pretrained(run.out, only_projector=run.cfg.stage == 1, bases=bases(run.cfg), state=state)
         draw_loss_curve([(f"stage {run.cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
         log0(run.dataset.summary())
         log0(f"saved {run.out} (loss curve {run.out / 'loss.png'}, log {run.log_path})")
     dist.barrier()
-
-
-def load_for_resume(cfg, path):
-    """The model of a checkpoint: its llava-hf directory (a projector-only one in stage 1)."""
-    model = LLaVA.from_pretrained(path)
-    model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
-    return model, {"vision": cfg.clip, "llm": cfg.llm}
 
 
 def lr_at(step, total, warmup, peak):

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -131,9 +130,9 @@ def test_recipes_fill_the_papers_defaults():
 
 
 def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
-    """train() steps the fp32 master shards with the fused AdamW (--fused-adamw auto, CPU and
-    CUDA): the shards are what that kernel accepts, and its steps (projector lr scale and weight
-    decay included) match the per-tensor loop of --fused-adamw off."""
+    """train() steps the fp32 master shards with the fused AdamW (CPU and CUDA): the shards are
+    what that kernel accepts, and its steps (projector lr scale and weight decay included) match
+    torch's per-tensor AdamW loop on the same groups."""
     cfg = train.fill_recipe(train.TrainConfig(stage=2, clip=str(world["clip"]), llm=str(world["llm"]),
                                               projector="mlp2x_gelu", image_size=32, pad_to_square=False,
                                               lr=1e-3, projector_lr=1e-2, weight_decay=0.1, adam_beta2=0.95))
@@ -143,7 +142,10 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
         for fused in (False, True):
             model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
             params, full_state, sharded = fsdp.shard_model(model, cfg, device, torch.float32)
-            opt = train.make_optimizer(params, sharded, model, replace(cfg, fused_adamw="on" if fused else "off"))
+            opt = train.make_optimizer(params, sharded, model, cfg)
+            if not fused:
+                opt = torch.optim.AdamW(train.param_groups(params, sharded, model, cfg), lr=cfg.lr,
+                                        betas=(0.9, 0.95), weight_decay=0.1, foreach=False, fused=False)
             assert opt.defaults["fused"] is fused
             gen = torch.Generator().manual_seed(0)
             for _ in range(3):
@@ -292,7 +294,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(world, tmp_path, m
     monkeypatch.setattr(model, "save_pretrained", boom)
     good = {p.name: p.read_bytes() for p in (out / "checkpoint-2").iterdir()}
     with pytest.raises(OSError):
-        train.save_checkpoint(out / "checkpoint-2", model, cfg2, full_state, opt, units, 2, {})
+        train.save_checkpoint(out / "checkpoint-2", model, cfg2, full_state, opt, units, 2)
     assert {p.name: p.read_bytes() for p in (out / "checkpoint-2").iterdir()} == good
 
 
