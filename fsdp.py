@@ -278,26 +278,16 @@ class ShardedUnit:
         first, last = self.modules[0], self.modules[-1]
         f_first, f_last = first.forward, last.forward
 
-        def call(fn, *args, **kwargs):
-            self.begin(save_hooks=True)
+        def call(fn, *args, save_hooks=True, **kwargs):
+            self.begin(save_hooks)
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.end()
 
-        def call_ckpt(fn, *args, **kwargs):
-            def run(*a, **k):
-                self.begin(save_hooks=False)
-                try:
-                    return fn(*a, **k)
-                finally:
-                    self.end()
-            if torch.is_grad_enabled():
-                return checkpoint(run, *args, use_reentrant=False, **kwargs)
-            return run(*args, **kwargs)
-
-        if first is last:
-            first.forward = functools.partial(call_ckpt if grad_ckpt else call, f_first)
+        if first is last:  # a checkpointed call gathers again in its recompute: no saved-tensor hooks
+            first.forward = (functools.partial(checkpoint_call, functools.partial(call, f_first, save_hooks=False))
+                             if grad_ckpt else functools.partial(call, f_first))
             return
 
         def begin_first(*args, **kwargs):
