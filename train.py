@@ -448,7 +448,8 @@ def checkpoint_problem(path):
         return str(e)
     except (KeyError, TypeError, ValueError):
         return f"{path / 'train_state.json'} lacks its step, world_size or config"
-    needed = [path / "config.json"] + [path / f"optim-rank{r:05d}.safetensors" for r in range(world[0])]
+    needed = [path / f for f in ("config.json", "tokenizer.model")]  # the resumed run copies its tokenizer
+    needed += [path / f"optim-rank{r:05d}.safetensors" for r in range(world[0])]
     missing = [f.name for f in needed if not f.is_file()]
     if missing or not list(path.glob("model*.safetensors")):
         return f"{path} is incomplete: no {', '.join(missing) or 'model.safetensors'}"

@@ -254,6 +254,11 @@ def test_resume_continues_to_the_same_losses(world, tmp_path, four_steps):
     run(base_args(world, part, **{"max-steps": 4, "stop-at": 2}))
     assert (part / "checkpoint-2" / "train_state.json").exists() and not (part / "model.safetensors").exists()
     shutil.copytree(part, tmp_path / "part2")
+    broken = shutil.copytree(part / "checkpoint-2", tmp_path / "broken")  # what --resume says of a bad one
+    (broken / "tokenizer.model").unlink()
+    assert train.checkpoint_problem(broken) == f"{broken} is incomplete: no tokenizer.model"
+    (broken / "train_state.json").write_text('{"step": ')
+    assert f"{broken / 'train_state.json'} is not valid JSON" in train.checkpoint_problem(broken)
     for out, nproc, micro in ((part, 1, 4), (tmp_path / "part2", 2, 2)):
         run(base_args(world, out, **{"max-steps": 4, "resume": "auto", "micro-batch": micro}), nproc=nproc)
         assert_same_run(four_steps, out, 2)
