@@ -480,6 +480,9 @@ def find_resume(cfg):
                 break
             log0(f"--resume auto: skipping {path.name}: {problem}")
         else:
+            if ckpts:  # starting over here would erase the run's log: the user decides
+                raise SystemExit(f"--resume auto: no checkpoint under {cfg.out} can be read (above); "
+                                 "start over with --overwrite instead of --resume, or use another --out")
             return None
     else:
         path, problem = Path(cfg.resume), checkpoint_problem(cfg.resume)

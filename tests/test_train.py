@@ -259,6 +259,9 @@ def test_resume_continues_to_the_same_losses(world, tmp_path, four_steps):
     assert train.checkpoint_problem(broken) == f"{broken} is incomplete: no tokenizer.model"
     (broken / "train_state.json").write_text('{"step": ')
     assert f"{broken / 'train_state.json'} is not valid JSON" in train.checkpoint_problem(broken)
+    shutil.copytree(broken, tmp_path / "all_bad" / "checkpoint-2")  # none readable: no silent fresh start
+    with pytest.raises(SystemExit, match="no checkpoint under .* can be read"):
+        train.find_resume(train.TrainConfig(out=str(tmp_path / "all_bad"), resume="auto"))
     for out, nproc, micro in ((part, 1, 4), (tmp_path / "part2", 2, 2)):
         run(base_args(world, out, **{"max-steps": 4, "resume": "auto", "micro-batch": micro}), nproc=nproc)
         assert_same_run(four_steps, out, 2)
