@@ -11,7 +11,7 @@ description or one `complex` reasoning question; each reply becomes a LLaVA-Inst
 
 A paid answer is asked for once: the output JSONL is the only progress record, one fsync'ed line
 per record under the id `{image_id}_{type}`; a rerun cuts off a torn last line and skips the ids
-it holds, so a crash loses at most the 2 x --workers answers in flight. The API key comes from
+it holds, so a crash loses at most the 2 x --workers answers in flight. The key comes from
 OPENAI_API_KEY and is scrubbed from all that a server echoes back.
 """
 
@@ -33,17 +33,15 @@ from types import SimpleNamespace
 import requests
 from tqdm import tqdm
 
-from weights import write_json_atomic
+import weights
 
 TYPES = ("conversation", "detail", "complex")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 IMAGE = "<image>"
 Prompt = namedtuple("Prompt", "system examples")  # examples: [(context, ideal response), ...]
-# image_id: COCO's int id in LLaVA's 12-digit form; image: relative to the image folder;
-# boxes: [(category, [x1, y1, x2, y2] in 0..1), ...]
+# image_id: LLaVA's 12-digit form of COCO's id; boxes: [(category, [x1, y1, x2, y2] in 0..1), ...]
 ImageContext = namedtuple("ImageContext", "image_id image captions boxes")
-# key: unique, names the job in log lines; parse(text) raises ParseError to re-ask; data: the
-# caller's, for handle_result
+# key names the job in logs; parse(text) raises ParseError to re-ask; data is the caller's own
 Job = namedtuple("Job", "key messages parse data", defaults=(lambda text: text, None))
 
 
@@ -73,19 +71,14 @@ def jsonl_rows(text: str, path) -> list:
 
 
 def read_json(path, what: str):
-    """A JSON document (a .json file, or text that opens with '['), else a JSON-lines list."""
-    text = read_text(path, what)
-    if Path(path).suffix != ".json" and not text.lstrip().startswith("["):
-        return jsonl_rows(text, path)
+    """A .json file's document, else the records of a JSON-lines file."""
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        sys.exit(f"error: {what} {path} is not valid JSON ({e})")
+        return weights.read_json(path, what) if Path(path).suffix == ".json" else jsonl_rows(read_text(path, what), path)
+    except weights.WeightsError as e:
+        sys.exit(f"error: {e}")
 
 
-# ---- 1. The symbolic context, and the teacher's reply -> a record --------------------------------
-
-
+# ---- 1. The symbolic context in, the teacher's reply out as a record ------------------------------
 def normalize_box(bbox_xywh, width: float, height: float) -> list:
     """COCO [x, y, w, h] in pixels -> [x1, y1, x2, y2] in 0..1, clamped, 3 decimals."""
     x, y, w, h = map(float, bbox_xywh)
@@ -104,28 +97,28 @@ def _clean(text) -> str:
 def load_coco(captions_path, instances_path=None) -> list:
     """COCO captions (+ instances for the boxes) -> a context per captioned image, sorted by id so
     that --limit N always names the same N images."""
-    caps, captions, boxes = read_json(captions_path, "COCO captions file"), defaultdict(list), defaultdict(list)
-    inst = read_json(instances_path, "COCO instances file") if instances_path else None
+    caps, captions, boxes = read_json(captions_path, "COCO captions"), defaultdict(list), defaultdict(list)
+    inst = read_json(instances_path, "COCO instances") if instances_path else {}
     try:
         for a in caps["annotations"]:
             if _clean(a.get("caption", "")):
                 captions[a["image_id"]].append(_clean(a["caption"]))
-        names = {c["id"]: c["name"] for c in inst["categories"]} if inst else {}
-        sizes = {im["id"]: (im["width"], im["height"]) for im in inst["images"]} if inst else {}
-        for a in inst["annotations"] if inst else []:
+        names = {c["id"]: c["name"] for c in inst.get("categories", [])}
+        sizes = {im["id"]: (im["width"], im["height"]) for im in inst.get("images", [])}
+        for a in inst.get("annotations", []):
             if a["image_id"] in sizes:
                 boxes[a["image_id"]].append((names[a["category_id"]], normalize_box(a["bbox"], *sizes[a["image_id"]])))
         return [ImageContext(f"{im['id']:012d}", im["file_name"], captions[im["id"]], boxes[im["id"]])
                 for im in sorted(caps["images"], key=lambda im: im["id"]) if captions[im["id"]]]
-    except (KeyError, TypeError) as e:
-        sys.exit(f"error: {captions_path} (+ {instances_path}) are not COCO captions (+ instances) files: no {e}")
+    except (AttributeError, KeyError, TypeError) as e:
+        sys.exit(f"error: {captions_path} / {instances_path}: not COCO captions / instances files ({e!r})")
 
 
 def load_context_jsonl(path) -> list:
     """LLaVA-Bench's form: a line per image with id, image, captions and instances [{category,
     bbox}], the boxes already normalised."""
     out = []
-    for r in read_json(path, "context file"):
+    for r in read_json(path, "context"):
         try:
             boxes = [(i["category"], [round(float(v), 3) for v in i["bbox"]]) for i in r.get("instances", [])]
             out.append(ImageContext(str(r["id"]), r["image"], [_clean(c) for c in r["captions"]], boxes))
@@ -185,25 +178,24 @@ def parse_reply(kind: str, text: str) -> list:
     return pairs
 
 
-def attach_image(question: str, rng: random.Random) -> str:
-    """<image> before or after the first question at random, as the official data has it."""
-    return f"{IMAGE}\n{question}" if rng.random() < 0.5 else f"{question}\n{IMAGE}"
-
-
-def make_record(ctx: ImageContext, kind: str, seed: int, detail_questions: list, reply: str) -> dict:
-    """The teacher's reply -> the LLaVA-Instruct record train.py reads (or a ParseError)."""
-    pairs = parse_reply(kind, reply)
-    rng = random.Random(f"{seed}:{ctx.image_id}:{kind}")  # per job: a resumed run chooses alike
-    if kind == "detail":
-        pairs = [(rng.choice(detail_questions), pairs[0][1])]
-    turns = [(attach_image(q, rng) if i == 0 else q, a) for i, (q, a) in enumerate(pairs)]
-    return {"id": f"{ctx.image_id}_{kind}", "image": ctx.image, "conversations": [
+def llava_record(rid: str, image: str, pairs: list, rng: random.Random) -> dict:
+    """The record train.py reads; <image> goes before or after the first question at random, as
+    in the official data."""
+    turns = [((f"{IMAGE}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE}") if i == 0 else q, a)
+             for i, (q, a) in enumerate(pairs)]
+    return {"id": rid, "image": image, "conversations": [
         {"from": who, "value": v} for turn in turns for who, v in zip(("human", "gpt"), turn)]}
 
 
-# ---- 2. The API client: OpenAI chat completions over `requests`, run on a thread pool ------------
+def make_record(ctx: ImageContext, kind: str, seed: int, detail_questions: list, reply: str) -> dict:
+    """The teacher's reply -> its record (or a ParseError)."""
+    pairs, rng = parse_reply(kind, reply), random.Random(f"{seed}:{ctx.image_id}:{kind}")  # a rerun chooses alike
+    if kind == "detail":
+        pairs = [(rng.choice(detail_questions), pairs[0][1])]
+    return llava_record(f"{ctx.image_id}_{kind}", ctx.image, pairs, rng)
 
 
+# ---- 2. The API client: OpenAI chat completions over `requests`, run on a thread pool -------------
 class APIError(RuntimeError):
     """A request that failed for good; `reason` is short and countable ("http 500", "budget")."""
 
@@ -222,25 +214,23 @@ def _retry_after_seconds(value):
 
 
 class ChatClient:
-    """Thread-safe client for POST {api_base}/chat/completions: complete(messages) -> (text, usage).
+    """Thread-safe client for POST {api_base}/chat/completions; every attempt counts against
+    `max_requests`. 408/409/429/5xx, timeouts, connection errors and malformed bodies are retried
+    after base * 2**attempt seconds (jittered, capped, never sooner than Retry-After; a 429's
+    pauses every thread). 401/403/404, a malformed URL and `max_down` connection failures in a row
+    stop the client: no other request could succeed. Extra keyword arguments go into every body."""
 
-    Every attempt counts against `max_requests`. 408/409/429/5xx, timeouts, connection errors and
-    malformed bodies are retried `max_retries` times after base * 2**attempt seconds (jittered,
-    capped, never sooner than Retry-After; a 429's pauses every thread). 401/403/404, a malformed
-    URL and `max_down` connection failures in a row stop the client: no other request could
-    succeed. Extra keyword arguments (temperature, ...) go into every request body.
-    """
-
-    def __init__(self, api_base: str, model: str, workers: int = 4, max_requests: int | None = None,
-                 timeout: float = 120.0, max_retries: int = 6, backoff_base: float = 1.0, backoff_max: float = 60.0,
-                 max_down: int = 20, api_key: str | None = None, log=log, **params):
+    def __init__(self, api_base, model, workers=4, max_requests=None, timeout=120.0, max_retries=6,
+                 backoff_base=1.0, backoff_max=60.0, max_down=20, api_key=None, log=log, **params):
         self.url, self.model, self.workers = api_base.rstrip("/") + "/chat/completions", model, max(1, int(workers))
         self.max_requests, self.timeout, self.max_retries, self.max_down = max_requests, timeout, max_retries, max_down
         self.backoff_base, self.backoff_max, self.params, self.log = backoff_base, backoff_max, params, log
         self._secret = (os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip()
-        auth = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
-        self._headers, self._lock, self._stop = {"Content-Type": "application/json", **auth}, threading.RLock(), threading.Event()
-        self._pause_until, self._jitter, self.stop_reason = 0.0, random.Random(), None
+        self._headers = {"Content-Type": "application/json"}
+        if self._secret:
+            self._headers["Authorization"] = f"Bearer {self._secret}"
+        self._lock, self._stop, self._jitter = threading.RLock(), threading.Event(), random.Random()
+        self._pause_until, self.stop_reason = 0.0, None
         self.requests = self.retries = self.down = self.prompt_tokens = self.completion_tokens = self.total_tokens = 0
 
     stopped = property(lambda self: self._stop.is_set())
@@ -328,14 +318,10 @@ class ChatClient:
 
 
 def run_jobs(client: ChatClient, jobs, handle_result, parse_retries: int = 2, progress=None):
-    """Send every job through `client` on `client.workers` threads -> a report: done, skipped
-    (reason -> count), reasks, seconds, stop_reason.
-
-    `job.parse(text)` runs in the worker, where a ParseError re-asks (`parse_retries` times at
-    most); `handle_result(job, parsed)` runs in the calling thread, one at a time: the one place
-    that writes, so it needs no lock. Jobs are taken lazily, 2 x workers in flight, so none is
-    scheduled once the budget is spent or the client stopped.
-    """
+    """Every job through `client` on its threads -> report (done, skipped by reason, reasks, ...).
+    A ParseError from `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job,
+    parsed)` runs in the calling thread, one at a time, so the one place that writes needs no lock.
+    Jobs are taken lazily, 2 x workers in flight: none is scheduled once the budget is spent."""
     report = SimpleNamespace(done=0, skipped=Counter(), reasks=0, seconds=0.0, stop_reason=None)
     start, pending, in_flight, lock = time.monotonic(), iter(jobs), {}, threading.Lock()
 
@@ -367,7 +353,7 @@ def run_jobs(client: ChatClient, jobs, handle_result, parse_retries: int = 2, pr
                     break
                 try:
                     finished = wait(in_flight, return_when=FIRST_COMPLETED)[0]
-                except KeyboardInterrupt:  # the first stops new requests, yet writes the answers on their way
+                except KeyboardInterrupt:  # the first stops new requests yet writes the answers on their way
                     if client.stopped:  # the second quits at once, as safe as kill -9
                         os._exit(130)
                     client.stop("interrupted (Ctrl-C)")
@@ -429,9 +415,7 @@ class JsonlOutput:
         os.close(self.fd)
 
 
-# ---- 3. The three subcommands: generate, merge, pretrain -----------------------------------------
-
-
+# ---- 3. The three subcommands: generate, merge, pretrain ------------------------------------------
 def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()) -> list:
     """A job per (image, type) not in `skip`: the system message, each example as a user/assistant
     pair, then the image's context (conversation gets the captions only, as in the paper)."""
@@ -466,9 +450,8 @@ def cmd_generate(args) -> int:
         return 0
     out, total = JsonlOutput(args.out), len(ctxs) * len(kinds)
     jobs = make_jobs(ctxs, kinds, prompts, args.seed, questions, skip=out.finished)
-    earlier = total - len(jobs)
-    log(f"generate: {total} jobs, {earlier} finished earlier in {args.out}; {len(jobs)} to do with {args.workers} "
-        f"workers against {args.api_base}")
+    log(f"generate: {total} jobs, {total - len(jobs)} finished earlier in {args.out}; {len(jobs)} to do with "
+        f"{args.workers} workers against {args.api_base}")
     params = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
     client = ChatClient(args.api_base, args.model, workers=args.workers, max_requests=args.max_requests,
                         timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
@@ -478,7 +461,7 @@ def cmd_generate(args) -> int:
             report = run_jobs(client, jobs, lambda job, record: out.append(record), args.parse_retries, bar)
         finally:
             out.close()
-    skipped = sum(report.skipped.values())
+    skipped, earlier = sum(report.skipped.values()), total - len(jobs)
     why = ", ".join(f"{r} {n}" for r, n in report.skipped.most_common()) or "none"
     print(f"done {report.done} (+{earlier} earlier) of {total} jobs; skipped {skipped}: {why}")
     print(f"requests {client.requests} (retries {client.retries}, re-asks {report.reasks}); tokens "
@@ -489,6 +472,16 @@ def cmd_generate(args) -> int:
     if report.stop_reason:
         print(f"stopped: {report.stop_reason}")
     return 0 if report.done + earlier == total else 3
+
+
+def valid_record(r) -> bool:
+    """human/gpt turns alternating, none empty; with an image, one <image>, in the first turn."""
+    conv = r.get("conversations") if isinstance(r, dict) else None
+    if not (isinstance(conv, list) and "id" in r and len(conv) >= 2 and len(conv) % 2 == 0 and all(
+            isinstance(t, dict) and t.get("from") == ("human", "gpt")[i % 2] and isinstance(t.get("value"), str)
+            and t["value"].strip() for i, t in enumerate(conv))):
+        return False
+    return "image" not in r or [t["value"].count(IMAGE) for t in conv] == [1] + [0] * (len(conv) - 1)
 
 
 def record_type(r: dict) -> str:
@@ -510,13 +503,10 @@ def cmd_merge(args) -> int:
     there are without repeating one (the scarcest type for its weight sets the scale); shuffled."""
     seen, by_type, rng = {}, defaultdict(list), random.Random(args.seed)
     for path in args.inputs:
-        for r in read_json(path, "records file"):
-            conv = r.get("conversations") if isinstance(r, dict) else None
-            if not (isinstance(conv, list) and "id" in r and len(conv) >= 2 and len(conv) % 2 == 0 and all(
-                    isinstance(t, dict) and t.get("from") == ("human", "gpt")[i % 2] and isinstance(t.get("value"), str)
-                    and t["value"].strip() for i, t in enumerate(conv))
-                    and ("image" not in r or [t["value"].count(IMAGE) for t in conv] == [1] + [0] * (len(conv) - 1))):
-                log(f"warning: {path}: record {r.get('id') if conv else None!r} is not a valid LLaVA conversation; skipped")
+        for r in read_json(path, "records"):
+            if not valid_record(r):
+                rid = r.get("id") if isinstance(r, dict) else None
+                log(f"warning: {path}: record {rid!r} is not a valid LLaVA conversation; skipped")
             elif r["id"] in seen:
                 log(f"warning: {path}: duplicate id {r['id']!r}; kept the first")
             else:
@@ -531,40 +521,45 @@ def cmd_merge(args) -> int:
         chosen = [r for t in sorted(by_type) for r in rng.sample(by_type[t], min(
             len(by_type[t]), int(scale * args.ratio.get(t, 0.0) + 1e-9)))]
     rng.shuffle(chosen)
-    write_json_atomic(args.out, chosen, indent=None)
+    weights.write_json_atomic(args.out, chosen, indent=None)
     counts = sorted(Counter(map(record_type, chosen)).items())
     print(f"merge: {len(chosen)} of {len(seen)} records -> {args.out} ({', '.join(f'{t} {n}' for t, n in counts)})")
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    """(image, caption) pairs from COCO captions, a JSON/JSONL list of {image, caption} or TSV lines
-    `image<TAB>caption` -> the 558K/595K stage-1 format, one record per caption. <image> goes first
-    or last at random as in the instruct data (the `plain` template keeps only <image> + caption)."""
-    if Path(args.captions).suffix not in (".json", ".jsonl"):
-        lines = read_text(args.captions, "captions file").splitlines()
+def read_pairs(path) -> list:
+    """(image, caption) pairs from COCO captions, a JSON/JSONL list of {image, caption}, or TSV
+    lines `image<TAB>caption`."""
+    if Path(path).suffix not in (".json", ".jsonl"):
+        lines = read_text(path, "captions file").splitlines()
         for n, line in enumerate(lines, 1):
             if line.strip() and "\t" not in line:
-                log(f"warning: {args.captions}:{n}: no TAB between image and caption; skipped")
-        pairs = [(image.strip(), caption) for image, tab, caption in (line.partition("\t") for line in lines) if tab]
-    elif isinstance(data := read_json(args.captions, "captions file"), dict) and "annotations" in data:
+                log(f"warning: {path}:{n}: no TAB between image and caption; skipped")
+        return [(image.strip(), caption) for image, tab, caption in (line.partition("\t") for line in lines) if tab]
+    data = read_json(path, "captions")
+    if isinstance(data, dict) and "annotations" in data:
         names = {im["id"]: im["file_name"] for im in data["images"]}
-        pairs = [(names[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in names]
-    else:
-        rows = data if isinstance(data, list) else [data]
-        pairs = [(r["image"], r["caption"]) for r in rows if isinstance(r, dict) and {"image", "caption"} <= r.keys()]
-        if len(pairs) < len(rows):
-            log(f"warning: {args.captions}: {len(rows) - len(pairs)} items have no 'image' and 'caption'; skipped")
+        return [(names[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in names]
+    rows = data if isinstance(data, list) else [data]
+    pairs = [(r["image"], r["caption"]) for r in rows if isinstance(r, dict) and {"image", "caption"} <= r.keys()]
+    if len(pairs) < len(rows):
+        log(f"warning: {path}: {len(rows) - len(pairs)} items have no 'image' and 'caption'; skipped")
+    return pairs
+
+
+def cmd_pretrain(args) -> int:
+    """The 558K/595K stage-1 format, a record per caption, the instruction drawn from a list (the
+    `plain` template keeps only <image> + caption, wherever <image> is)."""
     instructions, rng, records, count = read_lines(args.instructions), random.Random(args.seed), [], Counter()
-    for image, caption in ((image, _clean(caption)) for image, caption in pairs):
+    pairs = [(image, _clean(caption)) for image, caption in read_pairs(args.captions)]
+    for image, caption in pairs:
         if image and caption:
             stem = Path(image).with_suffix("").as_posix().replace("/", "_")
             count[stem] += 1  # an image's later captions get _1, _2, ...
-            records.append({"id": stem if count[stem] == 1 else f"{stem}_{count[stem] - 1}", "image": image,
-                            "conversations": [{"from": "human", "value": attach_image(rng.choice(instructions), rng)},
-                                              {"from": "gpt", "value": caption}]})
+            rid = stem if count[stem] == 1 else f"{stem}_{count[stem] - 1}"
+            records.append(llava_record(rid, image, [(rng.choice(instructions), caption)], rng))
     skipped, records = len(pairs) - len(records), records[: args.limit]
-    write_json_atomic(args.out, records, indent=None)
+    weights.write_json_atomic(args.out, records, indent=None)
     print(f"pretrain: {len(records)} records -> {args.out}" + (f" ({skipped} empty skipped)" if skipped else ""))
     return 0
 
@@ -605,7 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the --ratio sampling")
     t = sub.add_parser("pretrain", help="image-caption pairs -> 558K/595K stage-1 JSON (no API)")
     t.set_defaults(func=cmd_pretrain)
-    t.add_argument("--captions", required=True, help="COCO captions json, a JSON/JSONL list of {image, caption}, or TSV")
+    t.add_argument("--captions", required=True, help="COCO captions json, JSON/JSONL list of {image, caption}, or TSV")
     t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
     t.add_argument("--instructions", default=str(PROMPTS_DIR / "brief_instructions.txt"),
                    help="one brief instruction per line, one drawn per caption (the paper's list by default)")
