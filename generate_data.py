@@ -27,6 +27,7 @@ import threading
 import time
 from collections import Counter, defaultdict, namedtuple
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -73,7 +74,9 @@ def jsonl_rows(text: str, path) -> list:
 def read_json(path, what: str):
     """A .json file's document, else the records of a JSON-lines file."""
     try:
-        return weights.read_json(path, what) if Path(path).suffix == ".json" else jsonl_rows(read_text(path, what), path)
+        if str(path).endswith(".json"):
+            return weights.read_json(path, what)
+        return jsonl_rows(read_text(path, what + " file"), path)
     except weights.WeightsError as e:
         sys.exit(f"error: {e}")
 
@@ -136,7 +139,7 @@ def read_lines(path) -> list:
 def load_prompt(kind: str, prompts_dir=PROMPTS_DIR) -> Prompt:
     """prompts/<kind>/system.txt and its example_<k>_context.txt / example_<k>_response.txt pairs."""
     folder = Path(prompts_dir) / kind
-    read = lambda p: read_text(p, f"prompt file for type {kind} (see --prompts)").strip()  # noqa: E731
+    read = lambda p: read_text(p, f"prompt file (type {kind}; see --prompts)").strip()  # noqa: E731
     return Prompt(read(folder / "system.txt"), [(read(c), read(c.with_name(c.name.replace("_context", "_response"))))
                                                 for c in sorted(folder.glob("example_*_context.txt"))])
 
@@ -226,9 +229,8 @@ class ChatClient:
         self.max_requests, self.timeout, self.max_retries, self.max_down = max_requests, timeout, max_retries, max_down
         self.backoff_base, self.backoff_max, self.params, self.log = backoff_base, backoff_max, params, log
         self._secret = (os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip()
-        self._headers = {"Content-Type": "application/json"}
-        if self._secret:
-            self._headers["Authorization"] = f"Bearer {self._secret}"
+        auth = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+        self._headers = {"Content-Type": "application/json", **auth}
         self._lock, self._stop, self._jitter = threading.RLock(), threading.Event(), random.Random()
         self._pause_until, self.stop_reason = 0.0, None
         self.requests = self.retries = self.down = self.prompt_tokens = self.completion_tokens = self.total_tokens = 0
@@ -298,9 +300,11 @@ class ChatClient:
         except requests.RequestException as e:  # e.g. the body broke off mid-transfer
             return "request error", f"{type(e).__name__}: {str(e)[:300]}", "retry", None
         self.down, status = 0, resp.status_code
-        if status != 200:
-            then = "stop" if status in (401, 403, 404) else "retry" if status in (408, 409, 429) or status >= 500 else "fail"
-            return f"http {status}", resp.text[:300].strip(), then, _retry_after_seconds(resp.headers.get("Retry-After"))
+        if status != 200:  # 401/403/404: no other request could succeed either
+            retry = status in (408, 409, 429) or status >= 500
+            then = "stop" if status in (401, 403, 404) else "retry" if retry else "fail"
+            wait_s = _retry_after_seconds(resp.headers.get("Retry-After"))
+            return f"http {status}", resp.text[:300].strip(), then, wait_s
         try:
             data = resp.json()
             choice, usage = data["choices"][0], data.get("usage") or {}
@@ -336,7 +340,7 @@ def run_jobs(client: ChatClient, jobs, handle_result, parse_retries: int = 2, pr
                 return False, e.reason
             except ParseError as e:
                 client.log(f"{job.key}: unparsable reply ({e}), attempt {attempt + 1}/{parse_retries + 1}: "
-                           f"{' '.join(text.split())[:80]!r}")
+                           f"{client.scrub(' '.join(text.split())[:80])!r}")
                 with lock:
                     report.reasks += attempt < parse_retries
         return False, "unparsable"
@@ -425,8 +429,8 @@ def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()) ->
         shots = [{"role": r, "content": t} for ex in p.examples for r, t in zip(("user", "assistant"), ex)]
         messages = [{"role": "system", "content": p.system}, *shots,
                     {"role": "user", "content": format_context(ctx, kind != "conversation")}]
-        parse = lambda reply, ctx=ctx, kind=kind: make_record(ctx, kind, seed, detail_questions, reply)  # noqa: E731
-        jobs.append(Job(f"{ctx.image_id}_{kind}", messages, parse, ctx))
+        jobs.append(Job(f"{ctx.image_id}_{kind}", messages, partial(make_record, ctx, kind, seed, detail_questions),
+                        ctx))
     return jobs
 
 
@@ -440,7 +444,8 @@ def cmd_generate(args) -> int:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
     prompts = {k: load_prompt(k, args.prompts) for k in kinds}
     questions = read_lines(Path(args.prompts) / "detail_instructions.txt")
-    ctxs = (load_context_jsonl(args.context) if args.context else load_coco(args.captions, args.instances))[: args.limit]
+    ctxs = load_context_jsonl(args.context) if args.context else load_coco(args.captions, args.instances)
+    ctxs = ctxs[: args.limit]
     if not ctxs:
         sys.exit(f"error: {args.context or args.captions}: no image with a usable caption, so no job to send")
     if args.dry_run is not None:  # the exact messages: no client, no key, no file
@@ -594,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompts", default=str(PROMPTS_DIR), help="folder with the system messages and examples")
     m = sub.add_parser("merge", help="JSONL outputs -> one shuffled JSON list for train.py")
     m.set_defaults(func=cmd_merge)
-    m.add_argument("--inputs", nargs="+", required=True, help="the JSONL files `generate` wrote (or JSON lists)")
+    m.add_argument("--inputs", nargs="+", required=True, help="the JSONL files `generate` wrote (or .json lists)")
     m.add_argument("--out", default="llava_instruct.json", help="the JSON list train.py --data reads")
     m.add_argument("--ratio", type=parse_ratio, help="e.g. conversation=58,detail=23,complex=77 (default: keep all)")
     m.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the --ratio sampling")
