@@ -219,8 +219,8 @@ def _retry_after_seconds(value):
 class ChatClient:
     """Thread-safe client for POST {api_base}/chat/completions; every attempt counts against
     `max_requests`. 408/409/429/5xx, timeouts, connection errors and malformed bodies are retried
-    after base * 2**attempt seconds (jittered, capped, never sooner than Retry-After; a 429's
-    pauses every thread). 401/403/404, a malformed URL and `max_down` connection failures in a row
+    after base * 2**attempt seconds (jittered, capped, never sooner than Retry-After, and a 429's
+    Retry-After pauses every thread). 401/403/404, a malformed URL and `max_down` connection failures in a row
     stop the client: no other request could succeed. Extra keyword arguments go into every body."""
 
     def __init__(self, api_base, model, workers=4, max_requests=None, timeout=120.0, max_retries=6,
