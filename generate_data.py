@@ -108,9 +108,13 @@ def load_coco(captions_path, instances_path=None) -> list:
                 captions[a["image_id"]].append(_clean(a["caption"]))
         names = {c["id"]: c["name"] for c in inst.get("categories", [])}
         sizes = {im["id"]: (im["width"], im["height"]) for im in inst.get("images", [])}
+        lost = 0
         for a in inst.get("annotations", []):
             if a["image_id"] in sizes:
                 boxes[a["image_id"]].append((names[a["category_id"]], normalize_box(a["bbox"], *sizes[a["image_id"]])))
+            lost += a["image_id"] not in sizes
+        if lost:
+            log(f"warning: {instances_path}: {lost} annotations name an image it does not list; skipped")
         return [ImageContext(f"{im['id']:012d}", im["file_name"], captions[im["id"]], boxes[im["id"]])
                 for im in sorted(caps["images"], key=lambda im: im["id"]) if captions[im["id"]]]
     except (AttributeError, KeyError, TypeError) as e:
@@ -544,7 +548,10 @@ def read_pairs(path) -> list:
     data = read_json(path, "captions")
     if isinstance(data, dict) and "annotations" in data:
         names = {im["id"]: im["file_name"] for im in data["images"]}
-        return [(names[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in names]
+        pairs = [(names[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in names]
+        if len(pairs) < len(data["annotations"]):
+            log(f"warning: {path}: {len(data['annotations']) - len(pairs)} captions name an image it does not list; skipped")
+        return pairs
     rows = data if isinstance(data, list) else [data]
     pairs = [(r["image"], r["caption"]) for r in rows if isinstance(r, dict) and {"image", "caption"} <= r.keys()]
     if len(pairs) < len(rows):
