@@ -11,11 +11,9 @@ LLaVA = a CLIP vision tower + a projector + a LLaMA/Vicuna language model.
 
 The prompt already holds one `<image>` id per patch (as llava-hf's processor writes it), so
 splicing the image in is a masked scatter: positions run 0..T-1 straight through the image, and
-a batch of prompts of equal length stays a plain tensor.
-
-Checkpoints are llava-hf directories, what transformers' LlavaForConditionalGeneration reads and
-the Hub serves. Loading reads the config, builds on the meta device, maps the checkpoint's names
-once (weights.LAYOUT) and assigns; saving writes the Hub's names (weights.hub_names).
+a batch of prompts of equal length stays a plain tensor. Checkpoints are llava-hf directories
+(what transformers and the Hub read and write): loading reads the config, builds on the meta
+device, maps the checkpoint's names once (weights.LAYOUT) and assigns.
 """
 
 import argparse
@@ -74,20 +72,17 @@ class LLaVAConfig:
                    template=d.get("conversation_template", "vicuna_v1"), bases=bases)
 
     def to_hf(self):
-        return {
-            "architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
-            "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),
-            "image_token_index": self.image_token_id, "pad_token_id": self.pad_token_id,
-            "image_seq_length": self.num_patches, "multimodal_projector_bias": True,
-            # saved as linear_1 -> identity -> linear_2 = I: transformers' "linear" (save_pretrained)
-            "projector_hidden_act": "linear" if self.projector == "linear" else "gelu",
-            "vision_feature_layer": self.vision_feature_layer,
-            "vision_feature_select_strategy": self.vision_feature_select,
-            "tie_word_embeddings": self.text.tie_word_embeddings,
-            # ours: transformers ignores these, our loaders read them
-            "image_aspect_ratio": "pad" if self.pad_to_square else "square",
-            "conversation_template": self.template,
-        }
+        return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+                "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),
+                "image_token_index": self.image_token_id, "pad_token_id": self.pad_token_id,
+                "image_seq_length": self.num_patches, "multimodal_projector_bias": True,
+                # a linear projector is saved as linear_1 -> identity -> linear_2 = I (save_pretrained)
+                "projector_hidden_act": "linear" if self.projector == "linear" else "gelu",
+                "vision_feature_layer": self.vision_feature_layer, "vision_feature_select_strategy":
+                self.vision_feature_select, "tie_word_embeddings": self.text.tie_word_embeddings,
+                # ours: transformers ignores these, our loaders read them
+                "image_aspect_ratio": "pad" if self.pad_to_square else "square",
+                "conversation_template": self.template}
 
 
 class Projector(nn.Module):
@@ -115,8 +110,6 @@ class LLaVA(nn.Module):
         self.vision_tower = CLIPVision(config.vision)
         self.projector = Projector(config.projector, config.vision.hidden_size, config.text.hidden_size)
         self.llm = Llama(config.text)
-
-    # ---- the forward pass -------------------------------------------------------------------
 
     def encode_images(self, pixel_values):
         """[N,3,S,S] -> [N,P,D_text] image tokens for the LLM."""
@@ -152,18 +145,16 @@ class LLaVA(nn.Module):
         logits = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), logits_at=logits_at)
         return logits, None if labels is None else next_token_loss(logits, labels)
 
-    # ---- generation: prefill the prompt once (image spliced in), then one token at a time
-    # through the preallocated KV cache
-
+    # generation: prefill the prompt once (image spliced in), then one token at a time through
+    # the preallocated KV cache
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
                  seed=None, generator=None, eos_id=2, attention_mask=None, state=None):
-        """Yield new token ids as they are decoded: ints for input_ids [T], a [B] tensor per step
-        for [B,T] (image ids expanded; attention_mask [B,T] marks the real tokens of a left-padded
-        batch). Greedy at temperature 0, else temperature + top-p sampling from `generator` (or
-        one seeded with `seed`). Stops after EOS (yielded; finished rows of a batch repeat it),
-        max_new_tokens, or a full context. `state` (GenerationState, batch 1) carries a
-        conversation: given back, input_ids are only the new turn's, fed after the cache."""
+        """Yield new ids: ints for input_ids [T], a [B] tensor a step for [B,T] (image ids expanded;
+        attention_mask [B,T] marks a left-padded batch's real tokens). Greedy at temperature 0,
+        else temperature + top-p sampling from `generator` (or one seeded with `seed`). Stops after
+        EOS (yielded; a batch's finished rows repeat it), max_new_tokens or a full context. `state`
+        (GenerationState, batch 1) carries a conversation: given back, input_ids are the new turn."""
         single = input_ids.dim() == 1
         dev = self.llm.embed_tokens.weight.device
         ids = (input_ids[None] if single else input_ids).to(dev)  # [B,T]
@@ -225,8 +216,8 @@ class LLaVA(nn.Module):
         return state.cache, start, "the conversation with this message", torch.cat([unfed[None], ids], 1)
 
     def _cache_with_room(self, old, B, fed, max_new_tokens, what):
-        """-> (a KVCache with room for `fed` tokens and the new ones, holding what `old` held; how
-        many new tokens fit). Sizes round up to 256 (the compiled step recompiles per size)."""
+        """-> (a KVCache with room for `fed` + new tokens holding what `old` held, how many new fit).
+        Sizes round up to 256: the compiled step recompiles for each size."""
         ctx = self.config.text.max_position_embeddings
         if fed > ctx:
             raise ContextLengthError(f"{what} is {fed} tokens, longer than the model's context "
@@ -248,8 +239,7 @@ class LLaVA(nn.Module):
         together -> each one's new ids, cut before EOS. pixel_values [N,3,S,S]: the images of
         the prompts that have one, in order (text-only prompts may be mixed in)."""
         B, T = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, T), self.config.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(B, T, dtype=torch.bool)
+        ids, mask = torch.full((B, T), self.config.pad_token_id), torch.zeros(B, T, dtype=torch.bool)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):], mask[b, T - len(p):] = torch.as_tensor(p, dtype=torch.long), True
         steps = list(self.generate(ids, pixel_values, max_new_tokens, temperature, top_p, seed, generator,
@@ -258,22 +248,19 @@ class LLaVA(nn.Module):
         return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
     def compile_decode(self, compile=True, **compile_kwargs):
-        """Decode with a static-shape step (keys written at a tensor slot, attention over the
-        whole cache under a mask), torch.compile'd ("reduce-overhead": a CUDA graph). CUDA only
-        in practice; compile=False keeps the static step eager (the tests check it)."""
+        """Decode with a static-shape step (keys written at a tensor slot, attention over the whole
+        cache under a mask) under torch.compile ("reduce-overhead": a CUDA graph); CUDA only in
+        practice. compile=False keeps the static step eager (the tests check it)."""
         step = _static_decode_step
         if compile:
             step = torch.compile(step, **{"mode": "reduce-overhead", "fullgraph": True, **compile_kwargs})
         self._static_step = step
         return self
 
-    # ---- loading and saving -----------------------------------------------------------------
-
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """A llava-hf directory (the Hub's, transformers', ours) or Hub name: read the config, build
-        on the meta device, map the checkpoint's names once (weights.LAYOUT), assign. A stage-1
-        output holds the projector alone and names its bases, which are loaded first."""
+        """A llava-hf directory (the Hub's, transformers', ours) or Hub name. A stage-1 output
+        holds the projector alone and names its bases (`nanollava_bases`), loaded first."""
         path = fetch(path)
         config = read_config(path, LLaVAConfig.from_hf, "LLaVA config")
         state = read_weights(path)
@@ -313,29 +300,24 @@ class LLaVA(nn.Module):
         return model
 
     def save_pretrained(self, directory, tokenizer_dir=None, only_projector=False, bases=None, state=None):
-        """A llava-hf directory: config.json, safetensors under the Hub's names (transformers 4 and
-        5 both load it), tokenizer files. `only_projector`: the projector alone plus `bases`, where
-        the vision tower and LLM come from (stage 1). `state` replaces self.state_dict() (the
-        trainer passes the weights gathered from shards)."""
+        """A llava-hf directory: config.json, safetensors under the Hub's names, tokenizer files.
+        `only_projector`: the projector alone plus `bases`, where the vision tower and LLM are
+        (stage 1). `state` replaces self.state_dict() (the trainer's, gathered from shards)."""
         state = {k: t.detach() for k, t in (self.state_dict() if state is None else state).items()
                  if not only_projector or k.startswith("projector.")}
         if self.config.projector == "linear":  # transformers' projector always has linear_2: make it I
             w = state["projector.linear_1.weight"]
-            state["projector.linear_2.weight"] = torch.eye(w.shape[0], dtype=w.dtype)
-            state["projector.linear_2.bias"] = torch.zeros(w.shape[0], dtype=w.dtype)
+            state.update({"projector.linear_2.weight": torch.eye(w.shape[0], dtype=w.dtype),
+                          "projector.linear_2.bias": torch.zeros(w.shape[0], dtype=w.dtype)})
         save_state_dict(hub_names(state), directory)
-        config = self.config.to_hf()
-        if only_projector:
-            config["nanollava_bases"] = {k: str(v) for k, v in (bases or {}).items()}
-        write_json_atomic(Path(directory) / "config.json", config)
+        bases = {"nanollava_bases": {k: str(v) for k, v in (bases or {}).items()}} if only_projector else {}
+        write_json_atomic(Path(directory) / "config.json", {**self.config.to_hf(), **bases})
         tok_dir = tokenizer_dir or getattr(self, "tokenizer_dir", None)
         if tok_dir is not None:
             write_tokenizer_files(Path(tok_dir), Path(directory), self.config)
 
 
-# -----------------------------------------------------------------------------------------------
-# generation helpers
-
+# ---- generation helpers -----------------------------------------------------------------------
 
 class ContextLengthError(ValueError):
     """A prompt (or conversation) longer than the model's context; the message says both sizes."""
@@ -343,17 +325,15 @@ class ContextLengthError(ValueError):
 
 @dataclass
 class GenerationState:
-    """A conversation between LLaVA.generate calls (batch 1): the KV cache and every token id so
-    far. The first cache.pos ids are in the cache; tokens[cache.pos:] were sampled but not fed
-    yet (the last reply token, usually EOS). Start empty: GenerationState()."""
+    """A conversation between LLaVA.generate calls (batch 1): the KV cache and every id so far;
+    tokens[cache.pos:] were sampled but not fed yet (the last reply token, usually EOS)."""
     cache: KVCache = None
     tokens: list = field(default_factory=list)
 
 
 def top_p_filter(logits, top_p):
-    """Nucleus filtering as transformers' TopPLogitsWarper: keep the smallest set of most likely
-    tokens whose mass reaches top_p, the rest -> -inf. [B,V] -> [B,V]. Sorted ascending, the
-    dropped tokens are those whose cumulative mass stays <= 1 - top_p; the top one always stays."""
+    """Nucleus filtering as transformers' TopPLogitsWarper, [B,V] -> [B,V]: sorted ascending, the
+    tokens whose cumulative mass stays <= 1 - top_p go to -inf; the most likely one always stays."""
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
     drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p  # [B,V]
     drop[..., -1] = False
@@ -372,10 +352,8 @@ def sample_next(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 def _layer_views(cache):
-    """The cache's k and v as per-layer views [B,KV,L,hd], made once per cache: the compiled step
-    must write each layer's buffer as its own input (a write into a view of the whole tensor is
-    functionalized into a copy of that layer's cache and back, every step). Marked static so the
-    CUDA graph reads them where they are."""
+    """The cache's k and v as per-layer views [B,KV,L,hd], made once and marked static: compiled,
+    a write into a view of the whole tensor would copy that layer's cache and back every step."""
     if getattr(cache, "_views", None) is None:
         cache._views = (list(cache.k.unbind(0)), list(cache.v.unbind(0)))
         for t in cache._views[0] + cache._views[1]:
@@ -384,8 +362,7 @@ def _layer_views(cache):
 
 
 class _SlotWriter:
-    """Stands in for the KVCache in _static_decode_step: writes the new key/value at the tensor
-    slot `pos` and returns the whole preallocated buffers, so no shape ever changes."""
+    """The KVCache of _static_decode_step: writes at the tensor slot `pos`, returns whole buffers."""
 
     def __init__(self, k, v, pos):
         self.k, self.v, self.pos = k, v, pos  # lists of per-layer [B,KV,L,hd]
@@ -397,9 +374,8 @@ class _SlotWriter:
 
 
 def _static_decode_step(llm, k, v, token, pos, positions, keep):
-    """One decode step with static shapes (for torch.compile + CUDA graphs): token [B] into cache
-    slot pos ([1]) at RoPE positions [B,1]; attention over all L slots of k, v (per-layer
-    [B,KV,L,hd]) masked to the real ones (keep [B,L]) <= pos. -> next-token logits [B,V]."""
+    """One decode step with static shapes: token [B] into cache slot pos ([1]) at RoPE positions
+    [B,1], attending to all L slots masked to the real ones (keep [B,L]) <= pos. -> logits [B,V]."""
     slots = torch.arange(k[0].shape[2], device=token.device)
     mask = (keep & (slots <= pos))[:, None, None, :]  # [B,L] -> [B,1,1,L]: all heads, one query
     x = llm.embed_tokens(token[:, None])              # [B] -> [B,1,D]
@@ -410,14 +386,12 @@ def _static_decode_step(llm, k, v, token, pos, positions, keep):
     return llm.lm_head(llm.norm(x))[:, -1]
 
 
-# -----------------------------------------------------------------------------------------------
-# the loss
+# ---- the loss ---------------------------------------------------------------------------------
 
 def supervised_positions(labels):
-    """labels [B,T] -> (positions [K], targets [K]): the flat positions b*T + t whose next label
-    is supervised, and those labels. Only there do the LM head and the loss have work (in LLaVA's
-    data most positions are image, system prompt or question). K depends on the data, so
-    training finds it on the CPU, before the batch moves: on a GPU the host would wait for it."""
+    """labels [B,T] -> (positions [K], targets [K]): the flat b*T + t whose next label is supervised,
+    and those labels; only there has the LM head work. Training finds them on the CPU, before
+    the batch moves: K depends on the data, and on a GPU the host would wait for it."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # [B*T]
     positions = (targets != -100).nonzero().squeeze(1)
     return positions, targets[positions]
@@ -465,8 +439,7 @@ class TokenCrossEntropy(torch.autograd.Function):
         return p.mul_(grad_out.to(p.dtype)), None
 
 
-# -----------------------------------------------------------------------------------------------
-# building and converting
+# ---- building and converting -------------------------------------------------------------------
 
 def extend_vocab(llm, n_tokens):
     """Grow embed_tokens and lm_head to n_tokens rows rounded up to a multiple of 64 (tensor-core
@@ -513,12 +486,11 @@ def write_tokenizer_files(src, dst, config):
         added["<pad>"] = config.pad_token_id
     pad = "<pad>" if "<pad>" in added else tokenizer.sp.id_to_piece(config.pad_token_id)
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": pad}
-    tok_config = {
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "legacy": tokenizer.legacy, "model_max_length": config.text.max_position_embeddings,
-        "padding_side": "left", **special,
-        "added_tokens_decoder": {str(i): {"content": s, "special": True, "lstrip": False, "rstrip": False,
-                                          "normalized": False, "single_word": False} for s, i in added.items()}}
+    tok_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                  "legacy": tokenizer.legacy, "model_max_length": config.text.max_position_embeddings,
+                  "padding_side": "left", **special, "added_tokens_decoder": {str(i): {
+                      "content": s, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for s, i in added.items()}}
     if model_file.resolve() != (dst / "tokenizer.model").resolve():
         write_atomic(dst, {"tokenizer.model": lambda tmp: shutil.copyfile(model_file, tmp)})
     for name, obj in (("added_tokens.json", added), ("special_tokens_map.json", special),
@@ -526,8 +498,7 @@ def write_tokenizer_files(src, dst, config):
         write_json_atomic(dst / name, obj)
 
 
-# -----------------------------------------------------------------------------------------------
-# command-line values shared by train.py, chat.py and eval.py: checked when the line is parsed
+# ---- command-line values of train.py, chat.py and eval.py, checked when the line is parsed ----
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -561,14 +532,12 @@ boolean = checked(lambda text: BOOLEANS.get(text.lower()), lambda v: True, "true
 
 def device_name(text):
     """cpu, cuda, cuda:N, mps ("" = the default): refused here when this torch cannot run it."""
-    if not text:
-        return text
     try:
-        device = torch.device(text)
+        kind = torch.device(text).type if text else ""
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if kind == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
+    if kind == "mps" and not torch.backends.mps.is_available():
         raise argparse.ArgumentTypeError(f"{text!r}: this machine has no MPS device; use cpu")
     return text

@@ -126,14 +126,10 @@ def load_state_dict(path):
     if absent:
         raise WeightsError(f"{path / INDEX} lists shards missing on disk: {', '.join(absent)}; "
                            f"the download or copy of {path} is incomplete")
-    state, lost = {}, []
-    for shard in shards:
-        part = _read_safetensors(path / shard)
-        lost += [f"{k} (in two shards)" for k in part if k in state]
-        state.update(part)
-    lost += [k for k in weight_map if k not in state]
-    if lost:
-        raise WeightsError(f"{path / INDEX} does not match its shards: {', '.join(lost)}")
+    state = {k: t for shard in shards for k, t in _read_safetensors(path / shard).items()}
+    if set(state) != set(weight_map):
+        raise WeightsError(f"{path / INDEX} does not match its shards, whose keys differ in: "
+                           f"{', '.join(sorted(set(state) ^ set(weight_map)))}")
     return state
 
 
