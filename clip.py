@@ -214,7 +214,8 @@ class CLIPVision(nn.Module):
         path = weights.fetch(path, files=["config.json"])
         with torch.device("meta"):
             model = cls(weights.read_config(path, CLIPVisionConfig.from_hf, "CLIP config"))
-        return weights.assign_weights(model, weights.read_weights(path), path, dtype, device, "vision_tower.").eval()
+        model = weights.assign_weights(model, weights.read_weights(path), path, dtype, device, part="vision_tower.")
+        return model.eval()
 
 
 # -----------------------------------------------------------------------------

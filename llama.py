@@ -41,10 +41,8 @@ batches); it is combined with the causal rule, positions default to the count of
 before each one (as HF generate does), and every query may always see itself so an all-padding
 row never turns into NaN. A 3-D bool [B, T_q, T_kv] mask is used as given (True = may attend).
 
-Loading: the model is built on the meta device (shapes, no memory), the safetensors are
-memory-mapped, and weights.assign_weights hands those tensors to the modules
-(load_state_dict(assign=True)), so a 7B model never exists twice in memory. Nothing
-non-persistent needs recomputing after the meta build: inv_freq is computed lazily on first use.
+Loading is weights.py's one path (meta build, names mapped by weights.LAYOUT, assign); nothing
+needs recomputing after the meta build: inv_freq is computed lazily on first use.
 
 Tokenizer: sentencepiece only (no transformers at runtime). See `Tokenizer` for how its ids match
 HF's LlamaTokenizer (legacy=False) and the official LLaVA per-chunk tokenization exactly.
@@ -384,7 +382,7 @@ class Llama(nn.Module):
         path = fetch(path)
         with torch.device("meta"):
             model = cls(read_config(path, LlamaConfig.from_hf, "LLaMA config"))
-        return assign_weights(model, read_weights(path), path, dtype, device, "llm.")
+        return assign_weights(model, read_weights(path), path, dtype, device, part="llm.")
 
 
 # -----------------------------------------------------------------------------------------------

@@ -207,12 +207,13 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000, prefix="mod
         if t.device.type == "meta":
             raise WeightsError(f"cannot save {k}: it is on the meta device (never loaded)")
         t = t.detach().to("cpu").contiguous()
-        tensors[k] = t.clone() if t.numel() and t.untyped_storage().data_ptr() in seen else t  # safetensors
-        seen.add(tensors[k].untyped_storage().data_ptr())               # refuses shared memory (tied weights)
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # safetensors refuses shared memory (tied weights)
+        seen.add(t.untyped_storage().data_ptr())
         if shards[-1] and size + t.numel() * t.element_size() > max_shard_bytes:  # greedy, as transformers
             shards, size = shards + [[]], 0
+        tensors[k], size = t, size + t.numel() * t.element_size()
         shards[-1].append(k)
-        size += t.numel() * t.element_size()
     n = len(shards)
     names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     writers = {name: lambda tmp, keys=keys: save_file({k: tensors[k] for k in keys}, str(tmp), metadata={"format": "pt"})
