@@ -287,19 +287,18 @@ def _download(session, name, filename, target, required=True, tries=5, why=""):
             raise WeightsError(f"{name} is no local directory, and {base} cannot be reached to download it "
                                "(offline?): download it elsewhere and give its directory instead") from None
         with r:
-            if r.status_code == 404 and not required:
+            code, start = r.status_code, re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
+            if code == 404 and not required:
                 return False
-            if r.status_code not in (200, 206, 416):
-                denied = f"{name} does not exist, or it is gated or private and needs HF_TOKEN set"
-                raise WeightsError({404: f"{filename} not found at {url}: is {name} a llava-hf model name?{why}",
-                                    401: f"access to {url} denied (HTTP 401): {denied}",
-                                    403: f"access to {url} denied (HTTP 403): {denied}"}.get(
-                                   r.status_code, f"downloading {url} failed: HTTP {r.status_code}"))
-            start = re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
-            if r.status_code == 416 or r.status_code == 206 and not (start and int(start.group(1)) == have):
+            if code not in (200, 206, 416):
+                raise WeightsError(f"{filename} not found at {url}: is {name} a llava-hf model name?{why}" if code == 404
+                                   else f"access to {url} denied (HTTP {code}): {name} does not exist, or it is gated "
+                                   "or private and needs HF_TOKEN set" if code in (401, 403)
+                                   else f"downloading {url} failed: HTTP {code}")
+            if code == 416 or code == 206 and not (start and int(start.group(1)) == have):
                 part.unlink()  # a .part longer than the file, or a range we did not ask for: start over
                 continue
-            have = have if r.status_code == 206 else 0  # 200: the whole file (a server may ignore Range)
+            have = have if code == 206 else 0  # 200 is the whole file (from a server that ignores Range too)
             total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
             try:
                 with open(part, "ab" if have else "wb") as f, \
@@ -316,4 +315,4 @@ def _download(session, name, filename, target, required=True, tries=5, why=""):
             part.unlink()  # else the server closed early without an error: resume on the next try
     if final.is_file():
         return True
-    raise WeightsError(f"downloading {url} failed after {tries} tries; run again to resume from the {part.name} kept so far")
+    raise WeightsError(f"downloading {url} failed after {tries} tries; run again to resume from the {part.name} kept")
