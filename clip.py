@@ -7,9 +7,8 @@ exact image preprocessing that CLIP (and therefore LLaVA) was trained with.
 
 Design notes
 - Module names mirror the checkpoint keys (`embeddings.patch_embedding`, `pre_layrnorm`, sic,
-  `encoder.layers.N.self_attn.q_proj`, ...) as in Hugging Face's `CLIPVisionModel`, so loading
-  needs no renaming table; the one place that knows the prefixes (`vision_model.`, the text tower
-  to ignore) is `vision_state_from_checkpoint`.
+  `encoder.layers.N.self_attn.q_proj`, ...) as in Hugging Face's `CLIPVisionModel`; the prefixes
+  of the files (`vision_model.`, the text tower to ignore) are rows of weights.LAYOUT.
 - `forward(x, layer)` takes LLaVA's `vision_feature_layer` index of the hidden states (0: the
   embeddings after `pre_layrnorm`, i: block i's output, -2: the penultimate) and runs no block
   after it: LLaVA never runs the last one.
@@ -208,52 +207,15 @@ class CLIPVision(nn.Module):
         """CLIP's pooled output (HF pooler_output): post_layernorm of the last layer's CLS token."""
         return self.post_layernorm(self(pixel_values, layer=-1)[:, 0])
 
-    # --- loading -------------------------------------------------------------
-
-    @classmethod
-    def from_state_dict(cls, config, state, source, dtype=torch.float32, device="cpu"):
-        """Build on the meta device and assign `state` (prefix rules applied, so a dict that is
-        already bare passes through unchanged). Every missing/unexpected/misshaped key is one
-        WeightsError naming `source`."""
-        with torch.device("meta"):
-            model = cls(config)
-        weights.assign_weights(model, vision_state_from_checkpoint(state), source, dtype=dtype, device=device)
-        return model.eval()
-
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """`path`: a directory with config.json (CLIPModel or CLIPVisionModel) and safetensors, or
-        a Hub name (openai/clip-vit-large-patch14-336), downloaded once into the cache."""
-        path = weights.fetch(path, files=["config.json"])  # a local directory comes back as is
-        config = CLIPVisionConfig.from_hf(weights.read_json(path / "config.json", what="CLIP config"))
-        state = weights.load_state_dict(path)
-        return cls.from_state_dict(config, state, str(path), dtype=dtype, device=device)
-
-
-# Where the vision tower lives in the checkpoints we accept. An OpenAI CLIPModel file (and the
-# llava-hf Hub files, once model.py has stripped `vision_tower.`) prefix it with `vision_model.`;
-# a transformers 5 CLIPVisionModel file (and its llava-hf saves) has no prefix at all.
-VISION_PREFIX = "vision_model."
-# Parts of a full CLIPModel file that LLaVA does not use: the text tower and the contrastive head.
-IGNORED_PREFIXES = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
-
-
-def vision_state_from_checkpoint(state):
-    """Checkpoint dict -> the vision tower's keys as `CLIPVision` names them (no prefix).
-
-    Drops the text tower, projections, logit_scale and every `position_ids` buffer (older
-    transformers saved it; it is just arange). Anything else is passed through untouched, so an
-    unknown key still reaches assign_weights and is reported there rather than silently dropped.
-    """
-    prefixed = any(k.startswith(VISION_PREFIX) for k in state)
-    out = {}
-    for k, v in state.items():
-        if k.endswith("position_ids") or k.startswith(IGNORED_PREFIXES):
-            continue
-        if prefixed and k.startswith(VISION_PREFIX):
-            k = k[len(VISION_PREFIX):]
-        out[k] = v
-    return out
+        """A directory with config.json (CLIPModel or CLIPVisionModel) and safetensors, or a Hub
+        name (openai/clip-vit-large-patch14-336), downloaded once into the cache."""
+        path = weights.fetch(path, files=["config.json"])
+        with torch.device("meta"):
+            model = cls(weights.read_config(path, CLIPVisionConfig.from_hf, "CLIP config"))
+        model = weights.assign_weights(model, weights.read_weights(path), path, dtype, device, part="vision_tower.")
+        return model.eval()
 
 
 # -----------------------------------------------------------------------------

@@ -8,8 +8,7 @@ The decoder (Touvron et al. 2023) is a stack of pre-norm blocks:
 
 then a final RMSNorm and a linear head to vocabulary logits. Module names mirror the Hugging
 Face checkpoint keys (`model.layers.3.self_attn.q_proj.weight` is our
-`layers.3.self_attn.q_proj.weight`), so loading is "strip `model.`, check, assign"
-(`llm_state_from_checkpoint` is that table; model.py reuses it for llava-hf files).
+`layers.3.self_attn.q_proj.weight`); weights.LAYOUT maps the files' prefixes.
 
 Numerics follow transformers' LlamaForCausalLM operation by operation, because we are measured
 against it:
@@ -42,10 +41,8 @@ batches); it is combined with the causal rule, positions default to the count of
 before each one (as HF generate does), and every query may always see itself so an all-padding
 row never turns into NaN. A 3-D bool [B, T_q, T_kv] mask is used as given (True = may attend).
 
-Loading: the model is built on the meta device (shapes, no memory), the safetensors are
-memory-mapped, and weights.assign_weights hands those tensors to the modules
-(load_state_dict(assign=True)), so a 7B model never exists twice in memory. Nothing
-non-persistent needs recomputing after the meta build: inv_freq is computed lazily on first use.
+Loading is weights.py's one path (meta build, names mapped by weights.LAYOUT, assign); nothing
+needs recomputing after the meta build: inv_freq is computed lazily on first use.
 
 Tokenizer: sentencepiece only (no transformers at runtime). See `Tokenizer` for how its ids match
 HF's LlamaTokenizer (legacy=False) and the official LLaVA per-chunk tokenization exactly.
@@ -62,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from weights import WeightsError, assign_weights, fetch, load_state_dict, read_json
+from weights import WeightsError, assign_weights, fetch, read_config, read_json, read_weights
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -379,47 +376,13 @@ class Llama(nn.Module):
         q = torch.arange(start, T_kv, device=device)[:, None]
         return torch.arange(T_kv, device=device)[None] == q
 
-    # ---- loading ----------------------------------------------------------------------------
-
-    @classmethod
-    def from_state_dict(cls, config, state, source, dtype=torch.float32, device="cpu"):
-        """Build on meta, then take the tensors of `state` (our key names) as parameters."""
-        with torch.device("meta"):
-            model = cls(config)
-        state = dict(state)
-        if config.tie_word_embeddings:
-            # tied: the head is the embedding; transformers saves no lm_head.weight (and ignores
-            # one if present), so neither do we
-            state.pop("lm_head.weight", None)
-            if "embed_tokens.weight" in state:
-                state["lm_head.weight"] = state["embed_tokens.weight"]
-        assign_weights(model, state, source, dtype, device)
-        if config.tie_word_embeddings:  # assign made two Parameters; make them one again
-            model.lm_head.weight = model.embed_tokens.weight
-        return model
-
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """A transformers LlamaForCausalLM directory (config.json + safetensors) or Hub name."""
         path = fetch(path)
-        raw = read_json(Path(path) / "config.json", "LLaMA config")
-        try:
-            config = LlamaConfig.from_hf(raw)
-        except (ValueError, TypeError) as e:
-            raise WeightsError(f"{Path(path) / 'config.json'}: {e}") from None
-        state = llm_state_from_checkpoint(load_state_dict(path))
-        return cls.from_state_dict(config, state, str(path), dtype, device)
-
-
-def llm_state_from_checkpoint(state):
-    """HF LlamaForCausalLM keys -> ours: `model.X` -> `X`, `lm_head.weight` stays. Anything
-    else passes through unchanged so that assign_weights names it as unexpected."""
-    out = {}
-    for key, tensor in state.items():
-        if key.endswith("rotary_emb.inv_freq"):
-            continue  # a derived buffer some old (transformers 4.2x) checkpoints saved
-        out[key[len("model."):] if key.startswith("model.") else key] = tensor
-    return out
+        with torch.device("meta"):
+            model = cls(read_config(path, LlamaConfig.from_hf, "LLaMA config"))
+        return assign_weights(model, read_weights(path), path, dtype, device, part="llm.")
 
 
 # -----------------------------------------------------------------------------------------------

@@ -1,23 +1,12 @@
 """
-Weights: reading, checking, writing and fetching checkpoints. Only safetensors and JSON.
+Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
 
-Why only safetensors: a .bin checkpoint is a pickle, and unpickling runs whatever code the
-file holds. A safetensors file is a JSON header plus raw tensor bytes, so reading one can only
-ever produce tensors. It is also what the Hub ships for llava-hf, openai CLIP and Vicuna.
-
-How a 7B model is loaded without ever existing twice in memory: the model is built on the meta
-device (shapes, no storage), load_state_dict memory-maps the files (safetensors tensors are
-views of an mmap, so pages are read lazily when touched), and assign_weights hands those very
-tensors to the module with load_state_dict(assign=True) instead of copying them into freshly
-allocated parameters. Before that it checks every key and shape and names all problems at once.
-
-Saving is atomic: every file is written under a temporary name in the same directory and then
-renamed over the old one (os.replace), so a crash mid-save leaves the previous checkpoint
-readable, never a half-written one. Large states are sharded the way transformers does it
-(model-00001-of-00003.safetensors + model.safetensors.index.json), so either tool reads both.
-
-fetch downloads a Hub model with requests + tqdm into a cache directory, resumes partial files
-with HTTP Range requests, and checks each file's size before renaming it into place.
+Loading is one path for CLIP, LLaMA and LLaVA: read the config, build the model on the meta
+device, read the safetensors (memory-mapped: views of the file, paged in when touched), map their
+names once through `LAYOUT` (the one table of every layout we accept), check every key and shape,
+and make those very tensors the module's parameters (assign=True): a 7B model never exists twice
+in memory. Writes are atomic (temporary names, then renames) and sharded as transformers shards;
+`fetch` downloads a Hub model by name with requests + tqdm, resuming partial files (HTTP Range).
 """
 
 import json
@@ -31,8 +20,7 @@ import requests
 from safetensors import safe_open
 from tqdm import tqdm
 
-SINGLE = "model.safetensors"
-INDEX = "model.safetensors.index.json"
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
 class WeightsError(Exception):
@@ -40,7 +28,6 @@ class WeightsError(Exception):
 
 
 def read_json(path, what="config"):
-    path = Path(path)
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -52,8 +39,55 @@ def read_json(path, what="config"):
         raise WeightsError(f"cannot read {what} file {path}: {e.strerror}") from None
 
 
-# -----------------------------------------------------------------------------------------------
-# reading
+def read_config(directory, from_hf, what):
+    """from_hf(directory/config.json), what it refuses as one WeightsError naming the file."""
+    try:
+        return from_hf(read_json(Path(directory) / "config.json", what))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
+
+
+# (prefix in a checkpoint, prefix in our LLaVA; None: not ours). A lone CLIPVision is our
+# `vision_tower.` part, a lone Llama our `llm.` part. Reading, the longest matching prefix wins;
+# the first four rows, the Hub's, are also the names we write.
+LAYOUT = [
+    ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "projector."),  # the Hub
+    ("language_model.lm_head.", "llm.lm_head."), ("language_model.model.", "llm."),
+    ("vision_tower.", "vision_tower."),                                   # transformers 5 LLaVA saves
+    ("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),  # its
+    ("model.multi_modal_projector.", "projector."), ("model.language_model.", "llm."),  # module names
+    ("vision_model.", "vision_tower."), ("text_model.", None), ("visual_projection.", None),  # openai CLIP
+    ("text_projection.", None), ("logit_scale", None),
+    *((p, "vision_tower." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")),
+    ("model.", "llm."), ("lm_head.", "llm.lm_head."),                     # LlamaForCausalLM
+]
+DERIVED = ("position_ids", "rotary_emb.inv_freq")  # buffers older transformers saved: aranges
+
+
+def _rename(key, pairs):
+    """key with the longest of the pairs' first prefixes that it starts with -> the second one."""
+    old, new = max((p for p in pairs if p[0] is not None and key.startswith(p[0])), key=lambda p: len(p[0]),
+                   default=("", ""))
+    return None if new is None else new + key[len(old):]
+
+
+def read_weights(path):
+    """load_state_dict(path) under our names (LAYOUT); a key of no layout keeps its own, so that
+    assign_weights names it. CLIP's text half and derived buffers are left out."""
+    out = {}
+    for key, t in load_state_dict(path).items():
+        name = _rename(key, LAYOUT)
+        if name in out:
+            raise WeightsError(f"{path} holds {name} twice (once as {key}): keep one layout")
+        if name is not None and not key.endswith(DERIVED):
+            out[name] = t
+    return out
+
+
+def hub_names(state):
+    """Our names -> llava-hf's, the layout the Hub, transformers 4 and transformers 5 read."""
+    return {_rename(k, [(ours, theirs) for theirs, ours in LAYOUT[:4]]): t for k, t in state.items()}
+
 
 def _read_safetensors(file):
     try:  # safetensors raises its own error type for a bad or truncated header
@@ -65,173 +99,136 @@ def _read_safetensors(file):
 
 def _weight_map(index_file):
     index = read_json(index_file, "safetensors index")
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict) or not index["weight_map"]:
         raise WeightsError(f'{index_file} has no "weight_map": it is not a safetensors index')
-    return weight_map
+    return index["weight_map"]
 
 
 def load_state_dict(path):
     """A .safetensors file, or a directory holding an index + shards, model.safetensors, or
-    exactly one *.safetensors file. Tensors come back as stored (dtype unchanged), on the CPU."""
+    exactly one *.safetensors file -> {key: tensor} as stored (dtype unchanged), on the CPU."""
     path = Path(path)
     if path.is_file():
         return _read_safetensors(path)
     if not path.is_dir():
         raise WeightsError(f"no such file or directory: {path}")
-    if (path / INDEX).is_file():
-        weight_map = _weight_map(path / INDEX)
-        shards = list(dict.fromkeys(weight_map.values()))  # each shard once, in index order
-        absent = [s for s in shards if not (path / s).is_file()]
-        if absent:
-            raise WeightsError(f"{path / INDEX} lists shards missing on disk: {', '.join(absent)}; "
-                               f"the download or copy of {path} is incomplete")
-        state = {}
-        for shard in shards:
-            for k, t in _read_safetensors(path / shard).items():
-                if k in state:
-                    raise WeightsError(f"key {k} is stored in two shards in {path}")
-                state[k] = t
-        lost = [k for k in weight_map if k not in state]
-        if lost:
-            raise WeightsError(f"{path / INDEX} lists keys that no shard holds: {', '.join(lost)}")
-        return state
-    if (path / SINGLE).is_file():
-        return _read_safetensors(path / SINGLE)
-    files = sorted(path.glob("*.safetensors"))
-    if len(files) == 1:
+    if not (path / INDEX).is_file():
+        files = [path / SINGLE] if (path / SINGLE).is_file() else sorted(path.glob("*.safetensors"))
+        if len(files) > 1:
+            raise WeightsError(f"{path} holds several .safetensors files ({', '.join(f.name for f in files)}) "
+                               f"but no {INDEX} that says how they fit together")
+        if not files:
+            raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights")
         return _read_safetensors(files[0])
-    if files:
-        raise WeightsError(f"{path} holds several .safetensors files ({', '.join(f.name for f in files)}) "
-                           f"but no {INDEX} that says how they fit together")
-    raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights")
+    weight_map = _weight_map(path / INDEX)
+    shards = list(dict.fromkeys(weight_map.values()))  # each shard once, in index order
+    absent = [s for s in shards if not (path / s).is_file()]
+    if absent:
+        raise WeightsError(f"{path / INDEX} lists shards missing on disk: {', '.join(absent)}; "
+                           f"the download or copy of {path} is incomplete")
+    state = {k: t for shard in shards for k, t in _read_safetensors(path / shard).items()}
+    if set(state) != set(weight_map):
+        raise WeightsError(f"{path / INDEX} does not match its shards, whose keys differ in: "
+                           f"{', '.join(sorted(set(state) ^ set(weight_map)))}")
+    return state
 
-
-# -----------------------------------------------------------------------------------------------
-# checking and assigning
 
 def _prefix_hint(missing, unexpected):
     """The usual cause of 'everything missing, everything unexpected': a prefix too many or few."""
-    for u in unexpected:
-        if missing and u.endswith("." + missing[0]):
+    for u in unexpected if missing else []:
+        if u.endswith("." + missing[0]):
             return f" (the checkpoint keys carry an extra prefix {u[:-len(missing[0])]!r})"
-        if missing and missing[0].endswith("." + u):
+        if missing[0].endswith("." + u):
             return f" (the checkpoint keys lack the prefix {missing[0][:-len(u)]!r})"
     return ""
 
 
-def assign_weights(module, state, source, dtype=None, device=None):
-    """Check `state` against module.state_dict() (persistent params + buffers; a meta module
-    still knows its shapes), then make its tensors the module's own. Returns the module."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [f"{k} (expected {list(expected[k].shape)}, found {list(state[k].shape)})"
-             for k in expected if k in state and tuple(expected[k].shape) != tuple(state[k].shape)]
+def assign_weights(module, state, source, dtype=None, device=None, part=""):
+    """Check the keys of `state` under `part` (stripped) against module.state_dict() (a meta
+    module knows its shapes), naming every missing, unexpected and misshaped key in one error,
+    then make those tensors the module's own (cast to dtype, moved to device). Returns module."""
+    expected, first = module.state_dict(), {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    # a tied parameter (lm_head = embed_tokens) is stored once, under its first name, as transformers does
+    ties = {n: first[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    ours = {k[len(part):]: t for k, t in state.items() if k.startswith(part) and k[len(part):] not in ties}
+    missing = [k for k in expected if k not in ours and k not in ties]
+    unexpected = [k for k in state if not k.startswith(part)] + [k for k in ours if k not in expected]
+    wrong = [f"{k} (expected {list(expected[k].shape)}, found {list(ours[k].shape)})"
+             for k in expected if k in ours and tuple(expected[k].shape) != tuple(ours[k].shape)]
     if missing or unexpected or wrong:
         parts = [f"{label}: {', '.join(keys)}" for label, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
         raise WeightsError(f"checkpoint {source} does not fit {type(module).__name__}: "
                            + "; ".join(parts) + _prefix_hint(missing, unexpected))
-
-    def convert(t):
-        if dtype is not None and t.is_floating_point():  # integer buffers keep their type
-            t = t.to(dtype)
-        return t if device is None else t.to(device)
-
-    # assign=True: the tensors become the parameters (wrapped in nn.Parameter with the module's
-    # requires_grad), nothing is copied into a second allocation
-    module.load_state_dict({k: convert(state[k]) for k in expected}, strict=True, assign=True)
+    convert = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
+    # assign=True: the tensors become the parameters (as nn.Parameter, keeping requires_grad);
+    # with no cast nor move, nothing is copied. Integer buffers keep their type.
+    module.load_state_dict({k: convert(ours[ties.get(k, k)]) for k in expected}, strict=True, assign=True)
+    for name, target in ties.items():  # assign made two parameters of the tied ones: one again
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner), attr, module.get_parameter(target))
     return module
 
 
-# -----------------------------------------------------------------------------------------------
-# writing
-
-def _fsync(path):  # the bytes are on disk before the rename makes them the checkpoint
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def write_atomic(directory, writers):
+    """{file name: write(temporary path)}: each file is written and fsynced under a temporary
+    name, and only when all are written renamed into place, in order. Returns the paths."""
+    directory, done = Path(directory), []
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, write in writers.items():
+            # a name no other writer uses (not mkstemp: its files are mode 0600, whatever the umask)
+            done.append((directory / f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp", directory / name))
+            write(done[-1][0])
+            with open(done[-1][0], "rb+") as f:  # on disk before a rename makes it the file
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp, _ in done:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in done:
+        os.replace(tmp, final)
+    return [final for _, final in done]
 
 
 def write_json_atomic(path, obj, indent=2):
-    """Write obj as JSON to a temporary file in the same directory, fsync, rename over `path`:
-    readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a name no other writer uses (not mkstemp: its files are private, mode 0600, whatever the umask)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    write_atomic(Path(path).parent, {Path(path).name: lambda tmp: tmp.write_text(text, encoding="utf-8")})
 
 
 def save_state_dict(state, directory, max_shard_bytes=5_000_000_000, prefix="model"):
-    """Write `state` as {prefix}.safetensors, or as shards + index when it exceeds max_shard_bytes.
-    Every file goes to NAME.tmp first and is renamed into place; files of an older save in the
-    same directory that the new one does not use are removed. Returns the written paths."""
+    """`state` as {prefix}.safetensors, or as shards + index beyond max_shard_bytes, atomically;
+    the files of an older save that the new one does not use are removed. Returns the paths."""
     from safetensors.torch import save_file  # here, so that generate_data.py's JSON writes need no torch
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors, seen = {}, set()
+    tensors, seen, shards, size = {}, set(), [[]], 0
     for k, t in state.items():
         if t.device.type == "meta":
             raise WeightsError(f"cannot save {k}: it is on the meta device (never loaded)")
         t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:  # safetensors refuses shared memory (tied weights): copy it
-            t = t.clone()
+        if t.numel() and t.untyped_storage().data_ptr() in seen:
+            t = t.clone()  # safetensors refuses shared memory (tied weights)
         seen.add(t.untyped_storage().data_ptr())
-        tensors[k] = t
-
-    shards, size = [[]], 0  # greedy in state order, like transformers; a huge tensor gets its own
-    for k, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
+        if shards[-1] and size + t.numel() * t.element_size() > max_shard_bytes:  # greedy, as transformers
             shards, size = shards + [[]], 0
+        tensors[k], size = t, size + t.numel() * t.element_size()
         shards[-1].append(k)
-        size += n
     n = len(shards)
-    names = [f"{prefix}.safetensors"] if n == 1 else \
-            [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    index_name = f"{prefix}.safetensors.index.json"
-
-    written = []  # (tmp, final): write everything first, rename only when all writes succeeded
-    try:
-        for name, keys in zip(names, shards):
-            written.append((directory / (name + ".tmp"), directory / name))
-            save_file({k: tensors[k] for k in keys}, str(written[-1][0]), metadata={"format": "pt"})
-            _fsync(written[-1][0])
-        if n > 1:  # the index goes last, so it never points at shards that are not there yet
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
-            written.append((directory / (index_name + ".tmp"), directory / index_name))
-            written[-1][0].write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            _fsync(written[-1][0])
-    except BaseException:
-        for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, final in written:
-        os.replace(tmp, final)
-
-    # an older save's files: the stale index first, so no index ever names a removed shard
-    ours = re.compile(rf"{re.escape(prefix)}(-\d{{5}}-of-\d{{5}})?\.safetensors(\.index\.json)?(\.tmp)?")
-    keep = {final.name for _, final in written}
-    stale = [p for p in directory.iterdir() if ours.fullmatch(p.name) and p.name not in keep]
-    for p in sorted(stale, key=lambda p: not p.name.endswith(".index.json")):
+    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    writers = {name: lambda tmp, keys=keys: save_file({k: tensors[k] for k in keys}, str(tmp), metadata={"format": "pt"})
+               for name, keys in zip(names, shards)}
+    if n > 1:  # the index goes last, so it never names shards that are not there yet
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        writers[f"{prefix}.safetensors.index.json"] = lambda tmp: tmp.write_text(json.dumps(index, indent=2))
+    written = write_atomic(directory, writers)
+    ours = re.compile(rf"{re.escape(prefix)}(-\d{{5}}-of-\d{{5}})?\.safetensors(\.index\.json)?(\..+\.tmp)?")
+    stale = [p for p in Path(directory).iterdir() if ours.fullmatch(p.name) and p not in written]
+    for p in sorted(stale, key=lambda p: not p.name.endswith(".index.json")):  # no index names a lost shard
         p.unlink(missing_ok=True)
-    return [final for _, final in written]
+    return written
 
-
-# -----------------------------------------------------------------------------------------------
-# fetching from the Hub
 
 HUB = "https://huggingface.co"
 REQUIRED = ["config.json", "tokenizer.model"]
@@ -242,56 +239,47 @@ CHUNK = 1 << 16  # bytes per read: an interrupted read loses at most this much
 
 def is_hub_name(name):
     """org/name, as the Hub spells repositories (no "." or ".." parts)."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name))) and not any(p in (".", "..") for p in str(name).split("/"))
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name))) and not {".", ".."} & set(str(name).split("/"))
 
 
 def fetch(name_or_dir, cache_dir=None, files=None):
-    """An existing local path is returned as is. A Hub name (org/name) is downloaded into
-    {cache_dir or $NANOLLAVA_CACHE or ~/.cache/nanollava}/org--name and that directory returned:
-    config.json, the tokenizer files (or exactly `files`, all required), then the weights
-    (the index and its shards, else model.safetensors)."""
-    path = Path(name_or_dir).expanduser()
-    if path.exists():
-        return path
+    """An existing local path comes back as is. A Hub name (org/name) is downloaded into
+    {cache_dir or $NANOLLAVA_CACHE or ~/.cache/nanollava}/org--name, which comes back: config.json
+    and the tokenizer files (or exactly `files`), then the index and its shards or model.safetensors."""
+    if Path(name_or_dir).expanduser().exists():
+        return Path(name_or_dir).expanduser()
     name = str(name_or_dir)
     if not is_hub_name(name):
         raise WeightsError(f"no such directory: {name} (and it is not a Hub name like llava-hf/llava-1.5-7b-hf)")
-    base = os.environ.get("NANOLLAVA_HUB_URL", HUB).rstrip("/")
     root = Path(cache_dir or os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
     target = root / name.replace("/", "--")
     required, optional = (list(files), []) if files is not None else (REQUIRED, OPTIONAL)
     marker = target / ".complete"  # written last: which files a finished fetch asked for
     if marker.is_file() and set(required + optional) <= set(marker.read_text().split()):
         return target  # nothing to ask the network: works offline once downloaded
-
     target.mkdir(parents=True, exist_ok=True)
     session = requests.Session()
     session.headers["Accept-Encoding"] = "identity"  # byte counts must match Content-Length
     if os.environ.get("HF_TOKEN"):  # requests drops it on redirects to another host (the CDN)
         session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    for f in required:
-        _download(session, base, name, f, target)
-    for f in optional:
-        _download(session, base, name, f, target, required=False)
-    if _download(session, base, name, INDEX, target, required=False):
-        for shard in dict.fromkeys(_weight_map(target / INDEX).values()):
-            if not re.fullmatch(r"[\w-][\w.-]*", shard):  # a plain file name, nothing like ../x
-                raise WeightsError(f"{target / INDEX} names a shard {shard!r} that is not a plain file name")
-            _download(session, base, name, shard, target)
-    else:
-        _download(session, base, name, SINGLE, target, why=" (nanollava reads only safetensors weights)")
+    for f in required + optional:
+        _download(session, name, f, target, required=f in required)
+    if not _download(session, name, INDEX, target, required=False):
+        _download(session, name, SINGLE, target, why=" (nanollava reads only safetensors weights)")
+    for shard in dict.fromkeys(_weight_map(target / INDEX).values()) if (target / INDEX).is_file() else []:
+        if not re.fullmatch(r"[\w-][\w.-]*", shard):  # a plain file name, nothing like ../x
+            raise WeightsError(f"{target / INDEX} names a shard {shard!r} that is not a plain file name")
+        _download(session, name, shard, target)
     marker.write_text("\n".join(required + optional) + "\n")
     return target
 
 
-def _download(session, base, name, filename, target, required=True, tries=5, why=""):
-    """One file into target/filename via filename.part, resuming a partial .part. Returns False
-    only for an optional file that does not exist (404)."""
+def _download(session, name, filename, target, required=True, tries=5, why=""):
+    """target/filename via filename.part, resuming a partial one; False: an optional file the Hub lacks."""
     final, part = target / filename, target / (filename + ".part")
-    if final.is_file():
-        return True  # files are renamed into place only once complete
+    base = os.environ.get("NANOLLAVA_HUB_URL", HUB).rstrip("/")
     url = f"{base}/{name}/resolve/main/{filename}"
-    for attempt in range(tries):
+    for attempt in range(0 if final.is_file() else tries):  # a file is renamed into place once complete
         have = part.stat().st_size if part.exists() else 0
         try:
             r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=(10, 60))
@@ -299,44 +287,32 @@ def _download(session, base, name, filename, target, required=True, tries=5, why
             raise WeightsError(f"{name} is no local directory, and {base} cannot be reached to download it "
                                "(offline?): download it elsewhere and give its directory instead") from None
         with r:
-            if r.status_code == 404 and not required:
+            code, start = r.status_code, re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
+            if code == 404 and not required:
                 return False
-            if r.status_code == 404:
-                raise WeightsError(f"{filename} not found at {url}: is {name} a llava-hf model name?{why}")
-            if r.status_code in (401, 403):
-                raise WeightsError(f"access to {url} denied (HTTP {r.status_code}): {name} does not exist, "
-                                   "or it is gated or private and needs HF_TOKEN set")
-            if r.status_code == 416:  # a .part longer than the file: start over
-                part.unlink()
+            if code not in (200, 206, 416):
+                raise WeightsError(f"{filename} not found at {url}: is {name} a llava-hf model name?{why}" if code == 404
+                                   else f"access to {url} denied (HTTP {code}): {name} does not exist, or it is gated "
+                                   "or private and needs HF_TOKEN set" if code in (401, 403)
+                                   else f"downloading {url} failed: HTTP {code}")
+            if code == 416 or code == 206 and not (start and int(start.group(1)) == have):
+                part.unlink()  # a .part longer than the file, or a range we did not ask for: start over
                 continue
-            if r.status_code not in (200, 206):
-                raise WeightsError(f"downloading {url} failed: HTTP {r.status_code} {r.reason}")
-            total = None
-            if r.status_code == 206:  # Content-Range: bytes START-END/TOTAL
-                m = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", r.headers.get("Content-Range", ""))
-                if not m or int(m.group(1)) != have:
-                    part.unlink()
-                    continue
-                total = int(m.group(2)) if m.group(2) != "*" else None
-            else:  # 200: the whole file (a server that ignores Range also answers 200: restart)
-                have = 0
-                total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+            have = have if code == 206 else 0  # 200 is the whole file (from a server that ignores Range too)
+            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
             try:
                 with open(part, "ab" if have else "wb") as f, \
-                        tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=filename) as bar:
+                        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=filename) as bar:
                     for chunk in r.iter_content(chunk_size=CHUNK):
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                        bar.update(f.write(chunk))
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
                 time.sleep(min(attempt, 5))  # keep the bytes we have and resume from there
                 continue
-        size = part.stat().st_size
-        if total is None or size == total:
+        if total is None or part.stat().st_size == total:
             os.replace(part, final)
             return True
-        if size > total:
-            part.unlink()
-        # else the server closed early without an error: resume on the next try
-    raise WeightsError(f"downloading {url} failed after {tries} tries; run again to resume "
-                       f"from the {part.name} kept so far")
+        if part.stat().st_size > total:
+            part.unlink()  # else the server closed early without an error: resume on the next try
+    if final.is_file():
+        return True
+    raise WeightsError(f"downloading {url} failed after {tries} tries; run again to resume from the {part.name} kept")

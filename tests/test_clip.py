@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clip  # noqa: E402
-from clip import CLIPVision, CLIPVisionConfig, preprocess, vision_state_from_checkpoint  # noqa: E402
-from weights import WeightsError  # noqa: E402
+from clip import CLIPVision, CLIPVisionConfig, preprocess  # noqa: E402
+from weights import WeightsError, read_weights  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -119,24 +119,26 @@ def test_config_from_hf_and_back():
         CLIPVisionConfig.from_hf({"hidden_act": "relu6"})
 
 
-def test_prefix_rules_openai_layout(clip_dir):
+def test_prefix_rules_openai_layout(clip_dir, tmp_path):
     """An older OpenAI-style file also stores `position_ids` buffers: they and the text tower are
-    ignored; an unknown key is passed through so the loader names it."""
+    ignored; an unknown key is named by the loader."""
     path, hf = clip_dir
     state = load_file(path / "model.safetensors")
     state["vision_model.embeddings.position_ids"] = torch.arange(26)[None]
     state["text_model.embeddings.position_ids"] = torch.arange(16)[None]
-    stripped = vision_state_from_checkpoint(state)
-    assert set(stripped) == {k[len("vision_model."):] for k in state
-                             if k.startswith("vision_model.") and "position_ids" not in k}
-    assert vision_state_from_checkpoint(stripped) == stripped  # idempotent on a bare dict
-    model = CLIPVision.from_state_dict(CLIPVisionConfig.from_hf(VISION), state, "test")
+    d = tmp_path / "old"
+    _copy_config(path, d)
+    save_file(state, str(d / "model.safetensors"))
+    assert set(read_weights(d)) == {"vision_tower." + k[len("vision_model."):] for k in state
+                                    if k.startswith("vision_model.") and "position_ids" not in k}
+    model = CLIPVision.from_pretrained(d)
     with torch.no_grad():
         torch.testing.assert_close(model(_pixels(), -2), hf(_pixels(), output_hidden_states=True).hidden_states[-2],
                                    atol=1e-4, rtol=0)
     state["vision_model.extra.weight"] = torch.zeros(1)
+    save_file(state, str(d / "model.safetensors"))
     with pytest.raises(WeightsError, match=r"unexpected keys: extra\.weight"):
-        CLIPVision.from_state_dict(CLIPVisionConfig.from_hf(VISION), state, "test")
+        CLIPVision.from_pretrained(d)
 
 
 # -----------------------------------------------------------------------------

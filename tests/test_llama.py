@@ -17,8 +17,8 @@ import transformers  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
 import llama  # noqa: E402
-from llama import KVCache, Llama, LlamaConfig, Tokenizer, llm_state_from_checkpoint  # noqa: E402
-from weights import WeightsError  # noqa: E402
+from llama import KVCache, Llama, LlamaConfig, Tokenizer  # noqa: E402
+from weights import WeightsError, read_weights  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 VOCAB = 300
@@ -266,11 +266,11 @@ def test_tied_embeddings_are_one_parameter(ckpts):
     assert m.lm_head.weight.dtype == torch.bfloat16
 
 
-def test_key_map():
-    t = torch.zeros(1)
-    state = {"model.embed_tokens.weight": t, "model.layers.0.self_attn.rotary_emb.inv_freq": t,
-             "lm_head.weight": t, "model.norm.weight": t, "vision.x": t}
-    assert set(llm_state_from_checkpoint(state)) == {"embed_tokens.weight", "lm_head.weight", "norm.weight", "vision.x"}
+def test_key_map(tmp_path):
+    keys = ["model.embed_tokens.weight", "model.layers.0.self_attn.rotary_emb.inv_freq", "lm_head.weight",
+            "model.norm.weight", "vision.x"]
+    save_file({k: torch.zeros(1) for k in keys}, str(tmp_path / "model.safetensors"))
+    assert set(read_weights(tmp_path)) == {"llm.embed_tokens.weight", "llm.lm_head.weight", "llm.norm.weight", "vision.x"}
 
 
 def test_meta_build_keeps_no_stray_meta_tensors(ckpts):

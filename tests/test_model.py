@@ -322,8 +322,8 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(WeightsError) as e:  # an unknown, a missing and a misshaped key: one error names all
         LLaVA.from_pretrained(d)
     msg = str(e.value)
-    assert "no part of a LLaVA model: extra.weight" in msg and "missing keys: linear_1.bias" in msg, msg
-    assert "wrong shapes: norm.weight (expected [48], found [7])" in msg and "\n" not in msg, msg
+    assert "unexpected keys: extra.weight" in msg and "missing keys: projector.linear_1.bias" in msg, msg
+    assert "wrong shapes: llm.norm.weight (expected [48], found [7])" in msg and "\n" not in msg, msg
     (d / "config.json").write_text("{not json")
     with pytest.raises(WeightsError, match="config.json"):
         LLaVA.from_pretrained(d)
