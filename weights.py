@@ -126,7 +126,13 @@ def load_state_dict(path):
     if absent:
         raise WeightsError(f"{path / INDEX} lists shards missing on disk: {', '.join(absent)}; "
                            f"the download or copy of {path} is incomplete")
-    state = {k: t for shard in shards for k, t in _read_safetensors(path / shard).items()}
+    state = {}
+    for shard in shards:  # each key from the shard the index names: a copy elsewhere is an error
+        for k, t in _read_safetensors(path / shard).items():
+            if weight_map.get(k) != shard:
+                raise WeightsError(f"{path / shard} holds {k}, which {path / INDEX} places in "
+                                   f"{weight_map.get(k, 'no shard')}; the checkpoint is inconsistent")
+            state[k] = t
     if set(state) != set(weight_map):
         raise WeightsError(f"{path / INDEX} does not match its shards, whose keys differ in: "
                            f"{', '.join(sorted(set(state) ^ set(weight_map)))}")

@@ -138,6 +138,16 @@ def test_load_errors(tmp_path):
     (sharded / "model-00002-of-00003.safetensors").unlink()
     with pytest.raises(WeightsError, match="shards missing on disk: model-00002-of-00003.safetensors"):
         load_state_dict(sharded)
+    # a key in a shard the index does not place it in (a duplicate, or one the index lacks)
+    save_state_dict(small_state(), sharded, max_shard_bytes=300)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first = sorted(index["weight_map"])[0]
+    home = index["weight_map"][first]
+    stray = next(s for s in sorted(set(index["weight_map"].values())) if s != home)
+    from safetensors.torch import load_file, save_file
+    save_file({**load_file(sharded / stray), first: small_state()[first]}, str(sharded / stray))
+    with pytest.raises(WeightsError, match=rf"{stray} holds {re.escape(first)}, which .* places in {home}"):
+        load_state_dict(sharded)
     two = tmp_path / "two"
     save_state_dict(small_state(), two, prefix="a")
     save_state_dict(small_state(), two, prefix="b")
