@@ -10,10 +10,9 @@ ScienceQA: each problem becomes the prompt training used, the model answers gree
 `extract_answer` reads the letter strictly; a reply without one counts wrong and is listed, never
 guessed. The judge (text only, through generate_data's client) reads the image's captions and
 boxes, the question, the reference answer and ours, and scores both on its first line ("8 6");
-a malformed first line is asked again; relative score = mean(ours) / mean(reference). Answers and
-judgments are appended to JSONL files as they come, so a rerun resumes where it stopped. The
-ablations (CLIP layer -1, no stage 1, answer first) are each one tiny.run_tiny switch, trained
-on a multiple-choice tiny world and scored as ScienceQA.
+a malformed first line is asked again. Answers and judgments are appended to JSONL files as they
+come, so a rerun resumes where it stopped. Each ablation (CLIP layer -1, no stage 1, answer
+first) is one tiny.run_tiny switch, trained on a multiple-choice tiny world, scored as ScienceQA.
 """
 
 import argparse
@@ -44,12 +43,12 @@ def load_model(path, device="", dtype=""):
 
 
 def ask(record, tokenizer, cfg, image_folder, blank_image=None):
-    """A record's first question -> (prompt ids, PIL image or None); ValueError when it cannot be asked."""
-    has_image = record.get("image") is not None
+    """A record's first question -> (prompt ids, PIL image or None); ValueError if it cannot be asked."""
+    has_image, ctx = record.get("image") is not None, cfg.text.max_position_embeddings
     ids = data.tokenize_prompt(record["conversations"][:1], tokenizer, cfg.template, has_image=has_image,
                                num_patches=cfg.num_patches)
-    if len(ids) >= cfg.text.max_position_embeddings:
-        raise ValueError(f"the prompt is {len(ids)} tokens, the model's context {cfg.text.max_position_embeddings}")
+    if len(ids) >= ctx:
+        raise ValueError(f"the prompt is {len(ids)} tokens, the model's context {ctx}")
     if not has_image:
         return ids, None
     return ids, blank_image if blank_image is not None else load_image(Path(image_folder) / record["image"])
@@ -88,39 +87,34 @@ def answer_all(model, tokenizer, records, image_folder, out_path, batch_size=8, 
     return done
 
 
-# =============================================================================================
-# 1. ScienceQA
-# =============================================================================================
+def write_scores(args, summary):
+    path = Path(args.scores or Path(args.out).with_suffix(".scores.json"))
+    path.write_text(json.dumps(summary, indent=1))
+    print(f"scores: {path}")
 
+
+# ---- 1. ScienceQA ---------------------------------------------------------------------------------
 SQA_GROUPS = (("NAT", "SOC", "LAN"), ("TXT", "IMG", "NO"), ("G1-6", "G7-12"), ("Avg",))
 SQA_COLUMNS = tuple(c for group in SQA_GROUPS for c in group)
 LETTER_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA-1.5's eval
-
-_BARE = re.compile(r"\(?([A-Z])\)?")                                 # "B", "(B)"
-_LEADING = re.compile(r"\(?([A-Z])\)?\.(?:\s|$)")                    # "B. iron nail", "B."
+_LEADING = re.compile(r"\(?([A-Z])\)?(?:\.(?:\s|$)|$)")               # "B", "(B)", "B.", "B. iron nail"
 _ANSWER_IS = re.compile(r"The answer is \(?([A-Z])\)?(?![A-Za-z0-9])")  # not "The answer is Alabama"
 
 
 def extract_answer(text, n_choices=5):
-    """The answer letter of a reply -> (letter, None), or (None, why) for a failure.
-
-    Accepted: a bare letter, a letter and a period at the start, or "The answer is X"
-    exactly once (the official targets end "The answer is X." reasoning-first and start with
-    it answer-first). A reply that starts with one letter and then says the answer is another
-    is a failure, and so is a letter outside this problem's options."""
+    """A reply -> (letter, None), or (None, why) for a failure. Accepted: a bare letter, a letter
+    and a period at the start, or "The answer is X" exactly once (the official targets end with
+    it reasoning-first and start with it answer-first). A start and a said answer that differ,
+    or a letter outside this problem's options, is a failure: a guess would flatter the model."""
     t = (text or "").strip()
-    bare = _BARE.fullmatch(t)
-    if bare:
-        letter = bare.group(1)
-    else:
-        said, lead = _ANSWER_IS.findall(t), _LEADING.match(t)
-        if len(said) > 1:
-            return None, f"'The answer is' appears {len(said)} times"
-        if lead and said and lead.group(1) != said[0]:
-            return None, f"starts with {lead.group(1)}. but says the answer is {said[0]}"
-        if not said and not lead:
-            return None, "no answer letter"
-        letter = said[0] if said else lead.group(1)
+    said, lead = _ANSWER_IS.findall(t), _LEADING.match(t)
+    if len(said) > 1:
+        return None, f"'The answer is' appears {len(said)} times"
+    if lead and said and lead.group(1) != said[0]:
+        return None, f"starts with {lead.group(1)}. but says the answer is {said[0]}"
+    letter = said[0] if said else lead and lead.group(1)
+    if not letter:
+        return None, "no answer letter"
     if letter not in data.SQA_LETTERS[:n_choices]:
         return None, f"answer {letter} is not one of the {n_choices} options"
     return letter, None
@@ -129,12 +123,9 @@ def extract_answer(text, n_choices=5):
 def score_scienceqa(records, replies):
     """records (data.scienceqa_to_llava) and {pid: reply text} -> the report: accuracy (percent)
     and count per column of the paper's table, failures [{id, why, text}], ids without a reply."""
-    right, total = defaultdict(int), defaultdict(int)
-    failures, missing = [], []
-    for r in records:
-        if r["id"] not in replies:
-            missing.append(r["id"])
-            continue
+    right, total, failures = defaultdict(int), defaultdict(int), []
+    missing = [r["id"] for r in records if r["id"] not in replies]
+    for r in (r for r in records if r["id"] in replies):
         letter, why = extract_answer(replies[r["id"]], len(r["choices"]))
         if why:
             failures.append({"id": r["id"], "why": why, "text": replies[r["id"]]})
@@ -156,11 +147,7 @@ def format_table(accuracy):
 def scienceqa_records(root, split, prompt_format="QCM", letter_prompt=False):
     """The split as LLaVA records (the training conversion; the target order does not change
     the prompt). prompt_format QCM (the paper's) or CQM (LLaVA-1.5's evaluation file)."""
-    root = Path(root)
-    for f in ("problems.json", "pid_splits.json"):
-        if not (root / f).is_file():
-            raise SystemExit(f"error: --root {root}: no {f} (expected the ScienceQA release layout)")
-    records = data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", split,
+    records = data.scienceqa_to_llava(Path(root) / "problems.json", Path(root) / "pid_splits.json", split,
                                       prompt_format=f"{prompt_format}-A")
     for r in records if letter_prompt else ():  # official --single-pred-prompt: after the text, before the image
         human, image = r["conversations"][0], "\n" + data.IMAGE if "image" in r else ""
@@ -178,24 +165,7 @@ def evaluate_scienceqa(model, tokenizer, records, image_folder, out_path, limit=
     return score_scienceqa(records, replies), generated
 
 
-def print_report(report, n_problems, seconds, generated, show_failures=20):
-    print(format_table(report["accuracy"]))
-    line = f"{report['correct']} of {report['scored']} correct"
-    if report["missing"]:
-        line += f"; {len(report['missing'])} of {n_problems} problems have no answer yet (run again to finish)"
-    if generated:
-        line += f"; generated {generated} answers in {seconds:.1f}s ({generated / seconds:.2f} questions/s)"
-    print(line)
-    fails = report["failures"]
-    if fails:
-        print(f"{len(fails)} replies without a readable answer (counted wrong):")
-        for f in fails[:show_failures]:
-            print(f"  {f['id']}: {f['why']}: {' '.join(f['text'].split())[:100]!r}")
-        if len(fails) > show_failures:
-            print(f"  ... and {len(fails) - show_failures} more (all in the scores file)")
-
-
-def cmd_scienceqa(args):
+def cmd_scienceqa(args, show_failures=20):
     records = scienceqa_records(args.root, args.split, args.prompt_format, args.letter_prompt)
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.config.template = args.template or model.config.template
@@ -206,100 +176,81 @@ def cmd_scienceqa(args):
     report, generated = evaluate_scienceqa(model, tokenizer, records, Path(args.root) / "images" / args.split,
                                            args.out, args.limit, batch_size=args.batch_size,
                                            max_new_tokens=args.max_new_tokens)
-    seconds = time.perf_counter() - t0
-    print_report(report, n, seconds, generated)
-    scores = Path(args.scores or Path(args.out).with_suffix(".scores.json"))
-    scores.write_text(json.dumps({**report, "model": str(args.model), "split": args.split, "problems": n,
-                                  "generated": generated, "seconds": round(seconds, 2)}, indent=1))
-    print(f"scores: {scores}")
-    return 0 if not report["missing"] else 3
+    seconds, missing, fails = time.perf_counter() - t0, len(report["missing"]), report["failures"]
+    print(format_table(report["accuracy"]))
+    print(f"{report['correct']} of {report['scored']} correct"
+          + (f"; {missing} of {n} problems have no answer yet (run again to finish)" if missing else "")
+          + (f"; generated {generated} answers in {seconds:.1f}s ({generated / seconds:.2f}/s)" if generated else ""))
+    if fails:
+        print(f"{len(fails)} replies without a readable answer (counted wrong; the first {show_failures} here, "
+              "all in the scores file):")
+    for f in fails[:show_failures]:
+        print(f"  {f['id']}: {f['why']}: {' '.join(f['text'].split())[:100]!r}")
+    write_scores(args, {**report, "model": str(args.model), "split": args.split, "problems": n,
+                        "generated": generated, "seconds": round(seconds, 2)})
+    return 0 if not missing else 3
 
 
-# =============================================================================================
-# 2. The judge: LLaVA-Bench relative score
-# =============================================================================================
-
+# ---- 2. The judge: LLaVA-Bench relative score ------------------------------------------------------
 JUDGE_CATEGORIES = ("conv", "detail", "complex")
 JUDGE_SYSTEM = "You are a careful and impartial judge of answers to questions about images."
 # Our wording of the official protocol (rule.json of LLaVA-Bench): same layout, same reply format.
 JUDGE_RULE = (
-    "Above are two AI assistants' answers to a user's question about an image. You cannot see the "
-    "image; the sentences and object boxes under [Context] describe it (boxes are [x1, y1, x2, y2] "
-    "as fractions of the image size). Rate how helpful, relevant, accurate and detailed each answer "
-    "is, with one overall score per assistant on a scale of 1 to 10, higher being better.\n"
-    "On the first line write only the two scores, Assistant 1's then Assistant 2's, separated by a "
-    "space. From the second line on, explain your judgment, without letting the order in which the "
-    "answers were shown, or their length, sway you.")
+    "Above are two AI assistants' answers to a user's question about an image. You cannot see the image; the "
+    "sentences and object boxes under [Context] describe it (boxes are [x1, y1, x2, y2] as fractions of the image "
+    "size). Rate how helpful, relevant, accurate and detailed each answer is, with one overall score per assistant "
+    "on a scale of 1 to 10, higher being better.\nOn the first line write only the two scores, Assistant 1's then "
+    "Assistant 2's, separated by a space. From the second line on, explain your judgment, without letting the order "
+    "in which the answers were shown, or their length, sway you.")
 _SCORES = re.compile(r"\s*(\d{1,2}(?:\.\d+)?)\s*(?:,\s*|\s+)(\d{1,2}(?:\.\d+)?)\s*")
 
 
 def parse_scores(text):
-    """The judge's reply -> (score of assistant 1, score of assistant 2). Its first non-empty
-    line must be exactly two numbers from 0 to 10 separated by a space or a comma ("8 6",
-    "7.5, 9"); anything else ("Assistant 1: 8", "8/10 6/10", "8", "8 6 5", "11 3") raises
-    ParseError, which run_jobs answers by asking again."""
-    lines = [line for line in (text or "").splitlines() if line.strip()]
-    if not lines:
-        raise ParseError("empty reply")
-    m = _SCORES.fullmatch(lines[0])
-    if not m:
-        raise ParseError(f"the first line is not two scores: {lines[0][:60]!r}")
-    a, b = float(m.group(1)), float(m.group(2))
-    if not (0 <= a <= 10 and 0 <= b <= 10):
-        raise ParseError(f"scores out of 0..10: {lines[0][:60]!r}")
-    return a, b
+    """The judge's reply -> (score of assistant 1, score of assistant 2). Its first non-empty line
+    must be two numbers from 0 to 10 and nothing else ("8 6", "7.5, 9"); anything else ("8/10
+    6/10", "8 6 5", "11 3") raises ParseError, which run_jobs answers by asking again."""
+    first = next((line for line in (text or "").splitlines() if line.strip()), "")
+    m = _SCORES.fullmatch(first)
+    scores = (float(m.group(1)), float(m.group(2))) if m else ()
+    if not scores or not all(0 <= s <= 10 for s in scores):
+        raise ParseError(f"the first line is not two scores from 0 to 10: {first[:60]!r}")
+    return scores
 
 
 def judge_messages(context, question, reference, ours):
     """The official layout: context, question, the two answers (reference first), the rule."""
-    content = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
-               f"[Assistant 1]\n{reference}\n\n[End of Assistant 1]\n\n"
-               f"[Assistant 2]\n{ours}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n")
+    content = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n[Assistant 1]\n{reference}\n\n"
+               f"[End of Assistant 1]\n\n[Assistant 2]\n{ours}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_RULE}\n\n")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
 
 def relative_scores(rows):
-    """Judgments [{category, scores: [reference, ours]}] -> per category and "all": n, mean
-    reference and our score, relative = 100 * mean(ours) / mean(reference) (the official
-    summary: a ratio of means)."""
+    """Judgments [{category, scores: [reference, ours]}] -> per category and "all": n, the mean
+    scores, relative = 100 * mean(ours) / mean(reference) (the official summary: a ratio of means)."""
     groups = defaultdict(list)
     for r in rows:
         groups[r["category"]].append(r["scores"])
         groups["all"].append(r["scores"])
     table = {}
     for cat in [*JUDGE_CATEGORIES, *sorted(set(groups) - {*JUDGE_CATEGORIES, "all"}), "all"]:
-        s = groups.get(cat)
-        if not s:
-            continue
-        ref, ours = sum(x[0] for x in s) / len(s), sum(x[1] for x in s) / len(s)
-        table[cat] = {"n": len(s), "reference": round(ref, 3), "ours": round(ours, 3),
-                      "relative": round(100 * ours / ref, 1) if ref else None}
+        if groups.get(cat):
+            ref, ours = (sum(s[i] for s in groups[cat]) / len(groups[cat]) for i in (0, 1))
+            table[cat] = {"n": len(groups[cat]), "reference": round(ref, 3), "ours": round(ours, 3),
+                          "relative": round(100 * ours / ref, 1) if ref else None}
     return table
 
 
-def format_judge_table(table):
-    lines = [f"{'category':<9} {'n':>3} {'reference':>10} {'ours':>6} {'relative':>9}"]
-    for cat, t in table.items():
-        rel = "-" if t["relative"] is None else f"{t['relative']:.1f}%"
-        lines.append(f"{cat:<9} {t['n']:>3} {t['reference']:>10.2f} {t['ours']:>6.2f} {rel:>9}")
-    return "\n".join(lines)
-
-
-def find_image(images, name):
-    """LLaVA-Bench names images by their COCO id ("000000441147.jpg"); COCO's val2014 folder
-    has them as "COCO_val2014_000000441147.jpg". Either works."""
-    candidates = (Path(images) / name, Path(images) / f"COCO_val2014_{name}")
-    return next((c for c in candidates if c.is_file()), candidates[0])
-
-
 def our_answers(args, questions):
-    """The JSONL of our answers: --our-answers, else our model's, answered (resumably) beside --out."""
+    """--our-answers, else our model's answers, written (resumably) beside --out. An image is found
+    by LLaVA-Bench's name ("000000441147.jpg") or COCO val2014's ("COCO_val2014_000000441147.jpg")."""
     if args.our_answers:
         return args.our_answers
     if not args.model or not args.images:
         raise SystemExit("error: give --model and --images (our model answers), or --our-answers FILE")
-    path = Path(args.out).with_name(Path(args.out).stem + "_answers.jsonl")
-    records = [{"question_id": q["question_id"], "image": str(find_image(args.images, q["image"])),
+    path, images = Path(args.out).with_name(Path(args.out).stem + "_answers.jsonl"), Path(args.images)
+    find = lambda name: next((p for p in (images / name, images / f"COCO_val2014_{name}") if p.is_file()),  # noqa: E731
+                             images / name)
+    records = [{"question_id": q["question_id"], "image": str(find(q["image"])),
                 "conversations": [{"from": "human", "value": q["text"]}]} for q in questions]
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     answer_all(model, tokenizer, records, ".", path, args.batch_size, args.max_new_tokens, key="question_id")
@@ -307,20 +258,18 @@ def our_answers(args, questions):
 
 
 def judge_jobs(questions, references, ours, contexts, finished):
-    """A job per question not judged yet; one that lacks a reference, our answer or its image's
-    context is counted in a warning and left out."""
-    jobs, lacking = [], defaultdict(list)
+    """A job per question not judged yet; one without a reference, our answer or its image's
+    context is named in a warning and left out."""
+    jobs = []
     for q in (q for q in questions if str(q["question_id"]) not in finished):
         qid = q["question_id"]
         gaps = [what for what, table, k in (("reference answer", references, qid), ("our answer", ours, qid),
                                             ("context", contexts, q["image"])) if k not in table]
-        for what in gaps:
-            lacking[what].append(qid)
-        if not gaps:
+        if gaps:
+            log(f"warning: question {qid}: no {' and no '.join(gaps)}; not judged")
+        else:
             messages = judge_messages(contexts[q["image"]], q["text"], references[qid], ours[qid])
             jobs.append(Job(str(qid), messages, lambda text: (parse_scores(text), text), data=q))
-    for what, ids in lacking.items():
-        log(f"warning: no {what} for {len(ids)} questions (ids {ids[:10]}); not judged")
     return jobs
 
 
@@ -337,8 +286,8 @@ def cmd_judge(args):
     client = client_from_args(args, args.judge_model)
 
     def write(job, parsed):  # the scores and the judge's whole reply
-        scores, review = parsed
-        out.append({"id": job.key, "question_id": job.data["question_id"], "category": job.data.get("category", "?"),
+        q, (scores, review) = job.data, parsed
+        out.append({"id": job.key, "question_id": q["question_id"], "category": q.get("category", "?"),
                     "scores": list(scores), "review": review})
 
     try:
@@ -347,30 +296,25 @@ def cmd_judge(args):
         out.close()
     rows = [r for r in read_jsonl(args.out, "judgments file") if isinstance(r.get("scores"), list)]
     table = relative_scores(rows)
-    print(format_judge_table(table))
+    print(f"{'category':<9} {'n':>3} {'reference':>10} {'ours':>6} {'relative':>9}")
+    for cat, t in table.items():
+        rel = "-" if t["relative"] is None else f"{t['relative']:.1f}%"
+        print(f"{cat:<9} {t['n']:>3} {t['reference']:>10.2f} {t['ours']:>6.2f} {rel:>9}")
     print(f"judged {report.done} now (+{len(rows) - report.done} earlier); malformed judge replies re-asked "
-          f"{report.reasks} times, {report.skipped.get('unparsable', 0)} questions still malformed after "
-          f"{args.parse_retries} re-asks; skipped {dict(report.skipped) or 'none'}; requests {client.requests} "
-          f"(retries {client.retries}), tokens {client.total_tokens}")
-    summary = Path(args.scores or Path(args.out).with_suffix(".scores.json"))
-    summary.write_text(json.dumps({"relative": table, "judge_model": args.judge_model, "reasks": report.reasks,
-                                   "skipped": dict(report.skipped), "judged": len(rows)}, indent=1))
-    print(f"scores: {summary}")
+          f"{report.reasks} times, {report.skipped.get('unparsable', 0)} questions still malformed; skipped "
+          f"{dict(report.skipped) or 'none'}; requests {client.requests} (retries {client.retries})")
+    write_scores(args, {"relative": table, "judge_model": args.judge_model, "reasks": report.reasks,
+                        "skipped": dict(report.skipped), "judged": len(rows)})
     return 0 if len(rows) == len(questions) else 3
 
 
-# =============================================================================================
-# 3. The paper's ablations on the tiny world
-# =============================================================================================
-
-# The paper's Table 8 (ScienceQA test accuracy, 13B).
-PAPER_ABLATIONS = {"best": 90.92, "layer-1": 89.96, "answer-first": 89.77, "no-stage1": 85.81}
-ABLATIONS = (  # tag, row label, run_tiny switches, trained on the answer-first targets
-    ("best", "best variant (CLIP layer -2, stage 1, reasoning first)", {}, False),
-    ("layer-1", "visual features: last layer (-1)", {"vision_layer": -1}, False),
-    ("answer-first", "answer first (then the reasoning)", {}, True),
-    ("no-stage1", "no stage 1 (stage 2 from a fresh projector)", {"skip_stage1": True}, False),
-)
+# ---- 3. The paper's ablations on the tiny world ----------------------------------------------------
+ABLATIONS = {  # tag: row label, run_tiny switches, trained answer-first, the paper's (Table 8: ScienceQA, 13B)
+    "best": ("best variant (CLIP layer -2, stage 1, reasoning first)", {}, False, 90.92),
+    "layer-1": ("visual features: last layer (-1)", {"vision_layer": -1}, False, 89.96),
+    "answer-first": ("answer first (then the reasoning)", {}, True, 89.77),
+    "no-stage1": ("no stage 1 (stage 2 from a fresh projector)", {"skip_stage1": True}, False, 85.81),
+}
 
 
 def cmd_ablate(args):
@@ -378,125 +322,106 @@ def cmd_ablate(args):
     import tiny  # trains through train.py: only this command needs it
     from PIL import Image
 
-    t0, root = time.perf_counter(), Path(args.out)
+    t0, root, results = time.perf_counter(), Path(args.out), {}
     world = tiny.make_mc_world(root / "data", args.n_train, args.n_test, seed=args.seed,
                                image_size=tiny.TINY_CLIP["image_size"] * 2)
     records = data.scienceqa_to_llava(world["root"] / "problems.json", world["root"] / "pid_splits.json", "test")
-    chance = 100 * sum(1 / len(r["choices"]) for r in records) / len(records)
-    variants = [v for v in ABLATIONS if v[0] in args.only]
-    log(f"ablate: multiple-choice world of {args.n_train} training and {args.n_test} test problems in "
-        f"{world['root']}; variants {', '.join(tag for tag, *_ in variants)}")
+    tags = [t for t in ABLATIONS if t in args.only]
+    log(f"ablate: {args.n_train} training and {args.n_test} test problems in {world['root']}; variants {tags}")
 
-    def accuracy(model, tokenizer, preds, blank_image=None):
-        report, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test", preds,
-                                       batch_size=32, max_new_tokens=args.max_new_tokens, blank_image=blank_image,
-                                       progress=False)
+    def score(model, tokenizer, preds, blank_image=None):  # -> (accuracy, failures), as ScienceQA is scored
+        report, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test", preds, batch_size=32,
+                                       max_new_tokens=args.max_new_tokens, blank_image=blank_image, progress=False)
         return report["accuracy"]["Avg"], len(report["failures"])
 
-    results = {}
     try:
-        for tag, _, switches, answer_first in variants:
-            t = time.perf_counter()
+        for tag in tags:
+            _, switches, answer_first, _ = ABLATIONS[tag]
             w = {**world, "stage2": world["stage2_answer_first"]} if answer_first else world
             tiny.run_tiny(tiny.preset_config(root, args.seed), world=w, tag=tag, evaluate=False, **switches)
-            model, tokenizer = load_model(root / tag / "stage2", "cpu", "fp32")  # scored as ScienceQA is
-            acc, failures = accuracy(model, tokenizer, root / tag / "preds.jsonl")
-            results[tag] = {"accuracy": acc, "failures": failures, "minutes": round((time.perf_counter() - t) / 60, 2)}
+            model, tokenizer = load_model(root / tag / "stage2", "cpu", "fp32")
+            results[tag] = dict(zip(("accuracy", "failures"), score(model, tokenizer, root / tag / "preds.jsonl")))
             if tag == "best":  # what the text alone gives: every picture replaced by a blank one
                 blank = Image.new("RGB", (64, 64), tiny.BACKGROUND)
-                results[tag]["blank_image_accuracy"] = accuracy(model, tokenizer, root / tag / "preds_blank.jsonl",
-                                                                blank)[0]
+                results[tag]["blank_image_accuracy"] = score(model, tokenizer, root / tag / "preds_blank.jsonl",
+                                                             blank)[0]
             log(f"ablate: {tag}: {results[tag]}")
     finally:
         if dist.is_initialized():  # run_tiny's process group
             dist.destroy_process_group()
-    minutes = (time.perf_counter() - t0) / 60
-    print(format_ablation_table(results, chance, args, minutes))
-    (root / "ablation.json").write_text(json.dumps({"results": results, "chance": round(chance, 2),
-                                                    "n_train": args.n_train, "n_test": args.n_test,
-                                                    "minutes": round(minutes, 2)}, indent=1))
+    chance = 100 * sum(1 / len(r["choices"]) for r in records) / len(records)
+    summary = {"results": results, "chance": round(chance, 2), "n_train": args.n_train, "n_test": args.n_test,
+               "seed": args.seed, "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    print(format_ablation_table(summary))
+    (root / "ablation.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 
-def format_ablation_table(results, chance, args, minutes):
-    best, paper_best = results.get("best", {}).get("accuracy"), PAPER_ABLATIONS["best"]
-    lines = [f"{'':<56} {'tiny world':>12}   {'paper (ScienceQA, 13B)':>22}"]
-    for tag, label, _, _ in (v for v in ABLATIONS if v[0] in results):
-        acc, paper = results[tag]["accuracy"], PAPER_ABLATIONS[tag]
+def format_ablation_table(summary):
+    results, paper_best = summary["results"], ABLATIONS["best"][3]
+    best = results.get("best", {}).get("accuracy")
+    rows = [("", "tiny world", "paper (ScienceQA, 13B)")]
+    for tag, r in results.items():
+        label, paper, acc = ABLATIONS[tag][0], ABLATIONS[tag][3], r["accuracy"]
         ours = f"{acc:.2f}" + (f" ({acc - best:+.2f})" if tag != "best" and best is not None else "")
-        theirs = f"{paper:.2f}" + (f" ({paper - paper_best:+.2f})" if tag != "best" else "")
-        lines.append(f"{label:<56} {ours:>12}   {theirs:>22}")
+        rows.append((label, ours, f"{paper:.2f}" + (f" ({paper - paper_best:+.2f})" if tag != "best" else "")))
     if "blank_image_accuracy" in results.get("best", {}):
-        lines.append(f"{'best variant, every test picture blank':<56} {results['best']['blank_image_accuracy']:>12.2f}")
-    lines.append(f"{'chance (one option at random)':<56} {chance:>12.2f}")
-    lines.append(f"accuracy (%) on {args.n_test} held-out multiple-choice problems; {args.n_train} training "
-                 f"problems, seed {args.seed}; {minutes:.1f} min on the CPU")
-    return "\n".join(lines)
+        rows.append(("best variant, every test picture blank", f"{results['best']['blank_image_accuracy']:.2f}", ""))
+    rows.append(("chance (one option at random)", f"{summary['chance']:.2f}", ""))
+    return "\n".join([f"{a:<56} {b:>12}   {c:>22}".rstrip() for a, b, c in rows] + [
+        f"accuracy (%) on {summary['n_test']} held-out multiple-choice problems; {summary['n_train']} training "
+        f"problems, seed {summary['seed']}; {summary['minutes']:.1f} min on the CPU"])
 
 
-# =============================================================================================
-# Command line
-# =============================================================================================
-
-def model_args(s, required=True):
-    s.add_argument("--model", required=required, help="a llava-hf directory (ours or the Hub's) or Hub name")
+# ---- Command line ----------------------------------------------------------------------------------
+def add_common(s, out, what, model_required=True):
+    """The flags scienceqa and judge share: our model, how it answers, where the results go."""
+    s.add_argument("--model", required=model_required, help="a llava-hf directory (ours or the Hub's) or Hub name")
     s.add_argument("--batch-size", type=POSITIVE, default=8)
     s.add_argument("--max-new-tokens", type=POSITIVE, default=1024)
     s.add_argument("--device", type=device_name, default="", help="default cuda if available, else cpu")
     s.add_argument("--dtype", default="", choices=["", *DTYPES], help="default bf16 on cuda, fp32 on cpu")
+    s.add_argument("--out", default=out, help=f"{what} JSONL, appended to and resumed from")
+    s.add_argument("--scores", help="the summary as JSON (default: OUT with .scores.json)")
+    s.add_argument("--limit", type=int, help="only the first N questions")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("scienceqa", help="accuracy per category on a ScienceQA split")
-    s.set_defaults(func=cmd_scienceqa)
-    model_args(s)
+    add_common(s, "scienceqa_preds.jsonl", "predictions")
     s.add_argument("--root", required=True, help="the release: problems.json, pid_splits.json, images/")
     s.add_argument("--split", default="test")
-    s.add_argument("--out", default="scienceqa_preds.jsonl", help="predictions JSONL, appended to and resumed from")
-    s.add_argument("--scores", help="the table as JSON (default: OUT with .scores.json)")
-    s.add_argument("--limit", type=int, help="only the first N problems of the split")
-    s.add_argument("--prompt-format", default="QCM", choices=["QCM", "CQM"],
-                   help="QCM: question, context, options (the paper's); CQM: LLaVA-1.5's evaluation file")
-    s.add_argument("--letter-prompt", action="store_true",
-                   help=f"append LLaVA-1.5's {LETTER_PROMPT!r} (for models trained that way)")
+    s.add_argument("--prompt-format", default="QCM", choices=["QCM", "CQM"], help="CQM: LLaVA-1.5's evaluation")
+    s.add_argument("--letter-prompt", action="store_true", help=f"append LLaVA-1.5's {LETTER_PROMPT!r}")
     s.add_argument("--template", help="conversation template (default: the checkpoint's)")
 
     j = sub.add_parser("judge", help="LLaVA-Bench: relative score against reference answers, by a text-only judge")
-    j.set_defaults(func=cmd_judge)
-    model_args(j, required=False)
+    add_common(j, "judge.jsonl", "judgments", model_required=False)
     j.add_argument("--questions", required=True, help="qa90_questions.jsonl")
     j.add_argument("--answers", required=True, help="the reference answers: qa90_gpt4_answer.jsonl")
     j.add_argument("--context", required=True, help="captions and boxes: caps_boxes_coco2014_val_80.jsonl")
     j.add_argument("--images", help="COCO val2014 images (for our model's answers)")
     j.add_argument("--our-answers", help="our answers as JSONL {question_id, text}: no model needed")
-    j.add_argument("--out", default="judge.jsonl", help="judgments JSONL, appended to and resumed from")
-    j.add_argument("--scores", help="the summary as JSON (default: OUT with .scores.json)")
-    j.add_argument("--limit", type=int, help="only the first N questions")
     j.add_argument("--judge-model", required=True, help="the judge (the paper: GPT-4)")
     add_client_args(j, workers=4, parse_retries=3, temperature=0.2, max_tokens=1024)  # the official review's
 
     a = sub.add_parser("ablate", help="the paper's ablations on the tiny synthetic world (CPU)")
-    a.set_defaults(func=cmd_ablate)
     a.add_argument("--out", default="runs/ablate")
-    a.add_argument("--n-train", type=int, default=4000,
-                   help="training problems and stage-1 captions; stage-2 steps = tiny.TINY_STAGES[2] epochs "
-                        "x n-train / its global batch (the model needs a few hundred to start using the picture)")
+    a.add_argument("--n-train", type=int, default=4000, help="training problems (a few hundred before it looks)")
     a.add_argument("--n-test", type=int, default=300)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-new-tokens", type=int, default=64, help="the longest target is about 40 tokens")
-    tags = ",".join(t for t, *_ in ABLATIONS)
-    a.add_argument("--only", default=tags, type=lambda s: [t.strip() for t in s.split(",") if t.strip()],
-                   help="comma list of variants: " + tags)
+    a.add_argument("--only", default=",".join(ABLATIONS), type=lambda s: [t.strip() for t in s.split(",")],
+                   help="comma list of variants: " + ",".join(ABLATIONS))
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return {"scienceqa": cmd_scienceqa, "judge": cmd_judge, "ablate": cmd_ablate}[args.command](args)
     except (WeightsError, data.DataError) as e:  # a file we were given cannot be used: one line
         raise SystemExit(f"error: {e}") from None
 
