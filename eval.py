@@ -6,13 +6,11 @@ relative score, and the paper's ScienceQA ablations re-run in miniature on the C
         --context caps_boxes_coco2014_val_80.jsonl --images coco/val2014 --judge-model gpt-4o --out judge.jsonl
     python eval.py ablate                        # trains the tiny variants, prints the ablation table
 
-ScienceQA: each problem becomes the prompt training used, the model answers greedily, and
-`extract_answer` reads the letter strictly; a reply without one counts wrong and is listed, never
-guessed. The judge (text only, through generate_data's client) reads the image's captions and
-boxes, the question, the reference answer and ours, and scores both on its first line ("8 6");
-a malformed first line is asked again. Answers and judgments are appended to JSONL files as they
-come, so a rerun resumes where it stopped. Each ablation (CLIP layer -1, no stage 1, answer
-first) is one tiny.run_tiny switch, trained on a multiple-choice tiny world, scored as ScienceQA.
+ScienceQA gets the prompt training used, answers greedily, and `extract_answer` reads the letter
+strictly (a reply without one counts wrong and is listed, never guessed). The text-only judge, through
+generate_data's client, reads the image's captions and boxes, the question, the reference answer and
+ours, and scores both on its first line ("8 6"), asked again while that line is malformed. Answers are
+appended to JSONL as they come, so a rerun resumes. Each ablation is one tiny.run_tiny switch.
 """
 
 import argparse
@@ -21,6 +19,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -55,35 +54,31 @@ def ask(record, tokenizer, cfg, image_folder, blank_image=None):
 
 
 def answer_all(model, tokenizer, records, image_folder, out_path, batch_size=8, max_new_tokens=1024,
-               blank_image=None, key="id", progress=True):
-    """Answer, greedily and `batch_size` at a time, each record that `out_path` (JSONL) does not
-    hold yet, appending {key: id, "text", "new_tokens"} as each batch finishes. A record that
-    cannot be asked (image missing or unreadable, prompt longer than the context) is named and
-    left for a rerun. blank_image replaces every picture (the text-alone baseline). -> answered."""
+               blank_image=None, key="id"):
+    """Answer greedily, `batch_size` at a time, each record `out_path` (JSONL) does not hold yet, appending
+    {key: id, "text", "new_tokens"} as each batch finishes; a record that cannot be asked (no readable
+    image, prompt over the context) is named and left for a rerun. blank_image replaces every picture."""
     cfg, out, done = model.config, JsonlOutput(out_path), 0
     device = model.llm.embed_tokens.weight.device
     todo = [r for r in records if str(r[key]) not in out.finished]
     if len(todo) < len(records):
         log(f"{out_path}: {len(records) - len(todo)} of {len(records)} answered earlier; {len(todo)} to go")
-    try:
-        with tqdm(total=len(todo), unit="q", disable=not progress, file=sys.stderr, leave=False) as bar:
-            for start in range(0, len(todo), batch_size):
-                batch, asked = todo[start:start + batch_size], []
-                for r in batch:
-                    try:
-                        asked.append((r, *ask(r, tokenizer, cfg, image_folder, blank_image)))
-                    except ValueError as e:  # ImageError is one
-                        log(f"skipped {r[key]}: {e}")
-                images = [img for _, _, img in asked if img is not None]
-                px = preprocess_batch(images, cfg.vision.image_size, cfg.pad_to_square).to(device) if images else None
-                outs = model.generate_batch([ids for _, ids, _ in asked], px, max_new_tokens=max_new_tokens,
-                                            eos_id=tokenizer.eos_id) if asked else []
-                for (r, _, _), ids in zip(asked, outs):
-                    out.append({"id": str(r[key]), key: r[key], "text": tokenizer.decode(ids), "new_tokens": len(ids)})
-                done += len(outs)
-                bar.update(len(batch))
-    finally:
-        out.close()
+    with closing(out), tqdm(total=len(todo), unit="q", disable=None, file=sys.stderr, leave=False) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch, asked = todo[start:start + batch_size], []
+            for r in batch:
+                try:
+                    asked.append((r, *ask(r, tokenizer, cfg, image_folder, blank_image)))
+                except ValueError as e:  # ImageError is one
+                    log(f"skipped {r[key]}: {e}")
+            images = [img for _, _, img in asked if img is not None]
+            px = preprocess_batch(images, cfg.vision.image_size, cfg.pad_to_square).to(device) if images else None
+            outs = model.generate_batch([ids for _, ids, _ in asked], px, max_new_tokens=max_new_tokens,
+                                        eos_id=tokenizer.eos_id) if asked else []
+            for (r, _, _), ids in zip(asked, outs):
+                out.append({"id": str(r[key]), key: r[key], "text": tokenizer.decode(ids), "new_tokens": len(ids)})
+            done += len(outs)
+            bar.update(len(batch))
     return done
 
 
@@ -102,10 +97,9 @@ _ANSWER_IS = re.compile(r"The answer is \(?([A-Z])\)?(?![A-Za-z0-9])")  # not "T
 
 
 def extract_answer(text, n_choices=5):
-    """A reply -> (letter, None), or (None, why) for a failure. Accepted: a bare letter, a letter
-    and a period at the start, or "The answer is X" exactly once (the official targets end with
-    it reasoning-first and start with it answer-first). A start and a said answer that differ,
-    or a letter outside this problem's options, is a failure: a guess would flatter the model."""
+    """A reply -> (letter, None), or (None, why). Accepted: a bare letter, a letter and a period at
+    the start, or "The answer is X" exactly once (the official targets' reasoning-first ending and
+    answer-first start); a start and a said answer that differ, or a letter outside the options, fail."""
     t = (text or "").strip()
     said, lead = _ANSWER_IS.findall(t), _LEADING.match(t)
     if len(said) > 1:
@@ -170,8 +164,7 @@ def cmd_scienceqa(args, show_failures=20):
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.config.template = args.template or model.config.template
     n = len(records[:args.limit])
-    log(f"scienceqa: {n} problems of split {args.split!r} ({sum('image' in r for r in records[:n])} with an "
-        f"image), batch {args.batch_size}, template {model.config.template}, -> {args.out}")
+    log(f"scienceqa: {n} problems of split {args.split!r}, template {model.config.template} -> {args.out}")
     t0 = time.perf_counter()
     report, generated = evaluate_scienceqa(model, tokenizer, records, Path(args.root) / "images" / args.split,
                                            args.out, args.limit, batch_size=args.batch_size,
@@ -182,8 +175,7 @@ def cmd_scienceqa(args, show_failures=20):
           + (f"; {missing} of {n} problems have no answer yet (run again to finish)" if missing else "")
           + (f"; generated {generated} answers in {seconds:.1f}s ({generated / seconds:.2f}/s)" if generated else ""))
     if fails:
-        print(f"{len(fails)} replies without a readable answer (counted wrong; the first {show_failures} here, "
-              "all in the scores file):")
+        print(f"{len(fails)} replies without a readable answer, counted wrong (all in the scores file):")
     for f in fails[:show_failures]:
         print(f"  {f['id']}: {f['why']}: {' '.join(f['text'].split())[:100]!r}")
     write_scores(args, {**report, "model": str(args.model), "split": args.split, "problems": n,
@@ -192,7 +184,6 @@ def cmd_scienceqa(args, show_failures=20):
 
 
 # ---- 2. The judge: LLaVA-Bench relative score ------------------------------------------------------
-JUDGE_CATEGORIES = ("conv", "detail", "complex")
 JUDGE_SYSTEM = "You are a careful and impartial judge of answers to questions about images."
 # Our wording of the official protocol (rule.json of LLaVA-Bench): same layout, same reply format.
 JUDGE_RULE = (
@@ -227,16 +218,12 @@ def judge_messages(context, question, reference, ours):
 def relative_scores(rows):
     """Judgments [{category, scores: [reference, ours]}] -> per category and "all": n, the mean
     scores, relative = 100 * mean(ours) / mean(reference) (the official summary: a ratio of means)."""
-    groups = defaultdict(list)
-    for r in rows:
-        groups[r["category"]].append(r["scores"])
-        groups["all"].append(r["scores"])
     table = {}
-    for cat in [*JUDGE_CATEGORIES, *sorted(set(groups) - {*JUDGE_CATEGORIES, "all"}), "all"]:
-        if groups.get(cat):
-            ref, ours = (sum(s[i] for s in groups[cat]) / len(groups[cat]) for i in (0, 1))
-            table[cat] = {"n": len(groups[cat]), "reference": round(ref, 3), "ours": round(ours, 3),
-                          "relative": round(100 * ours / ref, 1) if ref else None}
+    for cat in sorted({r["category"] for r in rows}) + (["all"] if rows else []):
+        s = [r["scores"] for r in rows if cat in (r["category"], "all")]
+        ref, ours = (sum(x[i] for x in s) / len(s) for i in (0, 1))
+        table[cat] = {"n": len(s), "reference": round(ref, 3), "ours": round(ours, 3),
+                      "relative": round(100 * ours / ref, 1) if ref else None}
     return table
 
 
@@ -248,8 +235,7 @@ def our_answers(args, questions):
     if not args.model or not args.images:
         raise SystemExit("error: give --model and --images (our model answers), or --our-answers FILE")
     path, images = Path(args.out).with_name(Path(args.out).stem + "_answers.jsonl"), Path(args.images)
-    find = lambda name: next((p for p in (images / name, images / f"COCO_val2014_{name}") if p.is_file()),  # noqa: E731
-                             images / name)
+    find = lambda name: images / name if (images / name).is_file() else images / f"COCO_val2014_{name}"  # noqa: E731
     records = [{"question_id": q["question_id"], "image": str(find(q["image"])),
                 "conversations": [{"from": "human", "value": q["text"]}]} for q in questions]
     model, tokenizer = load_model(args.model, args.device, args.dtype)
@@ -258,8 +244,8 @@ def our_answers(args, questions):
 
 
 def judge_jobs(questions, references, ours, contexts, finished):
-    """A job per question not judged yet; one without a reference, our answer or its image's
-    context is named in a warning and left out."""
+    """A job per question not judged yet, its parse the line written for it; one without a reference,
+    our answer or its image's context is named in a warning and left out."""
     jobs = []
     for q in (q for q in questions if str(q["question_id"]) not in finished):
         qid = q["question_id"]
@@ -269,7 +255,9 @@ def judge_jobs(questions, references, ours, contexts, finished):
             log(f"warning: question {qid}: no {' and no '.join(gaps)}; not judged")
         else:
             messages = judge_messages(contexts[q["image"]], q["text"], references[qid], ours[qid])
-            jobs.append(Job(str(qid), messages, lambda text: (parse_scores(text), text), data=q))
+            line = {"id": str(qid), "question_id": qid, "category": q.get("category", "?")}
+            jobs.append(Job(str(qid), messages, lambda text, line=line: {  # line=: this question's, not the last
+                **line, "scores": list(parse_scores(text)), "review": text}))
     return jobs
 
 
@@ -279,21 +267,12 @@ def cmd_judge(args):
     contexts = {c.image: format_context(c, with_boxes=True) for c in load_context_jsonl(args.context)}
     ours = {r["question_id"]: r["text"] for r in read_jsonl(our_answers(args, questions), "our answers file")
             if "question_id" in r}
-    out = JsonlOutput(args.out)
-    jobs = judge_jobs(questions, references, ours, contexts, out.finished)
-    log(f"judge: {len(questions)} questions, {len(out.finished)} judged earlier in {args.out}, "
-        f"{len(jobs)} to ask {args.judge_model} at {args.api_base}")
     client = client_from_args(args, args.judge_model)
-
-    def write(job, parsed):  # the scores and the judge's whole reply
-        q, (scores, review) = job.data, parsed
-        out.append({"id": job.key, "question_id": q["question_id"], "category": q.get("category", "?"),
-                    "scores": list(scores), "review": review})
-
-    try:
-        report = run_jobs(client, jobs, write, parse_retries=args.parse_retries)
-    finally:
-        out.close()
+    with closing(JsonlOutput(args.out)) as out:
+        jobs = judge_jobs(questions, references, ours, contexts, out.finished)
+        log(f"judge: {len(questions)} questions, {len(out.finished)} judged earlier in {args.out}, "
+            f"{len(jobs)} to ask {args.judge_model} at {args.api_base}")
+        report = run_jobs(client, jobs, lambda job, line: out.append(line), parse_retries=args.parse_retries)
     rows = [r for r in read_jsonl(args.out, "judgments file") if isinstance(r.get("scores"), list)]
     table = relative_scores(rows)
     print(f"{'category':<9} {'n':>3} {'reference':>10} {'ours':>6} {'relative':>9}")
@@ -326,25 +305,23 @@ def cmd_ablate(args):
     world = tiny.make_mc_world(root / "data", args.n_train, args.n_test, seed=args.seed,
                                image_size=tiny.TINY_CLIP["image_size"] * 2)
     records = data.scienceqa_to_llava(world["root"] / "problems.json", world["root"] / "pid_splits.json", "test")
-    tags = [t for t in ABLATIONS if t in args.only]
+    tags = [t for t in ABLATIONS if t in args.only]  # in the table's order
     log(f"ablate: {args.n_train} training and {args.n_test} test problems in {world['root']}; variants {tags}")
 
-    def score(model, tokenizer, preds, blank_image=None):  # -> (accuracy, failures), as ScienceQA is scored
-        report, _ = evaluate_scienceqa(model, tokenizer, records, world["image_folder"] / "test", preds, batch_size=32,
-                                       max_new_tokens=args.max_new_tokens, blank_image=blank_image, progress=False)
-        return report["accuracy"]["Avg"], len(report["failures"])
+    def accuracy(model, tok, preds, blank_image=None):  # scored as ScienceQA is
+        return evaluate_scienceqa(model, tok, records, world["image_folder"] / "test", preds, batch_size=32,
+                                  max_new_tokens=args.max_new_tokens, blank_image=blank_image)[0]["accuracy"]["Avg"]
 
     try:
         for tag in tags:
             _, switches, answer_first, _ = ABLATIONS[tag]
             w = {**world, "stage2": world["stage2_answer_first"]} if answer_first else world
             tiny.run_tiny(tiny.preset_config(root, args.seed), world=w, tag=tag, evaluate=False, **switches)
-            model, tokenizer = load_model(root / tag / "stage2", "cpu", "fp32")
-            results[tag] = dict(zip(("accuracy", "failures"), score(model, tokenizer, root / tag / "preds.jsonl")))
+            model, tok = load_model(root / tag / "stage2", "cpu", "fp32")
+            results[tag] = {"accuracy": accuracy(model, tok, root / tag / "preds.jsonl")}
             if tag == "best":  # what the text alone gives: every picture replaced by a blank one
                 blank = Image.new("RGB", (64, 64), tiny.BACKGROUND)
-                results[tag]["blank_image_accuracy"] = score(model, tokenizer, root / tag / "preds_blank.jsonl",
-                                                             blank)[0]
+                results[tag]["blank_image_accuracy"] = accuracy(model, tok, root / tag / "preds_blank.jsonl", blank)
             log(f"ablate: {tag}: {results[tag]}")
     finally:
         if dist.is_initialized():  # run_tiny's process group
@@ -375,7 +352,6 @@ def format_ablation_table(summary):
 
 # ---- Command line ----------------------------------------------------------------------------------
 def add_common(s, out, what, model_required=True):
-    """The flags scienceqa and judge share: our model, how it answers, where the results go."""
     s.add_argument("--model", required=model_required, help="a llava-hf directory (ours or the Hub's) or Hub name")
     s.add_argument("--batch-size", type=POSITIVE, default=8)
     s.add_argument("--max-new-tokens", type=POSITIVE, default=1024)
@@ -413,8 +389,7 @@ def build_parser():
     a.add_argument("--n-test", type=int, default=300)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-new-tokens", type=int, default=64, help="the longest target is about 40 tokens")
-    a.add_argument("--only", default=",".join(ABLATIONS), type=lambda s: [t.strip() for t in s.split(",")],
-                   help="comma list of variants: " + ",".join(ABLATIONS))
+    a.add_argument("--only", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS), help="these variants")
     return p
 
 
