@@ -6,11 +6,10 @@ relative score, and the paper's ScienceQA ablations re-run in miniature on the C
         --context caps_boxes_coco2014_val_80.jsonl --images coco/val2014 --judge-model gpt-4o --out judge.jsonl
     python eval.py ablate                        # trains the tiny variants, prints the ablation table
 
-ScienceQA gets the prompt training used, answers greedily, and `extract_answer` reads the letter
-strictly (a reply without one counts wrong and is listed, never guessed). The text-only judge, through
-generate_data's client, reads the image's captions and boxes, the question, the reference answer and
-ours, and scores both on its first line ("8 6"), asked again while that line is malformed. Answers are
-appended to JSONL as they come, so a rerun resumes. Each ablation is one tiny.run_tiny switch.
+ScienceQA gets the prompt training used; `extract_answer` reads the letter strictly (a reply without one
+counts wrong and is listed, never guessed). The text-only judge (generate_data's client) scores the
+reference answer and ours from the image's captions and boxes on its first line ("8 6"), re-asked while
+malformed. Answers go to JSONL as they come, so a rerun resumes. Each ablation is one tiny.run_tiny switch.
 """
 
 import argparse
@@ -61,8 +60,7 @@ def answer_all(model, tokenizer, records, image_folder, out_path, batch_size=8, 
     cfg, out, done = model.config, JsonlOutput(out_path), 0
     device = model.llm.embed_tokens.weight.device
     todo = [r for r in records if str(r[key]) not in out.finished]
-    if len(todo) < len(records):
-        log(f"{out_path}: {len(records) - len(todo)} of {len(records)} answered earlier; {len(todo)} to go")
+    log(f"{out_path}: {len(records) - len(todo)} of {len(records)} answered earlier; {len(todo)} to go")
     with closing(out), tqdm(total=len(todo), unit="q", disable=None, file=sys.stderr, leave=False) as bar:
         for start in range(0, len(todo), batch_size):
             batch, asked = todo[start:start + batch_size], []
@@ -149,10 +147,9 @@ def scienceqa_records(root, split, prompt_format="QCM", letter_prompt=False):
     return records
 
 
-def evaluate_scienceqa(model, tokenizer, records, image_folder, out_path, limit=None, **answer_args):
-    """Answer what `out_path` does not hold yet (the first `limit` problems), then score the
-    whole file against the records. -> (report, number answered in this call)."""
-    records = records[:limit]
+def evaluate_scienceqa(model, tokenizer, records, image_folder, out_path, **answer_args):
+    """Answer what `out_path` does not hold yet, then score the whole file against the records.
+    -> (report, number answered in this call)."""
     generated = answer_all(model, tokenizer, records, image_folder, out_path, **answer_args)
     rows = read_jsonl(out_path, "predictions file")
     replies = {str(r["id"]): r["text"] for r in rows if isinstance(r, dict) and "text" in r}
@@ -160,15 +157,14 @@ def evaluate_scienceqa(model, tokenizer, records, image_folder, out_path, limit=
 
 
 def cmd_scienceqa(args, show_failures=20):
-    records = scienceqa_records(args.root, args.split, args.prompt_format, args.letter_prompt)
+    records = scienceqa_records(args.root, args.split, args.prompt_format, args.letter_prompt)[:args.limit]
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.config.template = args.template or model.config.template
-    n = len(records[:args.limit])
+    n = len(records)
     log(f"scienceqa: {n} problems of split {args.split!r}, template {model.config.template} -> {args.out}")
     t0 = time.perf_counter()
     report, generated = evaluate_scienceqa(model, tokenizer, records, Path(args.root) / "images" / args.split,
-                                           args.out, args.limit, batch_size=args.batch_size,
-                                           max_new_tokens=args.max_new_tokens)
+                                           args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     seconds, missing, fails = time.perf_counter() - t0, len(report["missing"]), report["failures"]
     print(format_table(report["accuracy"]))
     print(f"{report['correct']} of {report['scored']} correct"
@@ -186,26 +182,24 @@ def cmd_scienceqa(args, show_failures=20):
 # ---- 2. The judge: LLaVA-Bench relative score ------------------------------------------------------
 JUDGE_SYSTEM = "You are a careful and impartial judge of answers to questions about images."
 # Our wording of the official protocol (rule.json of LLaVA-Bench): same layout, same reply format.
-JUDGE_RULE = (
-    "Above are two AI assistants' answers to a user's question about an image. You cannot see the image; the "
-    "sentences and object boxes under [Context] describe it (boxes are [x1, y1, x2, y2] as fractions of the image "
-    "size). Rate how helpful, relevant, accurate and detailed each answer is, with one overall score per assistant "
-    "on a scale of 1 to 10, higher being better.\nOn the first line write only the two scores, Assistant 1's then "
-    "Assistant 2's, separated by a space. From the second line on, explain your judgment, without letting the order "
-    "in which the answers were shown, or their length, sway you.")
+JUDGE_RULE = ("Above are two AI assistants' answers to a user's question about an image. You cannot see the image; "
+              "the sentences and object boxes under [Context] describe it (boxes are [x1, y1, x2, y2] as fractions "
+              "of the image size). Rate how helpful, relevant, accurate and detailed each answer is, with one "
+              "overall score per assistant on a scale of 1 to 10, higher being better.\nOn the first line write "
+              "only the two scores, Assistant 1's then Assistant 2's, separated by a space. From the second line "
+              "on, explain your judgment, without letting the order in which the answers were shown, or their "
+              "length, sway you.")
 _SCORES = re.compile(r"\s*(\d{1,2}(?:\.\d+)?)\s*(?:,\s*|\s+)(\d{1,2}(?:\.\d+)?)\s*")
 
 
 def parse_scores(text):
-    """The judge's reply -> (score of assistant 1, score of assistant 2). Its first non-empty line
-    must be two numbers from 0 to 10 and nothing else ("8 6", "7.5, 9"); anything else ("8/10
-    6/10", "8 6 5", "11 3") raises ParseError, which run_jobs answers by asking again."""
+    """The judge's reply -> (assistant 1's score, assistant 2's): its first non-empty line must be two
+    numbers from 0 to 10 and nothing else ("8 6", "7.5, 9"), else ParseError, and run_jobs asks again."""
     first = next((line for line in (text or "").splitlines() if line.strip()), "")
     m = _SCORES.fullmatch(first)
-    scores = (float(m.group(1)), float(m.group(2))) if m else ()
-    if not scores or not all(0 <= s <= 10 for s in scores):
+    if not (m and all(0 <= float(v) <= 10 for v in m.groups())):
         raise ParseError(f"the first line is not two scores from 0 to 10: {first[:60]!r}")
-    return scores
+    return tuple(map(float, m.groups()))
 
 
 def judge_messages(context, question, reference, ours):
