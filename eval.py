@@ -160,21 +160,20 @@ def cmd_scienceqa(args, show_failures=20):
     records = scienceqa_records(args.root, args.split, args.prompt_format, args.letter_prompt)[:args.limit]
     model, tokenizer = load_model(args.model, args.device, args.dtype)
     model.config.template = args.template or model.config.template
-    n = len(records)
-    log(f"scienceqa: {n} problems of split {args.split!r}, template {model.config.template} -> {args.out}")
+    log(f"scienceqa: {len(records)} problems of split {args.split!r}, template {model.config.template} -> {args.out}")
     t0 = time.perf_counter()
     report, generated = evaluate_scienceqa(model, tokenizer, records, Path(args.root) / "images" / args.split,
                                            args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     seconds, missing, fails = time.perf_counter() - t0, len(report["missing"]), report["failures"]
     print(format_table(report["accuracy"]))
     print(f"{report['correct']} of {report['scored']} correct"
-          + (f"; {missing} of {n} problems have no answer yet (run again to finish)" if missing else "")
+          + (f"; {missing} of {len(records)} problems have no answer yet (run again to finish)" if missing else "")
           + (f"; generated {generated} answers in {seconds:.1f}s ({generated / seconds:.2f}/s)" if generated else ""))
     if fails:
         print(f"{len(fails)} replies without a readable answer, counted wrong (all in the scores file):")
     for f in fails[:show_failures]:
         print(f"  {f['id']}: {f['why']}: {' '.join(f['text'].split())[:100]!r}")
-    write_scores(args, {**report, "model": str(args.model), "split": args.split, "problems": n,
+    write_scores(args, {**report, "model": str(args.model), "split": args.split, "problems": len(records),
                         "generated": generated, "seconds": round(seconds, 2)})
     return 0 if not missing else 3
 
@@ -275,7 +274,8 @@ def cmd_judge(args):
         print(f"{cat:<9} {t['n']:>3} {t['reference']:>10.2f} {t['ours']:>6.2f} {rel:>9}")
     print(f"judged {report.done} now (+{len(rows) - report.done} earlier); malformed judge replies re-asked "
           f"{report.reasks} times, {report.skipped.get('unparsable', 0)} questions still malformed; skipped "
-          f"{dict(report.skipped) or 'none'}; requests {client.requests} (retries {client.retries})")
+          f"{dict(report.skipped) or 'none'}; requests {client.requests} (retries {client.retries}), tokens "
+          f"{client.total_tokens}")
     write_scores(args, {"relative": table, "judge_model": args.judge_model, "reasks": report.reasks,
                         "skipped": dict(report.skipped), "judged": len(rows)})
     return 0 if len(rows) == len(questions) else 3
@@ -300,7 +300,7 @@ def cmd_ablate(args):
                                image_size=tiny.TINY_CLIP["image_size"] * 2)
     records = data.scienceqa_to_llava(world["root"] / "problems.json", world["root"] / "pid_splits.json", "test")
     tags = [t for t in ABLATIONS if t in args.only]  # in the table's order
-    log(f"ablate: {args.n_train} training and {args.n_test} test problems in {world['root']}; variants {tags}")
+    log(f"ablate: {args.n_train} training, {args.n_test} test problems in {world['root']}; {', '.join(tags)}")
 
     def accuracy(model, tok, preds, blank_image=None):  # scored as ScienceQA is
         return evaluate_scienceqa(model, tok, records, world["image_folder"] / "test", preds, batch_size=32,
@@ -375,7 +375,7 @@ def build_parser():
     j.add_argument("--images", help="COCO val2014 images (for our model's answers)")
     j.add_argument("--our-answers", help="our answers as JSONL {question_id, text}: no model needed")
     j.add_argument("--judge-model", required=True, help="the judge (the paper: GPT-4)")
-    add_client_args(j, workers=4, parse_retries=3, temperature=0.2, max_tokens=1024)  # the official review's
+    add_client_args(j, workers=4, parse_retries=3, temperature=0.2, max_tokens=1024)  # the official review's sampling
 
     a = sub.add_parser("ablate", help="the paper's ablations on the tiny synthetic world (CPU)")
     a.add_argument("--out", default="runs/ablate")
@@ -383,7 +383,7 @@ def build_parser():
     a.add_argument("--n-test", type=int, default=300)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-new-tokens", type=int, default=64, help="the longest target is about 40 tokens")
-    a.add_argument("--only", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS), help="these variants")
+    a.add_argument("--only", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS), help="the variants to run")
     return p
 
 
