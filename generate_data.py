@@ -436,8 +436,8 @@ def add_client_args(p, workers=8, parse_retries=2, temperature=None, max_tokens=
     p.add_argument("--max-down", type=int, default=20, help="stop after this many connection failures in a row")
     p.add_argument("--backoff-base", type=float, default=1.0, help="the first retry waits about this many seconds")
     p.add_argument("--parse-retries", type=int, default=parse_retries, help="re-asks when a reply does not parse")
-    p.add_argument("--temperature", type=float, default=temperature, help="sampling temperature (unset: the server's)")
-    p.add_argument("--max-tokens", type=int, default=max_tokens, help="longest reply (unset: the server's)")
+    p.add_argument("--temperature", type=float, default=temperature, help="default %(default)s (None: the server's)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="default %(default)s (None: the server's)")
 
 
 def client_from_args(args, model: str) -> ChatClient:
