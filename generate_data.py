@@ -71,12 +71,14 @@ def jsonl_rows(text: str, path) -> list:
     return rows
 
 
+def read_jsonl(path, what: str) -> list:
+    return jsonl_rows(read_text(path, what), path)
+
+
 def read_json(path, what: str):
     """A .json file's document, else the records of a JSON-lines file."""
     try:
-        if str(path).endswith(".json"):
-            return weights.read_json(path, what)
-        return jsonl_rows(read_text(path, what + " file"), path)
+        return weights.read_json(path, what) if str(path).endswith(".json") else read_jsonl(path, what + " file")
     except weights.WeightsError as e:
         sys.exit(f"error: {e}")
 
@@ -423,6 +425,27 @@ class JsonlOutput:
         os.close(self.fd)
 
 
+def add_client_args(p, workers=8, parse_retries=2, temperature=None, max_tokens=None) -> None:
+    """The flags of a ChatClient and run_jobs, shared by every command that asks a model."""
+    p.add_argument("--api-base", default="https://api.openai.com/v1", help="any OpenAI-compatible server (vLLM, "
+                   "llama.cpp, ollama: http://host:port/v1); the key comes from $OPENAI_API_KEY")
+    p.add_argument("--workers", type=int, default=workers, help="concurrent requests")
+    p.add_argument("--max-requests", type=int, help="budget: HTTP requests, retries included")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    p.add_argument("--max-retries", type=int, default=6, help="per request, on 429/5xx/timeouts")
+    p.add_argument("--max-down", type=int, default=20, help="stop after this many connection failures in a row")
+    p.add_argument("--backoff-base", type=float, default=1.0, help="the first retry waits about this many seconds")
+    p.add_argument("--parse-retries", type=int, default=parse_retries, help="re-asks when a reply does not parse")
+    p.add_argument("--temperature", type=float, default=temperature, help="default %(default)s (None: the server's)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="default %(default)s (None: the server's)")
+
+
+def client_from_args(args, model: str) -> ChatClient:
+    params = {k: getattr(args, k) for k in ("temperature", "max_tokens") if getattr(args, k) is not None}
+    return ChatClient(args.api_base, model, workers=args.workers, max_requests=args.max_requests, timeout=args.timeout,
+                      max_retries=args.max_retries, backoff_base=args.backoff_base, max_down=args.max_down, **params)
+
+
 # ---- 3. The three subcommands: generate, merge, pretrain ------------------------------------------
 def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()) -> list:
     """A job per (image, type) not in `skip`: the system message, each example as a user/assistant
@@ -461,10 +484,7 @@ def cmd_generate(args) -> int:
     jobs = make_jobs(ctxs, kinds, prompts, args.seed, questions, skip=out.finished)
     log(f"generate: {total} jobs, {total - len(jobs)} finished earlier in {args.out}; {len(jobs)} to do with "
         f"{args.workers} workers against {args.api_base}")
-    params = {k: v for k, v in (("temperature", args.temperature), ("max_tokens", args.max_tokens)) if v is not None}
-    client = ChatClient(args.api_base, args.model, workers=args.workers, max_requests=args.max_requests,
-                        timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
-                        max_down=args.max_down, **params)
+    client = client_from_args(args, args.model)
     with tqdm(total=len(jobs), unit="job", disable=None, file=sys.stderr) as bar:
         try:
             report = run_jobs(client, jobs, lambda job, record: out.append(record), args.parse_retries, bar)
@@ -588,21 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--context", help="instead of COCO: JSONL with id, image, captions, instances (normalised bbox)")
     a.add_argument("--types", default=",".join(TYPES), help="comma list of conversation,detail,complex")
     a.add_argument("--out", default="generated.jsonl", help="JSONL output, appended to and resumed from")
-    a.add_argument("--api-base", default="https://api.openai.com/v1", help="any OpenAI-compatible server (vLLM, "
-                   "llama.cpp, ollama: http://host:port/v1); the key comes from $OPENAI_API_KEY")
     a.add_argument("--model", default="gpt-4o-mini", help="teacher model (the paper used GPT-4)")
-    a.add_argument("--workers", type=int, default=8, help="concurrent requests")
-    a.add_argument("--max-requests", type=int, help="budget: HTTP requests, retries included")
     a.add_argument("--limit", type=int, help="only the first N images (by id)")
     a.add_argument("--seed", type=int, default=0, help="seeds the detail question and <image> placement per job")
     a.add_argument("--dry-run", type=int, metavar="N", help="print the messages for N images; send nothing")
-    a.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    a.add_argument("--max-retries", type=int, default=6, help="per request, on 429/5xx/timeouts")
-    a.add_argument("--max-down", type=int, default=20, help="stop after this many connection failures in a row")
-    a.add_argument("--backoff-base", type=float, default=1.0, help="the first retry waits about this many seconds")
-    a.add_argument("--parse-retries", type=int, default=2, help="re-asks when a reply does not parse")
-    a.add_argument("--temperature", type=float, help="sampling temperature (default: the server's)")
-    a.add_argument("--max-tokens", type=int, help="longest reply (default: the server's)")
+    add_client_args(a)
     a.add_argument("--prompts", default=str(PROMPTS_DIR), help="folder with the system messages and examples")
     m = sub.add_parser("merge", help="JSONL outputs -> one shuffled JSON list for train.py")
     m.set_defaults(func=cmd_merge)
