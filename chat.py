@@ -25,7 +25,7 @@ import torch
 
 import data
 from clip import ImageError, load_image, preprocess
-from llama import StreamDecoder, Tokenizer
+from llama import Tokenizer
 from model import DTYPES, NONNEG, POSITIVE, LLaVA, ContextLengthError, GenerationState, checked, device_name
 from model import dtype_for
 from weights import WeightsError, fetch
@@ -80,20 +80,18 @@ class Chat:
         """Yield the reply as text pieces while it is generated (never half a character)."""
         ids = self.next_ids(question)
         first = self.state.cache is None
-        before, reply, stream = len(self.state.tokens), [], StreamDecoder(self.tok)
-        try:
+        before, reply = len(self.state.tokens), []
+
+        def new_tokens():
             for t in self.model.generate(torch.tensor(ids), self.pixel_values if first else None,
                                          eos_id=self.tok.eos_id, state=self.state, generator=self.generator,
                                          **self.sampling):
                 if t == self.tok.eos_id:
-                    break
+                    return
                 reply.append(t)
-                piece = stream.push(t)
-                if piece:
-                    yield piece
-            piece = stream.flush()
-            if piece:
-                yield piece
+                yield t
+        try:
+            yield from self.tok.decode_stream(new_tokens())
         finally:  # also when stopped halfway (Ctrl-C): the text history follows the cache
             if len(self.state.tokens) > before:
                 self.turns += [question, self.tok.decode(reply).strip()]
