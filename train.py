@@ -700,6 +700,8 @@ def training_data(cfg):
         return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", cfg.scienceqa_split,
                                        image_root=root / "images", answer_first=cfg.answer_first), root / "images"
     records = data.read_records(cfg.data)
+    if not records:
+        raise SystemExit(f"--data {cfg.data} holds no records")
     folder = Path(cfg.image_folder or ".")
     if cfg.image_folder and not folder.is_dir():
         raise SystemExit(f"--image-folder {cfg.image_folder}: no such directory")
@@ -893,8 +895,11 @@ def start_run(cfg):
 
 
 def save(run, step):
+    """checkpoint-{step}, then only the newest --keep of them stay."""
     save_checkpoint(run.out / f"checkpoint-{step}", run.model, run.cfg, run.full_state, run.optimizer,
                     run.sharded, step)
+    if run.rank == 0:
+        rotate_checkpoints(run.out, run.cfg.keep)
 
 
 def next_micro_batches(run, batches, step):
@@ -991,10 +996,9 @@ def save_or_stop(run, step, stop):
     """After a step: the periodic checkpoint, and the stop that every rank agrees on (a signal
     may reach one rank only), saved first."""
     cfg = run.cfg
-    if cfg.save_every and step % cfg.save_every == 0 and step < run.total:
+    saved = cfg.save_every and step % cfg.save_every == 0 and step < run.total
+    if saved:
         save(run, step)
-        if run.rank == 0:
-            rotate_checkpoints(run.out, cfg.keep)
     if cfg.stop_at and step == cfg.stop_at and step < run.total:
         stop["sig"] = "--stop-at"
     flag = torch.tensor([1.0 if stop["sig"] else 0.0])
@@ -1002,7 +1006,8 @@ def save_or_stop(run, step, stop):
         dist.all_reduce(flag)
     if float(flag) > 0 and step < run.total:
         log0(f"{stop['sig'] or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
-        save(run, step)
+        if not saved:
+            save(run, step)
         raise Stop(stop["sig"] or "SIGTERM", step, run.out)
 
 
@@ -1055,7 +1060,6 @@ def finish(run, step):
     save(run, step)
     state = run.full_state()
     if run.rank == 0:
-        rotate_checkpoints(run.out, run.cfg.keep)
         run.model.save_pretrained(run.out, only_projector=run.cfg.stage == 1, bases=bases(run.cfg), state=state)
         draw_loss_curve([(f"stage {run.cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
         log0(run.dataset.summary())

@@ -408,7 +408,7 @@ def uninterrupted(world, tmp_path_factory):
 
 
 @pytest.mark.parametrize("sig, resume_from", [(signal.SIGINT, "auto"), (signal.SIGTERM, "auto on 2 ranks"),
-                                              (signal.SIGINT, "newest unreadable"), (signal.SIGINT, "checkpoint-5")])
+                                              (signal.SIGINT, "newest unreadable"), (signal.SIGINT, "the older checkpoint")])
 def test_a_signal_to_the_process_group_saves_once_and_resume_ends_as_the_uninterrupted_run(
         world, tmp_path, uninterrupted, sig, resume_from):
     out, nproc = tmp_path / "o", 2 if resume_from == "auto on 2 ranks" else 1
@@ -423,12 +423,13 @@ def test_a_signal_to_the_process_group_saves_once_and_resume_ends_as_the_uninter
         assert rc != 0 and said in text and "exited unexpectedly" not in text, text[-3000:]
         assert [line for line in text.splitlines() if "Traceback" in line and "[rank" in line] == [], text[-3000:]
     assert 12 <= stopped < 48 and not list(out.glob("*.tmp")) and train.checkpoint_problem(out / f"checkpoint-{stopped}") is None
+    assert len(list(out.glob("checkpoint-*"))) == 2  # --keep 2 holds for the stop's checkpoint too
     resume = "auto"
     if resume_from == "newest unreadable":  # a checkpoint cut short on disk: the one before it is used
         optim = out / f"checkpoint-{stopped}" / "optim-rank00000.safetensors"
         optim.write_bytes(optim.read_bytes()[:1000])
-    elif resume_from.startswith("checkpoint-"):  # an older one, that rotation then deletes: the log is cut back to it
-        resume = str(out / resume_from)
+    elif resume_from == "the older checkpoint":  # which rotation then deletes: the log is cut back to it
+        resume = str(min(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])))
     p = run(base_args(world, out, **LONG_RUN, resume=resume), nproc=nproc)
     if resume_from == "newest unreadable":
         assert f"--resume auto: skipping checkpoint-{stopped}: {optim} is unreadable" in p.stdout + p.stderr
@@ -438,7 +439,7 @@ def test_a_signal_to_the_process_group_saves_once_and_resume_ends_as_the_uninter
         assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-6) for a, b in zip(losses(out), losses(uninterrupted)))
         assert len(losses(out)) == len(losses(uninterrupted))
     assert sorted(c.name for c in out.glob("checkpoint-*")) == ["checkpoint-45", "checkpoint-48"]
-    if resume_from == "checkpoint-5":  # the final directory is whole: transformers and chat.py load it
+    if resume_from == "the older checkpoint":  # the final directory is whole: transformers and chat.py load it
         transformers = pytest.importorskip("transformers")
         hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
         ours = LLaVA.from_pretrained(out).eval()
@@ -503,6 +504,7 @@ def dead_hub():
 def test_missing_inputs_are_named_in_one_line_before_any_model_is_built(world, tmp_path, capsys):
     """The first case runs the real command line; the rest call the same main() in this process."""
     (tmp_path / "not.json").write_text("[{")
+    (tmp_path / "no_records.json").write_text("[]")
     (tmp_path / "empty").mkdir()
     (tmp_path / "noconfig").mkdir()
     good = base_args(world, tmp_path / "out")
@@ -510,6 +512,7 @@ def test_missing_inputs_are_named_in_one_line_before_any_model_is_built(world, t
         (["--stage", "2"], "error: stage 2 needs --data"),
         (good + ["--data", str(tmp_path / "none.json")], "data file not found"),
         (good + ["--data", str(tmp_path / "not.json")], "not.json is not valid JSON"),
+        (good + ["--data", str(tmp_path / "no_records.json")], "no_records.json holds no records"),
         (good + ["--image-folder", str(tmp_path / "nowhere")], "--image-folder " + str(tmp_path / "nowhere") + ": no such directory"),
         (good + ["--image-folder", str(tmp_path / "empty")], "none of the first 20 images is under --image-folder"),
         (good + ["--init", str(tmp_path / "noconfig")], "not a stage-1 output or llava-hf directory"),
