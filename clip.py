@@ -48,12 +48,13 @@ class CLIPVisionConfig:
         """From an HF CLIP vision_config dict, or a full CLIPConfig dict (its vision_config). A
         missing field means what it means to transformers: ViT-B/32's value, not ours."""
         d = (d["vision_config"] or {}) if "vision_config" in d else d
-        vit_b32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       patch_size=32)
-        cfg = cls(**{f.name: d.get(f.name, vit_b32.get(f.name, f.default)) for f in fields(cls)})
-        if cfg.hidden_act not in ACTIVATIONS or cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"CLIP vision config: hidden_act must be in {sorted(ACTIVATIONS)} and hidden_size a "
-                             f"multiple of num_attention_heads; got {cfg.hidden_act!r}, {cfg.hidden_size}, {cfg.num_attention_heads}")
+        b32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32)
+        cfg = cls(**{f.name: d.get(f.name, b32.get(f.name, f.default)) for f in fields(cls)})
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"CLIP vision config: hidden_act {cfg.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise ValueError(f"CLIP vision config: hidden_size {cfg.hidden_size} is not divisible by "
+                             f"num_attention_heads {cfg.num_attention_heads}")
         return cfg
 
     def to_hf(self):  # the vision_config dict transformers' CLIPVisionConfig reads
@@ -209,8 +210,7 @@ def load_image(path):
 def _rgb(img):
     # As transformers' convert_to_rgb: transparency goes onto white, not whatever hides under alpha 0
     if "A" in img.getbands() or img.info.get("transparency") is not None:
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+        return Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA")).convert("RGB")
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
