@@ -45,8 +45,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_hf(cls, d):
-        """From an HF CLIP vision_config dict, or a full CLIPConfig dict (its vision_config). A
-        missing field means what it means to transformers: ViT-B/32's value, not ours."""
+        """From an HF vision_config or a whole CLIPConfig dict; a missing field is transformers' (ViT-B/32's)."""
         d = (d["vision_config"] or {}) if "vision_config" in d else d
         b32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32)
         cfg = cls(**{f.name: d.get(f.name, b32.get(f.name, f.default)) for f in fields(cls)})
@@ -63,7 +62,6 @@ class CLIPVisionConfig:
 
 # -----------------------------------------------------------------------------
 # model
-
 
 # quick_gelu: CLIP's approximation of the GELU, which the OpenAI weights were trained with
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
@@ -82,8 +80,7 @@ class Embeddings(nn.Module):
     def forward(self, pixel_values):
         x = self.patch_embedding(pixel_values)                 # [B, D, H/p, W/p]
         x = x.flatten(2).transpose(1, 2)                       # [B, P, D], patches in raster order
-        cls = self.class_embedding.expand(x.shape[0], 1, -1)   # [B, 1, D]
-        x = torch.cat([cls, x], dim=1)                         # [B, 1+P, D]
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)  # [B, 1+P, D], CLS first
         return x + self.position_embedding.weight              # positions 0..P broadcast over B
 
 
@@ -148,8 +145,7 @@ class CLIPVision(nn.Module):
         L = self.config.num_hidden_layers
         n = layer + L + 1 if layer < 0 else layer
         if not 0 <= n <= L:
-            raise ValueError(f"CLIP layer {layer} is out of range: this tower has {L} blocks, so "
-                             f"hidden states {-(L + 1)}..{L} exist")
+            raise ValueError(f"CLIP layer {layer} is out of range: this tower has hidden states {-(L + 1)}..{L}")
         return n
 
     def forward(self, pixel_values, layer=-1):
@@ -216,18 +212,22 @@ def _rgb(img):
 
 def _resize_and_crop(img, size):
     """Resize the short side to `size` with PIL bicubic (long side int(size * long / short)), centre
-    crop at offset (extent - size) // 2 -> uint8 array [size, size, 3]."""
+    crop at offset (extent - size) // 2 -> uint8 array [size, size, 3]. Pillow resizes in two
+    passes, row by row and then column by column, rounding to uint8 in between: so as two calls it
+    is the same computation, and a wide picture's columns that the crop drops skip the second."""
     w, h = img.size
-    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.asarray(img.resize((nw, nh), Image.BICUBIC))[top:top + size, left:left + size]
+    if w <= h:
+        nh = int(size * h / w)
+        return np.asarray(img.resize((size, nh), Image.BICUBIC))[(nh - size) // 2:][:size]
+    left = (int(size * w / h) - size) // 2
+    img = img.resize((int(size * w / h), h), Image.BICUBIC).crop((left, 0, left + size, h))
+    return np.asarray(img.resize((size, size), Image.BICUBIC))
 
 
 def _pad_and_resize(img, size):
-    """_resize_and_crop of LLaVA-1.5's expand2square: the RGB picture centred on a square of the
-    mean colour. A wide (or square) picture's square is never built: Pillow resizes row by row first, and a row
-    of one colour stays that colour, so only the picture's own rows take that pass, and the padding
-    rows are filled in before Pillow's vertical pass."""
+    """_resize_and_crop of LLaVA-1.5's expand2square, the RGB picture centred on a square of the mean
+    colour. The square of a wide (or square) one is never built: a row of one colour stays that colour
+    in Pillow's row pass, so only the picture's rows take it, and the padding joins for the second."""
     w, h = img.size
     if w < h:
         square = Image.new("RGB", (h, h), PAD_COLOR)
