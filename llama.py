@@ -1,7 +1,7 @@
 """
 LLaMA / Vicuna, the language half of LLaVA, in plain PyTorch, and its sentencepiece tokenizer.
 
-The decoder (Touvron et al. 2023): pre-norm blocks, then a final RMSNorm and the vocabulary head.
+The decoder (Touvron et al. 2023) is pre-norm blocks, then a final RMSNorm and the vocabulary head:
 
     x = x + attn(rmsnorm(x))        causal attention with rotary positions (RoPE)
     x = x + mlp(rmsnorm(x))         SwiGLU: down(silu(gate(x)) * up(x))
@@ -319,8 +319,8 @@ class Tokenizer:
     piece after `</s>` gets that "▁" only with legacy=True ("</s>▁USER" vs "</s>USER"); then BPE
     with byte fallback. Sentencepiece's own dummy prefix would always prepend (" hi" -> "▁▁hi")
     and never skip, so a second copy of the model runs without it and we prepend ourselves.
-    `legacy` is the rule the weights were trained with (tokenizer_config.json; one that does not
-    say is legacy, as the transformers 4.31 the released LLaVA-1.5 was trained with).
+    `legacy` is the rule the weights were trained with, from tokenizer_config.json; where it is not
+    said, legacy (the released LLaVA-1.5 was trained with transformers 4.31's slow tokenizer).
     decode drops special and unknown ids, joins byte-fallback pieces into UTF-8 (invalid bytes ->
     U+FFFD) and strips the leading space the encoder added, as HF does."""
 
