@@ -219,3 +219,21 @@ def test_hub_name_is_fetched_and_cached(world, tmp_path, monkeypatch, capsys):
     # the server is gone: the cached copy answers offline
     assert chat.main(argv) == 0
     assert capsys.readouterr().out == expected(world, Q1)[0] + "\n"
+
+
+@pytest.mark.parametrize("flag, value, says", [("--temperature", "-1", "'-1' is not a number >= 0"),
+                                               ("--top-p", "0", "is not a number in (0, 1]"),
+                                               ("--max-new-tokens", "0", "'0' is not")])
+def test_bad_values_are_refused_when_parsed(flag, value, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        chat.parse_args(["x.jpg", flag, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {flag}: " in err and says in err, err
+
+
+def test_a_cuda_device_without_cuda_is_refused_when_parsed(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        chat.parse_args(["x.jpg", "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "sees no CUDA GPU; use cpu" in err, err

@@ -652,3 +652,12 @@ def test_pretrain_loads_in_stage1(tmp_path, tiny_tokenizer):
         caption = ds.records[i]["conversations"][1]["value"]
         learned = tok.decode([x for x, lab in zip(ids, labels) if lab != -100])
         assert learned.strip() == caption and labels[:5] == [-100] * 5
+
+
+def test_help_says_where_the_key_comes_from_and_every_flag_has_help(capsys):
+    parser = gd.build_parser()
+    assert "OPENAI_API_KEY" in parser.format_help()
+    subs = next(a for a in parser._actions if a.choices and "merge" in a.choices).choices
+    for name in ("generate", "merge", "pretrain"):
+        for action in subs[name]._actions:
+            assert action.help, (name, action.dest)  # every flag says what it does

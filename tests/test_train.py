@@ -254,6 +254,11 @@ def test_resume_continues_to_the_same_losses(world, tmp_path, four_steps):
     run(base_args(world, part, **{"max-steps": 4, "stop-at": 2}))
     assert (part / "checkpoint-2" / "train_state.json").exists() and not (part / "model.safetensors").exists()
     shutil.copytree(part, tmp_path / "part2")
+    argv = base_args(world, part, **{"max-steps": 4, "stop-at": 2}) + ["--resume", "auto"]
+    with pytest.raises(SystemExit, match=r"belongs to a run with --lr 0.001 \(now 0.002\), --global-batch 8 \(now 4\)"):
+        train.find_resume(train.parse_args(argv + ["--lr", "2e-3", "--global-batch", "4"]))  # another schedule
+    safe = ["--save-every", "3", "--keep", "1", "--log-every", "2", "--num-workers", "1", "--micro-batch", "2"]
+    assert train.find_resume(train.parse_args(argv + safe)) == part / "checkpoint-2"  # how it writes and computes
     broken = shutil.copytree(part / "checkpoint-2", tmp_path / "broken")  # what --resume says of a bad one
     (broken / "tokenizer.model").unlink()
     assert train.checkpoint_problem(broken) == f"{broken} is incomplete: no tokenizer.model"
