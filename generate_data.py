@@ -500,6 +500,8 @@ def cmd_generate(args) -> int:
         print(f"budget of {client.max_requests} requests spent; rerun to continue where this run stopped")
     if report.stop_reason:
         print(f"stopped: {report.stop_reason}")
+    elif not report.done and report.skipped and set(report.skipped) == {"connection error"}:
+        print(f"no job reached {args.api_base}: is --api-base right and the server up?")
     return 0 if report.done + earlier == total else 3
 
 

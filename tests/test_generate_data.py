@@ -439,6 +439,10 @@ def test_a_teacher_that_is_down_stops_the_run_in_one_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"stopped: 5 connection failures in a row at {url}/chat/completions: is --api-base right" in out
     assert f"done 0 (+0 earlier) of {N_IMAGES * 3} jobs" in out
+    # too few jobs to fail max-down times in a row: the summary says the same
+    assert gd.main(args[:-2] + ["--max-down", "100", "--max-retries", "0", "--limit", "1", "--types", "conversation"]) == 3
+    out = capsys.readouterr().out
+    assert "skipped 1: connection error 1" in out and f"no job reached {url}: is --api-base right" in out, out
 
 
 def test_no_usable_caption_is_an_error(tmp_path):
