@@ -1,6 +1,6 @@
 """The tiny preset: LLaVA in miniature, end to end on a laptop CPU.
 
-    python train.py --preset tiny          # ~5 min on 2 cores; tiny-short ~1 min, tiny-long ~11 min
+    python train.py --preset tiny          # or tiny-short, tiny-long (TINY_PRESETS)
 
 A synthetic world of coloured shapes stands in for COCO, a random tiny CLIP and a tiny LLaMA
 stand in for the pretrained towers, and then the run is the paper's, through train.train():
@@ -11,8 +11,9 @@ stand in for the pretrained towers, and then the run is the paper's, through tra
 
 Last, greedy answers to held-out pictures are scored against the same model shown a blank
 picture of the world's background: the gap between the two is what the model learned to see,
-and samples.png shows a dozen of those pictures with both answers. A second world, multiple choice in the ScienceQA release layout, serves the paper's ablations
-(`eval.py ablate`) and shares this one's drawing and words.
+and samples.png shows a dozen of those pictures with both answers. A second world, multiple
+choice in the ScienceQA release layout, serves the paper's ablations (`eval.py ablate`) and
+shares this one's drawing and words.
 """
 
 import hashlib
@@ -26,17 +27,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import train
 from clip import CLIPVision, CLIPVisionConfig, load_image, preprocess_batch
 from llama import Llama, LlamaConfig, Tokenizer
 from model import LLaVA
-from weights import save_state_dict, write_json_atomic
+from weights import read_json, save_state_dict, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ CAPTION_INSTRUCTIONS = ("Describe the image briefly.", "What is in this picture?
                         "Give a short caption for the image.", "Name the shapes you see.")
 QUESTION_TYPES = ("color", "shape", "count", "where", "relative")
 # How often each kind is asked in training: place and relative position need the model to find
-# one of several objects and read where it is, which it learns last (README: the tiny preset).
+# one of several objects and read where it is, which it learns last.
 QUESTION_WEIGHTS = {"color": 1, "shape": 1, "count": 1, "where": 2, "relative": 2}
 
 
@@ -66,31 +68,36 @@ def draw_scene(scene, size):
     img = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for obj in scene:
-        x0, y0, x1, y1 = obj["box"]
-        color = COLORS[obj["color"]]
-        if obj["shape"] == "circle":
-            draw.ellipse((x0, y0, x1, y1), fill=color)
-        elif obj["shape"] == "square":
-            draw.rectangle((x0, y0, x1, y1), fill=color)
-        else:  # triangle, pointing up
-            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=color)
+        x0, y0, x1, y1 = box = obj["box"]
+        if obj["shape"] == "triangle":  # pointing up
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=COLORS[obj["color"]])
+        else:
+            (draw.ellipse if obj["shape"] == "circle" else draw.rectangle)(box, fill=COLORS[obj["color"]])
     return img
 
 
 def random_scene(rng, size):
     """1-3 objects with distinct colours, shapes and quadrants, each centred in its quadrant at
-    8/10 of its side. (Sizes and places drawn at random made the tiny model's job much harder:
-    with them it had not learned to look after the preset's steps.)"""
-    n = rng.randint(1, 3)
-    half = size // 2
+    8/10 of its side: fixed sizes and places, which a tiny model learns to look at within the
+    preset's steps (random ones it had not)."""
+    n, half = rng.randint(1, 3), size // 2
+    side = int(0.8 * half)
     scene = []
     for quadrant, color, shape in zip(rng.sample(QUADRANTS, n), rng.sample(sorted(COLORS), n), rng.sample(SHAPES, n)):
-        qx, qy = (half if "right" in quadrant else 0), (half if "bottom" in quadrant else 0)
-        side = int(0.8 * half)
-        x0, y0 = qx + (half - side) // 2, qy + (half - side) // 2
+        x0 = (half if "right" in quadrant else 0) + (half - side) // 2
+        y0 = (half if "bottom" in quadrant else 0) + (half - side) // 2
         scene.append({"shape": shape, "color": color, "quadrant": quadrant, "box": [x0, y0, x0 + side, y0 + side]})
-    scene.sort(key=lambda o: QUADRANTS.index(o["quadrant"]))
-    return scene
+    return sorted(scene, key=lambda o: QUADRANTS.index(o["quadrant"]))
+
+
+def _scenes(rng, n_train, n_test, size, one_shape=False):
+    """(split, index, scene) for the training pictures, then the held-out ones."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k in range(n):
+            scene = random_scene(rng, size)
+            while one_shape and len(scene) != 1:
+                scene = random_scene(rng, size)
+            yield split, k, scene
 
 
 def a_or_an(word):
@@ -109,7 +116,7 @@ def ask(scene, kind, rng):
     ("The triangle is green."): the model looks the object up where it names it, instead of
     carrying the question's words to the end of the question first."""
     obj = rng.choice(scene)
-    name = lambda o: f"{o['color']} {o['shape']}"
+    name = lambda o: f"{o['color']} {o['shape']}"  # noqa: E731
     if kind == "color":
         return f"What color is the {obj['shape']}?", f"The {obj['shape']} is {obj['color']}."
     if kind == "shape":
@@ -142,75 +149,78 @@ def normalize_answer(text):
     return " ".join(text.lower().replace(",", " ").split()).strip(" .!?;:'\"")
 
 
-def conversation(scene, rng):
-    """3-6 distinct questions about a scene and their answers, as LLaVA-Instruct turns."""
-    qa = []
+def questions(scene, rng):
+    """3-6 distinct questions about a scene and their answers, the picture with the first."""
+    qa = {}
     for _ in range(rng.randint(3, 6)):
         kinds = _kinds(scene)
-        q, a = ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng)
-        if all(q != q2 for q2, _ in qa):
-            qa.append((q, a))
+        qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng))
     # Half the conversations end with a description, as LLaVA-Instruct mixes detailed
     # descriptions into its data: a dense, image-dependent signal. Last, so that it
     # never gives away the answers to the questions the picture should answer.
     if rng.random() < 0.5:
-        qa.append((rng.choice(CAPTION_INSTRUCTIONS), caption(scene)))
-    turns = []
-    for t, (q, a) in enumerate(qa):
-        turns += [{"from": "human", "value": _with_image(rng, q) if t == 0 else q}, {"from": "gpt", "value": a}]
-    return turns
+        qa[rng.choice(CAPTION_INSTRUCTIONS)] = caption(scene)
+    (q, a), *rest = qa.items()
+    return [(_with_image(rng, q), a), *rest]
+
+
+def _record(rid, image, qa, **fields):
+    """A LLaVA record: the (question, answer) pairs as human and gpt turns."""
+    return {"id": rid, "image": image, **fields,
+            "conversations": [{"from": who, "value": v} for q, a in qa for who, v in (("human", q), ("gpt", a))]}
+
+
+def _text(value):
+    return value.replace(data.IMAGE, "").strip()
+
+
+def _text_only(turns):
+    return [{"from": t["from"], "value": _text(t["value"])} for t in turns]
+
+
+def _lines(turns):
+    """What a tokenizer of the world learns from one conversation: each turn, and all of them on
+    one line as the template lays them out."""
+    dialogue = " ".join(("USER: " if t["from"] == "human" else "ASSISTANT: ") + t["value"] for t in turns)
+    return [_text(t["value"]) for t in turns] + [dialogue.replace(data.IMAGE, "").replace("\n", " ")]
 
 
 def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=512):
-    """Write the synthetic world into out_dir and return its paths:
+    """Write the synthetic world into out_dir and return its paths (deterministic per seed):
 
     images/          train_000000.png ..., test_000000.png ...
-    stage1.json      pretraining records: human "<image>\\n" + brief instruction, gpt caption
-    stage2.json      instruction records: 3-6 questions per training image (QUESTION_WEIGHTS),
-                     short answers, half of them closing with a description
-    test.json        held-out images, one question each, with "answer" and "type" fields
+    stage1.json      pretraining records: the picture, a brief instruction, its caption
+    stage2.json      instruction records: 3-6 questions per training picture, short answers
+    test.json        held-out pictures, one question each, with "answer" and "type" fields
     world.json       what was drawn (shapes, colours, quadrants, boxes) per image
-    tokenizer.model  a sentencepiece BPE (byte fallback) trained on all of the world's text
-
-    Deterministic for a given seed."""
+    tokenizer.model  a sentencepiece BPE (byte fallback) trained on all of the world's text"""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     world, stage1, stage2, test = {}, [], [], []
-    for split, n in (("train", n_train), ("test", n_test)):
-        for k in range(n):
-            name = f"{split}_{k:06d}"
-            scene = random_scene(rng, image_size)
-            draw_scene(scene, image_size).save(out / "images" / f"{name}.png")
-            world[name] = scene
-            if split == "train":
-                stage1.append({"id": name, "image": f"{name}.png", "conversations": [
-                    {"from": "human", "value": _with_image(rng, rng.choice(CAPTION_INSTRUCTIONS))},
-                    {"from": "gpt", "value": caption(scene)}]})
-                stage2.append({"id": name, "image": f"{name}.png", "conversations": conversation(scene, rng)})
-            else:
-                kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
-                if kind not in _kinds(scene):
-                    kind = "where"
-                q, a = ask(scene, kind, rng)
-                test.append({"id": name, "image": f"{name}.png", "type": kind, "answer": a, "conversations": [
-                    {"from": "human", "value": data.IMAGE + "\n" + q}, {"from": "gpt", "value": a}]})
-
+    for split, k, scene in _scenes(rng, n_train, n_test, image_size):
+        name = f"{split}_{k:06d}"
+        draw_scene(scene, image_size).save(out / "images" / f"{name}.png")
+        world[name] = scene
+        if split == "train":
+            stage1.append(_record(name, f"{name}.png", [(_with_image(rng, rng.choice(CAPTION_INSTRUCTIONS)), caption(scene))]))
+            stage2.append(_record(name, f"{name}.png", questions(scene, rng)))
+        else:  # the kinds in turn; a one-shape picture has no relative position
+            kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
+            kind = kind if kind in _kinds(scene) else "where"
+            q, a = ask(scene, kind, rng)
+            test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
     paths = {"image_folder": out / "images", "stage1": out / "stage1.json", "stage2": out / "stage2.json",
              "test": out / "test.json", "world": out / "world.json", "tokenizer": out / "tokenizer.model"}
     for key, obj in (("stage1", stage1), ("stage2", stage2), ("test", test),
                      ("world", {"seed": seed, "image_size": image_size, "images": world})):
-        paths[key].write_text(json.dumps(obj, indent=1))
-
-    # The tokenizer learns every string the model will read or write.
+        write_json_atomic(paths[key], obj, indent=1)
     # Weighted by how often it is read: the system prompt opens every conversation, so it
     # becomes a few whole-word pieces instead of the ~70 fragments of a once-seen line.
-    lines = [data.VICUNA_SYSTEM] * len(stage2) + [data.LLAMA_2_SYSTEM, *CAPTION_INSTRUCTIONS, *COLORS, *SHAPES, *QUADRANTS, *COUNTS,
-             "yes no left right above below"]
+    lines = [data.VICUNA_SYSTEM] * len(stage2) + [data.LLAMA_2_SYSTEM, *CAPTION_INSTRUCTIONS, *COLORS, *SHAPES,
+                                                  *QUADRANTS, *COUNTS, "yes no left right above below"]
     for r in stage1 + stage2 + test:
-        lines += [t["value"].replace(data.IMAGE, "").strip() for t in r["conversations"]]
-        lines.append(" ".join(f"USER: {t['value']}" if t["from"] == "human" else f"ASSISTANT: {t['value']}"
-                              for t in r["conversations"]).replace(data.IMAGE, "").replace("\n", " "))
+        lines += _lines(r["conversations"])
     train_tokenizer(lines, paths["tokenizer"], vocab_size)
     return paths
 
@@ -218,8 +228,6 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
 def train_tokenizer(lines, path, vocab_size):
     """A LLaMA-shaped sentencepiece BPE (byte fallback, digits split, UNK 0 / BOS 1 / EOS 2)
     trained on `lines` and written to `path`: the tokenizer of a synthetic world."""
-    import sentencepiece as spm
-
     model = io.BytesIO()  # trained in memory: a model_prefix path would be written into the file
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
@@ -232,17 +240,16 @@ def train_tokenizer(lines, path, vocab_size):
 
 # ------------------------------------------------------------------------------------------------
 # The multiple-choice world (eval.py ablate)
-# A multiple-choice version of the world, in the ScienceQA release layout, so that the whole
-# ScienceQA path (conversion, --data scienceqa, this evaluation) runs on it. Each picture holds
-# one shape; a problem asks for its colour, its shape, where it is, or whether it is a given
-# colour and shape. The "solution" is the step of reasoning the answer follows from, the same
-# for every kind of question: first say what the picture shows, then answer.
+# The world in the ScienceQA release layout, so that the whole ScienceQA path (conversion,
+# --data scienceqa, its evaluation) runs on it. Each picture holds one shape; a problem asks for
+# its colour, its shape, where it is, or whether it is a given colour and shape. The "solution"
+# is the step of reasoning the answer follows from, the same for every kind of question:
 #     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
 #     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
 #     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
 # Options come in a fixed order (the world's lists; four of the six colours, as ScienceQA has at
-# most five options), so a 4-layer model can learn which letter names which answer within a few
-# hundred steps. Lectures are empty (they would add the same sentence to every problem).
+# most five options), so that a 4-layer model learns quickly which letter names which answer.
+# Lectures are empty (they would add the same sentence to every problem).
 
 MC_KINDS = ("color", "shape", "where", "exists")
 
@@ -259,8 +266,7 @@ def mc_problem(obj, kind, rng):
     if rng.random() < 0.5:  # exists: half the time the shape that is there, else one that is not
         color, shape = obj["color"], obj["shape"]
     else:
-        color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES
-                                   if (c, s) != (obj["color"], obj["shape"])])
+        color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) != (obj["color"], obj["shape"])])
     there = (color, shape) == (obj["color"], obj["shape"])
     return f"Is there {a_or_an(f'{color} {shape}')}?", ["yes", "no"], "yes" if there else "no"
 
@@ -274,42 +280,35 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
     out = Path(out_dir)
     rng = random.Random(seed)
     problems, splits, stage1 = {}, {"train": [], "val": [], "test": []}, []
-    for split, n in (("train", n_train), ("test", n_test)):
-        for k in range(n):
-            pid = f"{split}{k:06d}"
-            scene = random_scene(rng, image_size)
-            while len(scene) != 1:
-                scene = random_scene(rng, image_size)
-            (out / "images" / split / pid).mkdir(parents=True, exist_ok=True)
-            draw_scene(scene, image_size).save(out / "images" / split / pid / "image.png")
-            kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
-            question, choices, right = mc_problem(scene[0], kind, rng)
-            solution = "The picture shows {} in the {}.".format(caption(scene)[:-1], scene[0]["quadrant"])
-            problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
-                             "image": "image.png", "task": "closed choice", "grade": "grade1",
-                             "subject": "natural science", "topic": "shapes", "lecture": "", "solution": solution,
-                             "split": split}
-            splits[split].append(pid)
-            if split == "train":
-                stage1.append({"id": pid, "image": f"train/{pid}/image.png", "conversations": [
-                    {"from": "human", "value": data.IMAGE + "\n" + rng.choice(CAPTION_INSTRUCTIONS)},
-                    {"from": "gpt", "value": caption(scene)}]})
-    (out / "problems.json").write_text(json.dumps(problems, indent=1))
-    (out / "pid_splits.json").write_text(json.dumps(splits))
+    for split, k, scene in _scenes(rng, n_train, n_test, image_size, one_shape=True):
+        pid, obj = f"{split}{k:06d}", scene[0]
+        (out / "images" / split / pid).mkdir(parents=True, exist_ok=True)
+        draw_scene(scene, image_size).save(out / "images" / split / pid / "image.png")
+        kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
+        question, choices, right = mc_problem(obj, kind, rng)
+        problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
+                         "image": "image.png", "task": "closed choice", "grade": "grade1",
+                         "subject": "natural science", "topic": "shapes", "lecture": "",
+                         "solution": f"The picture shows {caption(scene)[:-1]} in the {obj['quadrant']}.", "split": split}
+        splits[split].append(pid)
+        if split == "train":
+            qa = [(data.IMAGE + "\n" + rng.choice(CAPTION_INSTRUCTIONS), caption(scene))]
+            stage1.append(_record(pid, f"train/{pid}/image.png", qa))
+    write_json_atomic(out / "problems.json", problems, indent=1)
+    write_json_atomic(out / "pid_splits.json", splits, indent=None)
     paths = {"root": out, "image_folder": out / "images", "stage1": out / "stage1.json",
              "stage2": out / "stage2_reasoning_first.json", "stage2_answer_first": out / "stage2_answer_first.json",
              "test": out / "test.json", "tokenizer": out / "tokenizer.model"}
-    paths["stage1"].write_text(json.dumps(stage1))
-    convert = lambda split, af: data.scienceqa_to_llava(  # noqa: E731
-        out / "problems.json", out / "pid_splits.json", split, image_root=out / "images", answer_first=af)
-    paths["stage2"].write_text(json.dumps(convert("train", False)))
-    paths["stage2_answer_first"].write_text(json.dumps(convert("train", True)))
-    paths["test"].write_text(json.dumps(convert("test", False)))
+    records = {"stage1": stage1}
+    for key, split, answer_first in (("stage2", "train", False), ("stage2_answer_first", "train", True),
+                                     ("test", "test", False)):
+        records[key] = data.scienceqa_to_llava(out / "problems.json", out / "pid_splits.json", split,
+                                               image_root=out / "images", answer_first=answer_first)
+    for key, obj in records.items():
+        write_json_atomic(paths[key], obj, indent=None)
     lines = [data.VICUNA_SYSTEM, *CAPTION_INSTRUCTIONS, *(r["conversations"][1]["value"] for r in stage1)]
-    for af in (False, True):
-        for r in convert("train", af):
-            q, a = (t["value"].replace(data.IMAGE, "").strip() for t in r["conversations"])
-            lines += [q, a, f"USER: {q} ASSISTANT: {a}".replace("\n", " ")]
+    for r in records["stage2"] + records["stage2_answer_first"]:
+        lines += _lines(_text_only(r["conversations"]))
     train_tokenizer(lines, paths["tokenizer"], vocab_size)
     return paths
 
@@ -321,6 +320,7 @@ TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num
                  image_size=32, patch_size=8)
 TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
 # 0: the LLM learns the world's text; then the paper's two stages. Where the LLM trains (0 and
 # 2) its matrices step with Muon, which learns the world's lookups in far fewer steps than AdamW
 # (the paper's, still the default of --stage 1|2).
@@ -352,28 +352,22 @@ def init_normal(module, std=0.02):
 
 def make_tiny_bases(root, tokenizer_path, seed):
     """Random tiny CLIP and LLaMA written as transformers would write them, so that stage 1
-    starts exactly as it would from openai/clip-vit-large-patch14 and Vicuna. The CLIP is
-    random but for its position embedding: a pretrained CLIP's patch features say where the
-    patch is, and a random 0.02-std table left that at 4% of each feature's norm, too faint
-    for the tiny LLaMA to find which of several shapes is where."""
+    starts exactly as it would from openai/clip-vit-large-patch14 and Vicuna. The CLIP is random
+    but for its position embedding: a pretrained CLIP's patch features say where the patch is,
+    and a random table says it too faintly for the tiny LLaMA to find which shape is where."""
     torch.manual_seed(seed)
     clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
     vision = CLIPVision(CLIPVisionConfig(**TINY_CLIP))
     init_normal(vision)
-    with torch.no_grad():  # a pretrained CLIP's position embeddings encode row and column
+    with torch.no_grad():
         table = grid_position_embedding(TINY_CLIP["image_size"] // TINY_CLIP["patch_size"], TINY_CLIP["hidden_size"])
         vision.embeddings.position_embedding.weight.copy_(table * TINY_POSITION_RMS)
-    clip_dir.mkdir(parents=True, exist_ok=True)
     save_state_dict(vision.state_dict(), clip_dir)
     write_json_atomic(clip_dir / "config.json", vision.config.to_hf())
-    vocab = Tokenizer(tokenizer_path).sp.vocab_size()
-    llm = Llama(LlamaConfig(vocab_size=vocab, **TINY_LLM))
+    llm = Llama(LlamaConfig(vocab_size=Tokenizer(tokenizer_path).sp.vocab_size(), **TINY_LLM))
     init_normal(llm)
     save_llm_dir(llm, llm_dir, tokenizer_path)
     return clip_dir, llm_dir
-
-
-TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
 
 
 def grid_position_embedding(grid, dim):
@@ -382,19 +376,16 @@ def grid_position_embedding(grid, dim):
     second, at dim/4 frequencies (the 2-D sin-cos table of MAE)."""
     freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    enc = lambda pos: torch.cat([torch.sin(pos.flatten()[:, None] * freqs), torch.cos(pos.flatten()[:, None] * freqs)], 1)
+    enc = lambda pos: torch.cat([torch.sin(pos.flatten()[:, None] * freqs), torch.cos(pos.flatten()[:, None] * freqs)], 1)  # noqa: E731
     table = torch.cat([enc(rows.float()), enc(cols.float())], 1)  # [grid**2, dim]
-    table = table / table.pow(2).mean().sqrt()
-    return torch.cat([torch.zeros(1, dim), table])
+    return torch.cat([torch.zeros(1, dim), table / table.pow(2).mean().sqrt()])
 
 
 def save_llm_dir(llm, directory, tokenizer_path):
     """A transformers LlamaForCausalLM directory (`model.*` + `lm_head.*` keys, config.json,
     tokenizer.model): what LLaVA.from_components expects of Vicuna."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k if k.startswith("lm_head.") else "model." + k: v for k, v in llm.state_dict().items()}
-    save_state_dict(state, directory)
+    save_state_dict({k if k.startswith("lm_head.") else "model." + k: v for k, v in llm.state_dict().items()}, directory)
     write_json_atomic(directory / "config.json", llm.config.to_hf())
     if Path(tokenizer_path).resolve() != (directory / "tokenizer.model").resolve():
         shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
@@ -402,13 +393,15 @@ def save_llm_dir(llm, directory, tokenizer_path):
     write_json_atomic(directory / "tokenizer_config.json", {"legacy": False})
 
 
+def _right(said, record):
+    return normalize_answer(said) == normalize_answer(record["answer"])
+
 
 def tiny_accuracy(model, world, blank=False, batch_size=50):
     """Exact-match accuracy of greedy answers to the held-out questions (with a blank image of
     the world's background colour when `blank`) -> (overall, {question type: accuracy}, answers)."""
     tokenizer = Tokenizer(model.tokenizer_dir)
-    records = json.loads(Path(world["test"]).read_text())
-    size, square = model.config.vision.image_size, model.config.pad_to_square
+    records = read_json(world["test"], "test set")
     blank_image = Image.new("RGB", (64, 64), BACKGROUND)
     right, answers = {}, []
     for i in range(0, len(records), batch_size):
@@ -416,12 +409,10 @@ def tiny_accuracy(model, world, blank=False, batch_size=50):
         prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, model.config.template,
                                         has_image=True, num_patches=model.config.num_patches) for r in chunk]
         images = [blank_image if blank else load_image(Path(world["image_folder"]) / r["image"]) for r in chunk]
-        outs = model.generate_batch(prompts, preprocess_batch(images, size, square), max_new_tokens=32,
-                                    eos_id=tokenizer.eos_id)
-        for r, out in zip(chunk, outs):
+        pixels = preprocess_batch(images, model.config.vision.image_size, model.config.pad_to_square)
+        for r, out in zip(chunk, model.generate_batch(prompts, pixels, max_new_tokens=32, eos_id=tokenizer.eos_id)):
             answers.append(tokenizer.decode(out).strip())
-            ok = normalize_answer(answers[-1]) == normalize_answer(r["answer"])
-            right.setdefault(r.get("type", "all"), []).append(ok)
+            right.setdefault(r.get("type", "all"), []).append(_right(answers[-1], r))
     by_type = {k: sum(v) / len(v) for k, v in sorted(right.items())}
     return sum(map(sum, right.values())) / len(records), by_type, answers
 
@@ -430,20 +421,17 @@ def draw_samples(world, answers, blank_answers, path, n=12, columns=4):
     """A sheet of the first `n` held-out pictures, each with its question, the model's answer
     with the picture and with a blank one, green where right and red where wrong: the one-glance
     proof that the model looks."""
-    from PIL import ImageFont
-    records = json.loads(Path(world["test"]).read_text())[:n]
+    records = read_json(world["test"], "test set")[:n]
     font = ImageFont.load_default(size=13)
     cell, side = (250, 250), 128
     sheet = Image.new("RGB", (cell[0] * columns, cell[1] * math.ceil(len(records) / columns)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (r, said, said_blank) in enumerate(zip(records, answers, blank_answers)):
         x, y = cell[0] * (k % columns) + 8, cell[1] * (k // columns) + 8
-        picture = load_image(Path(world["image_folder"]) / r["image"]).resize((side, side), Image.NEAREST)
-        sheet.paste(picture, (x, y))
-        lines = [(r["conversations"][0]["value"].replace(data.IMAGE, "").strip(), "black")]
-        for label, text in (("seen", said), ("blank", said_blank)):
-            right = normalize_answer(text) == normalize_answer(r["answer"])
-            lines.append((f"{label}: {text}", (0, 128, 0) if right else (200, 0, 0)))
+        sheet.paste(load_image(Path(world["image_folder"]) / r["image"]).resize((side, side), Image.NEAREST), (x, y))
+        lines = [(_text(r["conversations"][0]["value"]), "black")]
+        lines += [(f"{label}: {text}", (0, 128, 0) if _right(text, r) else (200, 0, 0))
+                  for label, text in (("seen", said), ("blank", said_blank))]
         y += side + 4
         for text, colour in lines:
             for line in textwrap.wrap(text, 34):
@@ -452,24 +440,27 @@ def draw_samples(world, answers, blank_answers, path, n=12, columns=4):
     sheet.save(path)
 
 
-def pretrain_tiny_llm(cfg, root, world, llm_dir, common, stage0):
+def pretrain_tiny_llm(cfg, root, world, common, stage0):
     """The synthetic world's "Vicuna": before LLaVA's two stages the tiny LLaMA learns the
-    world's language from text alone (the stage-2 conversations, descriptions included, with the
-    image left out), as Vicuna knew English before LLaVA met it. Without this, stage 1 would
-    align the projector to a random LLM and teach it nothing."""
-    text = []
-    for r in json.loads(Path(world["stage2"]).read_text()):
-        turns = [{"from": t["from"], "value": t["value"].replace("<image>", "").strip()}
-                 for t in r["conversations"]]
-        text.append({"id": r["id"] + "_text", "conversations": turns})
-    path = root / "data" / "text_only.json"
-    write_json_atomic(path, text)
-    s0 = replace(cfg, stage=2, init="", data=str(path), out=str(root / "llm_pretrain"), **common, **stage0)
-    train.train(s0)
+    world's language from text alone (the stage-2 conversations with the image left out), as
+    Vicuna knew English before LLaVA met it; without it stage 1 would align the projector to a
+    random LLM. Shared by the ablations of one world (eval.py ablate) and redone whenever the
+    world (its tokenizer), the LLM or its recipe changed: a text-pretrained LLM of another world
+    would read this world's tokens with wrong embeddings. Returns the LLM's directory."""
+    out = root / "llm_pretrained"
+    recipe = json.dumps([TINY_LLM, stage0, cfg.seed, hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
+    if (out / "nanollava_stage0.json").exists() and (out / "nanollava_stage0.json").read_text() == recipe:
+        return out
+    text = [{"id": r["id"] + "_text", "conversations": _text_only(r["conversations"])}
+            for r in read_json(world["stage2"], "stage-2 data")]
+    write_json_atomic(root / "data" / "text_only.json", text)
+    train.train(replace(cfg, stage=2, init="", data=str(root / "data" / "text_only.json"),
+                        out=str(root / "llm_pretrain"), **common, **stage0))
     if dist.get_rank() == 0:
-        model = LLaVA.from_pretrained(root / "llm_pretrain")
-        save_llm_dir(model.llm, root / "llm_pretrained", Path(llm_dir) / "tokenizer.model")
+        save_llm_dir(LLaVA.from_pretrained(root / "llm_pretrain").llm, out, Path(common["llm"]) / "tokenizer.model")
+        (out / "nanollava_stage0.json").write_text(recipe)
     dist.barrier()
+    return out
 
 
 def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
@@ -478,43 +469,39 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     projector, vision_layer = CLIP layer -1 or -2 (default cfg.vision_layer), world = a different
     synthetic world (make_synthetic paths), evaluate=False = train only (a world whose test
     set the caller scores its own way). A preset owns its --out and starts over in it."""
-    t0 = time.perf_counter()
-    preset = TINY_PRESETS[cfg.preset or "tiny"]
+    t0, name = time.perf_counter(), cfg.preset or "tiny"
+    preset = TINY_PRESETS[name]
     stages = {k: {**v, **preset["stages"].get(k, {})} for k, v in TINY_STAGES.items()}
-    root = Path(cfg.out or f"runs/{cfg.preset or 'tiny'}")
+    root = Path(cfg.out or f"runs/{name}")
     run_dir = root / tag if tag else root
-    train.log0(f"{cfg.preset or 'tiny'} preset in {root}, on {torch.get_num_threads()} CPU threads "
-         "(--threads N or OMP_NUM_THREADS=N to change: on a busy machine, fewer than the free cores)")
+    train.log0(f"{name} preset in {root}, on {torch.get_num_threads()} CPU threads "
+               "(--threads N or OMP_NUM_THREADS=N to change: on a busy machine, fewer than the free cores)")
     if world is None:
         world = make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
-                                    n_train=preset["n_train"], n_test=preset["n_test"])
+                               n_train=preset["n_train"], n_test=preset["n_test"])
     clip_dir, llm_dir = make_tiny_bases(root, world["tokenizer"], cfg.seed)
     common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
                   max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0, overwrite=True, log_every=100,
                   vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
-    # Stage 0 is shared by the ablations of one world (eval.py ablate: one "Vicuna" for every
-    # variant) and redone whenever the world (its tokenizer), the LLM or its recipe changed: a
-    # text-pretrained LLM of another world would read this world's tokens with wrong embeddings.
-    recipe = json.dumps([TINY_LLM, stages[0], cfg.seed,
-                         hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
-    stamp = root / "llm_pretrained" / "nanollava_stage0.json"
-    if not stamp.exists() or stamp.read_text() != recipe:
-        pretrain_tiny_llm(cfg, root, world, llm_dir, common, stages[0])
-        if dist.get_rank() == 0:
-            stamp.write_text(recipe)
-    common["llm"] = str(root / "llm_pretrained")
+    common["llm"] = str(pretrain_tiny_llm(cfg, root, world, common, stages[0]))
     if not skip_stage1:
         train.train(replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **stages[1]))
     train.train(replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
-                  out=str(run_dir / "stage2"), **common, **stages[2]))
+                        out=str(run_dir / "stage2"), **common, **stages[2]))
     if dist.get_rank() != 0 or not evaluate:
         return None
+    return report(name, world, root, run_dir, t0)
+
+
+def report(name, world, root, run_dir, t0):
+    """Score the stage-2 model with and without the pictures, draw samples.png and loss.png,
+    write result.json and print what the run shows and how to chat with its model."""
     model = LLaVA.from_pretrained(run_dir / "stage2").eval()
     acc, acc_by_type, answers = tiny_accuracy(model, world, blank=False)
     blank, blank_by_type, blank_answers = tiny_accuracy(model, world, blank=True)
     draw_samples(world, answers, blank_answers, run_dir / "samples.png")
-    train.draw_loss_curve([(name, train.logged_losses(d / "train_log.jsonl")) for name, d in
+    train.draw_loss_curve([(label, train.logged_losses(d / "train_log.jsonl")) for label, d in
                            (("stage 0 (text)", root / "llm_pretrain"), ("stage 1", run_dir / "stage1"),
                             ("stage 2", run_dir / "stage2")) if (d / "train_log.jsonl").exists()], run_dir / "loss.png")
     minutes = (time.perf_counter() - t0) / 60
@@ -522,7 +509,7 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
               "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
     write_json_atomic(run_dir / "result.json", result)
     per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
-    print(f"\n{cfg.preset or 'tiny'} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
+    print(f"\n{name} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
           f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
           f"pictures and answers: {run_dir / 'samples.png'}, loss of every stage: {run_dir / 'loss.png'}\n"
           f"by question type, with the image (blank): {per_type}\n{chat_hint(world, run_dir / 'stage2')}", flush=True)
@@ -532,9 +519,9 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
 def chat_hint(world, model_dir):
     """How to talk to the preset's model, and what it can talk about: its world of coloured
     shapes and five kinds of question (a real photo gets word salad)."""
-    records = json.loads(Path(world["test"]).read_text())
+    records = read_json(world["test"], "test set")
     image = records[0]["image"]
-    asked = [r["conversations"][0]["value"].replace(data.IMAGE, "").strip() for r in records if r["image"] == image]
+    asked = [_text(r["conversations"][0]["value"]) for r in records if r["image"] == image]
     examples = list(dict.fromkeys(asked + ["How many shapes are there?", "What shape is the red object?",
                                            "Where is the blue circle?"]))[:3]
     return (f"Chat with it: python chat.py {Path(world['image_folder']) / image} --model {model_dir}\n"
