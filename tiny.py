@@ -3,17 +3,16 @@
     python train.py --preset tiny          # or tiny-short, tiny-long (TINY_PRESETS)
 
 A synthetic world of coloured shapes stands in for COCO, a random tiny CLIP and a tiny LLaMA
-stand in for the pretrained towers, and then the run is the paper's, through train.train():
+for the pretrained towers, and then the run is the paper's, through train.train():
 
     stage 0  the tiny LLaMA learns the world's language from text alone (the "Vicuna")
     stage 1  feature alignment on captions: the projector alone learns
     stage 2  instruction tuning on conversations: projector + LLM
 
 Last, greedy answers to held-out pictures are scored against the same model shown a blank
-picture of the world's background: the gap between the two is what the model learned to see,
-and samples.png shows a dozen of those pictures with both answers. A second world, multiple
-choice in the ScienceQA release layout, serves the paper's ablations (`eval.py ablate`) and
-shares this one's drawing and words.
+picture: the gap is what the model learned to see (samples.png shows a dozen). A second world,
+multiple choice in the ScienceQA release layout, shares this one's drawing and words and serves
+the paper's ablations (`eval.py ablate`).
 """
 
 import hashlib
@@ -150,14 +149,13 @@ def normalize_answer(text):
 
 
 def questions(scene, rng):
-    """3-6 distinct questions about a scene and their answers, the picture with the first."""
+    """3-6 distinct questions about a scene and their answers, the picture with the first.
+    Half of them end with a description, as LLaVA-Instruct mixes detailed descriptions into its
+    data (a dense, image-dependent signal); last, so that it gives no answer away."""
     qa = {}
     for _ in range(rng.randint(3, 6)):
         kinds = _kinds(scene)
         qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng))
-    # Half the conversations end with a description, as LLaVA-Instruct mixes detailed
-    # descriptions into its data: a dense, image-dependent signal. Last, so that it
-    # never gives away the answers to the questions the picture should answer.
     if rng.random() < 0.5:
         qa[rng.choice(CAPTION_INSTRUCTIONS)] = caption(scene)
     (q, a), *rest = qa.items()
@@ -179,8 +177,8 @@ def _text_only(turns):
 
 
 def _lines(turns):
-    """What a tokenizer of the world learns from one conversation: each turn, and all of them on
-    one line as the template lays them out."""
+    """What the world's tokenizer learns of a conversation: each turn, and all on one line as the
+    template lays them out."""
     dialogue = " ".join(("USER: " if t["from"] == "human" else "ASSISTANT: ") + t["value"] for t in turns)
     return [_text(t["value"]) for t in turns] + [dialogue.replace(data.IMAGE, "").replace("\n", " ")]
 
@@ -194,9 +192,8 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
     test.json        held-out pictures, one question each, with "answer" and "type" fields
     world.json       what was drawn (shapes, colours, quadrants, boxes) per image
     tokenizer.model  a sentencepiece BPE (byte fallback) trained on all of the world's text"""
-    out = Path(out_dir)
+    out, rng = Path(out_dir), random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     world, stage1, stage2, test = {}, [], [], []
     for split, k, scene in _scenes(rng, n_train, n_test, image_size):
         name = f"{split}_{k:06d}"
@@ -210,8 +207,8 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
             kind = kind if kind in _kinds(scene) else "where"
             q, a = ask(scene, kind, rng)
             test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
-    paths = {"image_folder": out / "images", "stage1": out / "stage1.json", "stage2": out / "stage2.json",
-             "test": out / "test.json", "world": out / "world.json", "tokenizer": out / "tokenizer.model"}
+    paths = {"image_folder": out / "images", **{k: out / f"{k}.json" for k in ("stage1", "stage2", "test", "world")},
+             "tokenizer": out / "tokenizer.model"}
     for key, obj in (("stage1", stage1), ("stage2", stage2), ("test", test),
                      ("world", {"seed": seed, "image_size": image_size, "images": world})):
         write_json_atomic(paths[key], obj, indent=1)
@@ -241,15 +238,14 @@ def train_tokenizer(lines, path, vocab_size):
 # ------------------------------------------------------------------------------------------------
 # The multiple-choice world (eval.py ablate)
 # The world in the ScienceQA release layout, so that the whole ScienceQA path (conversion,
-# --data scienceqa, its evaluation) runs on it. Each picture holds one shape; a problem asks for
-# its colour, its shape, where it is, or whether it is a given colour and shape. The "solution"
-# is the step of reasoning the answer follows from, the same for every kind of question:
+# --data scienceqa, its evaluation) runs on it. One shape a picture; a problem asks for its
+# colour, its shape, its place, or whether it is a given colour and shape. The "solution" is the
+# step of reasoning the answer follows from, the same for every kind: say what the picture shows.
 #     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
 #     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
 #     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
-# Options come in a fixed order (the world's lists; four of the six colours, as ScienceQA has at
-# most five options), so that a 4-layer model learns quickly which letter names which answer.
-# Lectures are empty (they would add the same sentence to every problem).
+# Options come in the world's fixed order (four of the six colours: ScienceQA has at most five),
+# so that a 4-layer model learns quickly which letter names which answer. Lectures are empty.
 
 MC_KINDS = ("color", "shape", "where", "exists")
 
@@ -263,22 +259,17 @@ def mc_problem(obj, kind, rng):
         return "Which shape is in the picture?", list(SHAPES), obj["shape"]
     if kind == "where":
         return "Where is the shape?", list(QUADRANTS), obj["quadrant"]
-    if rng.random() < 0.5:  # exists: half the time the shape that is there, else one that is not
-        color, shape = obj["color"], obj["shape"]
-    else:
-        color, shape = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) != (obj["color"], obj["shape"])])
-    there = (color, shape) == (obj["color"], obj["shape"])
-    return f"Is there {a_or_an(f'{color} {shape}')}?", ["yes", "no"], "yes" if there else "no"
+    there = (obj["color"], obj["shape"])  # exists: half the time the shape that is there, else one that is not
+    asked = there if rng.random() < 0.5 else rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) != there])
+    return f"Is there {a_or_an(' '.join(asked))}?", ["yes", "no"], "yes" if asked == there else "no"
 
 
 def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=640):
     """Write the multiple-choice world as a ScienceQA release into out_dir and return the paths
-    run_tiny takes: problems.json, pid_splits.json, images/{split}/{pid}/image.png,
-    stage1.json (captions of the training pictures), stage2_reasoning_first.json and
-    stage2_answer_first.json (data.scienceqa_to_llava of the train split), test.json (the test
-    split, same conversion) and a tokenizer trained on all of it. Deterministic per seed."""
-    out = Path(out_dir)
-    rng = random.Random(seed)
+    run_tiny takes (deterministic per seed): problems.json, pid_splits.json and
+    images/{split}/{pid}/image.png; stage1.json (captions), stage2_reasoning_first.json,
+    stage2_answer_first.json and test.json (data.scienceqa_to_llava); a tokenizer of all of it."""
+    out, rng = Path(out_dir), random.Random(seed)
     problems, splits, stage1 = {}, {"train": [], "val": [], "test": []}, []
     for split, k, scene in _scenes(rng, n_train, n_test, image_size, one_shape=True):
         pid, obj = f"{split}{k:06d}", scene[0]
@@ -287,8 +278,8 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
         kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
         question, choices, right = mc_problem(obj, kind, rng)
         problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
-                         "image": "image.png", "task": "closed choice", "grade": "grade1",
-                         "subject": "natural science", "topic": "shapes", "lecture": "",
+                         "image": "image.png", "task": "closed choice", "grade": "grade1", "subject": "natural science",
+                         "topic": "shapes", "lecture": "",
                          "solution": f"The picture shows {caption(scene)[:-1]} in the {obj['quadrant']}.", "split": split}
         splits[split].append(pid)
         if split == "train":
@@ -348,6 +339,7 @@ def init_normal(module, std=0.02):
     for name, p in module.named_parameters():
         if name.endswith("class_embedding"):
             nn.init.normal_(p, std=std)
+    return module
 
 
 def make_tiny_bases(root, tokenizer_path, seed):
@@ -357,15 +349,13 @@ def make_tiny_bases(root, tokenizer_path, seed):
     and a random table says it too faintly for the tiny LLaMA to find which shape is where."""
     torch.manual_seed(seed)
     clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
-    vision = CLIPVision(CLIPVisionConfig(**TINY_CLIP))
-    init_normal(vision)
+    vision = init_normal(CLIPVision(CLIPVisionConfig(**TINY_CLIP)))
     with torch.no_grad():
         table = grid_position_embedding(TINY_CLIP["image_size"] // TINY_CLIP["patch_size"], TINY_CLIP["hidden_size"])
         vision.embeddings.position_embedding.weight.copy_(table * TINY_POSITION_RMS)
     save_state_dict(vision.state_dict(), clip_dir)
     write_json_atomic(clip_dir / "config.json", vision.config.to_hf())
-    llm = Llama(LlamaConfig(vocab_size=Tokenizer(tokenizer_path).sp.vocab_size(), **TINY_LLM))
-    init_normal(llm)
+    llm = init_normal(Llama(LlamaConfig(vocab_size=Tokenizer(tokenizer_path).sp.vocab_size(), **TINY_LLM)))
     save_llm_dir(llm, llm_dir, tokenizer_path)
     return clip_dir, llm_dir
 
@@ -393,60 +383,11 @@ def save_llm_dir(llm, directory, tokenizer_path):
     write_json_atomic(directory / "tokenizer_config.json", {"legacy": False})
 
 
-def _right(said, record):
-    return normalize_answer(said) == normalize_answer(record["answer"])
-
-
-def tiny_accuracy(model, world, blank=False, batch_size=50):
-    """Exact-match accuracy of greedy answers to the held-out questions (with a blank image of
-    the world's background colour when `blank`) -> (overall, {question type: accuracy}, answers)."""
-    tokenizer = Tokenizer(model.tokenizer_dir)
-    records = read_json(world["test"], "test set")
-    blank_image = Image.new("RGB", (64, 64), BACKGROUND)
-    right, answers = {}, []
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, model.config.template,
-                                        has_image=True, num_patches=model.config.num_patches) for r in chunk]
-        images = [blank_image if blank else load_image(Path(world["image_folder"]) / r["image"]) for r in chunk]
-        pixels = preprocess_batch(images, model.config.vision.image_size, model.config.pad_to_square)
-        for r, out in zip(chunk, model.generate_batch(prompts, pixels, max_new_tokens=32, eos_id=tokenizer.eos_id)):
-            answers.append(tokenizer.decode(out).strip())
-            right.setdefault(r.get("type", "all"), []).append(_right(answers[-1], r))
-    by_type = {k: sum(v) / len(v) for k, v in sorted(right.items())}
-    return sum(map(sum, right.values())) / len(records), by_type, answers
-
-
-def draw_samples(world, answers, blank_answers, path, n=12, columns=4):
-    """A sheet of the first `n` held-out pictures, each with its question, the model's answer
-    with the picture and with a blank one, green where right and red where wrong: the one-glance
-    proof that the model looks."""
-    records = read_json(world["test"], "test set")[:n]
-    font = ImageFont.load_default(size=13)
-    cell, side = (250, 250), 128
-    sheet = Image.new("RGB", (cell[0] * columns, cell[1] * math.ceil(len(records) / columns)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for k, (r, said, said_blank) in enumerate(zip(records, answers, blank_answers)):
-        x, y = cell[0] * (k % columns) + 8, cell[1] * (k // columns) + 8
-        sheet.paste(load_image(Path(world["image_folder"]) / r["image"]).resize((side, side), Image.NEAREST), (x, y))
-        lines = [(_text(r["conversations"][0]["value"]), "black")]
-        lines += [(f"{label}: {text}", (0, 128, 0) if _right(text, r) else (200, 0, 0))
-                  for label, text in (("seen", said), ("blank", said_blank))]
-        y += side + 4
-        for text, colour in lines:
-            for line in textwrap.wrap(text, 34):
-                draw.text((x, y), line, fill=colour, font=font)
-                y += 16
-    sheet.save(path)
-
-
 def pretrain_tiny_llm(cfg, root, world, common, stage0):
-    """The synthetic world's "Vicuna": before LLaVA's two stages the tiny LLaMA learns the
-    world's language from text alone (the stage-2 conversations with the image left out), as
-    Vicuna knew English before LLaVA met it; without it stage 1 would align the projector to a
-    random LLM. Shared by the ablations of one world (eval.py ablate) and redone whenever the
-    world (its tokenizer), the LLM or its recipe changed: a text-pretrained LLM of another world
-    would read this world's tokens with wrong embeddings. Returns the LLM's directory."""
+    """Stage 0, the world's "Vicuna": the tiny LLaMA learns the world's language from the stage-2
+    conversations without their pictures, as Vicuna knew English before LLaVA met it (stage 1
+    would align the projector to a random LLM otherwise). Redone only when the world's tokenizer,
+    the LLM or the recipe changed, so that eval.py's ablations of one world share it. -> its dir"""
     out = root / "llm_pretrained"
     recipe = json.dumps([TINY_LLM, stage0, cfg.seed, hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
     if (out / "nanollava_stage0.json").exists() and (out / "nanollava_stage0.json").read_text() == recipe:
@@ -476,9 +417,8 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     run_dir = root / tag if tag else root
     train.log0(f"{name} preset in {root}, on {torch.get_num_threads()} CPU threads "
                "(--threads N or OMP_NUM_THREADS=N to change: on a busy machine, fewer than the free cores)")
-    if world is None:
-        world = make_synthetic(root / "data", seed=cfg.seed, image_size=TINY_CLIP["image_size"] * 2,
-                               n_train=preset["n_train"], n_test=preset["n_test"])
+    world = world or make_synthetic(root / "data", preset["n_train"], preset["n_test"], seed=cfg.seed,
+                                    image_size=TINY_CLIP["image_size"] * 2)
     clip_dir, llm_dir = make_tiny_bases(root, world["tokenizer"], cfg.seed)
     common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
@@ -489,45 +429,83 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
         train.train(replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **stages[1]))
     train.train(replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
                         out=str(run_dir / "stage2"), **common, **stages[2]))
-    if dist.get_rank() != 0 or not evaluate:
-        return None
-    return report(name, world, root, run_dir, t0)
+    if dist.get_rank() == 0 and evaluate:
+        return report(name, world, root, run_dir, t0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Its accuracy: greedy answers to the held-out questions, exact match, each shown its picture and
+# a blank one of the world's background
+
+def answers(model, records, folder, blank=False, batch_size=50):
+    tokenizer, c = Tokenizer(model.tokenizer_dir), model.config
+    said = []
+    for i in range(0, len(records), batch_size):
+        chunk = records[i:i + batch_size]
+        prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, c.template, has_image=True,
+                                        num_patches=c.num_patches) for r in chunk]
+        images = [Image.new("RGB", (64, 64), BACKGROUND) if blank else load_image(folder / r["image"]) for r in chunk]
+        pixels = preprocess_batch(images, c.vision.image_size, c.pad_to_square)
+        said += [tokenizer.decode(o).strip() for o in model.generate_batch(prompts, pixels, max_new_tokens=32,
+                                                                            eos_id=tokenizer.eos_id)]
+    return said
+
+
+def accuracy(records, said):
+    """-> (overall, {question type: accuracy}, [right or not])"""
+    right = [normalize_answer(s) == normalize_answer(r["answer"]) for r, s in zip(records, said)]
+    by_type = {}
+    for r, ok in zip(records, right):
+        by_type.setdefault(r.get("type", "all"), []).append(ok)
+    return sum(right) / len(records), {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, right
+
+
+def draw_samples(records, folder, seen, blank, path, columns=4):
+    """A sheet of held-out pictures, each with its question and the model's answers (each a
+    (text, right) pair) with the picture and with a blank one: the one-glance proof that it looks."""
+    font, cell, side = ImageFont.load_default(size=13), 250, 128
+    sheet = Image.new("RGB", (cell * columns, cell * math.ceil(len(records) / columns)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (r, s, b) in enumerate(zip(records, seen, blank)):
+        x, y = cell * (k % columns) + 8, cell * (k // columns) + 8
+        sheet.paste(load_image(folder / r["image"]).resize((side, side), Image.NEAREST), (x, y))
+        lines = [(_text(r["conversations"][0]["value"]), "black")]
+        lines += [(f"{label}: {text}", (0, 128, 0) if ok else (200, 0, 0)) for label, (text, ok) in (("seen", s), ("blank", b))]
+        y += side + 4
+        for text, colour in lines:
+            for line in textwrap.wrap(text, 34):
+                draw.text((x, y), line, fill=colour, font=font)
+                y += 16
+    sheet.save(path)
 
 
 def report(name, world, root, run_dir, t0):
-    """Score the stage-2 model with and without the pictures, draw samples.png and loss.png,
-    write result.json and print what the run shows and how to chat with its model."""
-    model = LLaVA.from_pretrained(run_dir / "stage2").eval()
-    acc, acc_by_type, answers = tiny_accuracy(model, world, blank=False)
-    blank, blank_by_type, blank_answers = tiny_accuracy(model, world, blank=True)
-    draw_samples(world, answers, blank_answers, run_dir / "samples.png")
+    """Score the stage-2 model, draw samples.png and loss.png, write result.json and say what it
+    shows and how to chat with the model (about its world only: a real photo gets word salad)."""
+    model, records, folder = LLaVA.from_pretrained(run_dir / "stage2").eval(), read_json(world["test"]), Path(world["image_folder"])
+    seen, blank = answers(model, records, folder), answers(model, records, folder, blank=True)
+    (acc, acc_by_type, seen_ok), (blank_acc, blank_by_type, blank_ok) = accuracy(records, seen), accuracy(records, blank)
+    draw_samples(records[:12], folder, zip(seen, seen_ok), zip(blank, blank_ok), run_dir / "samples.png")
     train.draw_loss_curve([(label, train.logged_losses(d / "train_log.jsonl")) for label, d in
                            (("stage 0 (text)", root / "llm_pretrain"), ("stage 1", run_dir / "stage1"),
                             ("stage 2", run_dir / "stage2")) if (d / "train_log.jsonl").exists()], run_dir / "loss.png")
     minutes = (time.perf_counter() - t0) / 60
-    result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2),
+    result = {"accuracy": acc, "blank_image_accuracy": blank_acc, "minutes": round(minutes, 2),
               "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
     write_json_atomic(run_dir / "result.json", result)
     per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
-    print(f"\n{name} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
-          f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
-          f"pictures and answers: {run_dir / 'samples.png'}, loss of every stage: {run_dir / 'loss.png'}\n"
-          f"by question type, with the image (blank): {per_type}\n{chat_hint(world, run_dir / 'stage2')}", flush=True)
-    return result
-
-
-def chat_hint(world, model_dir):
-    """How to talk to the preset's model, and what it can talk about: its world of coloured
-    shapes and five kinds of question (a real photo gets word salad)."""
-    records = read_json(world["test"], "test set")
-    image = records[0]["image"]
-    asked = [_text(r["conversations"][0]["value"]) for r in records if r["image"] == image]
+    asked = [_text(r["conversations"][0]["value"]) for r in records if r["image"] == records[0]["image"]]
     examples = list(dict.fromkeys(asked + ["How many shapes are there?", "What shape is the red object?",
                                            "Where is the blue circle?"]))[:3]
-    return (f"Chat with it: python chat.py {Path(world['image_folder']) / image} --model {model_dir}\n"
-            "It knows only its world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds "
-            "of question (colour, shape, count, place, left/right or above/below), e.g.\n  "
-            + "\n  ".join(examples))
+    print(f"\n{name} preset: held-out accuracy {acc:.1%} with the image, {blank_acc:.1%} with a "
+          f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
+          f"pictures and answers: {run_dir / 'samples.png'}, loss of every stage: {run_dir / 'loss.png'}\n"
+          f"by question type, with the image (blank): {per_type}\n"
+          f"Chat with it: python chat.py {folder / records[0]['image']} --model {run_dir / 'stage2'}\n"
+          "It knows only its world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds "
+          "of question (colour, shape, count, place, left/right or above/below), e.g.\n  " + "\n  ".join(examples),
+          flush=True)
+    return result
 
 
 def preset_config(out, seed, preset="tiny"):
