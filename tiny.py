@@ -1,18 +1,16 @@
-"""The tiny preset: LLaVA in miniature, end to end on a laptop CPU.
+"""The tiny preset: LLaVA in miniature, end to end on a laptop CPU (`python train.py --preset tiny`).
 
-    python train.py --preset tiny          # or tiny-short, tiny-long (TINY_PRESETS)
-
-A synthetic world of coloured shapes stands in for COCO, a random tiny CLIP and a tiny LLaMA
-for the pretrained towers, and then the run is the paper's, through train.train():
+A synthetic world of coloured shapes stands in for COCO, a random tiny CLIP and a tiny LLaMA for
+the pretrained towers, and then the run is the paper's, through train.train():
 
     stage 0  the tiny LLaMA learns the world's language from text alone (the "Vicuna")
     stage 1  feature alignment on captions: the projector alone learns
     stage 2  instruction tuning on conversations: projector + LLM
 
 Last, greedy answers to held-out pictures are scored against the same model shown a blank
-picture: the gap is what the model learned to see (samples.png shows a dozen). A second world,
-multiple choice in the ScienceQA release layout, shares this one's drawing and words and serves
-the paper's ablations (`eval.py ablate`).
+picture: the gap is what it learned to see (samples.png shows a dozen). A second world, multiple
+choice in the ScienceQA release layout, shares this one's drawing and words and serves the
+paper's ablations (`eval.py ablate`).
 """
 
 import hashlib
@@ -43,10 +41,9 @@ from weights import read_json, save_state_dict, write_json_atomic
 # ------------------------------------------------------------------------------------------------
 # The world
 # Pictures of 1-3 coloured shapes, each in its own quadrant of a plain background. Within one
-# picture colours are distinct and shapes are distinct, so "the red one" and "the circle" name
-# one object. Every question needs the picture: a blank image leaves the model with the answer
-# priors, which are near uniform (1/6 colours, 1/3 shapes and counts, 1/4 places, 1/2 for
-# left/right and above/below). Answers are short templated sentences (see `ask`).
+# picture colours and shapes are distinct, so "the red one" and "the circle" name one object.
+# Every question needs the picture: a blank image leaves the model with the answer priors, near
+# uniform (1/6 colours, 1/3 shapes and counts, 1/4 places, 1/2 left/right and above/below).
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220),
           "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
@@ -57,8 +54,7 @@ BACKGROUND = (235, 235, 230)
 CAPTION_INSTRUCTIONS = ("Describe the image briefly.", "What is in this picture?",
                         "Give a short caption for the image.", "Name the shapes you see.")
 QUESTION_TYPES = ("color", "shape", "count", "where", "relative")
-# How often each kind is asked in training: place and relative position need the model to find
-# one of several objects and read where it is, which it learns last.
+# how often each is asked in training: finding one of several objects and where it is comes last
 QUESTION_WEIGHTS = {"color": 1, "shape": 1, "count": 1, "where": 2, "relative": 2}
 
 
@@ -76,15 +72,12 @@ def draw_scene(scene, size):
 
 
 def random_scene(rng, size):
-    """1-3 objects with distinct colours, shapes and quadrants, each centred in its quadrant at
-    8/10 of its side: fixed sizes and places, which a tiny model learns to look at within the
-    preset's steps (random ones it had not)."""
+    """1-3 objects with distinct colours, shapes and quadrants, each centred in its quadrant at 8/10
+    of its side: a tiny model learns to find fixed places within the preset's steps, random ones not."""
     n, half = rng.randint(1, 3), size // 2
-    side = int(0.8 * half)
-    scene = []
+    side, scene = int(0.8 * half), []
     for quadrant, color, shape in zip(rng.sample(QUADRANTS, n), rng.sample(sorted(COLORS), n), rng.sample(SHAPES, n)):
-        x0 = (half if "right" in quadrant else 0) + (half - side) // 2
-        y0 = (half if "bottom" in quadrant else 0) + (half - side) // 2
+        x0, y0 = (half * (edge in quadrant) + (half - side) // 2 for edge in ("right", "bottom"))
         scene.append({"shape": shape, "color": color, "quadrant": quadrant, "box": [x0, y0, x0 + side, y0 + side]})
     return sorted(scene, key=lambda o: QUADRANTS.index(o["quadrant"]))
 
@@ -110,19 +103,15 @@ def caption(scene):
 
 
 def ask(scene, kind, rng):
-    """One question of `kind` about the scene -> (question, answer). Answers are short sentences,
-    as in LLaVA-Instruct, and they name the object just before the word the picture decides
-    ("The triangle is green."): the model looks the object up where it names it, instead of
-    carrying the question's words to the end of the question first."""
-    obj = rng.choice(scene)
-    name = lambda o: f"{o['color']} {o['shape']}"  # noqa: E731
+    """One question of `kind` about the scene -> (question, answer). The answer names the object just
+    before the word the picture decides ("The triangle is green."), so the model looks it up there."""
+    obj, name = rng.choice(scene), lambda o: f"{o['color']} {o['shape']}"
     if kind == "color":
         return f"What color is the {obj['shape']}?", f"The {obj['shape']} is {obj['color']}."
     if kind == "shape":
         return f"What shape is the {obj['color']} object?", f"It is {a_or_an(name(obj))}."
     if kind == "count":
-        n = len(scene)
-        return "How many shapes are there?", "There is one shape." if n == 1 else f"There are {COUNTS[n]} shapes."
+        return "How many shapes are there?", "There is one shape." if len(scene) == 1 else f"There are {COUNTS[len(scene)]} shapes."
     if kind == "where":
         return f"Where is the {name(obj)}?", f"The {name(obj)} is in the {obj['quadrant']}."
     if kind == "relative":  # needs two objects; they differ in column or row (distinct quadrants)
@@ -132,10 +121,6 @@ def ask(scene, kind, rng):
             return f"Is the {name(a)} left or right of the {name(b)}?", f"The {name(a)} is {'right' if right else 'left'} of it."
         return f"Is the {name(a)} above or below the {name(b)}?", f"The {name(a)} is {'below' if below else 'above'} it."
     raise ValueError(f"unknown question kind {kind!r}")
-
-
-def _kinds(scene):
-    return [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1]
 
 
 def _with_image(rng, text):
@@ -149,12 +134,11 @@ def normalize_answer(text):
 
 
 def questions(scene, rng):
-    """3-6 distinct questions about a scene and their answers, the picture with the first.
-    Half of them end with a description, as LLaVA-Instruct mixes detailed descriptions into its
-    data (a dense, image-dependent signal); last, so that it gives no answer away."""
+    """3-6 distinct questions and their answers, the picture with the first; half end with a description
+    (a dense, image-dependent signal, as in LLaVA-Instruct), last so that it gives no answer away."""
+    kinds = [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1]
     qa = {}
     for _ in range(rng.randint(3, 6)):
-        kinds = _kinds(scene)
         qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng))
     if rng.random() < 0.5:
         qa[rng.choice(CAPTION_INSTRUCTIONS)] = caption(scene)
@@ -177,21 +161,15 @@ def _text_only(turns):
 
 
 def _lines(turns):
-    """What the world's tokenizer learns of a conversation: each turn, and all on one line as the
-    template lays them out."""
+    """A tokenizer's lines from a conversation: each turn, then all of them laid out as the template does."""
     dialogue = " ".join(("USER: " if t["from"] == "human" else "ASSISTANT: ") + t["value"] for t in turns)
     return [_text(t["value"]) for t in turns] + [dialogue.replace(data.IMAGE, "").replace("\n", " ")]
 
 
 def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=512):
-    """Write the synthetic world into out_dir and return its paths (deterministic per seed):
-
-    images/          train_000000.png ..., test_000000.png ...
-    stage1.json      pretraining records: the picture, a brief instruction, its caption
-    stage2.json      instruction records: 3-6 questions per training picture, short answers
-    test.json        held-out pictures, one question each, with "answer" and "type" fields
-    world.json       what was drawn (shapes, colours, quadrants, boxes) per image
-    tokenizer.model  a sentencepiece BPE (byte fallback) trained on all of the world's text"""
+    """Write the world into out_dir and return its paths: images/, stage1.json (captions), stage2.json (3-6
+    questions a picture), test.json (one a held-out picture, with "answer" and "type"), world.json (what
+    was drawn) and tokenizer.model (a sentencepiece BPE of all of its text). Deterministic per seed."""
     out, rng = Path(out_dir), random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     world, stage1, stage2, test = {}, [], [], []
@@ -204,16 +182,15 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
             stage2.append(_record(name, f"{name}.png", questions(scene, rng)))
         else:  # the kinds in turn; a one-shape picture has no relative position
             kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
-            kind = kind if kind in _kinds(scene) else "where"
+            kind = "where" if kind == "relative" and len(scene) == 1 else kind
             q, a = ask(scene, kind, rng)
             test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
     paths = {"image_folder": out / "images", **{k: out / f"{k}.json" for k in ("stage1", "stage2", "test", "world")},
              "tokenizer": out / "tokenizer.model"}
-    for key, obj in (("stage1", stage1), ("stage2", stage2), ("test", test),
-                     ("world", {"seed": seed, "image_size": image_size, "images": world})):
+    for key, obj in zip(("stage1", "stage2", "test", "world"),
+                        (stage1, stage2, test, {"seed": seed, "image_size": image_size, "images": world})):
         write_json_atomic(paths[key], obj, indent=1)
-    # Weighted by how often it is read: the system prompt opens every conversation, so it
-    # becomes a few whole-word pieces instead of the ~70 fragments of a once-seen line.
+    # the system prompt once a conversation: read that often, it becomes a few whole-word pieces
     lines = [data.VICUNA_SYSTEM] * len(stage2) + [data.LLAMA_2_SYSTEM, *CAPTION_INSTRUCTIONS, *COLORS, *SHAPES,
                                                   *QUADRANTS, *COUNTS, "yes no left right above below"]
     for r in stage1 + stage2 + test:
@@ -223,29 +200,26 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
 
 
 def train_tokenizer(lines, path, vocab_size):
-    """A LLaMA-shaped sentencepiece BPE (byte fallback, digits split, UNK 0 / BOS 1 / EOS 2)
-    trained on `lines` and written to `path`: the tokenizer of a synthetic world."""
+    """A LLaMA-shaped sentencepiece BPE (byte fallback, digits split, UNK 0 / BOS 1 / EOS 2) of `lines`."""
     model = io.BytesIO()  # trained in memory: a model_prefix path would be written into the file
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-        num_threads=1, minloglevel=2)
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=vocab_size, byte_fallback=True,
+        split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
     Path(path).write_bytes(model.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------
 # The multiple-choice world (eval.py ablate)
 # The world in the ScienceQA release layout, so that the whole ScienceQA path (conversion,
-# --data scienceqa, its evaluation) runs on it. One shape a picture; a problem asks for its
-# colour, its shape, its place, or whether it is a given colour and shape. The "solution" is the
-# step of reasoning the answer follows from, the same for every kind: say what the picture shows.
+# --data scienceqa, its evaluation) runs on it: one shape a picture, asked for its colour, shape
+# or place, or whether it is a given one. The "solution" says what the picture shows:
 #     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
 #     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
 #     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
-# Options come in the world's fixed order (four of the six colours: ScienceQA has at most five),
-# so that a 4-layer model learns quickly which letter names which answer. Lectures are empty.
+# Options keep the world's order (four of six colours: ScienceQA has at most five), so that a
+# 4-layer model learns quickly which letter names which answer. Lectures are empty.
 
 MC_KINDS = ("color", "shape", "where", "exists")
 
@@ -265,10 +239,8 @@ def mc_problem(obj, kind, rng):
 
 
 def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=640):
-    """Write the multiple-choice world as a ScienceQA release into out_dir and return the paths
-    run_tiny takes (deterministic per seed): problems.json, pid_splits.json and
-    images/{split}/{pid}/image.png; stage1.json (captions), stage2_reasoning_first.json,
-    stage2_answer_first.json and test.json (data.scienceqa_to_llava); a tokenizer of all of it."""
+    """Write the multiple-choice world as a ScienceQA release (problems.json, pid_splits.json, images/) into
+    out_dir, with what run_tiny takes (captions, conversions, a tokenizer); return their paths."""
     out, rng = Path(out_dir), random.Random(seed)
     problems, splits, stage1 = {}, {"train": [], "val": [], "test": []}, []
     for split, k, scene in _scenes(rng, n_train, n_test, image_size, one_shape=True):
@@ -290,11 +262,9 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
     paths = {"root": out, "image_folder": out / "images", "stage1": out / "stage1.json",
              "stage2": out / "stage2_reasoning_first.json", "stage2_answer_first": out / "stage2_answer_first.json",
              "test": out / "test.json", "tokenizer": out / "tokenizer.model"}
-    records = {"stage1": stage1}
-    for key, split, answer_first in (("stage2", "train", False), ("stage2_answer_first", "train", True),
-                                     ("test", "test", False)):
-        records[key] = data.scienceqa_to_llava(out / "problems.json", out / "pid_splits.json", split,
-                                               image_root=out / "images", answer_first=answer_first)
+    records = {"stage1": stage1, **{key: data.scienceqa_to_llava(
+        out / "problems.json", out / "pid_splits.json", split, image_root=out / "images", answer_first=af)
+        for key, split, af in (("stage2", "train", False), ("stage2_answer_first", "train", True), ("test", "test", False))}}
     for key, obj in records.items():
         write_json_atomic(paths[key], obj, indent=None)
     lines = [data.VICUNA_SYSTEM, *CAPTION_INSTRUCTIONS, *(r["conversations"][1]["value"] for r in stage1)]
@@ -312,9 +282,8 @@ TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num
 TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
-# 0: the LLM learns the world's text; then the paper's two stages. Where the LLM trains (0 and
-# 2) its matrices step with Muon, which learns the world's lookups in far fewer steps than AdamW
-# (the paper's, still the default of --stage 1|2).
+# Stage 0, then the paper's two. Where the LLM trains (0 and 2) its matrices step with Muon, which
+# learns the world's lookups in far fewer steps than the paper's AdamW (still --stage 1|2's default).
 TINY_STAGES = {
     0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, optimizer="muon", template="vicuna_v1"),
     1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
@@ -343,10 +312,8 @@ def init_normal(module, std=0.02):
 
 
 def make_tiny_bases(root, tokenizer_path, seed):
-    """Random tiny CLIP and LLaMA written as transformers would write them, so that stage 1
-    starts exactly as it would from openai/clip-vit-large-patch14 and Vicuna. The CLIP is random
-    but for its position embedding: a pretrained CLIP's patch features say where the patch is,
-    and a random table says it too faintly for the tiny LLaMA to find which shape is where."""
+    """Random tiny CLIP and LLaMA saved as transformers saves openai's CLIP and Vicuna. The CLIP's position
+    embedding says where each patch is, as a pretrained one does: a random table says it too faintly."""
     torch.manual_seed(seed)
     clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
     vision = init_normal(CLIPVision(CLIPVisionConfig(**TINY_CLIP)))
@@ -361,9 +328,8 @@ def make_tiny_bases(root, tokenizer_path, seed):
 
 
 def grid_position_embedding(grid, dim):
-    """[1 + grid**2, dim], unit RMS: zeros for the class token, then for each patch (row-major)
-    sines and cosines of its row in the first half of the dimensions and of its column in the
-    second, at dim/4 frequencies (the 2-D sin-cos table of MAE)."""
+    """[1 + grid**2, dim], unit RMS: zeros for the class token, then per patch (row-major) sines and cosines
+    of its row in the first half and of its column in the second, at dim/4 frequencies (MAE's 2-D table)."""
     freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     enc = lambda pos: torch.cat([torch.sin(pos.flatten()[:, None] * freqs), torch.cos(pos.flatten()[:, None] * freqs)], 1)  # noqa: E731
@@ -372,8 +338,7 @@ def grid_position_embedding(grid, dim):
 
 
 def save_llm_dir(llm, directory, tokenizer_path):
-    """A transformers LlamaForCausalLM directory (`model.*` + `lm_head.*` keys, config.json,
-    tokenizer.model): what LLaVA.from_components expects of Vicuna."""
+    """A transformers LlamaForCausalLM directory: what LLaVA.from_components expects of Vicuna."""
     directory = Path(directory)
     save_state_dict({k if k.startswith("lm_head.") else "model." + k: v for k, v in llm.state_dict().items()}, directory)
     write_json_atomic(directory / "config.json", llm.config.to_hf())
@@ -384,16 +349,14 @@ def save_llm_dir(llm, directory, tokenizer_path):
 
 
 def pretrain_tiny_llm(cfg, root, world, common, stage0):
-    """Stage 0, the world's "Vicuna": the tiny LLaMA learns the world's language from the stage-2
-    conversations without their pictures, as Vicuna knew English before LLaVA met it (stage 1
-    would align the projector to a random LLM otherwise). Redone only when the world's tokenizer,
-    the LLM or the recipe changed, so that eval.py's ablations of one world share it. -> its dir"""
+    """Stage 0: the tiny LLaMA learns the world's language from the stage-2 conversations without their
+    pictures, as Vicuna knew English before LLaVA (else stage 1 aligns to a random LLM). Kept while the
+    tokenizer, LLM and recipe stay, so that eval.py's ablations of one world share it. -> its directory"""
     out = root / "llm_pretrained"
     recipe = json.dumps([TINY_LLM, stage0, cfg.seed, hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
     if (out / "nanollava_stage0.json").exists() and (out / "nanollava_stage0.json").read_text() == recipe:
         return out
-    text = [{"id": r["id"] + "_text", "conversations": _text_only(r["conversations"])}
-            for r in read_json(world["stage2"], "stage-2 data")]
+    text = [{"id": r["id"] + "_text", "conversations": _text_only(r["conversations"])} for r in read_json(world["stage2"])]
     write_json_atomic(root / "data" / "text_only.json", text)
     train.train(replace(cfg, stage=2, init="", data=str(root / "data" / "text_only.json"),
                         out=str(root / "llm_pretrain"), **common, **stage0))
@@ -405,11 +368,9 @@ def pretrain_tiny_llm(cfg, root, world, common, stage0):
 
 
 def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
-    """The whole preset (--preset tiny, tiny-short or tiny-long: TINY_PRESETS). The keyword
-    switches are the paper's ablations (eval.py ablate): skip_stage1 = stage 2 from a fresh
-    projector, vision_layer = CLIP layer -1 or -2 (default cfg.vision_layer), world = a different
-    synthetic world (make_synthetic paths), evaluate=False = train only (a world whose test
-    set the caller scores its own way). A preset owns its --out and starts over in it."""
+    """The whole preset (TINY_PRESETS), in its own --out. The switches are the paper's ablations (eval.py
+    ablate): skip_stage1 = stage 2 from a fresh projector, vision_layer = CLIP layer -1 or -2, world =
+    another world's paths, evaluate=False = train only (the caller scores its world its own way)."""
     t0, name = time.perf_counter(), cfg.preset or "tiny"
     preset = TINY_PRESETS[name]
     stages = {k: {**v, **preset["stages"].get(k, {})} for k, v in TINY_STAGES.items()}
@@ -434,45 +395,37 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
 
 
 # ------------------------------------------------------------------------------------------------
-# Its accuracy: greedy answers to the held-out questions, exact match, each shown its picture and
-# a blank one of the world's background
+# Its accuracy: exact match of greedy answers to held-out questions, each shown its picture and a
+# blank one of the world's background (what the model answers without looking).
 
-def answers(model, records, folder, blank=False, batch_size=50):
+def score(model, records, folder, blank=False, batch_size=50):
+    """-> (accuracy, {question type: accuracy}, [(answer, right)])"""
     tokenizer, c = Tokenizer(model.tokenizer_dir), model.config
-    said = []
+    said, by_type = [], {}
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, c.template, has_image=True,
                                         num_patches=c.num_patches) for r in chunk]
         images = [Image.new("RGB", (64, 64), BACKGROUND) if blank else load_image(folder / r["image"]) for r in chunk]
         pixels = preprocess_batch(images, c.vision.image_size, c.pad_to_square)
-        said += [tokenizer.decode(o).strip() for o in model.generate_batch(prompts, pixels, max_new_tokens=32,
-                                                                            eos_id=tokenizer.eos_id)]
-    return said
-
-
-def accuracy(records, said):
-    """-> (overall, {question type: accuracy}, [right or not])"""
-    right = [normalize_answer(s) == normalize_answer(r["answer"]) for r, s in zip(records, said)]
-    by_type = {}
-    for r, ok in zip(records, right):
-        by_type.setdefault(r.get("type", "all"), []).append(ok)
-    return sum(right) / len(records), {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, right
+        for r, out in zip(chunk, model.generate_batch(prompts, pixels, max_new_tokens=32, eos_id=tokenizer.eos_id)):
+            text = tokenizer.decode(out).strip()
+            said.append((text, normalize_answer(text) == normalize_answer(r["answer"])))
+            by_type.setdefault(r.get("type", "all"), []).append(said[-1][1])
+    return sum(ok for _, ok in said) / len(records), {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, said
 
 
 def draw_samples(records, folder, seen, blank, path, columns=4):
-    """A sheet of held-out pictures, each with its question and the model's answers (each a
-    (text, right) pair) with the picture and with a blank one: the one-glance proof that it looks."""
+    """Pictures, questions and (answer, right) with the picture and a blank one: proof that the model looks."""
     font, cell, side = ImageFont.load_default(size=13), 250, 128
     sheet = Image.new("RGB", (cell * columns, cell * math.ceil(len(records) / columns)), "white")
     draw = ImageDraw.Draw(sheet)
     for k, (r, s, b) in enumerate(zip(records, seen, blank)):
         x, y = cell * (k % columns) + 8, cell * (k // columns) + 8
         sheet.paste(load_image(folder / r["image"]).resize((side, side), Image.NEAREST), (x, y))
-        lines = [(_text(r["conversations"][0]["value"]), "black")]
-        lines += [(f"{label}: {text}", (0, 128, 0) if ok else (200, 0, 0)) for label, (text, ok) in (("seen", s), ("blank", b))]
+        said = [(f"{label}: {text}", (0, 128, 0) if ok else (200, 0, 0)) for label, (text, ok) in (("seen", s), ("blank", b))]
         y += side + 4
-        for text, colour in lines:
+        for text, colour in [(_text(r["conversations"][0]["value"]), "black"), *said]:
             for line in textwrap.wrap(text, 34):
                 draw.text((x, y), line, fill=colour, font=font)
                 y += 16
@@ -480,30 +433,29 @@ def draw_samples(records, folder, seen, blank, path, columns=4):
 
 
 def report(name, world, root, run_dir, t0):
-    """Score the stage-2 model, draw samples.png and loss.png, write result.json and say what it
-    shows and how to chat with the model (about its world only: a real photo gets word salad)."""
-    model, records, folder = LLaVA.from_pretrained(run_dir / "stage2").eval(), read_json(world["test"]), Path(world["image_folder"])
-    seen, blank = answers(model, records, folder), answers(model, records, folder, blank=True)
-    (acc, acc_by_type, seen_ok), (blank_acc, blank_by_type, blank_ok) = accuracy(records, seen), accuracy(records, blank)
-    draw_samples(records[:12], folder, zip(seen, seen_ok), zip(blank, blank_ok), run_dir / "samples.png")
-    train.draw_loss_curve([(label, train.logged_losses(d / "train_log.jsonl")) for label, d in
-                           (("stage 0 (text)", root / "llm_pretrain"), ("stage 1", run_dir / "stage1"),
-                            ("stage 2", run_dir / "stage2")) if (d / "train_log.jsonl").exists()], run_dir / "loss.png")
+    """Score the stage-2 model, draw samples.png and loss.png, write result.json, say how to chat with it."""
+    model = LLaVA.from_pretrained(run_dir / "stage2").eval()
+    records, folder = read_json(world["test"]), Path(world["image_folder"])
+    (acc, acc_by_type, seen), (blank, blank_by_type, unseen) = (score(model, records, folder, b) for b in (False, True))
+    draw_samples(records[:12], folder, seen, unseen, run_dir / "samples.png")
+    train.draw_loss_curve([(label, train.logged_losses(d / "train_log.jsonl")) for label, d in (
+        ("stage 0 (text)", root / "llm_pretrain"), ("stage 1", run_dir / "stage1"), ("stage 2", run_dir / "stage2"))
+        if (d / "train_log.jsonl").exists()], run_dir / "loss.png")
     minutes = (time.perf_counter() - t0) / 60
-    result = {"accuracy": acc, "blank_image_accuracy": blank_acc, "minutes": round(minutes, 2),
+    result = {"accuracy": acc, "blank_image_accuracy": blank, "minutes": round(minutes, 2),
               "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
     write_json_atomic(run_dir / "result.json", result)
     per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
-    asked = [_text(r["conversations"][0]["value"]) for r in records if r["image"] == records[0]["image"]]
-    examples = list(dict.fromkeys(asked + ["How many shapes are there?", "What shape is the red object?",
-                                           "Where is the blue circle?"]))[:3]
-    print(f"\n{name} preset: held-out accuracy {acc:.1%} with the image, {blank_acc:.1%} with a "
+    examples = list(dict.fromkeys([_text(r["conversations"][0]["value"]) for r in records if r["image"] == records[0]["image"]]
+                                  + ["How many shapes are there?", "What shape is the red object?", "Where is the blue circle?"]))
+    # its world only: a real photo gets word salad
+    print(f"\n{name} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
           f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
           f"pictures and answers: {run_dir / 'samples.png'}, loss of every stage: {run_dir / 'loss.png'}\n"
           f"by question type, with the image (blank): {per_type}\n"
           f"Chat with it: python chat.py {folder / records[0]['image']} --model {run_dir / 'stage2'}\n"
           "It knows only its world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds "
-          "of question (colour, shape, count, place, left/right or above/below), e.g.\n  " + "\n  ".join(examples),
+          "of question (colour, shape, count, place, left/right or above/below), e.g.\n  " + "\n  ".join(examples[:3]),
           flush=True)
     return result
 
