@@ -1,16 +1,12 @@
 """The tiny preset: LLaVA in miniature, end to end on a laptop CPU (`python train.py --preset tiny`).
 
 A synthetic world of coloured shapes stands in for COCO, a random tiny CLIP and a tiny LLaMA for
-the pretrained towers, and then the run is the paper's, through train.train():
-
-    stage 0  the tiny LLaMA learns the world's language from text alone (the "Vicuna")
-    stage 1  feature alignment on captions: the projector alone learns
-    stage 2  instruction tuning on conversations: projector + LLM
-
-Last, greedy answers to held-out pictures are scored against the same model shown a blank
-picture: the gap is what it learned to see (samples.png shows a dozen). A second world, multiple
-choice in the ScienceQA release layout, shares this one's drawing and words and serves the
-paper's ablations (`eval.py ablate`).
+the pretrained towers, and then the run is the paper's, through train.train(): stage 0 teaches the
+tiny LLaMA the world's language from text alone (its "Vicuna"), stage 1 aligns the projector on
+captions, stage 2 tunes projector + LLM on conversations. Last, greedy answers to held-out pictures
+are scored against the same model shown a blank picture: the gap is what it learned to see
+(samples.png shows a dozen). A second world, multiple choice in the ScienceQA release layout,
+shares this one's drawing and words and serves the paper's ablations (`eval.py ablate`).
 """
 
 import hashlib
@@ -39,11 +35,9 @@ from weights import read_json, save_state_dict, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------
-# The world
-# Pictures of 1-3 coloured shapes, each in its own quadrant of a plain background. Within one
-# picture colours and shapes are distinct, so "the red one" and "the circle" name one object.
-# Every question needs the picture: a blank image leaves the model with the answer priors, near
-# uniform (1/6 colours, 1/3 shapes and counts, 1/4 places, 1/2 left/right and above/below).
+# The world: 1-3 shapes, each in its own quadrant, colours and shapes distinct within a picture (so
+# "the red one" names one object). Every question needs the picture: without it the model has only
+# the answer priors, near uniform (1/6 colours, 1/3 shapes and counts, 1/4 places, 1/2 relations).
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220),
           "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
@@ -72,8 +66,7 @@ def draw_scene(scene, size):
 
 
 def random_scene(rng, size):
-    """1-3 objects with distinct colours, shapes and quadrants, each centred in its quadrant at 8/10
-    of its side: a tiny model learns to find fixed places within the preset's steps, random ones not."""
+    """1-3 objects, each centred in its quadrant at 8/10 of its side: fixed places a tiny model learns."""
     n, half = rng.randint(1, 3), size // 2
     side, scene = int(0.8 * half), []
     for quadrant, color, shape in zip(rng.sample(QUADRANTS, n), rng.sample(sorted(COLORS), n), rng.sample(SHAPES, n)):
@@ -134,8 +127,7 @@ def normalize_answer(text):
 
 
 def questions(scene, rng):
-    """3-6 distinct questions and their answers, the picture with the first; half end with a description
-    (a dense, image-dependent signal, as in LLaVA-Instruct), last so that it gives no answer away."""
+    """3-6 distinct questions and answers; half end with a description (a dense signal, as in LLaVA-Instruct)."""
     kinds = [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1]
     qa = {}
     for _ in range(rng.randint(3, 6)):
@@ -167,9 +159,8 @@ def _lines(turns):
 
 
 def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=512):
-    """Write the world into out_dir and return its paths: images/, stage1.json (captions), stage2.json (3-6
-    questions a picture), test.json (one a held-out picture, with "answer" and "type"), world.json (what
-    was drawn) and tokenizer.model (a sentencepiece BPE of all of its text). Deterministic per seed."""
+    """Write the world into out_dir (images/, stage1.json captions, stage2.json questions, test.json with
+    "answer" and "type", world.json what was drawn, tokenizer.model) and return their paths."""
     out, rng = Path(out_dir), random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     world, stage1, stage2, test = {}, [], [], []
@@ -212,14 +203,13 @@ def train_tokenizer(lines, path, vocab_size):
 
 # ------------------------------------------------------------------------------------------------
 # The multiple-choice world (eval.py ablate)
-# The world in the ScienceQA release layout, so that the whole ScienceQA path (conversion,
-# --data scienceqa, its evaluation) runs on it: one shape a picture, asked for its colour, shape
-# or place, or whether it is a given one. The "solution" says what the picture shows:
+# The world in the ScienceQA release layout, so that the ScienceQA path (conversion, --data scienceqa,
+# its evaluation) runs on it. One shape a picture; the "solution" says what the picture shows:
 #     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
 #     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
 #     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
-# Options keep the world's order (four of six colours: ScienceQA has at most five), so that a
-# 4-layer model learns quickly which letter names which answer. Lectures are empty.
+# Options keep the world's order (four of six colours: ScienceQA has at most five), so that a tiny
+# model learns quickly which letter names which answer.
 
 MC_KINDS = ("color", "shape", "where", "exists")
 
@@ -239,8 +229,7 @@ def mc_problem(obj, kind, rng):
 
 
 def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=640):
-    """Write the multiple-choice world as a ScienceQA release (problems.json, pid_splits.json, images/) into
-    out_dir, with what run_tiny takes (captions, conversions, a tokenizer); return their paths."""
+    """Write the world as a ScienceQA release, plus what run_tiny takes, into out_dir; return the paths."""
     out, rng = Path(out_dir), random.Random(seed)
     problems, splits, stage1 = {}, {"train": [], "val": [], "test": []}, []
     for split, k, scene in _scenes(rng, n_train, n_test, image_size, one_shape=True):
@@ -282,8 +271,8 @@ TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num
 TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
-# Stage 0, then the paper's two. Where the LLM trains (0 and 2) its matrices step with Muon, which
-# learns the world's lookups in far fewer steps than the paper's AdamW (still --stage 1|2's default).
+# Where the LLM trains (0, 2) Muon steps its matrices: it learns the world's lookups in far fewer steps
+# than the paper's AdamW (still --stage 1|2's default).
 TINY_STAGES = {
     0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, optimizer="muon", template="vicuna_v1"),
     1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
@@ -305,19 +294,17 @@ def init_normal(module, std=0.02):
             nn.init.normal_(m.weight, std=std)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
-    for name, p in module.named_parameters():
-        if name.endswith("class_embedding"):
-            nn.init.normal_(p, std=std)
     return module
 
 
 def make_tiny_bases(root, tokenizer_path, seed):
-    """Random tiny CLIP and LLaMA saved as transformers saves openai's CLIP and Vicuna. The CLIP's position
-    embedding says where each patch is, as a pretrained one does: a random table says it too faintly."""
+    """Random tiny CLIP and LLaMA saved as transformers saves openai's CLIP and Vicuna; the CLIP's positions
+    say where each patch is, as a pretrained one's do (a random table says it too faintly)."""
     torch.manual_seed(seed)
     clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
     vision = init_normal(CLIPVision(CLIPVisionConfig(**TINY_CLIP)))
     with torch.no_grad():
+        nn.init.normal_(vision.embeddings.class_embedding, std=0.02)
         table = grid_position_embedding(TINY_CLIP["image_size"] // TINY_CLIP["patch_size"], TINY_CLIP["hidden_size"])
         vision.embeddings.position_embedding.weight.copy_(table * TINY_POSITION_RMS)
     save_state_dict(vision.state_dict(), clip_dir)
@@ -349,9 +336,8 @@ def save_llm_dir(llm, directory, tokenizer_path):
 
 
 def pretrain_tiny_llm(cfg, root, world, common, stage0):
-    """Stage 0: the tiny LLaMA learns the world's language from the stage-2 conversations without their
-    pictures, as Vicuna knew English before LLaVA (else stage 1 aligns to a random LLM). Kept while the
-    tokenizer, LLM and recipe stay, so that eval.py's ablations of one world share it. -> its directory"""
+    """Stage 0: the LLaMA learns the world's language from the stage-2 text, as Vicuna knew English before
+    LLaVA; kept while tokenizer, LLM and recipe stay, so that the ablations of one world share it."""
     out = root / "llm_pretrained"
     recipe = json.dumps([TINY_LLM, stage0, cfg.seed, hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
     if (out / "nanollava_stage0.json").exists() and (out / "nanollava_stage0.json").read_text() == recipe:
@@ -395,8 +381,7 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
 
 
 # ------------------------------------------------------------------------------------------------
-# Its accuracy: exact match of greedy answers to held-out questions, each shown its picture and a
-# blank one of the world's background (what the model answers without looking).
+# Its accuracy: greedy answers to held-out questions shown the picture, and a blank one (its priors)
 
 def score(model, records, folder, blank=False, batch_size=50):
     """-> (accuracy, {question type: accuracy}, [(answer, right)])"""
@@ -446,8 +431,8 @@ def report(name, world, root, run_dir, t0):
               "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
     write_json_atomic(run_dir / "result.json", result)
     per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
-    examples = list(dict.fromkeys([_text(r["conversations"][0]["value"]) for r in records if r["image"] == records[0]["image"]]
-                                  + ["How many shapes are there?", "What shape is the red object?", "Where is the blue circle?"]))
+    examples = dict.fromkeys([_text(records[0]["conversations"][0]["value"]), "How many shapes are there?",
+                              "What shape is the red object?", "Where is the blue circle?"])
     # its world only: a real photo gets word salad
     print(f"\n{name} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
           f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
@@ -455,7 +440,7 @@ def report(name, world, root, run_dir, t0):
           f"by question type, with the image (blank): {per_type}\n"
           f"Chat with it: python chat.py {folder / records[0]['image']} --model {run_dir / 'stage2'}\n"
           "It knows only its world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds "
-          "of question (colour, shape, count, place, left/right or above/below), e.g.\n  " + "\n  ".join(examples[:3]),
+          "of question (colour, shape, count, place, left/right or above/below), e.g.\n  " + "\n  ".join(list(examples)[:3]),
           flush=True)
     return result
 
