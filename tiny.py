@@ -14,7 +14,6 @@ import io
 import json
 import math
 import random
-import shutil
 import textwrap
 import time
 from dataclasses import replace
@@ -128,8 +127,7 @@ def normalize_answer(text):
 
 def questions(scene, rng):
     """3-6 distinct questions and answers; half end with a description (a dense signal, as in LLaVA-Instruct)."""
-    kinds = [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1]
-    qa = {}
+    kinds, qa = [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1], {}
     for _ in range(rng.randint(3, 6)):
         qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng))
     if rng.random() < 0.5:
@@ -176,16 +174,14 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
             kind = "where" if kind == "relative" and len(scene) == 1 else kind
             q, a = ask(scene, kind, rng)
             test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
-    paths = {"image_folder": out / "images", **{k: out / f"{k}.json" for k in ("stage1", "stage2", "test", "world")},
-             "tokenizer": out / "tokenizer.model"}
-    for key, obj in zip(("stage1", "stage2", "test", "world"),
-                        (stage1, stage2, test, {"seed": seed, "image_size": image_size, "images": world})):
+    files = {"stage1": stage1, "stage2": stage2, "test": test, "world": {"seed": seed, "image_size": image_size, "images": world}}
+    paths = {"image_folder": out / "images", **{k: out / f"{k}.json" for k in files}, "tokenizer": out / "tokenizer.model"}
+    for key, obj in files.items():
         write_json_atomic(paths[key], obj, indent=1)
     # the system prompt once a conversation: read that often, it becomes a few whole-word pieces
     lines = [data.VICUNA_SYSTEM] * len(stage2) + [data.LLAMA_2_SYSTEM, *CAPTION_INSTRUCTIONS, *COLORS, *SHAPES,
                                                   *QUADRANTS, *COUNTS, "yes no left right above below"]
-    for r in stage1 + stage2 + test:
-        lines += _lines(r["conversations"])
+    lines += [line for r in stage1 + stage2 + test for line in _lines(r["conversations"])]
     train_tokenizer(lines, paths["tokenizer"], vocab_size)
     return paths
 
@@ -257,8 +253,7 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
     for key, obj in records.items():
         write_json_atomic(paths[key], obj, indent=None)
     lines = [data.VICUNA_SYSTEM, *CAPTION_INSTRUCTIONS, *(r["conversations"][1]["value"] for r in stage1)]
-    for r in records["stage2"] + records["stage2_answer_first"]:
-        lines += _lines(_text_only(r["conversations"]))
+    lines += [line for r in records["stage2"] + records["stage2_answer_first"] for line in _lines(_text_only(r["conversations"]))]
     train_tokenizer(lines, paths["tokenizer"], vocab_size)
     return paths
 
@@ -329,8 +324,7 @@ def save_llm_dir(llm, directory, tokenizer_path):
     directory = Path(directory)
     save_state_dict({k if k.startswith("lm_head.") else "model." + k: v for k, v in llm.state_dict().items()}, directory)
     write_json_atomic(directory / "config.json", llm.config.to_hf())
-    if Path(tokenizer_path).resolve() != (directory / "tokenizer.model").resolve():
-        shutil.copyfile(tokenizer_path, directory / "tokenizer.model")
+    (directory / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
     # A world trained from scratch has no release to match: today's rule, no "▁" after </s>
     write_json_atomic(directory / "tokenizer_config.json", {"legacy": False})
 
@@ -338,9 +332,9 @@ def save_llm_dir(llm, directory, tokenizer_path):
 def pretrain_tiny_llm(cfg, root, world, common, stage0):
     """Stage 0: the LLaMA learns the world's language from the stage-2 text, as Vicuna knew English before
     LLaVA; kept while tokenizer, LLM and recipe stay, so that the ablations of one world share it."""
-    out = root / "llm_pretrained"
+    out, stamp = root / "llm_pretrained", root / "llm_pretrained" / "nanollava_stage0.json"
     recipe = json.dumps([TINY_LLM, stage0, cfg.seed, hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
-    if (out / "nanollava_stage0.json").exists() and (out / "nanollava_stage0.json").read_text() == recipe:
+    if stamp.exists() and stamp.read_text() == recipe:
         return out
     text = [{"id": r["id"] + "_text", "conversations": _text_only(r["conversations"])} for r in read_json(world["stage2"])]
     write_json_atomic(root / "data" / "text_only.json", text)
@@ -348,7 +342,7 @@ def pretrain_tiny_llm(cfg, root, world, common, stage0):
                         out=str(root / "llm_pretrain"), **common, **stage0))
     if dist.get_rank() == 0:
         save_llm_dir(LLaVA.from_pretrained(root / "llm_pretrain").llm, out, Path(common["llm"]) / "tokenizer.model")
-        (out / "nanollava_stage0.json").write_text(recipe)
+        stamp.write_text(recipe)
     dist.barrier()
     return out
 
@@ -367,10 +361,9 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     world = world or make_synthetic(root / "data", preset["n_train"], preset["n_test"], seed=cfg.seed,
                                     image_size=TINY_CLIP["image_size"] * 2)
     clip_dir, llm_dir = make_tiny_bases(root, world["tokenizer"], cfg.seed)
-    common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
-                  projector="mlp2x_gelu", image_size=TINY_CLIP["image_size"], pad_to_square=False,
-                  max_length=256, warmup_ratio=0.03, num_workers=0, save_every=0, overwrite=True, log_every=100,
-                  vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
+    common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]), projector="mlp2x_gelu",
+                  image_size=TINY_CLIP["image_size"], pad_to_square=False, max_length=256, warmup_ratio=0.03, num_workers=0,
+                  save_every=0, overwrite=True, log_every=100, vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
     common["llm"] = str(pretrain_tiny_llm(cfg, root, world, common, stages[0]))
     if not skip_stage1:
         train.train(replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **stages[1]))
