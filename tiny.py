@@ -37,7 +37,6 @@ from weights import read_json, save_state_dict, write_json_atomic
 # The world: 1-3 shapes, each in its own quadrant, colours and shapes distinct within a picture (so
 # "the red one" names one object). Every question needs the picture: without it the model has only
 # the answer priors, near uniform (1/6 colours, 1/3 shapes and counts, 1/4 places, 1/2 relations).
-
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220),
           "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -95,8 +94,7 @@ def caption(scene):
 
 
 def ask(scene, kind, rng):
-    """One question of `kind` about the scene -> (question, answer). The answer names the object just
-    before the word the picture decides ("The triangle is green."), so the model looks it up there."""
+    """-> (question, answer), naming the object right before the word the picture decides: the model looks there."""
     obj, name = rng.choice(scene), lambda o: f"{o['color']} {o['shape']}"
     if kind == "color":
         return f"What color is the {obj['shape']}?", f"The {obj['shape']} is {obj['color']}."
@@ -125,19 +123,7 @@ def normalize_answer(text):
     return " ".join(text.lower().replace(",", " ").split()).strip(" .!?;:'\"")
 
 
-def questions(scene, rng):
-    """3-6 distinct questions and answers; half end with a description (a dense signal, as in LLaVA-Instruct)."""
-    kinds, qa = [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1], {}
-    for _ in range(rng.randint(3, 6)):
-        qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng))
-    if rng.random() < 0.5:
-        qa[rng.choice(CAPTION_INSTRUCTIONS)] = caption(scene)
-    (q, a), *rest = qa.items()
-    return [(_with_image(rng, q), a), *rest]
-
-
 def _record(rid, image, qa, **fields):
-    """A LLaVA record: the (question, answer) pairs as human and gpt turns."""
     return {"id": rid, "image": image, **fields,
             "conversations": [{"from": who, "value": v} for q, a in qa for who, v in (("human", q), ("gpt", a))]}
 
@@ -165,13 +151,21 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
     for split, k, scene in _scenes(rng, n_train, n_test, image_size):
         name = f"{split}_{k:06d}"
         draw_scene(scene, image_size).save(out / "images" / f"{name}.png")
-        world[name] = scene
+        world[name], kinds = scene, [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1]
         if split == "train":
             stage1.append(_record(name, f"{name}.png", [(_with_image(rng, rng.choice(CAPTION_INSTRUCTIONS)), caption(scene))]))
-            stage2.append(_record(name, f"{name}.png", questions(scene, rng)))
-        else:  # the kinds in turn; a one-shape picture has no relative position
+            # 3-6 distinct questions; half end with a description (a dense signal, as in LLaVA-Instruct), last
+            # so that it gives no answer away
+            qa = {}
+            for _ in range(rng.randint(3, 6)):
+                qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng))
+            if rng.random() < 0.5:
+                qa[rng.choice(CAPTION_INSTRUCTIONS)] = caption(scene)
+            (q, a), *rest = qa.items()
+            stage2.append(_record(name, f"{name}.png", [(_with_image(rng, q), a), *rest]))
+        else:  # the kinds in turn
             kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
-            kind = "where" if kind == "relative" and len(scene) == 1 else kind
+            kind = kind if kind in kinds else "where"
             q, a = ask(scene, kind, rng)
             test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
     files = {"stage1": stage1, "stage2": stage2, "test": test, "world": {"seed": seed, "image_size": image_size, "images": world}}
@@ -198,15 +192,12 @@ def train_tokenizer(lines, path, vocab_size):
 
 
 # ------------------------------------------------------------------------------------------------
-# The multiple-choice world (eval.py ablate)
-# The world in the ScienceQA release layout, so that the ScienceQA path (conversion, --data scienceqa,
-# its evaluation) runs on it. One shape a picture; the "solution" says what the picture shows:
+# The multiple-choice world (eval.py ablate), in the ScienceQA release layout so that the ScienceQA
+# path (conversion, --data scienceqa, its evaluation) runs on it. One shape a picture; the "solution"
+# says what the picture shows; options keep the world's order, so a tiny model learns the letters fast:
 #     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
 #     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
 #     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
-# Options keep the world's order (four of six colours: ScienceQA has at most five), so that a tiny
-# model learns quickly which letter names which answer.
-
 MC_KINDS = ("color", "shape", "where", "exists")
 
 
@@ -260,26 +251,21 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
 
 # ------------------------------------------------------------------------------------------------
 # The bases and the preset
-
 TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                  image_size=32, patch_size=8)
 TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
-# Where the LLM trains (0, 2) Muon steps its matrices: it learns the world's lookups in far fewer steps
-# than the paper's AdamW (still --stage 1|2's default).
-TINY_STAGES = {
-    0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, optimizer="muon", template="vicuna_v1"),
-    1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
-    2: dict(lr=1e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=4.5, adam_beta2=0.95,
-            optimizer="muon", template="vicuna_v1"),
-}
+# where the LLM trains (0, 2), Muon: it learns the world's lookups in far fewer steps than the paper's AdamW
+TINY_STAGES = {0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, optimizer="muon", template="vicuna_v1"),
+               1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
+               2: dict(lr=1e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=4.5, adam_beta2=0.95,
+                       optimizer="muon", template="vicuna_v1")}
 TINY_PRESETS = {  # the world's size, and what each preset changes in TINY_STAGES
     "tiny": dict(n_train=4000, n_test=250, stages={}),                        # stage 2: 2250 steps
     "tiny-long": dict(n_train=4000, n_test=250, stages={2: dict(epochs=12)}),  # stage 2: 6000 steps
     "tiny-short": dict(n_train=1000, n_test=100,                               # stage 2: 375 steps
-                       stages={0: dict(max_steps=40), 1: dict(max_steps=20), 2: dict(epochs=3)}),
-}
+                       stages={0: dict(max_steps=40), 1: dict(max_steps=20), 2: dict(epochs=3)})}
 
 
 def init_normal(module, std=0.02):
@@ -293,12 +279,11 @@ def init_normal(module, std=0.02):
 
 
 def make_tiny_bases(root, tokenizer_path, seed):
-    """Random tiny CLIP and LLaMA saved as transformers saves openai's CLIP and Vicuna; the CLIP's positions
-    say where each patch is, as a pretrained one's do (a random table says it too faintly)."""
+    """Random tiny CLIP and LLaMA, saved as transformers saves openai's CLIP and Vicuna."""
     torch.manual_seed(seed)
     clip_dir, llm_dir = Path(root) / "clip", Path(root) / "llm"
     vision = init_normal(CLIPVision(CLIPVisionConfig(**TINY_CLIP)))
-    with torch.no_grad():
+    with torch.no_grad():  # positions that say where a patch is, as a pretrained CLIP's do (random ones too faintly)
         nn.init.normal_(vision.embeddings.class_embedding, std=0.02)
         table = grid_position_embedding(TINY_CLIP["image_size"] // TINY_CLIP["patch_size"], TINY_CLIP["hidden_size"])
         vision.embeddings.position_embedding.weight.copy_(table * TINY_POSITION_RMS)
@@ -310,8 +295,7 @@ def make_tiny_bases(root, tokenizer_path, seed):
 
 
 def grid_position_embedding(grid, dim):
-    """[1 + grid**2, dim], unit RMS: zeros for the class token, then per patch (row-major) sines and cosines
-    of its row in the first half and of its column in the second, at dim/4 frequencies (MAE's 2-D table)."""
+    """[1 + grid**2, dim], unit RMS: zeros for CLS, then per patch MAE's 2-D sin-cos of its row | its column."""
     freqs = 1.0 / 100 ** (torch.arange(dim // 4) / (dim // 4))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     enc = lambda pos: torch.cat([torch.sin(pos.flatten()[:, None] * freqs), torch.cos(pos.flatten()[:, None] * freqs)], 1)  # noqa: E731
@@ -327,24 +311,6 @@ def save_llm_dir(llm, directory, tokenizer_path):
     (directory / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
     # A world trained from scratch has no release to match: today's rule, no "▁" after </s>
     write_json_atomic(directory / "tokenizer_config.json", {"legacy": False})
-
-
-def pretrain_tiny_llm(cfg, root, world, common, stage0):
-    """Stage 0: the LLaMA learns the world's language from the stage-2 text, as Vicuna knew English before
-    LLaVA; kept while tokenizer, LLM and recipe stay, so that the ablations of one world share it."""
-    out, stamp = root / "llm_pretrained", root / "llm_pretrained" / "nanollava_stage0.json"
-    recipe = json.dumps([TINY_LLM, stage0, cfg.seed, hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
-    if stamp.exists() and stamp.read_text() == recipe:
-        return out
-    text = [{"id": r["id"] + "_text", "conversations": _text_only(r["conversations"])} for r in read_json(world["stage2"])]
-    write_json_atomic(root / "data" / "text_only.json", text)
-    train.train(replace(cfg, stage=2, init="", data=str(root / "data" / "text_only.json"),
-                        out=str(root / "llm_pretrain"), **common, **stage0))
-    if dist.get_rank() == 0:
-        save_llm_dir(LLaVA.from_pretrained(root / "llm_pretrain").llm, out, Path(common["llm"]) / "tokenizer.model")
-        stamp.write_text(recipe)
-    dist.barrier()
-    return out
 
 
 def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
@@ -364,7 +330,20 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     common = dict(preset="", clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]), projector="mlp2x_gelu",
                   image_size=TINY_CLIP["image_size"], pad_to_square=False, max_length=256, warmup_ratio=0.03, num_workers=0,
                   save_every=0, overwrite=True, log_every=100, vision_layer=cfg.vision_layer if vision_layer is None else vision_layer)
-    common["llm"] = str(pretrain_tiny_llm(cfg, root, world, common, stages[0]))
+    # Stage 0, the world's "Vicuna": the LLaMA learns the world's language from the stage-2 text, as Vicuna
+    # knew English before LLaVA. Kept while tokenizer, LLM and recipe stay: one world's ablations share it.
+    stamp = root / "llm_pretrained" / "nanollava_stage0.json"
+    recipe = json.dumps([TINY_LLM, stages[0], cfg.seed, hashlib.sha256(Path(world["tokenizer"]).read_bytes()).hexdigest()])
+    if not stamp.exists() or stamp.read_text() != recipe:
+        text = [{"id": r["id"] + "_text", "conversations": _text_only(r["conversations"])} for r in read_json(world["stage2"])]
+        write_json_atomic(root / "data" / "text_only.json", text)
+        train.train(replace(cfg, stage=2, init="", data=str(root / "data" / "text_only.json"),
+                            out=str(root / "llm_pretrain"), **common, **stages[0]))
+        if dist.get_rank() == 0:
+            save_llm_dir(LLaVA.from_pretrained(root / "llm_pretrain").llm, stamp.parent, llm_dir / "tokenizer.model")
+            stamp.write_text(recipe)
+        dist.barrier()
+    common["llm"] = str(stamp.parent)
     if not skip_stage1:
         train.train(replace(cfg, stage=1, data=str(world["stage1"]), out=str(run_dir / "stage1"), **common, **stages[1]))
     train.train(replace(cfg, stage=2, init="" if skip_stage1 else str(run_dir / "stage1"), data=str(world["stage2"]),
@@ -431,10 +410,9 @@ def report(name, world, root, run_dir, t0):
           f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
           f"pictures and answers: {run_dir / 'samples.png'}, loss of every stage: {run_dir / 'loss.png'}\n"
           f"by question type, with the image (blank): {per_type}\n"
-          f"Chat with it: python chat.py {folder / records[0]['image']} --model {run_dir / 'stage2'}\n"
-          "It knows only its world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds "
-          "of question (colour, shape, count, place, left/right or above/below), e.g.\n  " + "\n  ".join(list(examples)[:3]),
-          flush=True)
+          f"Chat with it: python chat.py {folder / records[0]['image']} --model {run_dir / 'stage2'}\nIt knows only its "
+          "world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds of question (colour, shape, "
+          "count, place, left/right or above/below), e.g.\n  " + "\n  ".join(list(examples)[:3]), flush=True)
     return result
 
 
