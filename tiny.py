@@ -63,24 +63,16 @@ def draw_scene(scene, size):
     return img
 
 
-def random_scene(rng, size):
+def random_scene(rng, size, one_shape=False):
     """1-3 objects, each centred in its quadrant at 8/10 of its side: fixed places a tiny model learns."""
     n, half = rng.randint(1, 3), size // 2
     side, scene = int(0.8 * half), []
     for quadrant, color, shape in zip(rng.sample(QUADRANTS, n), rng.sample(sorted(COLORS), n), rng.sample(SHAPES, n)):
         x0, y0 = (half * (edge in quadrant) + (half - side) // 2 for edge in ("right", "bottom"))
         scene.append({"shape": shape, "color": color, "quadrant": quadrant, "box": [x0, y0, x0 + side, y0 + side]})
+    if one_shape and n > 1:  # drawn again: one-shape worlds take the first one-shape scene of the random stream
+        return random_scene(rng, size, one_shape)
     return sorted(scene, key=lambda o: QUADRANTS.index(o["quadrant"]))
-
-
-def _scenes(rng, n_train, n_test, size, one_shape=False):
-    """(split, index, scene) for the training pictures, then the held-out ones."""
-    for split, n in (("train", n_train), ("test", n_test)):
-        for k in range(n):
-            scene = random_scene(rng, size)
-            while one_shape and len(scene) != 1:
-                scene = random_scene(rng, size)
-            yield split, k, scene
 
 
 def a_or_an(word):
@@ -113,11 +105,6 @@ def ask(scene, kind, rng):
     raise ValueError(f"unknown question kind {kind!r}")
 
 
-def _with_image(rng, text):
-    """The placeholder before or after the text, as in the published data."""
-    return data.IMAGE + "\n" + text if rng.random() < 0.5 else text + "\n" + data.IMAGE
-
-
 def normalize_answer(text):
     """For exact-match accuracy: lower case, no surrounding spaces or punctuation, single spaces."""
     return " ".join(text.lower().replace(",", " ").split()).strip(" .!?;:'\"")
@@ -147,27 +134,30 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
     "answer" and "type", world.json what was drawn, tokenizer.model) and return their paths."""
     out, rng = Path(out_dir), random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    # the placeholder before or after the text, as in the published data
+    with_image = lambda text: data.IMAGE + "\n" + text if rng.random() < 0.5 else text + "\n" + data.IMAGE  # noqa: E731
     world, stage1, stage2, test = {}, [], [], []
-    for split, k, scene in _scenes(rng, n_train, n_test, image_size):
-        name = f"{split}_{k:06d}"
-        draw_scene(scene, image_size).save(out / "images" / f"{name}.png")
-        world[name], kinds = scene, [k for k in QUESTION_TYPES if k != "relative" or len(scene) > 1]
-        if split == "train":
-            stage1.append(_record(name, f"{name}.png", [(_with_image(rng, rng.choice(CAPTION_INSTRUCTIONS)), caption(scene))]))
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k in range(n):
+            name, scene = f"{split}_{k:06d}", random_scene(rng, image_size)
+            draw_scene(scene, image_size).save(out / "images" / f"{name}.png")
+            world[name], kinds = scene, [t for t in QUESTION_TYPES if t != "relative" or len(scene) > 1]
+            if split == "test":  # the kinds in turn (a one-shape picture has no relative position)
+                kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
+                kind = kind if kind in kinds else "where"
+                q, a = ask(scene, kind, rng)
+                test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
+                continue
+            stage1.append(_record(name, f"{name}.png", [(with_image(rng.choice(CAPTION_INSTRUCTIONS)), caption(scene))]))
             # 3-6 distinct questions; half end with a description (a dense signal, as in LLaVA-Instruct), last
             # so that it gives no answer away
             qa = {}
             for _ in range(rng.randint(3, 6)):
-                qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[k] for k in kinds])[0], rng))
+                qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[t] for t in kinds])[0], rng))
             if rng.random() < 0.5:
                 qa[rng.choice(CAPTION_INSTRUCTIONS)] = caption(scene)
             (q, a), *rest = qa.items()
-            stage2.append(_record(name, f"{name}.png", [(_with_image(rng, q), a), *rest]))
-        else:  # the kinds in turn
-            kind = QUESTION_TYPES[k % len(QUESTION_TYPES)]
-            kind = kind if kind in kinds else "where"
-            q, a = ask(scene, kind, rng)
-            test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
+            stage2.append(_record(name, f"{name}.png", [(with_image(q), a), *rest]))
     files = {"stage1": stage1, "stage2": stage2, "test": test, "world": {"seed": seed, "image_size": image_size, "images": world}}
     paths = {"image_folder": out / "images", **{k: out / f"{k}.json" for k in files}, "tokenizer": out / "tokenizer.model"}
     for key, obj in files.items():
@@ -219,20 +209,21 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
     """Write the world as a ScienceQA release, plus what run_tiny takes, into out_dir; return the paths."""
     out, rng = Path(out_dir), random.Random(seed)
     problems, splits, stage1 = {}, {"train": [], "val": [], "test": []}, []
-    for split, k, scene in _scenes(rng, n_train, n_test, image_size, one_shape=True):
-        pid, obj = f"{split}{k:06d}", scene[0]
-        (out / "images" / split / pid).mkdir(parents=True, exist_ok=True)
-        draw_scene(scene, image_size).save(out / "images" / split / pid / "image.png")
-        kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
-        question, choices, right = mc_problem(obj, kind, rng)
-        problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
-                         "image": "image.png", "task": "closed choice", "grade": "grade1", "subject": "natural science",
-                         "topic": "shapes", "lecture": "",
-                         "solution": f"The picture shows {caption(scene)[:-1]} in the {obj['quadrant']}.", "split": split}
-        splits[split].append(pid)
-        if split == "train":
-            qa = [(data.IMAGE + "\n" + rng.choice(CAPTION_INSTRUCTIONS), caption(scene))]
-            stage1.append(_record(pid, f"train/{pid}/image.png", qa))
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k in range(n):
+            pid, scene = f"{split}{k:06d}", random_scene(rng, image_size, one_shape=True)
+            (out / "images" / split / pid).mkdir(parents=True, exist_ok=True)
+            draw_scene(scene, image_size).save(out / "images" / split / pid / "image.png")
+            kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
+            question, choices, right = mc_problem(scene[0], kind, rng)
+            problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
+                             "image": "image.png", "task": "closed choice", "grade": "grade1", "subject": "natural science",
+                             "topic": "shapes", "lecture": "", "solution": f"The picture shows {caption(scene)[:-1]} in the "
+                             f"{scene[0]['quadrant']}.", "split": split}
+            splits[split].append(pid)
+            if split == "train":
+                qa = [(data.IMAGE + "\n" + rng.choice(CAPTION_INSTRUCTIONS), caption(scene))]
+                stage1.append(_record(pid, f"train/{pid}/image.png", qa))
     write_json_atomic(out / "problems.json", problems, indent=1)
     write_json_atomic(out / "pid_splits.json", splits, indent=None)
     paths = {"root": out, "image_folder": out / "images", "stage1": out / "stage1.json",
@@ -251,8 +242,7 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
 
 # ------------------------------------------------------------------------------------------------
 # The bases and the preset
-TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                 image_size=32, patch_size=8)
+TINY_CLIP = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8)
 TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
@@ -305,7 +295,6 @@ def grid_position_embedding(grid, dim):
 
 def save_llm_dir(llm, directory, tokenizer_path):
     """A transformers LlamaForCausalLM directory: what LLaVA.from_components expects of Vicuna."""
-    directory = Path(directory)
     save_state_dict({k if k.startswith("lm_head.") else "model." + k: v for k, v in llm.state_dict().items()}, directory)
     write_json_atomic(directory / "config.json", llm.config.to_hf())
     (directory / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
@@ -403,8 +392,7 @@ def report(name, world, root, run_dir, t0):
               "by_type": {k: {"image": acc_by_type[k], "blank": blank_by_type[k]} for k in acc_by_type}}
     write_json_atomic(run_dir / "result.json", result)
     per_type = ", ".join(f"{k} {v['image']:.0%} ({v['blank']:.0%})" for k, v in result["by_type"].items())
-    examples = dict.fromkeys([_text(records[0]["conversations"][0]["value"]), "How many shapes are there?",
-                              "What shape is the red object?", "Where is the blue circle?"])
+    examples = [_text(records[0]["conversations"][0]["value"]), "How many shapes are there?", "What shape is the red object?"]
     # its world only: a real photo gets word salad
     print(f"\n{name} preset: held-out accuracy {acc:.1%} with the image, {blank:.1%} with a "
           f"blank image (chance-level means it answers from the picture); {minutes:.1f} min.\n"
@@ -412,7 +400,7 @@ def report(name, world, root, run_dir, t0):
           f"by question type, with the image (blank): {per_type}\n"
           f"Chat with it: python chat.py {folder / records[0]['image']} --model {run_dir / 'stage2'}\nIt knows only its "
           "world of 1-3 coloured shapes in the four quadrants of a picture, and five kinds of question (colour, shape, "
-          "count, place, left/right or above/below), e.g.\n  " + "\n  ".join(list(examples)[:3]), flush=True)
+          "count, place, left/right or above/below), e.g.\n  " + "\n  ".join(examples), flush=True)
     return result
 
 
