@@ -1,12 +1,11 @@
 """The tiny preset: LLaVA in miniature, end to end on a laptop CPU (`python train.py --preset tiny`).
 
-A synthetic world of coloured shapes stands in for COCO, a random tiny CLIP and a tiny LLaMA for
-the pretrained towers, and then the run is the paper's, through train.train(): stage 0 teaches the
-tiny LLaMA the world's language from text alone (its "Vicuna"), stage 1 aligns the projector on
-captions, stage 2 tunes projector + LLM on conversations. Last, greedy answers to held-out pictures
-are scored against the same model shown a blank picture: the gap is what it learned to see
-(samples.png shows a dozen). A second world, multiple choice in the ScienceQA release layout,
-shares this one's drawing and words and serves the paper's ablations (`eval.py ablate`).
+A synthetic world of coloured shapes stands in for COCO, random tiny towers for CLIP and Vicuna, and
+then the run is the paper's, through train.train(): stage 0 teaches the tiny LLaMA the world's
+language from text alone (its "Vicuna"), stage 1 aligns the projector on captions, stage 2 tunes
+projector + LLM on conversations. Greedy answers to held-out pictures are scored against the same
+model shown a blank picture: the gap is what it learned to see (samples.png shows a dozen). A second
+world, multiple choice in the ScienceQA layout, shares the drawing and words and serves `eval.py ablate`.
 """
 
 import hashlib
@@ -46,8 +45,7 @@ BACKGROUND = (235, 235, 230)
 CAPTION_INSTRUCTIONS = ("Describe the image briefly.", "What is in this picture?",
                         "Give a short caption for the image.", "Name the shapes you see.")
 QUESTION_TYPES = ("color", "shape", "count", "where", "relative")
-# how often each is asked in training: finding one of several objects and where it is comes last
-QUESTION_WEIGHTS = {"color": 1, "shape": 1, "count": 1, "where": 2, "relative": 2}
+QUESTION_WEIGHTS = {"color": 1, "shape": 1, "count": 1, "where": 2, "relative": 2}  # in training: places are learned last
 
 
 def draw_scene(scene, size):
@@ -56,10 +54,8 @@ def draw_scene(scene, size):
     draw = ImageDraw.Draw(img)
     for obj in scene:
         x0, y0, x1, y1 = box = obj["box"]
-        if obj["shape"] == "triangle":  # pointing up
-            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=COLORS[obj["color"]])
-        else:
-            (draw.ellipse if obj["shape"] == "circle" else draw.rectangle)(box, fill=COLORS[obj["color"]])
+        outline = [((x0 + x1) / 2, y0), (x0, y1), (x1, y1)] if obj["shape"] == "triangle" else box  # triangles point up
+        {"circle": draw.ellipse, "square": draw.rectangle, "triangle": draw.polygon}[obj["shape"]](outline, fill=COLORS[obj["color"]])
     return img
 
 
@@ -134,8 +130,7 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
     "answer" and "type", world.json what was drawn, tokenizer.model) and return their paths."""
     out, rng = Path(out_dir), random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    # the placeholder before or after the text, as in the published data
-    with_image = lambda text: data.IMAGE + "\n" + text if rng.random() < 0.5 else text + "\n" + data.IMAGE  # noqa: E731
+    with_image = lambda text: data.IMAGE + "\n" + text if rng.random() < 0.5 else text + "\n" + data.IMAGE  # as published
     world, stage1, stage2, test = {}, [], [], []
     for split, n in (("train", n_train), ("test", n_test)):
         for k in range(n):
@@ -149,8 +144,7 @@ def make_synthetic(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=5
                 test.append(_record(name, f"{name}.png", [(data.IMAGE + "\n" + q, a)], type=kind, answer=a))
                 continue
             stage1.append(_record(name, f"{name}.png", [(with_image(rng.choice(CAPTION_INSTRUCTIONS)), caption(scene))]))
-            # 3-6 distinct questions; half end with a description (a dense signal, as in LLaVA-Instruct), last
-            # so that it gives no answer away
+            # 3-6 distinct questions, half the time a description last (dense, as in LLaVA-Instruct; gives nothing away)
             qa = {}
             for _ in range(rng.randint(3, 6)):
                 qa.setdefault(*ask(scene, rng.choices(kinds, [QUESTION_WEIGHTS[t] for t in kinds])[0], rng))
@@ -182,9 +176,8 @@ def train_tokenizer(lines, path, vocab_size):
 
 
 # ------------------------------------------------------------------------------------------------
-# The multiple-choice world (eval.py ablate), in the ScienceQA release layout so that the ScienceQA
-# path (conversion, --data scienceqa, its evaluation) runs on it. One shape a picture; the "solution"
-# says what the picture shows; options keep the world's order, so a tiny model learns the letters fast:
+# The multiple-choice world (eval.py ablate), in the ScienceQA release layout so that the ScienceQA path runs on it:
+# one shape a picture, a "solution" that says what it shows, options in the world's order (a tiny model learns them fast)
 #     What color is the shape?  Options: (A) red (B) blue (C) yellow (D) orange
 #     reasoning-first: "The picture shows a blue circle in the top left. The answer is B."
 #     answer-first:    "The answer is B. BECAUSE: The picture shows a blue circle in the top left."
@@ -303,9 +296,8 @@ def save_llm_dir(llm, directory, tokenizer_path):
 
 
 def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
-    """The whole preset (TINY_PRESETS), in its own --out. The switches are the paper's ablations (eval.py
-    ablate): skip_stage1 = stage 2 from a fresh projector, vision_layer = CLIP layer -1 or -2, world =
-    another world's paths, evaluate=False = train only (the caller scores its world its own way)."""
+    """The whole preset (TINY_PRESETS), in its own --out. The switches are eval.py ablate's: skip_stage1 (stage 2 from
+    a fresh projector), vision_layer (CLIP's -1 or -2), world (another's paths), evaluate=False (train only)."""
     t0, name = time.perf_counter(), cfg.preset or "tiny"
     preset = TINY_PRESETS[name]
     stages = {k: {**v, **preset["stages"].get(k, {})} for k, v in TINY_STAGES.items()}
@@ -343,19 +335,18 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
 
 # ------------------------------------------------------------------------------------------------
 # Its accuracy: greedy answers to held-out questions shown the picture, and a blank one (its priors)
-
 def score(model, records, folder, blank=False, batch_size=50):
     """-> (accuracy, {question type: accuracy}, [(answer, right)])"""
-    tokenizer, c = Tokenizer(model.tokenizer_dir), model.config
+    tok, c = Tokenizer(model.tokenizer_dir), model.config
     said, by_type = [], {}
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
-        prompts = [data.tokenize_prompt(r["conversations"][:1], tokenizer, c.template, has_image=True,
-                                        num_patches=c.num_patches) for r in chunk]
+        prompts = [data.tokenize_prompt(r["conversations"][:1], tok, c.template, has_image=True, num_patches=c.num_patches)
+                   for r in chunk]
         images = [Image.new("RGB", (64, 64), BACKGROUND) if blank else load_image(folder / r["image"]) for r in chunk]
         pixels = preprocess_batch(images, c.vision.image_size, c.pad_to_square)
-        for r, out in zip(chunk, model.generate_batch(prompts, pixels, max_new_tokens=32, eos_id=tokenizer.eos_id)):
-            text = tokenizer.decode(out).strip()
+        for r, out in zip(chunk, model.generate_batch(prompts, pixels, max_new_tokens=32, eos_id=tok.eos_id)):
+            text = tok.decode(out).strip()
             said.append((text, normalize_answer(text) == normalize_answer(r["answer"])))
             by_type.setdefault(r.get("type", "all"), []).append(said[-1][1])
     return sum(ok for _, ok in said) / len(records), {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, said
@@ -380,8 +371,7 @@ def draw_samples(records, folder, seen, blank, path, columns=4):
 
 def report(name, world, root, run_dir, t0):
     """Score the stage-2 model, draw samples.png and loss.png, write result.json, say how to chat with it."""
-    model = LLaVA.from_pretrained(run_dir / "stage2").eval()
-    records, folder = read_json(world["test"]), Path(world["image_folder"])
+    model, records, folder = LLaVA.from_pretrained(run_dir / "stage2").eval(), read_json(world["test"]), Path(world["image_folder"])
     (acc, acc_by_type, seen), (blank, blank_by_type, unseen) = (score(model, records, folder, b) for b in (False, True))
     draw_samples(records[:12], folder, seen, unseen, run_dir / "samples.png")
     train.draw_loss_curve([(label, train.logged_losses(d / "train_log.jsonl")) for label, d in (
