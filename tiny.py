@@ -209,10 +209,10 @@ def make_mc_world(out_dir, n_train, n_test, seed=0, image_size=64, vocab_size=64
             draw_scene(scene, image_size).save(out / "images" / split / pid / "image.png")
             kind = MC_KINDS[k % len(MC_KINDS)] if split == "test" else rng.choice(MC_KINDS)
             question, choices, right = mc_problem(scene[0], kind, rng)
+            solution = f"The picture shows {caption(scene)[:-1]} in the {scene[0]['quadrant']}."
             problems[pid] = {"question": question, "choices": choices, "answer": choices.index(right), "hint": "",
                              "image": "image.png", "task": "closed choice", "grade": "grade1", "subject": "natural science",
-                             "topic": "shapes", "lecture": "", "solution": f"The picture shows {caption(scene)[:-1]} in the "
-                             f"{scene[0]['quadrant']}.", "split": split}
+                             "topic": "shapes", "lecture": "", "solution": solution, "split": split}
             splits[split].append(pid)
             if split == "train":
                 qa = [(data.IMAGE + "\n" + rng.choice(CAPTION_INSTRUCTIONS), caption(scene))]
