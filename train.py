@@ -201,9 +201,10 @@ def make_optimizer(params, sharded, model, cfg):
         return torch.optim.AdamW(groups, **adamw)
     if sharded is None:
         raise SystemExit("--optimizer muon works on our FSDP's shards; use it with --fsdp ours")
-    # Newton-Schulz in bf16 as torch.optim.Muon (faster on the CPU too), unless --dtype fp32
-    # asks for fp32 throughout: then W ranks reproduce one process to fp32 rounding.
-    ns_dtype = torch.float32 if cfg.dtype == "fp32" else torch.bfloat16
+    # Newton-Schulz in bf16 on a GPU, as torch.optim.Muon; in fp32 on a CPU (few have a fast bf16
+    # matmul) and with --dtype fp32, where W ranks then reproduce one process to fp32 rounding.
+    gpu = sharded[0].shard.device.type == "cuda" if sharded else False
+    ns_dtype = torch.bfloat16 if gpu and cfg.dtype != "fp32" else torch.float32
     return Muon(groups, [u for u in sharded if u.name.startswith("layers.")], ns_dtype=ns_dtype, **adamw)
 
 

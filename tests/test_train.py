@@ -180,6 +180,8 @@ def test_muon_on_our_shards_matches_torch_muon_and_adamw(world):
         model = build()
         params, full_state, sharded = fsdp.shard_model(model, cfg, device, torch.float32)
         opt = train.make_optimizer(params, sharded, model, cfg)
+        assert opt.ns_dtype == torch.float32  # on a CPU; on a GPU bf16, which torch.optim.Muon always takes:
+        opt.ns_dtype = torch.bfloat16
         gen = torch.Generator().manual_seed(0)
         grads = []  # per step: {qualified name: gradient}, for the reference below
         for _ in range(3):
@@ -223,10 +225,10 @@ def test_muon_on_our_shards_matches_torch_muon_and_adamw(world):
 def test_muon_on_two_ranks_and_resumed_matches_one_process(world, tmp_path, four_steps):
     # two ranks cut the blocks' matrices across shards (the update is gathered whole); the
     # momentum is checkpointed and re-cut like AdamW's moments when the rank count changes.
-    # (By default Newton-Schulz runs in bf16, as torch.optim.Muon: that rounds a 1e-7
-    # difference in the summed gradient to a 1e-4 one in the weights.)
+    # (--dtype fp32: Newton-Schulz in fp32 on a GPU too, where bf16 would round a 1e-7 difference
+    # in the summed gradient to a 1e-4 one in the weights.)
     full = tmp_path / "full"
-    muon = {"max-steps": 4, "optimizer": "muon", "dtype": "fp32"}  # fp32 Newton-Schulz: to rounding
+    muon = {"max-steps": 4, "optimizer": "muon", "dtype": "fp32"}
     run(base_args(world, full, **muon))
     part = tmp_path / "part"
     run(base_args(world, part, **{**muon, "stop-at": 2, "micro-batch": 2}), nproc=2)
