@@ -384,24 +384,11 @@ def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
     state = full_state()  # collective: every rank takes part
     if rank == 0:
         model.save_pretrained(tmp, only_projector=cfg.stage == 1, bases=bases(cfg), state=state)
-    tensors = {}
-    if sharded is not None:  # our FSDP: master shard + AdamW moments of each unit
-        for u in sharded:
-            st = optimizer.state.get(u.shard, {})
-            tensors[f"{u.name}/master"] = u.shard.detach().float().cpu()
-            for k in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-                if k in st:
-                    tensors[f"{u.name}/{k}"] = st[k].float().cpu()
-    else:  # FSDP2: the local shards of each DTensor parameter
-        for name, p in named_trainable(model):
-            st = optimizer.state.get(p, {})
-            tensors[f"{name}/master"] = local(p).float().cpu()
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in st:
-                    tensors[f"{name}/{k}"] = local(st[k]).float().cpu()
-    tensors["rng/torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    tensors = {"rng/torch": torch.get_rng_state()}
+    for name, p in stepped(model, sharded):  # the master weights and the optimizer's state of each
+        st = optimizer.state.get(p, {})
+        for k, t in [("master", p.detach())] + [(k, st[k]) for k in OPTIM_STATE if k in st]:
+            tensors[f"{name}/{k}"] = local(t).float().cpu()
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"optim-rank{rank:05d}.safetensors"),
               metadata={"world_size": str(world), "rank": str(rank), "fsdp": cfg.fsdp})
@@ -420,7 +407,14 @@ def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
     dist.barrier()
 
 
-def named_trainable(model):
+OPTIM_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # AdamW's moments, Muon's momentum
+
+
+def stepped(model, sharded):
+    """(name, tensor) of what this rank's optimizer steps: our FSDP's flat shards, or FSDP2's
+    DTensor parameters (whose local pieces are this rank's)."""
+    if sharded is not None:
+        return [(u.name, u.shard) for u in sharded]
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -499,9 +493,9 @@ def find_resume(cfg):
     return path
 
 
-def load_resume_state(path, optimizer, sharded, model, device):
-    """Restore master weights and AdamW moments, re-cutting the shards when the checkpoint was
-    written by a different number of ranks (the flat layout is the same; only padding moves)."""
+def load_resume_state(path, optimizer, sharded, model):
+    """Restore the master weights and the optimizer's state, re-cutting our FSDP's shards when
+    the checkpoint was written by a different number of ranks."""
     from safetensors import safe_open
     meta = json.loads((path / "train_state.json").read_text())  # checked by find_resume
     old_world = meta["world_size"]
@@ -515,37 +509,27 @@ def load_resume_state(path, optimizer, sharded, model, device):
         # one tensor per parameter either way (the fused kernel increments each in place)
         return step_count.to(p.device, copy=True) if on_device else step_count.clone()
 
-    def full_of(key):
-        if key not in handles[0].keys():
-            return None
-        return torch.cat([h.get_tensor(key) for h in handles])
-
-    if sharded is not None:
-        for u in sharded:
-            for k in ("master", "exp_avg", "exp_avg_sq", "momentum_buffer"):
-                full = full_of(f"{u.name}/{k}")
-                if full is None:
-                    continue
+    if sharded is None and old_world != dist.get_world_size():
+        raise SystemExit("--fsdp torch resumes on the same number of ranks only; use --fsdp ours to change it")
+    units = {u.name: u for u in sharded or []}
+    for name, p in stepped(model, sharded):
+        for k in ("master",) + OPTIM_STATE:
+            key = f"{name}/{k}"
+            if key not in handles[0].keys():
+                continue
+            if name in units:  # our flat vector, re-cut for this world: the layout is the same, the padding moves
+                u = units[name]
                 flat = torch.zeros(u.shard_size * u.world)
-                flat[:u.numel] = full[:u.numel]
-                mine = flat[rank * u.shard_size:(rank + 1) * u.shard_size].to(device)
-                if k == "master":
-                    u.shard.data.copy_(mine)
-                else:
-                    optimizer.state[u.shard][k] = mine.clone()
-                    optimizer.state[u.shard]["step"] = step_for(u.shard)
-    else:
-        if old_world != dist.get_world_size():
-            raise SystemExit("--fsdp torch resumes on the same number of ranks only; use --fsdp ours to change it")
-        h = handles[rank]
-        for name, p in named_trainable(model):
-            local(p.data).copy_(h.get_tensor(f"{name}/master"))
-            for k in ("exp_avg", "exp_avg_sq"):
-                if f"{name}/{k}" in h.keys():
-                    st = torch.zeros_like(p.data)
-                    local(st).copy_(h.get_tensor(f"{name}/{k}"))
-                    optimizer.state[p][k] = st
-                    optimizer.state[p]["step"] = step_for(p)
+                flat[:u.numel] = torch.cat([h.get_tensor(key) for h in handles])[:u.numel]
+                mine = flat[rank * u.shard_size:(rank + 1) * u.shard_size]
+            else:
+                mine = handles[rank].get_tensor(key)
+            if k == "master":
+                local(p.data).copy_(mine)
+            else:
+                optimizer.state[p][k] = torch.zeros_like(p.data)
+                local(optimizer.state[p][k]).copy_(mine)
+                optimizer.state[p]["step"] = step_for(p)
     h = handles[rank] if rank < old_world else handles[0]
     torch.set_rng_state(h.get_tensor("rng/torch"))
     return meta["step"]
@@ -555,17 +539,12 @@ def load_resume_state(path, optimizer, sharded, model, device):
 # Logging helpers
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "4090": 165e12}
+                   "4090": 165e12}  # dense bf16 peak per GPU, for MFU
 
 
 def device_peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
 def count_params(module):
@@ -882,7 +861,7 @@ def start_run(cfg):
     dtype = dtype_for(device, cfg.dtype)
     params, full_state, sharded = shard_model(model, cfg, device, dtype)
     optimizer = make_optimizer(params, sharded, model, cfg)
-    start = load_resume_state(resume, optimizer, sharded, model, device) if resume else 0
+    start = load_resume_state(resume, optimizer, sharded, model) if resume else 0
     if rank == 0:
         truncate_log(out / "train_log.jsonl", start)
     log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
