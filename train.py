@@ -220,7 +220,7 @@ class Muon(torch.optim.AdamW):
 
     The update, per matrix W (rows x cols) and step, is torch.optim.Muon's (a test compares):
         m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m          (Nesterov momentum)
-        O = newton_schulz(u)                               (~ U V^T, 5 iterations in bf16)
+        O = newton_schulz(u)                               (~ U V^T, 5 iterations, bf16 on a GPU)
         W -= lr * 0.2 * sqrt(max(rows, cols)) * O           (the RMS of an AdamW step, so one --lr
                                                             and one schedule serve both)
     with decoupled weight decay W *= 1 - lr * wd first, as AdamW.
