@@ -1,6 +1,6 @@
 """
-Hand-written FSDP (ZeRO-3), and the process group it runs in. train.py's loop calls
-`init_distributed`, `shard_model` and `clip_grad_norm` and never sees a collective itself.
+Hand-written FSDP (ZeRO-3), and the process group it runs in. train.py calls `init_distributed`,
+`shard_model` and `clip_grad_norm` and never sees a collective itself.
 
 A *unit* is a group of modules whose trainable parameters are flattened into one fp32 vector,
 padded to a multiple of the world size W and cut into W equal shards. Rank r owns shard r:
@@ -13,17 +13,15 @@ the master weights, their gradient and the AdamW moments exist only for that 1/W
         rank 0    rank 1    rank 2    backward: re-gather, grad of the full buffer
                                       reduce-scatter (fp32) ──►  grad of shard r, summed over ranks
 
-Units: the projector, the token embeddings, each transformer block, and the final norm + LM
-head. The gather is an autograd Function (`GatherParams`): its backward *is* the
-reduce-scatter, so autograd itself issues it the moment the unit's gradient is complete.
-After the forward the full buffer is dropped; tensors that autograd saved from it are stored
-as (offset, shape, stride) by a saved-tensor hook and rebuilt from a re-gather when backward
-reaches the unit. With --grad-ckpt the unit's whole call (gather + forward) is wrapped in
-activation checkpointing, so the recompute re-gathers by itself. Frozen parts (CLIP always, the
-LLM in stage 1) are not units: they stay replicated in the compute dtype and are never gathered,
-so stage 1 pays nothing to shard a frozen LLM. One rank in fp32 (a CPU run) has nothing to
-gather: the modules use views of the shard itself. Gradient clipping all-reduces the squared shard
-norms. `--fsdp torch` hands the same units to PyTorch's FSDP2 (`fully_shard`) instead.
+Units: the projector, the token embeddings, each transformer block, the final norm + LM head.
+The gather is an autograd Function (`GatherParams`) whose backward *is* the reduce-scatter, so
+autograd issues it the moment the unit's gradient is complete. Tensors autograd saved from the
+freed buffer are kept as (offset, shape, stride) by a saved-tensor hook and rebuilt from a
+re-gather when backward reaches the unit; with --grad-ckpt the unit's gather + forward is
+checkpointed, so its recompute re-gathers by itself. Frozen parts (CLIP, and the LLM in stage 1)
+are not units: replicated in the compute dtype, never gathered. One rank in fp32 (a CPU run) has
+nothing to gather: the modules use views of the shard itself. `--fsdp torch` hands the same
+units to PyTorch's FSDP2 (`fully_shard`) instead.
 """
 
 import contextlib
@@ -47,11 +45,9 @@ def init_distributed(cfg):
     device = current_device(cfg)
     backend = process_group_backend(device)
     timeout = datetime.timedelta(seconds=cfg.dist_timeout)
-    # torch._dynamo, which nn.init imports on first use (building the model), keeps the default
-    # group alive past destroy_process_group when it is first imported after the group exists
-    # (seen with torch 2.13): gloo's threads then outlive the interpreter, and now and then a rank
-    # that finished and saved dies at exit with "terminate called without an active exception"
-    # (pytorch/pytorch#190489 describes that crash). Imported before the group, it holds none.
+    # torch._dynamo (which nn.init imports when the model is built) imported after the group exists
+    # keeps it alive past destroy_process_group: gloo's threads outlive the interpreter and a finished
+    # rank can die at exit (pytorch/pytorch#190489). Imported before the group, it holds none.
     import torch._dynamo  # noqa: F401
     if "RANK" in os.environ:  # torchrun (one node or many, through its rendezvous)
         dist.init_process_group(backend, timeout=timeout)
@@ -62,10 +58,8 @@ def init_distributed(cfg):
 
 
 def process_group_backend(device):
-    """NCCL for the CUDA tensors (FSDP's gathers and reduce-scatters, the grad norm) and gloo for
-    the CPU ones: each step all-reduces its token count, loss sum and stop flag as small CPU
-    tensors, and NCCL alone refuses CPU tensors ("No backend type associated with device type
-    cpu"), which only shows with more than one GPU."""
+    """NCCL for the CUDA tensors (gathers, reduce-scatters, the grad norm), gloo for the CPU ones: each
+    step all-reduces its token count, loss sum and stop flag on the CPU, which NCCL alone refuses."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
@@ -88,7 +82,7 @@ class GatherParams(torch.autograd.Function):
     @staticmethod
     def forward(ctx, shard, unit):
         ctx.unit = unit
-        return unit.all_gather(shard.detach())
+        return unit.all_gather()
 
     @staticmethod
     def backward(ctx, grad_full):
@@ -129,13 +123,13 @@ class Schedule:
         out = torch.empty(unit.shard_size, dtype=torch.float32, device=grad_full.device)
         work = dist.reduce_scatter_tensor(out, grad_full, op=dist.ReduceOp.SUM, async_op=True)
         self.pending.append((unit, out, work, grad_full))
-        while len(self.pending) > 2:
-            self._complete(self.pending.pop(0))
+        self._complete(keep=2)
 
-    def _complete(self, item):
-        unit, out, work, _ = item
-        work.wait()
-        self._accumulate(unit, out)
+    def _complete(self, keep=0):
+        while len(self.pending) > keep:
+            unit, out, work, _ = self.pending.pop(0)
+            work.wait()
+            self._accumulate(unit, out)
 
     @staticmethod
     def _accumulate(unit, grad):
@@ -152,8 +146,7 @@ class Schedule:
         try:
             yield
         finally:
-            while self.pending:
-                self._complete(self.pending.pop(0))
+            self._complete()
             for unit in self.order:
                 unit.drop_prefetch()
             self.in_backward = False
@@ -192,29 +185,27 @@ class ShardedUnit:
         self._patch(grad_ckpt)
 
     # -- collectives ------------------------------------------------------------------------------
-    def all_gather(self, shard):
-        if self._prefetched is not None:
-            full, work, _ = self._prefetched
-            self._prefetched = None
-            work.wait()
-            return full
-        local = shard.to(self.compute_dtype)
-        if self.world == 1:
-            return local.clone() if local.data_ptr() == shard.data_ptr() else local
-        return self.gather_flat(local)
+    def all_gather(self):
+        """The full params in the compute dtype (a new buffer): the prefetched one, or gathered now."""
+        if self._prefetched is None:
+            return self.gather_flat(self.shard.detach().to(self.compute_dtype))
+        full, work, _ = self._prefetched
+        self._prefetched = None
+        work.wait()
+        return full
 
     def gather_flat(self, local):
         """A shard-shaped tensor (the params, or Muon's update) -> the unit's whole flat vector."""
         if self.world == 1:
             return local
-        full = torch.empty(self.shard_size * self.world, dtype=local.dtype, device=local.device)
+        full = local.new_empty(self.shard_size * self.world)
         dist.all_gather_into_tensor(full, local)
         return full
 
     def prefetch(self):
         if self._prefetched is None:
             local = self.shard.detach().to(self.compute_dtype)
-            full = torch.empty(self.shard_size * self.world, dtype=self.compute_dtype, device=local.device)
+            full = local.new_empty(self.shard_size * self.world)
             self._prefetched = (full, dist.all_gather_into_tensor(full, local, async_op=True), local)
 
     def drop_prefetch(self):
@@ -230,10 +221,6 @@ class ShardedUnit:
         parts = torch.split_with_sizes(full, sizes + [full.numel() - sum(sizes)])
         for (sub, attr, _, shape, _), p in zip(self.slots, parts):
             setattr(sub, attr, p.view(shape))
-
-    def _uninstall(self):
-        for sub, attr, *_ in self.slots:
-            setattr(sub, attr, None)
 
     def begin(self, save_hooks):
         if self.local:  # autograd accumulates straight into shard.grad
@@ -259,7 +246,8 @@ class ShardedUnit:
         if self._saving is not None:
             self._saving.__exit__(None, None, None)
             self._saving = None
-        self._uninstall()
+        for sub, attr, *_ in self.slots:
+            setattr(sub, attr, None)
 
     @staticmethod
     def _unpack(x):
@@ -267,32 +255,24 @@ class ShardedUnit:
             return x
         unit, shape, stride, offset = x
         if unit.full_for_backward is None:
-            unit.full_for_backward = unit.all_gather(unit.shard.detach())
+            unit.full_for_backward = unit.all_gather()
             unit.schedule.started(unit)
         return unit.full_for_backward.as_strided(shape, stride, offset)
 
     def _patch(self, grad_ckpt):
-        """Route the unit's module calls through gather/free. One module: wrap its forward
-        (in a checkpoint with --grad-ckpt). Several (norm + head): gather before the first,
-        free after the last."""
+        """Gather on the way into the unit's first module, free on the way out of its last. A unit of
+        one module with --grad-ckpt runs inside a checkpoint, whose recompute gathers again (so it
+        needs no saved-tensor hooks)."""
         first, last = self.modules[0], self.modules[-1]
-        f_first, f_last = first.forward, last.forward
-
-        def call(fn, *args, save_hooks=True, **kwargs):
-            self.begin(save_hooks)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.end()
-
-        if first is last:  # a checkpointed call gathers again in its recompute: no saved-tensor hooks
-            first.forward = (functools.partial(checkpoint_call, functools.partial(call, f_first, save_hooks=False))
-                             if grad_ckpt else functools.partial(call, f_first))
-            return
+        ckpt = grad_ckpt and first is last
+        f_first = first.forward
 
         def begin_first(*args, **kwargs):
-            self.begin(save_hooks=True)
+            self.begin(save_hooks=not ckpt)
             return f_first(*args, **kwargs)
+
+        first.forward = begin_first
+        f_last = last.forward  # begin_first itself when the unit is one module
 
         def end_last(*args, **kwargs):
             try:
@@ -300,16 +280,11 @@ class ShardedUnit:
             finally:
                 self.end()
 
-        first.forward, last.forward = begin_first, end_last
+        last.forward = functools.partial(checkpoint_call, end_last) if ckpt else end_last
 
     def full_state(self):
         """{qualified name: full fp32 tensor on CPU} gathered from all ranks."""
-        flat = self.shard.detach().float()
-        if self.world > 1:
-            full = torch.empty(self.shard_size * self.world, device=flat.device)
-            dist.all_gather_into_tensor(full, flat)
-            flat = full
-        flat = flat.cpu()
+        flat = self.gather_flat(self.shard.detach()).cpu()
         return {qual: flat[off:off + math.prod(shape)].view(shape).clone()
                 for _, _, off, shape, qual in self.slots}
 
@@ -325,51 +300,26 @@ def training_units(model, stage):
     return units
 
 
-def set_trainable(model, stage):
-    for p in model.parameters():
-        p.requires_grad_(False)
-    trained = [model.projector] + ([model.llm] if stage == 2 else [])
-    for mod in trained:
-        for p in mod.parameters():
-            p.requires_grad_(True)
-
-
 def shard_model(model, cfg, device, compute_dtype):
-    """Freeze, move, and shard `model` for training. Returns the list of trainable parameters
-    (shards) and a function that gathers the full state dict for saving."""
-    set_trainable(model, cfg.stage)
+    """Freeze, move and shard `model` for training -> (the trainable parameters: our shards or FSDP2's
+    DTensors, () -> the full state dict for saving (a collective), our units or None)."""
     if cfg.stage == 2 and model.config.text.tie_word_embeddings:
         raise SystemExit("tied word embeddings cannot be split into the embedding and head units; "
                          "untie them (Vicuna/LLaMA-2 are untied)")
+    model.requires_grad_(False)
+    for mod in [model.projector] + ([model.llm] if cfg.stage == 2 else []):
+        mod.requires_grad_(True)
     names = {id(p): n for n, p in model.named_parameters()}
-    frozen_ckpt = cfg.grad_ckpt and cfg.stage == 1
-    # frozen parts: replicated in the compute dtype, never gathered
-    model.vision_tower.to(device=device, dtype=compute_dtype)
+    model.vision_tower.to(device=device, dtype=compute_dtype)  # frozen: replicated, never gathered
     if cfg.stage == 1:
         model.llm.to(device=device, dtype=compute_dtype)
-        if frozen_ckpt:  # activations of the frozen LLM are still needed for the projector's grad
+        if cfg.grad_ckpt:  # activations of the frozen LLM are still needed for the projector's grad
             for block in model.llm.layers:
                 block.forward = functools.partial(checkpoint_call, block.forward)
     units = training_units(model, cfg.stage)
-    if cfg.fsdp == "ours":
-        schedule = Schedule(dist.get_world_size())
-        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt)
-                   for name, mods in units]
-        for mod in model.modules():  # buffers (none trainable) follow the device
-            for key, buf in mod._buffers.items():
-                if buf is not None:
-                    mod._buffers[key] = buf.to(device)
-        params = [u.shard for u in sharded]
-
-        def full_state():
-            state = {k: v.float().cpu() for k, v in model.state_dict().items()}  # frozen parts
-            for u in sharded:
-                state.update(u.full_state())
-            return state
-
-        return params, full_state, sharded
+    sharded = None
     if cfg.fsdp == "torch":
-        from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for name, mods in units:
             for m in mods:
@@ -382,21 +332,23 @@ def shard_model(model, cfg, device, compute_dtype):
             # FSDP2 wants the root's forward to run first: the whole model is the root and owns
             # what its sharded children do not (norm + head); the frozen CLIP stays out of it
             fully_shard(model, mp_policy=policy, ignored_params=set(model.vision_tower.parameters()))
-        for mod in model.modules():
-            for key, buf in mod._buffers.items():
-                if buf is not None:
-                    mod._buffers[key] = buf.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        schedule = Schedule(dist.get_world_size())
+        sharded = [ShardedUnit(name, mods, names, compute_dtype, device, schedule, grad_ckpt=cfg.grad_ckpt)
+                   for name, mods in units]
+        params = [u.shard for u in sharded]
+    for mod in model.modules():  # buffers (none trainable) follow the device
+        mod._buffers.update({key: buf.to(device) for key, buf in mod._buffers.items() if buf is not None})
 
-        def full_state():
-            state = {}
-            for n, t in model.state_dict().items():
-                t = t.full_tensor() if hasattr(t, "full_tensor") else t
-                state[n] = t.float().cpu()
-            return state
+    def full_state():  # the frozen parts (all of FSDP2's params, gathered), then our units
+        state = {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).float().cpu()
+                 for n, t in model.state_dict().items()}
+        for u in sharded or ():
+            state.update(u.full_state())
+        return state
 
-        return params, full_state, None
-    raise SystemExit(f"--fsdp {cfg.fsdp!r}: choose 'ours' or 'torch'")
+    return params, full_state, sharded
 
 
 def checkpoint_call(fn, *args, **kwargs):
@@ -406,10 +358,11 @@ def checkpoint_call(fn, *args, **kwargs):
 
 
 def clip_grad_norm(params, max_norm, fsdp):
-    """Global grad norm over all shards (all-reduced), then scale as clip_grad_norm_ does."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """The global grad norm, then scale as clip_grad_norm_ does (max_norm 0: measure only). Ours
+    all-reduces the squared shard norms; FSDP2's DTensor grads do it inside clip_grad_norm_."""
     if fsdp == "torch":
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf))
+    grads = [p.grad for p in params if p.grad is not None]
     sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 for g in grads]).sum() if grads else torch.zeros(())
     if dist.get_world_size() > 1:
         dist.all_reduce(sq)

@@ -139,3 +139,16 @@ def test_process_group_on_gpus_carries_cpu_tensors_too():
     spec = fsdp.process_group_backend(torch.device("cuda", 0))
     assert BackendConfig(spec).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
     assert fsdp.process_group_backend(torch.device("cpu")) == "gloo"
+
+
+def test_grad_clip_scales_alike_in_both_engines_and_zero_only_measures():
+    fsdp.init_distributed(train.TrainConfig(stage=2))
+    try:
+        for max_norm, want in ((3.0, 1.5), (0.0, 3.0)):  # norm 6: halved by max_norm 3, kept by 0
+            for engine in ("ours", "torch"):  # clip_grad_norm_(max_norm=0) alone would zero the grads
+                p = torch.nn.Parameter(torch.zeros(4))
+                p.grad = torch.full((4,), 3.0)
+                assert fsdp.clip_grad_norm([p], max_norm, engine) == 6.0
+                assert torch.allclose(p.grad, torch.full((4,), want)), (engine, max_norm, p.grad)
+    finally:
+        torch.distributed.destroy_process_group()
