@@ -31,8 +31,10 @@ def test_two_ranks_equal_one_process_and_fsdp2(world, tmp_path, stage):
     ours = tmp_path / "ours"
     run(base_args(world, ours, stage=stage, **{"micro-batch": 2, "grad-ckpt": "true"}), nproc=2)  # accum 2
     assert_same_run(ref, ours, stage)
-    fsdp2 = tmp_path / "fsdp2"
-    run(base_args(world, fsdp2, stage=stage, fsdp="torch"), nproc=2)               # accum 1
+    fsdp2 = tmp_path / "fsdp2"  # accum 1; in stage 2 stopped after step 2 and resumed (its DTensors' shards)
+    run(base_args(world, fsdp2, stage=stage, fsdp="torch", **{"stop-at": 2 if stage == 2 else 0}), nproc=2)
+    if stage == 2:
+        run(base_args(world, fsdp2, stage=stage, fsdp="torch", resume="auto"), nproc=2)
     assert_same_run(ref, fsdp2, stage)
 
 
