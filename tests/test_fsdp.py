@@ -109,7 +109,7 @@ def test_bf16_micro_batch_gradients_add_into_fp32_exactly(world):
         ds = data.LazySupervisedDataset(world["stage2"], world["image_folder"], tok, template="vicuna_v1",
                                         image_size=32, num_patches=16, pad_to_square=False, max_length=256)
         collate = data.Collator(pad_id=0)
-        micro = [collate([ds[i] for i in range(j, j + 3)]) for j in (0, 3)]
+        micro = [collate([ds[j]]) for j in (0, 1)]  # bf16 matmuls are slow on CPUs without bf16 units
         for mb in micro:
             mb["positions"], mb["targets"] = supervised_positions(mb["labels"])
 
