@@ -9,11 +9,9 @@ LLaVA = a CLIP vision tower + a projector + a LLaMA/Vicuna language model.
                                                                              │
                                                                Llama decoder ▼ logits [B,T,V]
 
-The prompt already holds one `<image>` id per patch (as llava-hf's processor writes it), so
-splicing the image in is a masked scatter: positions run 0..T-1 straight through the image, and
-a batch of prompts of equal length stays a plain tensor. Checkpoints are llava-hf directories
-(what transformers and the Hub read and write): loading reads the config, builds on the meta
-device, maps the checkpoint's names once (weights.LAYOUT) and assigns.
+The prompt already holds one `<image>` id per patch (as llava-hf's processor writes it), so splicing
+the image in is a masked scatter: positions run 0..T-1 straight through the image. Checkpoints are
+llava-hf directories, loaded as weights.py describes: config, meta build, one name map, assign.
 """
 
 import argparse
@@ -164,11 +162,10 @@ class LLaVA(nn.Module):
         cache, max_new = self._cache_with_room(cache, B, start + T, max_new_tokens, what)
         if generator is None and seed is not None and temperature > 0:
             generator = torch.Generator(device=dev).manual_seed(seed)
-        keep = None  # [B, max_len]: True on the slots that hold (or will hold) a real token
+        keep = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)  # the slots of real tokens
         if attention_mask is not None:
-            keep = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
             keep[:, :T] = attention_mask.to(device=dev, dtype=torch.bool)
-        mask_to = lambda end: None if keep is None else keep[:, :end]  # noqa: E731
+        mask_to = lambda end: None if attention_mask is None else keep[:, :end]  # noqa: E731
 
         embeds = self.embed(ids, None if pixel_values is None else pixel_values.to(dev))
         logits = self.llm(inputs_embeds=embeds, cache=cache, attn_mask=mask_to(start + T), last_only=True)[:, -1]
@@ -178,9 +175,7 @@ class LLaVA(nn.Module):
         static = getattr(self, "_static_step", None)
         if static is not None:  # the compiled path tracks slot and RoPE position as tensors
             pos = torch.tensor([cache.pos], device=dev)
-            n_real = (keep[:, :cache.pos].sum(-1, keepdim=True) if keep is not None
-                      else pos.expand(B, 1).clone())  # [B,1] RoPE position of the next token
-            full = keep if keep is not None else torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
+            n_real = keep[:, :cache.pos].sum(-1, keepdim=True)  # [B,1] RoPE position of the next token
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for i in range(max_new):
             nxt = sample_next(logits, temperature, top_p, generator)  # [B]
@@ -193,7 +188,7 @@ class LLaVA(nn.Module):
             if i + 1 == max_new or (eos_id is not None and bool(done.all())):  # the one host sync a step
                 break
             if static is not None:
-                logits = static(self.llm, *_layer_views(cache), nxt, pos, n_real, full)
+                logits = static(self.llm, *_layer_views(cache), nxt, pos, n_real, keep)
                 cache.pos += 1
                 pos += 1  # in place: the compiled step reads the same tensors every time
                 n_real += 1
@@ -409,34 +404,7 @@ def next_token_loss(logits, labels, reduction="mean"):
 
 def token_loss(logits, targets):
     """Summed cross-entropy of logits [K,V] (any float dtype; computed in fp32) against targets [K]."""
-    return TokenCrossEntropy.apply(logits.float(), targets)
-
-
-class TokenCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(reduction="sum") of rows x [N,V] against targets [N], with less memory:
-    the [N,V] logits are a small model's largest tensors, and F.cross_entropy keeps the
-    log-probabilities, then allocates two more [N,V] buffers in backward. Here forward keeps the
-    softmax p and backward turns that same buffer into the gradient, p - onehot(target), in
-    place: no [N,V] allocation in backward at all (so it runs once: no retain_graph)."""
-
-    @staticmethod
-    def forward(ctx, x, targets):
-        top = x.amax(dim=-1, keepdim=True)                       # [N,1]
-        p = torch.sub(x, top).exp_()                             # [N,V], the one new buffer
-        z = p.sum(dim=-1, keepdim=True)
-        p.div_(z)                                                # softmax
-        ctx.save_for_backward(p, targets)
-        ctx.spent = False
-        return ((top + z.log()).squeeze(-1) - x.gather(-1, targets[:, None]).squeeze(-1)).sum()  # lse - picked
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.spent:
-            raise RuntimeError("TokenCrossEntropy's backward reuses its saved buffer: it runs once")
-        ctx.spent = True
-        p, targets = ctx.saved_tensors
-        p[torch.arange(len(targets), device=p.device), targets] -= 1  # softmax - onehot
-        return p.mul_(grad_out.to(p.dtype)), None
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 # ---- building and converting -------------------------------------------------------------------
