@@ -121,10 +121,8 @@ class LLaVA(nn.Module):
         order: row-major over the batch, patch by patch. Each image must own exactly P ids."""
         embeds = self.llm.embed_tokens(input_ids)  # [B,T,D]
         if pixel_values is None:
-            if self.training and torch.is_grad_enabled():
-                # A sharded projector all-gathers its weights when it runs, so in training every
-                # rank must run it on every micro-batch, text-only or not: send a dummy through
-                # it and add 0 x the result (the official code's image_features[0][0:0] trick).
+            if self.training and torch.is_grad_enabled():  # a sharded projector gathers its weights
+                # when it runs, so every rank runs it on every micro-batch: 0 x a dummy's result
                 dummy = self.projector(embeds.new_zeros(1, self.config.vision.hidden_size))
                 embeds = embeds + 0.0 * dummy.sum()
             return embeds
@@ -143,22 +141,19 @@ class LLaVA(nn.Module):
         logits = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), logits_at=logits_at)
         return logits, None if labels is None else next_token_loss(logits, labels)
 
-    # generation: prefill the prompt once (image spliced in), then one token at a time through
-    # the preallocated KV cache
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
                  seed=None, generator=None, eos_id=2, attention_mask=None, state=None):
-        """Yield new ids: ints for input_ids [T], a [B] tensor a step for [B,T] (image ids expanded;
+        """Prefill once (image spliced in), then one token at a time through the KV cache, yielding
+        new ids: ints for input_ids [T], a [B] tensor a step for [B,T] (image ids expanded;
         attention_mask [B,T] marks a left-padded batch's real tokens). Greedy at temperature 0,
         else temperature + top-p sampling from `generator` (or one seeded with `seed`). Stops after
         EOS (yielded; a batch's finished rows repeat it), max_new_tokens or a full context. `state`
         (GenerationState, batch 1) carries a conversation: given back, input_ids are the new turn."""
-        single = input_ids.dim() == 1
-        dev = self.llm.embed_tokens.weight.device
+        single, dev = input_ids.dim() == 1, self.llm.embed_tokens.weight.device
         ids = (input_ids[None] if single else input_ids).to(dev)  # [B,T]
-        B = ids.shape[0]
         cache, start, what, ids = self._with_history(ids, state, pixel_values, attention_mask)
-        T = ids.shape[1]
+        B, T = ids.shape
         cache, max_new = self._cache_with_room(cache, B, start + T, max_new_tokens, what)
         if generator is None and seed is not None and temperature > 0:
             generator = torch.Generator(device=dev).manual_seed(seed)
@@ -242,14 +237,11 @@ class LLaVA(nn.Module):
         rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]  # one transfer at the end
         return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
-    def compile_decode(self, compile=True, **compile_kwargs):
-        """Decode with a static-shape step (keys written at a tensor slot, attention over the whole
-        cache under a mask) under torch.compile ("reduce-overhead": a CUDA graph); CUDA only in
-        practice. compile=False keeps the static step eager (the tests check it)."""
+    def compile_decode(self, compile=True):
+        """Decode with a static-shape step (keys written at a tensor slot, attention over the whole cache
+        under a mask) under torch.compile ("reduce-overhead": a CUDA graph); compile=False: eager."""
         step = _static_decode_step
-        if compile:
-            step = torch.compile(step, **{"mode": "reduce-overhead", "fullgraph": True, **compile_kwargs})
-        self._static_step = step
+        self._static_step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
         return self
 
     @classmethod
@@ -257,8 +249,7 @@ class LLaVA(nn.Module):
         """A llava-hf directory (the Hub's, transformers', ours) or Hub name. A stage-1 output
         holds the projector alone and names its bases (`nanollava_bases`), loaded first."""
         path = fetch(path)
-        config = read_config(path, LLaVAConfig.from_hf, "LLaVA config")
-        state = read_weights(path)
+        config, state = read_config(path, LLaVAConfig.from_hf, "LLaVA config"), read_weights(path)
         if config.projector == "linear":
             fold_linear_projector(state)
         if config.bases:
