@@ -280,8 +280,9 @@ class LLaVA(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.vision_tower, model.llm, model.tokenizer_dir = vision, llm, Path(llm_path)
-        model.projector = Projector(projector, vision.config.hidden_size, llm.config.hidden_size)
-        init_projector(model.projector, torch.Generator().manual_seed(seed))
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init, drawn from `seed` alone
+            torch.manual_seed(seed)
+            model.projector = Projector(projector, vision.config.hidden_size, llm.config.hidden_size)
         model.projector.to(device=device, dtype=dtype)
         return model
 
@@ -411,14 +412,6 @@ def extend_vocab(llm, n_tokens):
     llm.embed_tokens.num_embeddings = llm.lm_head.out_features = llm.config.vocab_size = new
     if llm.config.tie_word_embeddings:
         llm.lm_head.weight = llm.embed_tokens.weight
-
-
-def init_projector(projector, generator):
-    """The default nn.Linear init (kaiming uniform, +-1/sqrt(fan_in)) drawn from a seeded generator."""
-    with torch.no_grad():
-        for lin in projector.children():  # linear_1, then linear_2
-            for p in (lin.weight, lin.bias):
-                p.uniform_(-1 / math.sqrt(lin.in_features), 1 / math.sqrt(lin.in_features), generator=generator)
 
 
 def fold_linear_projector(state):

@@ -1,11 +1,11 @@
 """
 Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
 
-Loading is one path for CLIP, LLaMA and LLaVA: read the config, build the model on the meta device,
-read the safetensors (memory-mapped: views of the file, paged in when touched), map their names once
-through `LAYOUT`, check every key and shape, and make those very tensors the module's parameters
-(assign=True): a 7B model never exists twice in memory. Writes are atomic (temporary names, then
-renames) and sharded as transformers shards; `fetch` downloads a Hub model by name, resumably.
+Loading is one path for CLIP, LLaMA and LLaVA: read the config, build the model on the meta device, read
+the safetensors (memory-mapped: views of the file, paged in when touched), map their names once through
+`LAYOUT`, check every key and shape, and make those very tensors the module's parameters (assign=True):
+a 7B model never exists twice in memory. Writes are atomic and sharded as transformers shards; `fetch`
+downloads a Hub model by name, resumably.
 """
 
 import json
@@ -45,10 +45,9 @@ def read_config(directory, from_hf, what):
         raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
 
 
-# (prefix in a checkpoint, prefix in our LLaVA; None: not ours). A lone CLIPVision is our `vision_tower.`
-# part, a lone Llama our `llm.` part. The longest matching prefix wins; the first four rows, the Hub's,
-# are also the names we write. Then: transformers 5 LLaVA saves and module names; openai CLIP (its text
-# half is not ours); a transformers 5 CLIPVisionModel; LlamaForCausalLM.
+# (prefix in a checkpoint, ours; None: not ours), the longest match wins; a key of no layout keeps its name
+# for assign_weights to refuse. The Hub's rows first (the names we write); transformers 5 LLaVA saves and
+# module names; openai CLIP; a transformers 5 CLIPVisionModel (our `vision_tower.`); a Llama (our `llm.`).
 LAYOUT = [
     ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "projector."),
     ("language_model.lm_head.", "llm.lm_head."), ("language_model.model.", "llm."),
@@ -69,8 +68,7 @@ def _rename(key, pairs):
 
 
 def read_weights(path):
-    """load_state_dict(path) under our names (LAYOUT); a key of no layout keeps its own, so that
-    assign_weights names it. CLIP's text half and derived buffers are left out."""
+    """load_state_dict(path) under our names (LAYOUT), less CLIP's text half and derived buffers."""
     out = {}
     for key, t in load_state_dict(path).items():
         name = _rename(key, LAYOUT)
@@ -264,18 +262,18 @@ def _download(session, name, final, required=True):
             raise WeightsError(f"{name} is no local directory, and {base} cannot be reached to download it "
                                "(offline?): download it elsewhere and give its directory instead") from None
         with r:
-            if r.status_code == 404 and not required:
+            code, resumed = r.status_code, r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+            if code == 404 and not required:
                 return False
-            if r.status_code not in (200, 206, 416):
+            if code not in (200, 206, 416):
                 why = " (nanollava reads only safetensors weights)" if final.name == SINGLE else ""
                 raise WeightsError(f"{final.name} not found at {url}: is {name} a llava-hf model name?{why}"
-                                   if r.status_code == 404 else f"downloading {url} failed: HTTP {r.status_code}"
-                                   + (" (gated or private? set HF_TOKEN)" if r.status_code in (401, 403) else ""))
-            if r.status_code == 416 or r.status_code == 206 and not r.headers.get("Content-Range", "").startswith(
-                    f"bytes {have}-"):
-                part.unlink()  # a .part as long as the file or longer, or a range we did not ask for: start over
+                                   if code == 404 else f"downloading {url} failed: HTTP {code}"
+                                   + (" (gated or private? set HF_TOKEN)" if code in (401, 403) else ""))
+            if code == 416 or code == 206 and not resumed:  # a .part too long, or a range not asked for
+                part.unlink()
                 continue
-            have = have if r.status_code == 206 else 0  # 200: the whole file, from a server that ignores Range
+            have = have if code == 206 else 0  # 200: the whole file, from a server that ignores Range
             try:  # urllib3 raises on a body shorter than its Content-Length
                 with open(part, "ab" if have else "wb") as f, tqdm(total=have + int(r.headers.get(
                         "Content-Length", 0)) or None, initial=have, unit="B", unit_scale=True, desc=final.name) as bar:
