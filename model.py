@@ -223,17 +223,15 @@ class LLaVA(nn.Module):
             cache.pos = old.pos
         return cache, max_new
 
-    def generate_batch(self, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                       seed=None, generator=None, eos_id=2):
-        """Prompts (lists of ids, image ids expanded), left-padded into one batch and decoded
-        together -> each one's new ids, cut before EOS. pixel_values [N,3,S,S]: the images of
-        the prompts that have one, in order (text-only prompts may be mixed in)."""
+    def generate_batch(self, prompts, pixel_values=None, max_new_tokens=256, eos_id=2, **sampling):
+        """Prompts (lists of ids, image ids expanded), left-padded into one batch and decoded together
+        -> each one's new ids, cut before EOS. pixel_values [N,3,S,S]: the images of the prompts that
+        have one, in order (text-only prompts may be mixed in). `sampling`: generate's."""
         B, T = len(prompts), max(len(p) for p in prompts)
         ids, mask = torch.full((B, T), self.config.pad_token_id), torch.zeros(B, T, dtype=torch.bool)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):], mask[b, T - len(p):] = torch.as_tensor(p, dtype=torch.long), True
-        steps = list(self.generate(ids, pixel_values, max_new_tokens, temperature, top_p, seed, generator,
-                                   eos_id, attention_mask=mask))
+        steps = list(self.generate(ids, pixel_values, max_new_tokens, eos_id=eos_id, attention_mask=mask, **sampling))
         rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]  # one transfer at the end
         return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
@@ -299,8 +297,7 @@ class LLaVA(nn.Module):
         save_state_dict(hub_names(state), directory)
         bases = {"nanollava_bases": {k: str(v) for k, v in (bases or {}).items()}} if only_projector else {}
         write_json_atomic(Path(directory) / "config.json", {**self.config.to_hf(), **bases})
-        tok_dir = tokenizer_dir or getattr(self, "tokenizer_dir", None)
-        if tok_dir is not None:
+        if tok_dir := tokenizer_dir or getattr(self, "tokenizer_dir", None):
             write_tokenizer_files(Path(tok_dir), Path(directory), self.config)
 
 
@@ -376,9 +373,8 @@ def _static_decode_step(llm, k, v, token, pos, positions, keep):
 # ---- the loss ---------------------------------------------------------------------------------
 
 def supervised_positions(labels):
-    """labels [B,T] -> (positions [K], targets [K]): the flat b*T + t whose next label is supervised,
-    and those labels; only there has the LM head work. Training finds them on the CPU, before
-    the batch moves: K depends on the data, and on a GPU the host would wait for it."""
+    """labels [B,T] -> (positions [K], targets [K]): the flat b*T + t whose next label is supervised, and
+    those labels: only there has the LM head work. Found on the CPU: K depends on the data."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # [B*T]
     positions = (targets != -100).nonzero().squeeze(1)
     return positions, targets[positions]
@@ -402,8 +398,8 @@ def token_loss(logits, targets):
 # ---- building and converting -------------------------------------------------------------------
 
 def extend_vocab(llm, n_tokens):
-    """Grow embed_tokens and lm_head to n_tokens rows rounded up to a multiple of 64 (tensor-core
-    friendly). New rows start at the mean of the old ones, as transformers' mean resizing does."""
+    """Grow embed_tokens and lm_head to n_tokens rows rounded up to a multiple of 64; new rows start at
+    the mean of the old ones, as transformers' mean resizing does."""
     old, new = llm.config.vocab_size, int(math.ceil(n_tokens / 64) * 64)
     for mod in (llm.embed_tokens, llm.lm_head) if new != old else ():
         w = mod.weight.data
