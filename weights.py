@@ -208,8 +208,7 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
 
 
 CHUNK, TRIES = 1 << 16, 5  # bytes per read (an interrupted read loses at most this much), tries per file
-OPTIONAL = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
-            "preprocessor_config.json"]  # fetched where the Hub has them
+OPTIONAL = ["tokenizer_config.json", "added_tokens.json"]  # what llama.Tokenizer reads, where the Hub has them
 
 
 def is_hub_name(name):
