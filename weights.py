@@ -142,8 +142,7 @@ def assign_weights(module, state, source, dtype=None, device=None, part=""):
                            + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in problems.items() if keys)
                            + (f" (the checkpoint keys carry an extra prefix {extra[0]!r})" if extra else ""))
     convert = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-    # assign=True: the tensors become the parameters (keeping requires_grad); with no cast nor move,
-    # nothing is copied. Integer buffers keep their type.
+    # assign=True: the tensors become the parameters (requires_grad kept), uncopied unless cast or moved
     module.load_state_dict({k: convert(ours[ties.get(k, k)]) for k in expected}, assign=True)
     for name, target in ties.items():  # assign made two parameters of the tied ones: one again
         owner, _, attr = name.rpartition(".")
@@ -192,8 +191,8 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
     n = len(shards)
     names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     # a copy of one shard at a time: safetensors refuses views and shared memory (tied weights)
-    writers = {name: lambda tmp, keys=keys: save_file({k: state[k].detach().cpu().contiguous().clone() for k in keys},
-                                                      str(tmp), metadata={"format": "pt"})
+    copy = lambda keys: {k: state[k].detach().cpu().contiguous().clone() for k in keys}  # noqa: E731
+    writers = {name: lambda tmp, keys=keys: save_file(copy(keys), str(tmp), metadata={"format": "pt"})
                for name, keys in zip(names, shards)}
     if n > 1:  # the index goes last, so it never names shards that are not there yet
         index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
@@ -279,7 +278,7 @@ def _download(session, name, final, required=True):
                     for chunk in r.iter_content(chunk_size=CHUNK):
                         bar.update(f.write(chunk))
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
-                time.sleep(min(attempt, 5))  # keep the bytes we have and resume from there
+                time.sleep(attempt)  # keep the bytes we have and resume from there
                 continue
         os.replace(part, final)
         return True
