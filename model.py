@@ -74,8 +74,7 @@ class LLaVAConfig:
                 "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),
                 "image_token_index": self.image_token_id, "pad_token_id": self.pad_token_id,
                 "image_seq_length": self.num_patches, "multimodal_projector_bias": True,
-                # a linear projector is saved as linear_1 -> identity -> linear_2 = I (save_pretrained)
-                "projector_hidden_act": "linear" if self.projector == "linear" else "gelu",
+                "projector_hidden_act": "linear" if self.projector == "linear" else "gelu",  # linear_2 = I
                 "vision_feature_layer": self.vision_feature_layer, "vision_feature_select_strategy":
                 self.vision_feature_select, "tie_word_embeddings": self.text.tie_word_embeddings,
                 # ours: transformers ignores these, our loaders read them
@@ -111,10 +110,8 @@ class LLaVA(nn.Module):
 
     def encode_images(self, pixel_values):
         """[N,3,S,S] -> [N,P,D_text] image tokens for the LLM."""
-        feats = self.vision_tower(pixel_values, layer=self.config.vision_feature_layer)
-        if self.config.vision_feature_select == "default":
-            feats = feats[:, 1:]  # [N,1+P,Dv] -> [N,P,Dv]: the paper drops CLS
-        return self.projector(feats)
+        feats = self.vision_tower(pixel_values, layer=self.config.vision_feature_layer)  # [N,1+P,Dv]
+        return self.projector(feats[:, 1:] if self.config.vision_feature_select == "default" else feats)  # no CLS
 
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with image features scattered over the `<image>` positions, in
@@ -123,8 +120,7 @@ class LLaVA(nn.Module):
         if pixel_values is None:
             if self.training and torch.is_grad_enabled():  # a sharded projector gathers its weights
                 # when it runs, so every rank runs it on every micro-batch: 0 x a dummy's result
-                dummy = self.projector(embeds.new_zeros(1, self.config.vision.hidden_size))
-                embeds = embeds + 0.0 * dummy.sum()
+                embeds = embeds + 0.0 * self.projector(embeds.new_zeros(1, self.config.vision.hidden_size)).sum()
             return embeds
         feats = self.encode_images(pixel_values)  # [N,P,D]
         is_image = input_ids == self.config.image_token_id  # [B,T]
@@ -199,8 +195,7 @@ class LLaVA(nn.Module):
         if ids.shape[0] != 1 or attention_mask is not None:
             raise ValueError("a conversation state continues one unpadded sequence (batch 1)")
         if pixel_values is not None:
-            raise ValueError("this conversation already holds its image: start a new "
-                             "GenerationState to talk about another one")
+            raise ValueError("this conversation already holds its image: start a new GenerationState for another")
         start = state.cache.pos
         unfed = torch.tensor(state.tokens[start:], dtype=ids.dtype, device=ids.device)
         return state.cache, start, "the conversation with this message", torch.cat([unfed[None], ids], 1)
