@@ -7,14 +7,11 @@ Talk to LLaVA about a picture in the terminal.
 Without --prompt it is a REPL (the answer streams; follow-ups keep the conversation; /image,
 /reset; readline editing in a terminal); with --prompt it answers once on stdout, for scripts.
 
-How a conversation stays cheap: the first question is prefilled once with the image spliced in
-(LLaVA.generate), and the conversation keeps that KV cache (model.GenerationState). A follow-up
-feeds only its own tokens, so neither the image nor the history is read again. Its ids are cut
-from data.py's tokenization of the whole conversation (the same template table training used):
-everything after the `</s>` that closed the previous reply. `</s>` is a boundary of the
-tokenizer's chunks, so those ids are exactly the ones a fresh tokenization would give there,
-and the history in the cache is the token ids the model actually wrote (a reply re-tokenized
-from its text could come out differently).
+How a conversation stays cheap: the first question is prefilled once with the image spliced in, and
+the conversation keeps that KV cache (model.GenerationState): a follow-up feeds only its own tokens.
+Its ids are what follows the `</s>` closing the previous reply in data.py's tokenization of the
+whole conversation; `</s>` is a boundary of the tokenizer's chunks, so they are exactly the ids a
+fresh tokenization gives there, while the cache keeps the ids the model wrote, not a re-tokenization.
 """
 
 import argparse
@@ -26,8 +23,7 @@ import torch
 import data
 from clip import ImageError, load_image, preprocess
 from llama import Tokenizer
-from model import DTYPES, NONNEG, POSITIVE, LLaVA, ContextLengthError, GenerationState, checked, device_name
-from model import dtype_for
+from model import DTYPES, NONNEG, POSITIVE, LLaVA, ContextLengthError, GenerationState, checked, device_name, dtype_for
 from weights import WeightsError, fetch
 
 

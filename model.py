@@ -9,11 +9,9 @@ LLaVA = a CLIP vision tower + a projector + a LLaMA/Vicuna language model.
                                                                              │
                                                                Llama decoder ▼ logits [B,T,V]
 
-The prompt already holds one `<image>` id per patch (as llava-hf's processor writes it), so
-splicing the image in is a masked scatter: positions run 0..T-1 straight through the image, and
-a batch of prompts of equal length stays a plain tensor. Checkpoints are llava-hf directories
-(what transformers and the Hub read and write): loading reads the config, builds on the meta
-device, maps the checkpoint's names once (weights.LAYOUT) and assigns.
+The prompt already holds one `<image>` id per patch (as llava-hf's processor writes it), so splicing
+the image in is a masked scatter: positions run 0..T-1 straight through the image. Checkpoints are
+llava-hf directories, loaded as weights.py describes: config, meta build, one name map, assign.
 """
 
 import argparse
@@ -76,8 +74,7 @@ class LLaVAConfig:
                 "vision_config": self.vision.to_hf(), "text_config": self.text.to_hf(),
                 "image_token_index": self.image_token_id, "pad_token_id": self.pad_token_id,
                 "image_seq_length": self.num_patches, "multimodal_projector_bias": True,
-                # a linear projector is saved as linear_1 -> identity -> linear_2 = I (save_pretrained)
-                "projector_hidden_act": "linear" if self.projector == "linear" else "gelu",
+                "projector_hidden_act": "linear" if self.projector == "linear" else "gelu",  # linear_2 = I
                 "vision_feature_layer": self.vision_feature_layer, "vision_feature_select_strategy":
                 self.vision_feature_select, "tie_word_embeddings": self.text.tie_word_embeddings,
                 # ours: transformers ignores these, our loaders read them
@@ -113,22 +110,17 @@ class LLaVA(nn.Module):
 
     def encode_images(self, pixel_values):
         """[N,3,S,S] -> [N,P,D_text] image tokens for the LLM."""
-        feats = self.vision_tower(pixel_values, layer=self.config.vision_feature_layer)
-        if self.config.vision_feature_select == "default":
-            feats = feats[:, 1:]  # [N,1+P,Dv] -> [N,P,Dv]: the paper drops CLS
-        return self.projector(feats)
+        feats = self.vision_tower(pixel_values, layer=self.config.vision_feature_layer)  # [N,1+P,Dv]
+        return self.projector(feats[:, 1:] if self.config.vision_feature_select == "default" else feats)  # no CLS
 
     def embed(self, input_ids, pixel_values=None):
         """Token embeddings with image features scattered over the `<image>` positions, in
         order: row-major over the batch, patch by patch. Each image must own exactly P ids."""
         embeds = self.llm.embed_tokens(input_ids)  # [B,T,D]
         if pixel_values is None:
-            if self.training and torch.is_grad_enabled():
-                # A sharded projector all-gathers its weights when it runs, so in training every
-                # rank must run it on every micro-batch, text-only or not: send a dummy through
-                # it and add 0 x the result (the official code's image_features[0][0:0] trick).
-                dummy = self.projector(embeds.new_zeros(1, self.config.vision.hidden_size))
-                embeds = embeds + 0.0 * dummy.sum()
+            if self.training and torch.is_grad_enabled():  # a sharded projector gathers its weights
+                # when it runs, so every rank runs it on every micro-batch: 0 x a dummy's result
+                embeds = embeds + 0.0 * self.projector(embeds.new_zeros(1, self.config.vision.hidden_size)).sum()
             return embeds
         feats = self.encode_images(pixel_values)  # [N,P,D]
         is_image = input_ids == self.config.image_token_id  # [B,T]
@@ -145,30 +137,26 @@ class LLaVA(nn.Module):
         logits = self.llm(inputs_embeds=self.embed(input_ids, pixel_values), logits_at=logits_at)
         return logits, None if labels is None else next_token_loss(logits, labels)
 
-    # generation: prefill the prompt once (image spliced in), then one token at a time through
-    # the preallocated KV cache
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
                  seed=None, generator=None, eos_id=2, attention_mask=None, state=None):
-        """Yield new ids: ints for input_ids [T], a [B] tensor a step for [B,T] (image ids expanded;
+        """Prefill once (image spliced in), then one token at a time through the KV cache, yielding
+        new ids: ints for input_ids [T], a [B] tensor a step for [B,T] (image ids expanded;
         attention_mask [B,T] marks a left-padded batch's real tokens). Greedy at temperature 0,
         else temperature + top-p sampling from `generator` (or one seeded with `seed`). Stops after
         EOS (yielded; a batch's finished rows repeat it), max_new_tokens or a full context. `state`
         (GenerationState, batch 1) carries a conversation: given back, input_ids are the new turn."""
-        single = input_ids.dim() == 1
-        dev = self.llm.embed_tokens.weight.device
+        single, dev = input_ids.dim() == 1, self.llm.embed_tokens.weight.device
         ids = (input_ids[None] if single else input_ids).to(dev)  # [B,T]
-        B = ids.shape[0]
         cache, start, what, ids = self._with_history(ids, state, pixel_values, attention_mask)
-        T = ids.shape[1]
+        B, T = ids.shape
         cache, max_new = self._cache_with_room(cache, B, start + T, max_new_tokens, what)
         if generator is None and seed is not None and temperature > 0:
             generator = torch.Generator(device=dev).manual_seed(seed)
-        keep = None  # [B, max_len]: True on the slots that hold (or will hold) a real token
+        keep = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)  # the slots of real tokens
         if attention_mask is not None:
-            keep = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
             keep[:, :T] = attention_mask.to(device=dev, dtype=torch.bool)
-        mask_to = lambda end: None if keep is None else keep[:, :end]  # noqa: E731
+        mask_to = lambda end: None if attention_mask is None else keep[:, :end]  # noqa: E731
 
         embeds = self.embed(ids, None if pixel_values is None else pixel_values.to(dev))
         logits = self.llm(inputs_embeds=embeds, cache=cache, attn_mask=mask_to(start + T), last_only=True)[:, -1]
@@ -178,9 +166,7 @@ class LLaVA(nn.Module):
         static = getattr(self, "_static_step", None)
         if static is not None:  # the compiled path tracks slot and RoPE position as tensors
             pos = torch.tensor([cache.pos], device=dev)
-            n_real = (keep[:, :cache.pos].sum(-1, keepdim=True) if keep is not None
-                      else pos.expand(B, 1).clone())  # [B,1] RoPE position of the next token
-            full = keep if keep is not None else torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
+            n_real = keep[:, :cache.pos].sum(-1, keepdim=True)  # [B,1] RoPE position of the next token
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for i in range(max_new):
             nxt = sample_next(logits, temperature, top_p, generator)  # [B]
@@ -193,7 +179,7 @@ class LLaVA(nn.Module):
             if i + 1 == max_new or (eos_id is not None and bool(done.all())):  # the one host sync a step
                 break
             if static is not None:
-                logits = static(self.llm, *_layer_views(cache), nxt, pos, n_real, full)
+                logits = static(self.llm, *_layer_views(cache), nxt, pos, n_real, keep)
                 cache.pos += 1
                 pos += 1  # in place: the compiled step reads the same tensors every time
                 n_real += 1
@@ -209,8 +195,7 @@ class LLaVA(nn.Module):
         if ids.shape[0] != 1 or attention_mask is not None:
             raise ValueError("a conversation state continues one unpadded sequence (batch 1)")
         if pixel_values is not None:
-            raise ValueError("this conversation already holds its image: start a new "
-                             "GenerationState to talk about another one")
+            raise ValueError("this conversation already holds its image: start a new GenerationState for another")
         start = state.cache.pos
         unfed = torch.tensor(state.tokens[start:], dtype=ids.dtype, device=ids.device)
         return state.cache, start, "the conversation with this message", torch.cat([unfed[None], ids], 1)
@@ -233,28 +218,23 @@ class LLaVA(nn.Module):
             cache.pos = old.pos
         return cache, max_new
 
-    def generate_batch(self, prompts, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                       seed=None, generator=None, eos_id=2):
-        """Prompts (lists of ids, image ids expanded), left-padded into one batch and decoded
-        together -> each one's new ids, cut before EOS. pixel_values [N,3,S,S]: the images of
-        the prompts that have one, in order (text-only prompts may be mixed in)."""
+    def generate_batch(self, prompts, pixel_values=None, max_new_tokens=256, eos_id=2, **sampling):
+        """Prompts (lists of ids, image ids expanded), left-padded into one batch and decoded together
+        -> each one's new ids, cut before EOS. pixel_values [N,3,S,S]: the images of the prompts that
+        have one, in order (text-only prompts may be mixed in). `sampling`: generate's."""
         B, T = len(prompts), max(len(p) for p in prompts)
         ids, mask = torch.full((B, T), self.config.pad_token_id), torch.zeros(B, T, dtype=torch.bool)
         for b, p in enumerate(prompts):
             ids[b, T - len(p):], mask[b, T - len(p):] = torch.as_tensor(p, dtype=torch.long), True
-        steps = list(self.generate(ids, pixel_values, max_new_tokens, temperature, top_p, seed, generator,
-                                   eos_id, attention_mask=mask))
+        steps = list(self.generate(ids, pixel_values, max_new_tokens, eos_id=eos_id, attention_mask=mask, **sampling))
         rows = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]  # one transfer at the end
         return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
 
-    def compile_decode(self, compile=True, **compile_kwargs):
-        """Decode with a static-shape step (keys written at a tensor slot, attention over the whole
-        cache under a mask) under torch.compile ("reduce-overhead": a CUDA graph); CUDA only in
-        practice. compile=False keeps the static step eager (the tests check it)."""
+    def compile_decode(self, compile=True):
+        """Decode with a static-shape step (keys written at a tensor slot, attention over the whole cache
+        under a mask) under torch.compile ("reduce-overhead": a CUDA graph); compile=False: eager."""
         step = _static_decode_step
-        if compile:
-            step = torch.compile(step, **{"mode": "reduce-overhead", "fullgraph": True, **compile_kwargs})
-        self._static_step = step
+        self._static_step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
         return self
 
     @classmethod
@@ -262,8 +242,7 @@ class LLaVA(nn.Module):
         """A llava-hf directory (the Hub's, transformers', ours) or Hub name. A stage-1 output
         holds the projector alone and names its bases (`nanollava_bases`), loaded first."""
         path = fetch(path)
-        config = read_config(path, LLaVAConfig.from_hf, "LLaVA config")
-        state = read_weights(path)
+        config, state = read_config(path, LLaVAConfig.from_hf, "LLaVA config"), read_weights(path)
         if config.projector == "linear":
             fold_linear_projector(state)
         if config.bases:
@@ -294,8 +273,9 @@ class LLaVA(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.vision_tower, model.llm, model.tokenizer_dir = vision, llm, Path(llm_path)
-        model.projector = Projector(projector, vision.config.hidden_size, llm.config.hidden_size)
-        init_projector(model.projector, torch.Generator().manual_seed(seed))
+        with torch.random.fork_rng(devices=[]):  # nn.Linear's own init, drawn from `seed` alone
+            torch.manual_seed(seed)
+            model.projector = Projector(projector, vision.config.hidden_size, llm.config.hidden_size)
         model.projector.to(device=device, dtype=dtype)
         return model
 
@@ -312,8 +292,7 @@ class LLaVA(nn.Module):
         save_state_dict(hub_names(state), directory)
         bases = {"nanollava_bases": {k: str(v) for k, v in (bases or {}).items()}} if only_projector else {}
         write_json_atomic(Path(directory) / "config.json", {**self.config.to_hf(), **bases})
-        tok_dir = tokenizer_dir or getattr(self, "tokenizer_dir", None)
-        if tok_dir is not None:
+        if tok_dir := tokenizer_dir or getattr(self, "tokenizer_dir", None):
             write_tokenizer_files(Path(tok_dir), Path(directory), self.config)
 
 
@@ -389,9 +368,8 @@ def _static_decode_step(llm, k, v, token, pos, positions, keep):
 # ---- the loss ---------------------------------------------------------------------------------
 
 def supervised_positions(labels):
-    """labels [B,T] -> (positions [K], targets [K]): the flat b*T + t whose next label is supervised,
-    and those labels; only there has the LM head work. Training finds them on the CPU, before
-    the batch moves: K depends on the data, and on a GPU the host would wait for it."""
+    """labels [B,T] -> (positions [K], targets [K]): the flat b*T + t whose next label is supervised, and
+    those labels: only there has the LM head work. Found on the CPU: K depends on the data."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)  # [B*T]
     positions = (targets != -100).nonzero().squeeze(1)
     return positions, targets[positions]
@@ -409,41 +387,14 @@ def next_token_loss(logits, labels, reduction="mean"):
 
 def token_loss(logits, targets):
     """Summed cross-entropy of logits [K,V] (any float dtype; computed in fp32) against targets [K]."""
-    return TokenCrossEntropy.apply(logits.float(), targets)
-
-
-class TokenCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(reduction="sum") of rows x [N,V] against targets [N], with less memory:
-    the [N,V] logits are a small model's largest tensors, and F.cross_entropy keeps the
-    log-probabilities, then allocates two more [N,V] buffers in backward. Here forward keeps the
-    softmax p and backward turns that same buffer into the gradient, p - onehot(target), in
-    place: no [N,V] allocation in backward at all (so it runs once: no retain_graph)."""
-
-    @staticmethod
-    def forward(ctx, x, targets):
-        top = x.amax(dim=-1, keepdim=True)                       # [N,1]
-        p = torch.sub(x, top).exp_()                             # [N,V], the one new buffer
-        z = p.sum(dim=-1, keepdim=True)
-        p.div_(z)                                                # softmax
-        ctx.save_for_backward(p, targets)
-        ctx.spent = False
-        return ((top + z.log()).squeeze(-1) - x.gather(-1, targets[:, None]).squeeze(-1)).sum()  # lse - picked
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.spent:
-            raise RuntimeError("TokenCrossEntropy's backward reuses its saved buffer: it runs once")
-        ctx.spent = True
-        p, targets = ctx.saved_tensors
-        p[torch.arange(len(targets), device=p.device), targets] -= 1  # softmax - onehot
-        return p.mul_(grad_out.to(p.dtype)), None
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 # ---- building and converting -------------------------------------------------------------------
 
 def extend_vocab(llm, n_tokens):
-    """Grow embed_tokens and lm_head to n_tokens rows rounded up to a multiple of 64 (tensor-core
-    friendly). New rows start at the mean of the old ones, as transformers' mean resizing does."""
+    """Grow embed_tokens and lm_head to n_tokens rows rounded up to a multiple of 64; new rows start at
+    the mean of the old ones, as transformers' mean resizing does."""
     old, new = llm.config.vocab_size, int(math.ceil(n_tokens / 64) * 64)
     for mod in (llm.embed_tokens, llm.lm_head) if new != old else ():
         w = mod.weight.data
@@ -452,14 +403,6 @@ def extend_vocab(llm, n_tokens):
     llm.embed_tokens.num_embeddings = llm.lm_head.out_features = llm.config.vocab_size = new
     if llm.config.tie_word_embeddings:
         llm.lm_head.weight = llm.embed_tokens.weight
-
-
-def init_projector(projector, generator):
-    """The default nn.Linear init (kaiming uniform, +-1/sqrt(fan_in)) drawn from a seeded generator."""
-    with torch.no_grad():
-        for lin in projector.children():  # linear_1, then linear_2
-            for p in (lin.weight, lin.bias):
-                p.uniform_(-1 / math.sqrt(lin.in_features), 1 / math.sqrt(lin.in_features), generator=generator)
 
 
 def fold_linear_projector(state):

@@ -1,18 +1,16 @@
 """
 Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
 
-Loading is one path for CLIP, LLaMA and LLaVA: read the config, build the model on the meta
-device, read the safetensors (memory-mapped: views of the file, paged in when touched), map their
-names once through `LAYOUT` (the one table of every layout we accept), check every key and shape,
-and make those very tensors the module's parameters (assign=True): a 7B model never exists twice
-in memory. Writes are atomic (temporary names, then renames) and sharded as transformers shards;
-`fetch` downloads a Hub model by name with requests + tqdm, resuming partial files (HTTP Range).
+Loading is one path for CLIP, LLaMA and LLaVA: read the config, build the model on the meta device, read
+the safetensors (memory-mapped: views of the file, paged in when touched), map their names once through
+`LAYOUT`, check every key and shape, and make those very tensors the module's parameters (assign=True):
+a 7B model never exists twice in memory. Writes are atomic and sharded as transformers shards; `fetch`
+downloads a Hub model by name, resumably.
 """
 
 import json
 import os
 import re
-import secrets
 import time
 from pathlib import Path
 
@@ -47,33 +45,30 @@ def read_config(directory, from_hf, what):
         raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
 
 
-# (prefix in a checkpoint, prefix in our LLaVA; None: not ours). A lone CLIPVision is our
-# `vision_tower.` part, a lone Llama our `llm.` part. Reading, the longest matching prefix wins;
-# the first four rows, the Hub's, are also the names we write.
+# (prefix in a checkpoint, ours; None: not ours), the longest match wins; a key of no layout keeps its name
+# for assign_weights to refuse. The Hub's rows first (the names we write); transformers 5 LLaVA saves and
+# module names; openai CLIP; a transformers 5 CLIPVisionModel (our `vision_tower.`); a Llama (our `llm.`).
 LAYOUT = [
-    ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "projector."),  # the Hub
+    ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "projector."),
     ("language_model.lm_head.", "llm.lm_head."), ("language_model.model.", "llm."),
-    ("vision_tower.", "vision_tower."),                                   # transformers 5 LLaVA saves
-    ("model.vision_tower.vision_model.", "vision_tower."), ("model.vision_tower.", "vision_tower."),  # its
-    ("model.multi_modal_projector.", "projector."), ("model.language_model.", "llm."),  # module names
-    ("vision_model.", "vision_tower."), ("text_model.", None), ("visual_projection.", None),  # openai CLIP
-    ("text_projection.", None), ("logit_scale", None),
+    ("vision_tower.", "vision_tower."), ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "projector."),
+    ("model.language_model.", "llm."), ("vision_model.", "vision_tower."), ("text_model.", None),
+    ("visual_projection.", None), ("text_projection.", None), ("logit_scale", None),
     *((p, "vision_tower." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")),
-    ("model.", "llm."), ("lm_head.", "llm.lm_head."),                     # LlamaForCausalLM
+    ("model.", "llm."), ("lm_head.", "llm.lm_head."),
 ]
 DERIVED = ("position_ids", "rotary_emb.inv_freq")  # buffers older transformers saved: aranges
 
 
 def _rename(key, pairs):
     """key with the longest of the pairs' first prefixes that it starts with -> the second one."""
-    old, new = max((p for p in pairs if p[0] is not None and key.startswith(p[0])), key=lambda p: len(p[0]),
-                   default=("", ""))
+    old, new = max((p for p in pairs if key.startswith(p[0])), key=lambda p: len(p[0]), default=("", ""))
     return None if new is None else new + key[len(old):]
 
 
 def read_weights(path):
-    """load_state_dict(path) under our names (LAYOUT); a key of no layout keeps its own, so that
-    assign_weights names it. CLIP's text half and derived buffers are left out."""
+    """load_state_dict(path) under our names (LAYOUT), less CLIP's text half and derived buffers."""
     out = {}
     for key, t in load_state_dict(path).items():
         name = _rename(key, LAYOUT)
@@ -105,73 +100,50 @@ def _weight_map(index_file):
 
 
 def load_state_dict(path):
-    """A .safetensors file, or a directory holding an index + shards, model.safetensors, or
-    exactly one *.safetensors file -> {key: tensor} as stored (dtype unchanged), on the CPU."""
-    path = Path(path)
-    if path.is_file():
-        return _read_safetensors(path)
-    if not path.is_dir():
-        raise WeightsError(f"no such file or directory: {path}")
-    if not (path / INDEX).is_file():
-        files = [path / SINGLE] if (path / SINGLE).is_file() else sorted(path.glob("*.safetensors"))
-        if len(files) > 1:
-            raise WeightsError(f"{path} holds several .safetensors files ({', '.join(f.name for f in files)}) "
-                               f"but no {INDEX} that says how they fit together")
-        if not files:
-            raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights")
-        return _read_safetensors(files[0])
-    weight_map = _weight_map(path / INDEX)
+    """A .safetensors file, or a directory holding model.safetensors or an index + its shards ->
+    {key: tensor} as stored (dtype unchanged), on the CPU. Each key comes from the shard the index names."""
+    path, index = Path(path), Path(path) / INDEX
+    if path.is_file() or (path / SINGLE).is_file() and not index.is_file():
+        return _read_safetensors(path if path.is_file() else path / SINGLE)
+    if not index.is_file():
+        raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights"
+                           if path.is_dir() else f"no such file or directory: {path}")
+    weight_map, state = _weight_map(index), {}
     shards = list(dict.fromkeys(weight_map.values()))  # each shard once, in index order
-    absent = [s for s in shards if not (path / s).is_file()]
-    if absent:
-        raise WeightsError(f"{path / INDEX} lists shards missing on disk: {', '.join(absent)}; "
-                           f"the download or copy of {path} is incomplete")
-    state = {}
-    for shard in shards:  # each key from the shard the index names: a copy elsewhere is an error
+    if absent := [s for s in shards if not (path / s).is_file()]:
+        raise WeightsError(f"{index} lists shards missing on disk: {', '.join(absent)}; the copy is incomplete")
+    for shard in shards:
         for k, t in _read_safetensors(path / shard).items():
             if weight_map.get(k) != shard:
-                raise WeightsError(f"{path / shard} holds {k}, which {path / INDEX} places in "
-                                   f"{weight_map.get(k, 'no shard')}; the checkpoint is inconsistent")
+                raise WeightsError(f"{path / shard} holds {k}, which {index} places in {weight_map.get(k)}")
             state[k] = t
-    if set(state) != set(weight_map):
-        raise WeightsError(f"{path / INDEX} does not match its shards, whose keys differ in: "
-                           f"{', '.join(sorted(set(state) ^ set(weight_map)))}")
+    if lost := sorted(set(weight_map) - set(state)):
+        raise WeightsError(f"{index} names keys that no shard holds: {', '.join(lost)}")
     return state
 
 
-def _prefix_hint(missing, unexpected):
-    """The usual cause of 'everything missing, everything unexpected': a prefix too many or few."""
-    for u in unexpected if missing else []:
-        if u.endswith("." + missing[0]):
-            return f" (the checkpoint keys carry an extra prefix {u[:-len(missing[0])]!r})"
-        if missing[0].endswith("." + u):
-            return f" (the checkpoint keys lack the prefix {missing[0][:-len(u)]!r})"
-    return ""
-
-
 def assign_weights(module, state, source, dtype=None, device=None, part=""):
-    """Check the keys of `state` under `part` (stripped) against module.state_dict() (a meta
-    module knows its shapes), naming every missing, unexpected and misshaped key in one error,
-    then make those tensors the module's own (cast to dtype, moved to device). Returns module."""
+    """Check the keys of `state` under `part` (stripped) against module.state_dict() (a meta module
+    knows its shapes), naming every missing, unexpected and misshaped key in one error, then make
+    those tensors the module's own (cast to dtype, moved to device). Returns module."""
     expected, first = module.state_dict(), {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
     # a tied parameter (lm_head = embed_tokens) is stored once, under its first name, as transformers does
-    ties = {n: first[id(p)] for n, p in module.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    ties = {n: first.setdefault(id(p), n) for n, p in module.named_parameters(remove_duplicate=False)}
+    ties = {n: t for n, t in ties.items() if t != n}
     ours = {k[len(part):]: t for k, t in state.items() if k.startswith(part) and k[len(part):] not in ties}
     missing = [k for k in expected if k not in ours and k not in ties]
     unexpected = [k for k in state if not k.startswith(part)] + [k for k in ours if k not in expected]
     wrong = [f"{k} (expected {list(expected[k].shape)}, found {list(ours[k].shape)})"
-             for k in expected if k in ours and tuple(expected[k].shape) != tuple(ours[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {', '.join(keys)}" for label, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
+             for k in expected if k in ours and expected[k].shape != ours[k].shape]
+    problems = {"missing keys": missing, "unexpected keys": unexpected, "wrong shapes": wrong}
+    if missing or unexpected or wrong:  # the usual cause of all missing, all unexpected: an extra prefix
+        extra = [u[:-len(missing[0])] for u in unexpected if missing and u.endswith("." + missing[0])]
         raise WeightsError(f"checkpoint {source} does not fit {type(module).__name__}: "
-                           + "; ".join(parts) + _prefix_hint(missing, unexpected))
+                           + "; ".join(f"{what}: {', '.join(keys)}" for what, keys in problems.items() if keys)
+                           + (f" (the checkpoint keys carry an extra prefix {extra[0]!r})" if extra else ""))
     convert = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None)  # noqa: E731
-    # assign=True: the tensors become the parameters (as nn.Parameter, keeping requires_grad);
-    # with no cast nor move, nothing is copied. Integer buffers keep their type.
-    module.load_state_dict({k: convert(ours[ties.get(k, k)]) for k in expected}, strict=True, assign=True)
+    # assign=True: the tensors become the parameters (requires_grad kept), uncopied unless cast or moved
+    module.load_state_dict({k: convert(ours[ties.get(k, k)]) for k in expected}, assign=True)
     for name, target in ties.items():  # assign made two parameters of the tied ones: one again
         owner, _, attr = name.rpartition(".")
         setattr(module.get_submodule(owner), attr, module.get_parameter(target))
@@ -179,14 +151,14 @@ def assign_weights(module, state, source, dtype=None, device=None, part=""):
 
 
 def write_atomic(directory, writers):
-    """{file name: write(temporary path)}: each file is written and fsynced under a temporary
-    name, and only when all are written renamed into place, in order. Returns the paths."""
+    """{file name: write(temporary path)}: each file is written and fsynced under a temporary name,
+    and only once all are written renamed into place, in order. Returns the paths."""
     directory, done = Path(directory), []
     directory.mkdir(parents=True, exist_ok=True)
     try:
         for name, write in writers.items():
             # a name no other writer uses (not mkstemp: its files are mode 0600, whatever the umask)
-            done.append((directory / f"{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp", directory / name))
+            done.append((directory / f"{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp", directory / name))
             write(done[-1][0])
             with open(done[-1][0], "rb+") as f:  # on disk before a rename makes it the file
                 os.fsync(f.fileno())
@@ -204,43 +176,38 @@ def write_json_atomic(path, obj, indent=2):
     write_atomic(Path(path).parent, {Path(path).name: lambda tmp: tmp.write_text(text, encoding="utf-8")})
 
 
-def save_state_dict(state, directory, max_shard_bytes=5_000_000_000, prefix="model"):
-    """`state` as {prefix}.safetensors, or as shards + index beyond max_shard_bytes, atomically;
-    the files of an older save that the new one does not use are removed. Returns the paths."""
+def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
+    """`state` as model.safetensors, or beyond max_shard_bytes as shards (greedy, as transformers) + index,
+    atomically; the files of an older save that this one does not use are removed. Returns the paths."""
     from safetensors.torch import save_file  # here, so that generate_data.py's JSON writes need no torch
-    tensors, seen, shards, size = {}, set(), [[]], 0
+    if meta := [k for k, t in state.items() if t.is_meta]:
+        raise WeightsError(f"cannot save {', '.join(meta)}: on the meta device, never loaded")
+    shards, size = [[]], 0
     for k, t in state.items():
-        if t.device.type == "meta":
-            raise WeightsError(f"cannot save {k}: it is on the meta device (never loaded)")
-        t = t.detach().to("cpu").contiguous()
-        if t.numel() and t.untyped_storage().data_ptr() in seen:
-            t = t.clone()  # safetensors refuses shared memory (tied weights)
-        seen.add(t.untyped_storage().data_ptr())
-        if shards[-1] and size + t.numel() * t.element_size() > max_shard_bytes:  # greedy, as transformers
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards, size = shards + [[]], 0
-        tensors[k], size = t, size + t.numel() * t.element_size()
         shards[-1].append(k)
+        size += t.nbytes
     n = len(shards)
-    names = [f"{prefix}.safetensors"] if n == 1 else [f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    writers = {name: lambda tmp, keys=keys: save_file({k: tensors[k] for k in keys}, str(tmp), metadata={"format": "pt"})
+    names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    # a copy of one shard at a time: safetensors refuses views and shared memory (tied weights)
+    copy = lambda keys: {k: state[k].detach().cpu().contiguous().clone() for k in keys}  # noqa: E731
+    writers = {name: lambda tmp, keys=keys: save_file(copy(keys), str(tmp), metadata={"format": "pt"})
                for name, keys in zip(names, shards)}
     if n > 1:  # the index goes last, so it never names shards that are not there yet
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+        index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
-        writers[f"{prefix}.safetensors.index.json"] = lambda tmp: tmp.write_text(json.dumps(index, indent=2))
+        writers[INDEX] = lambda tmp: tmp.write_text(json.dumps(index, indent=2))
     written = write_atomic(directory, writers)
-    ours = re.compile(rf"{re.escape(prefix)}(-\d{{5}}-of-\d{{5}})?\.safetensors(\.index\.json)?(\..+\.tmp)?")
+    ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\..+\.tmp)?")
     stale = [p for p in Path(directory).iterdir() if ours.fullmatch(p.name) and p not in written]
     for p in sorted(stale, key=lambda p: not p.name.endswith(".index.json")):  # no index names a lost shard
         p.unlink(missing_ok=True)
     return written
 
 
-HUB = "https://huggingface.co"
-REQUIRED = ["config.json", "tokenizer.model"]
-OPTIONAL = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-            "generation_config.json", "preprocessor_config.json"]
-CHUNK = 1 << 16  # bytes per read: an interrupted read loses at most this much
+CHUNK, TRIES = 1 << 16, 5  # bytes per read (an interrupted read loses at most this much), tries per file
+OPTIONAL = ["tokenizer_config.json", "added_tokens.json"]  # what llama.Tokenizer reads, where the Hub has them
 
 
 def is_hub_name(name):
@@ -249,43 +216,43 @@ def is_hub_name(name):
 
 
 def fetch(name_or_dir, cache_dir=None, files=None):
-    """An existing local path comes back as is. A Hub name (org/name) is downloaded into
-    {cache_dir or $NANOLLAVA_CACHE or ~/.cache/nanollava}/org--name, which comes back: config.json
-    and the tokenizer files (or exactly `files`), then the index and its shards or model.safetensors."""
+    """An existing local path comes back as is. A Hub name (org/name) is downloaded with requests + tqdm
+    into {cache_dir or $NANOLLAVA_CACHE or ~/.cache/nanollava}/org--name, which comes back: `files` (by
+    default config.json, tokenizer.model and OPTIONAL), then the index and its shards or model.safetensors."""
     if Path(name_or_dir).expanduser().exists():
         return Path(name_or_dir).expanduser()
     name = str(name_or_dir)
     if not is_hub_name(name):
         raise WeightsError(f"no such directory: {name} (and it is not a Hub name like llava-hf/llava-1.5-7b-hf)")
-    root = Path(cache_dir or os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
-    target = root / name.replace("/", "--")
-    required, optional = (list(files), []) if files is not None else (REQUIRED, OPTIONAL)
-    marker = target / ".complete"  # written last: which files a finished fetch asked for
-    if marker.is_file() and set(required + optional) <= set(marker.read_text().split()):
-        return target  # nothing to ask the network: works offline once downloaded
+    target = Path(cache_dir or os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
+    target, wanted = target / name.replace("/", "--"), files or ["config.json", "tokenizer.model", *OPTIONAL]
+    marker = target / ".complete"  # written last: which files a finished fetch asked for, so no network again
+    if marker.is_file() and set(wanted) <= set(marker.read_text().split()):
+        return target
     target.mkdir(parents=True, exist_ok=True)
     session = requests.Session()
     session.headers["Accept-Encoding"] = "identity"  # byte counts must match Content-Length
     if os.environ.get("HF_TOKEN"):  # requests drops it on redirects to another host (the CDN)
         session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    for f in required + optional:
-        _download(session, name, f, target, required=f in required)
-    if not _download(session, name, INDEX, target, required=False):
-        _download(session, name, SINGLE, target, why=" (nanollava reads only safetensors weights)")
+    for f in wanted:
+        _download(session, name, target / f, required=bool(files) or f not in OPTIONAL)
+    if not _download(session, name, target / INDEX, required=False):
+        _download(session, name, target / SINGLE)
     for shard in dict.fromkeys(_weight_map(target / INDEX).values()) if (target / INDEX).is_file() else []:
         if not re.fullmatch(r"[\w-][\w.-]*", shard):  # a plain file name, nothing like ../x
             raise WeightsError(f"{target / INDEX} names a shard {shard!r} that is not a plain file name")
-        _download(session, name, shard, target)
-    marker.write_text("\n".join(required + optional) + "\n")
+        _download(session, name, target / shard)
+    marker.write_text("\n".join(wanted) + "\n")
     return target
 
 
-def _download(session, name, filename, target, required=True, tries=5, why=""):
-    """target/filename via filename.part, resuming a partial one; False: an optional file the Hub lacks."""
-    final, part = target / filename, target / (filename + ".part")
-    base = os.environ.get("NANOLLAVA_HUB_URL", HUB).rstrip("/")
-    url = f"{base}/{name}/resolve/main/{filename}"
-    for attempt in range(0 if final.is_file() else tries):  # a file is renamed into place once complete
+def _download(session, name, final, required=True):
+    """final via final.part, resuming a partial one; False: an optional file the Hub lacks."""
+    base = os.environ.get("NANOLLAVA_HUB_URL", "https://huggingface.co").rstrip("/")
+    url, part = f"{base}/{name}/resolve/main/{final.name}", final.with_name(final.name + ".part")
+    for attempt in range(TRIES):
+        if final.is_file():  # renamed into place once complete
+            return True
         have = part.stat().st_size if part.exists() else 0
         try:
             r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=(10, 60))
@@ -293,32 +260,26 @@ def _download(session, name, filename, target, required=True, tries=5, why=""):
             raise WeightsError(f"{name} is no local directory, and {base} cannot be reached to download it "
                                "(offline?): download it elsewhere and give its directory instead") from None
         with r:
-            code, start = r.status_code, re.match(r"bytes (\d+)-", r.headers.get("Content-Range", ""))
+            code, resumed = r.status_code, r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
             if code == 404 and not required:
                 return False
             if code not in (200, 206, 416):
-                raise WeightsError(f"{filename} not found at {url}: is {name} a llava-hf model name?{why}" if code == 404
-                                   else f"access to {url} denied (HTTP {code}): {name} does not exist, or it is gated "
-                                   "or private and needs HF_TOKEN set" if code in (401, 403)
-                                   else f"downloading {url} failed: HTTP {code}")
-            if code == 416 or code == 206 and not (start and int(start.group(1)) == have):
-                part.unlink()  # a .part longer than the file, or a range we did not ask for: start over
+                why = " (nanollava reads only safetensors weights)" if final.name == SINGLE else ""
+                raise WeightsError(f"{final.name} not found at {url}: is {name} a llava-hf model name?{why}"
+                                   if code == 404 else f"downloading {url} failed: HTTP {code}"
+                                   + (" (gated or private? set HF_TOKEN)" if code in (401, 403) else ""))
+            if code == 416 or code == 206 and not resumed:  # a .part too long, or a range not asked for
+                part.unlink()
                 continue
-            have = have if code == 206 else 0  # 200 is the whole file (from a server that ignores Range too)
-            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-            try:
-                with open(part, "ab" if have else "wb") as f, \
-                        tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=filename) as bar:
+            have = have if code == 206 else 0  # 200: the whole file, from a server that ignores Range
+            try:  # urllib3 raises on a body shorter than its Content-Length
+                with open(part, "ab" if have else "wb") as f, tqdm(total=have + int(r.headers.get(
+                        "Content-Length", 0)) or None, initial=have, unit="B", unit_scale=True, desc=final.name) as bar:
                     for chunk in r.iter_content(chunk_size=CHUNK):
                         bar.update(f.write(chunk))
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
-                time.sleep(min(attempt, 5))  # keep the bytes we have and resume from there
+                time.sleep(attempt)  # keep the bytes we have and resume from there
                 continue
-        if total is None or part.stat().st_size == total:
-            os.replace(part, final)
-            return True
-        if part.stat().st_size > total:
-            part.unlink()  # else the server closed early without an error: resume on the next try
-    if final.is_file():
+        os.replace(part, final)
         return True
-    raise WeightsError(f"downloading {url} failed after {tries} tries; run again to resume from the {part.name} kept")
+    raise WeightsError(f"downloading {url} failed after {TRIES} tries; run again to resume from the {part.name} kept")
