@@ -387,7 +387,34 @@ def next_token_loss(logits, labels, reduction="mean"):
 
 def token_loss(logits, targets):
     """Summed cross-entropy of logits [K,V] (any float dtype; computed in fp32) against targets [K]."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return TokenCrossEntropy.apply(logits.float(), targets)
+
+
+class TokenCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy(reduction="sum") of rows x [N,V] against targets [N], with less memory:
+    the [N,V] logits are a small model's largest tensors, and F.cross_entropy keeps the
+    log-probabilities, then allocates two more [N,V] buffers in backward. Here forward keeps the
+    softmax p and backward turns that same buffer into the gradient, p - onehot(target), in
+    place: no [N,V] allocation in backward at all (so it runs once: no retain_graph)."""
+
+    @staticmethod
+    def forward(ctx, x, targets):
+        top = x.amax(dim=-1, keepdim=True)                       # [N,1]
+        p = torch.sub(x, top).exp_()                             # [N,V], the one new buffer
+        z = p.sum(dim=-1, keepdim=True)
+        p.div_(z)                                                # softmax
+        ctx.save_for_backward(p, targets)
+        ctx.spent = False
+        return ((top + z.log()).squeeze(-1) - x.gather(-1, targets[:, None]).squeeze(-1)).sum()  # lse - picked
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.spent:
+            raise RuntimeError("TokenCrossEntropy's backward reuses its saved buffer: it runs once")
+        ctx.spent = True
+        p, targets = ctx.saved_tensors
+        p[torch.arange(len(targets), device=p.device), targets] -= 1  # softmax - onehot
+        return p.mul_(grad_out.to(p.dtype)), None
 
 
 # ---- building and converting -------------------------------------------------------------------

@@ -301,6 +301,10 @@ def test_loss_and_its_gradient_equal_torch_cross_entropy(dtype):
         (g_ref,) = torch.autograd.grad(3.0 * ref, logits)
         assert torch.allclose(got, ref, atol=1e-5, rtol=1e-6), reduction
         assert g_got.dtype == dtype and torch.allclose(g_got.float(), g_ref.float(), atol=1e-6), reduction
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss = next_token_loss(logits, labels, reduction="sum")
+        loss.backward(retain_graph=True)
+        loss.backward()
 
 
 def test_errors_name_the_problem(tmp_path):
