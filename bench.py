@@ -4,29 +4,28 @@ How fast nanollava is, measured against Hugging Face transformers on the same wo
     python bench.py preprocess|vision|train|prefill|decode|all [--config tiny|20m|1b|7b] [--threads N]
     python bench.py gpu [--profile] [--out summary.json]   # the prepared run for one H100 / H200
 
-The method: one random LLaVA (built from CONFIGS, saved as a llava-hf directory) is loaded by
-both sides; they get the same inputs, threads, dtype and device, and do the same work. A training
-step is forward + backward + clipping + AdamW on the same supervised tokens, ours as train.py
-runs it; decoding is greedy with EOS off, and B (N - 1) / (t(N) - t(1)) tokens/s cancels the
-prefill. Each repeat times ours, then theirs, in the same run, so other work on the machine slows
-both alike; after untimed warm-up rounds we take the median of the repeats and print the ratio
-ours / theirs (> 1: we are faster). On a shared machine use --threads 1: with more threads than
-free cores, OpenMP's barriers wait on parked threads and small ops slow down many times.
+Both sides load one random LLaVA (built from CONFIGS, saved as a llava-hf directory) and get the
+same inputs, threads, dtype and device. A training step is forward + backward + clipping + AdamW on
+the same supervised tokens, ours as train.py runs it; decoding is greedy with EOS off, and
+B (N - 1) / (t(N) - t(1)) tokens/s cancels the prefill. Each repeat times ours, then theirs, so
+other work on the machine slows both alike; after warm-up rounds we print the ratio of the medians,
+ours / theirs (> 1: we are faster). On a shared machine use --threads 1: OpenMP threads beyond the
+free cores wait on each other at every barrier, and small ops slow down many times.
 
 `gpu` times train.py's own step with random weights: tokens/s, MFU (train.step_flops over the
 chip's bf16 peak) and peak memory of a ~1B LLaVA's stage 2 and a 7B-shaped stage 1, gradient
-checkpointing off and on; the 7B shape's decode, eager and compile_decode(), against the memory
-bandwidth bound; a smoke run of train.train(). `--device cpu --tiny` runs it on tiny shapes (as
-the tests do). Our GPU step against transformers' eager one: `train --device cuda --config 1b`.
+checkpointing off and on; the 7B shape's decode, eager and compiled, against the memory-bandwidth
+bound; a smoke run of train.train(). `--device cpu --tiny` runs it on tiny shapes, as the tests do.
 """
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -118,23 +117,20 @@ def row(measurement, batch, seq, unit, ours, theirs, note=""):
 
 
 # -----------------------------------------------------------------------------------------------
-# The models and their inputs
+# The models, their inputs and their training steps
 
 
 @torch.no_grad()
 def build(config, device, dtype, seed=0, std=0.02):
-    """A random LLaVA made directly on `device` in `dtype`: a meta build (no memory), storage on
-    the device, then N(0, std) weights, unit norms and zero biases drawn there (a 7B model never
-    passes through the CPU)."""
+    """A random LLaVA made directly on `device` in `dtype` (a 7B model never passes through the
+    CPU): a meta build, storage on the device, then N(0, std) weights, unit norms, zero biases."""
     with torch.device("meta"):
         model = LLaVA(config)
     model = model.to(dtype).to_empty(device=device)
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
-        if p.dim() == 1 and name.endswith("weight") and ("norm" in name or "layrnorm" in name):
-            p.fill_(1.0)
-        elif p.dim() == 1 and name.endswith("bias"):
-            p.zero_()
+        if p.dim() == 1 and name.endswith(("weight", "bias")):  # the norms' scales and every bias
+            p.fill_(float(name.endswith("weight")))
         else:
             p.normal_(0.0, std)
     return model
@@ -145,9 +141,6 @@ class Pair:
     `ours()` / `theirs()` give fresh models (training mutates them) with identical weights."""
 
     def __init__(self, shapes):
-        import transformers
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
         self.shapes, self.tmp = shapes, tempfile.TemporaryDirectory(prefix="nanollava-bench-")
         self.config = llava_config(shapes)
         build(self.config, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
@@ -176,6 +169,57 @@ def make_batch(config, batch, seq, device, seed=0):
     return ids.to(device), labels.to(device), px.to(device)
 
 
+def optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, backward=contextlib.nullcontext):
+    """step(ids, labels, px, micro_steps=k): k forward + backward passes under autocast (each pass's
+    summed loss over the count of all k passes' tokens, train.py's accumulation), clipping, the
+    optimizer's step; -> the last pass's mean loss. `backward`: a context for each backward pass."""
+    def step(ids, labels, px, micro_steps=1):
+        for _ in range(micro_steps):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss, n = loss_and_count(ids, labels, px)
+            with backward():
+                (loss / (n * micro_steps)).backward()
+        clip()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach() / n
+
+    return step
+
+
+def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
+    """Our model set up as train.train() sets it up (fsdp.shard_model: frozen parts in the compute
+    dtype, trained units as fp32 shards of our FSDP at world size 1), and its optimizer step."""
+    cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=2e-5,
+                            weight_decay=0.0, adam_beta2=0.999)
+    fsdp.init_distributed(cfg)
+    model.train()
+    params, _, sharded = fsdp.shard_model(model, cfg, device, dtype)
+    optimizer = train.make_optimizer(params, sharded, model, cfg)
+    llama.compile_elementwise(train.wants_compiled_elementwise(cfg, device))  # as train() decides: on with CUDA
+
+    def loss_and_count(ids, labels, px):
+        # train.py's collator finds the supervised positions on the CPU, in the loader
+        at, targets = (t.to(device) for t in supervised_positions(labels.cpu()))
+        return token_loss(model(ids, px, logits_at=at)[0], targets), max(len(targets), 1)
+
+    clip = functools.partial(fsdp.clip_grad_norm, params, cfg.grad_clip, cfg.fsdp)
+    # FSDP's backward-order prefetch and gradient hand-off
+    return optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, sharded[0].schedule.backward)
+
+
+def hf_train_step(hf, device, dtype):
+    """transformers' model trained the same way: CLIP frozen in the compute dtype (as ours),
+    projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
+    hf.train()
+    hf.model.vision_tower.requires_grad_(False).to(dtype)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    clip = functools.partial(torch.nn.utils.clip_grad_norm_, params, 1.0)
+    return optimizer_step(lambda ids, labels, px: (hf(input_ids=ids, pixel_values=px, labels=labels).loss, 1),
+                          params, optimizer, clip, device, dtype)
+
+
 # -----------------------------------------------------------------------------------------------
 # The measurements against transformers (each returns rows)
 
@@ -185,15 +229,14 @@ RGB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "
 OTHER_PICTURES = ("camera", "coins", "moon", "page", "text", "horse", "logo")
 
 
-def bench_preprocess(args, size=336):
+def bench_preprocess(args, pair, device, dtype, size=336):
     """clip.preprocess picture by picture (as the data loader calls it), and preprocess_batch with
-    a thread per core, vs transformers' processor on the whole list (its fastest use) at 336 px,
-    outputs identical bit for bit: the colour photos, all the pictures, and the colour photos
-    padded to a square (LLaVA-1.5's "pad" mode, LlavaImageProcessor(do_pad=True))."""
+    a thread per core, vs transformers' processor on the whole list (its fastest use), outputs
+    identical bit for bit: the colour photos, all the pictures, and the colour photos padded to a
+    square (LLaVA-1.5's "pad" mode, LlavaImageProcessor(do_pad=True)). Always on the CPU."""
     import skimage.data
     import transformers
     from PIL import Image
-    transformers.logging.set_verbosity_error()
     sizes = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     clip = transformers.CLIPImageProcessor(**sizes)
     llava = getattr(transformers, "LlavaImageProcessorPil", transformers.LlavaImageProcessor)(do_pad=True, **sizes)
@@ -232,60 +275,6 @@ def bench_vision(args, pair, device, dtype):
                 f"max |diff| {err:.1e}")]
 
 
-def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
-    """Our model set up as train.train() sets it up (fsdp.shard_model: frozen parts in the compute
-    dtype, trained units as fp32 shards of our FSDP at world size 1), and one step of its loop.
-    micro_steps=k: k forward + backward passes per optimizer step, train.py's accumulation."""
-    cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=2e-5,
-                            weight_decay=0.0, adam_beta2=0.999)
-    fsdp.init_distributed(cfg)
-    model.train()
-    params, _, sharded = fsdp.shard_model(model, cfg, device, dtype)
-    optimizer = train.make_optimizer(params, sharded, model, cfg)
-    compiled = train.wants_compiled_elementwise(cfg, device)  # as train() decides: on with CUDA
-
-    def step(ids, labels, px, micro_steps=1):
-        was = llama.compile_elementwise(compiled)
-        try:
-            # train.py's collator finds the supervised positions on the CPU, in the loader
-            at, targets = (t.to(device) for t in supervised_positions(labels.cpu()))
-            denom = max(len(targets), 1) * micro_steps
-            for _ in range(micro_steps):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    logits, _ = model(ids, px, logits_at=at)
-                loss = token_loss(logits, targets)
-                with sharded[0].schedule.backward():  # FSDP's backward-order prefetch and grad hand-off
-                    (loss / denom).backward()
-            fsdp.clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach() * micro_steps / denom
-        finally:
-            llama.compile_elementwise(was)
-
-    return step
-
-
-def hf_train_step(hf, device, dtype):
-    """transformers' model trained the same way: CLIP frozen in the compute dtype (as ours),
-    projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
-    hf.train()
-    hf.model.vision_tower.requires_grad_(False).to(dtype)
-    params = [p for p in hf.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-    def step(ids, labels, px):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = hf(input_ids=ids, pixel_values=px, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
 def bench_train(args, pair, device, dtype):
     B, T = pair.shapes["batch"], pair.shapes["seq"]
     batch = make_batch(pair.config, B, T, device)
@@ -293,6 +282,7 @@ def bench_train(args, pair, device, dtype):
     theirs = hf_train_step(pair.theirs(torch.float32, device), device, dtype)
     first = float(ours(*batch)), float(theirs(*batch))  # same weights: the same first loss
     t = race({"ours": lambda: ours(*batch), "theirs": lambda: theirs(*batch)}, device, args.warmup, args.repeats)
+    llama.compile_elementwise(False)  # generation as chat.py runs it
     return [row("train", B, T, "tokens/s", B * T / t["ours"], B * T / t["theirs"],
                 f"first loss {first[0]:.5f} vs {first[1]:.5f}")]
 
@@ -347,9 +337,11 @@ MEASUREMENTS = {"preprocess": bench_preprocess, "vision": bench_vision, "train":
 
 def run_measurements(args, names):
     import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     device = torch.device(args.device or "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pair = Pair(CONFIGS[args.config]) if set(names) - {"preprocess"} else None
+    pair = Pair(CONFIGS[args.config]) if names != ["preprocess"] else None
     header = (f"nanollava vs transformers {transformers.__version__} | torch {torch.__version__} | "
               f"device {device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]} | "
               f"config {args.config}")
@@ -357,11 +349,10 @@ def run_measurements(args, names):
     rows = []
     for name in names:
         log(f"... {name}")
-        got = bench_preprocess(args) if name == "preprocess" else MEASUREMENTS[name](args, pair, device, dtype)
-        for r in got:
+        for r in MEASUREMENTS[name](args, pair, device, dtype):
             log("{measurement:<11} batch {batch:<3} seq {seq:<5} {unit:<9} ours {ours:>10.1f}  "
                 "transformers {transformers:>10.1f}  ratio {ratio:5.2f}x  {note}".format(**r))
-        rows += got
+            rows.append(r)
         gc.collect()
     log(f"\n{header}\n| measurement | batch | seq | unit | ours | transformers | ours / transformers |\n"
         "| --- | ---: | ---: | --- | ---: | ---: | ---: |")
@@ -381,17 +372,27 @@ def run_measurements(args, names):
 # A decode step reads every weight once (the embedding table: one row) and the KV cache so far,
 # so tokens/s <= HBM bandwidth / those bytes.
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-# name: (gradient checkpointing, micro-batches per optimizer step). 8 x 16 is LLaVA-1.5's
-# stage-2 global batch of 128 on one GPU
-STAGE2_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
-STAGE1_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1)}
+# setting: (gradient checkpointing, micro-batches per optimizer step); 8 x 16 is LLaVA-1.5's
+# stage-2 global batch of 128 on one GPU (stage 2 runs all three, stage 1 the first two)
+GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
 GPU_TABLE = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
 
 
-def table_row(table, *cells):
+def table_row(table, part, setting, note, tokens="", mfu="", mem=""):
     """One line of the summary table, logged as soon as it is measured."""
-    table.append("| " + " | ".join(cells) + " |")
+    table.append(f"| {part} | {setting} | {tokens} | {mfu} | {mem} | {note} |")
     log(table[-1])
+
+
+def attempt(name, fn, table):
+    """fn(), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
+    try:
+        return fn()
+    except Exception as e:
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+        table_row(table, name, "", f"error: {error[:120]}")
+        return {"error": error}
 
 
 def reset_memory(device):
@@ -401,9 +402,9 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, profile):
-    """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model;
-    `profile`: two more steps under torch.profiler, its table of the costliest operators."""
+def gpu_train(shapes, stage, setting, device, dtype, args, table):
+    """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model."""
+    grad_ckpt, micro_steps = GPU_RUNS[setting]
     reset_memory(device)
     model = build(llava_config(shapes), device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
@@ -416,35 +417,25 @@ def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, profil
     supervised = len(supervised_positions(labels.cpu())[0])
     flops = train.step_flops(model.config, counts, stage, B * T, supervised, B, T) * micro_steps
     peak = train.device_peak_flops(device)
-    out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "tokens_per_s": B * T * micro_steps / dt,
-           "step_tflop": flops / 1e12, "achieved_tflops": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
-           "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "losses": losses, "finite": all(math.isfinite(x) for x in losses)}
-    if profile:
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,
+           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "achieved_tflops": flops / dt / 1e12,
+           "mfu": flops / dt / peak if peak else None, "peak_mem_gb": mem,
+           "losses": losses, "finite": all(map(math.isfinite, losses))}
+    table_row(table, f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step",
+              f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}",
+              f"{out['tokens_per_s']:.0f}", f"{out['mfu']:.1%}" if peak else "n/a",
+              f"{mem:.1f} GiB" if mem is not None else "n/a")
+    if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
         from torch.profiler import ProfilerActivity
         cuda = device.type == "cuda"
-        kinds = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=kinds) as prof:
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
             for _ in range(2):
                 step(ids, labels, px)
             sync(device)
         out["profile"] = "torch.profiler, 2 steps:\n" + prof.key_averages().table(
             sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15, max_name_column_width=50)
-    return out
-
-
-def gpu_stage(shapes, stage, runs, device, dtype, args, table):
-    out = {}
-    for key, (ckpt, micro) in runs.items():
-        out[key] = x = gpu_train(shapes, stage, device, dtype, args, ckpt, micro,
-                                 profile=args.profile and stage == 2 and key == "ckpt_off")
-        mfu = f"{x['mfu']:.1%}" if x["mfu"] is not None else "n/a"
-        mem = f"{x['peak_mem_gb']:.1f} GiB" if x["peak_mem_gb"] is not None else "n/a"
-        table_row(table, f"stage {stage}", f"{key}: {micro} x {x['batch']} x {x['seq']} tokens a step",
-                  f"{x['tokens_per_s']:.0f}", mfu, mem, f"{x['step_tflop']:.1f} TFLOP/step, "
-                  f"{x['achieved_tflops']:.0f} TFLOP/s, losses {[round(v, 3) for v in x['losses']]}")
-        if "profile" in x:
-            log(x["profile"])
+        log(out["profile"])
     return out
 
 
@@ -461,25 +452,23 @@ def gpu_decode(shapes, device, dtype, args, table):
     kv_tokens = len(ids) + N / 2  # the cache's mean length during the decode
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_tokens * dtype.itemsize
     bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in device_name(device)), None)
-    out = {"prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bw / (weight_bytes + kv_bytes) if bw else None}
-    bound = (f"of the {out['bound_tokens_per_s']:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
-             f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
-    for mode in ("eager", "compiled"):
+    bound = bw / (weight_bytes + kv_bytes) if bw else None
+    out = {"prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
+
+    def measure(mode):
         if mode == "compiled":
             model.compile_decode(compile=device.type == "cuda")
         fns = {n: lambda n=n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None)) for n in (N, 1)}
-        try:
-            t = race(fns, device, args.warmup, args.repeats, min_sample=0)
-        except Exception as e:  # a failed compilation keeps the eager number
-            traceback.print_exc()
-            out[f"{mode}_error"] = f"{type(e).__name__}: {e}"
-            table_row(table, f"decode {mode}", "", "", "", "", f"error: {out[f'{mode}_error'][:120]}")
-            continue
-        out[f"{mode}_tokens_per_s"] = v = (N - 1) / max(t[N] - t[1], 1e-9)
-        share = f"{v / out['bound_tokens_per_s']:.0%} " if bw else ""
+        t = race(fns, device, args.warmup, args.repeats, min_sample=0)
+        v = (N - 1) / max(t[N] - t[1], 1e-9)
+        note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
+                f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
         cpu = "; static step, not compiled (CPU)" if mode == "compiled" and device.type != "cuda" else ""
-        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "",
-                  share + bound + cpu)
+        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", note + cpu, f"{v:.1f}")
+        return {f"{mode}_tokens_per_s": v}
+
+    for mode in ("eager", "compiled"):  # a failed compilation keeps the eager number
+        out.update(attempt(f"decode {mode}", lambda: measure(mode), table))
     return out
 
 
@@ -500,43 +489,38 @@ def gpu_smoke(device, workdir, table):
             stage=stage, data=str(world[f"stage{stage}"]), out=str(root / name), optimizer=optimizer,
             init=str(root / "stage1") if stage == 2 else "", **common)))
         out[name] = {"losses": losses, "ok": bool(losses) and all(math.isfinite(x) for x in losses)}
-        table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt", "", "", "",
+        table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt",
                   f"{'ok' if out[name]['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}")
     # each step all-reduces a few CPU tensors; on several GPUs that needs the group's gloo half
     # (fsdp.process_group_backend), which only this call exercises on a single GPU
     flag = torch.ones(1)
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0
-    table_row(table, "smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if float(flag) == 1.0 else "FAILED")
+    table_row(table, "smoke all_reduce of a CPU tensor", "", "ok" if float(flag) == 1.0 else "FAILED")
     return out
 
 
 def run_gpu(args):
     device = torch.device(args.device or "cuda")
     dtype = torch.bfloat16  # also with --tiny on a CPU: the tests then run the GPU's precision
+    small, big = CONFIGS["1b"], CONFIGS["7b"]
     if args.tiny:  # the same code on tiny shapes, for a CPU (and the tests)
         small = big = {**CONFIGS["tiny"], "batch": 4, "seq": 48, "prompt": 24, "new_tokens": 12}
         args.warmup, args.repeats = 1, 2
-    else:
-        small, big = CONFIGS["1b"], CONFIGS["7b"]
     header = (f"nanollava bench gpu | {device_name(device)} | torch {torch.__version__} | dtype {str(dtype)[6:]} | "
               f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}")
     log(header)
     res, table = {"header": header, "device": device_name(device), "torch": torch.__version__}, []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:
-        for name, fn in (("stage2_train", lambda: gpu_stage(small, 2, STAGE2_RUNS, device, dtype, args, table)),
-                         ("smoke", lambda: gpu_smoke(device, tmp, table)),
-                         ("stage1_train", lambda: gpu_stage(big, 1, STAGE1_RUNS, device, dtype, args, table)),
-                         ("decode", lambda: gpu_decode(big, device, dtype, args, table))):
+        parts = {"stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args, table) for s in GPU_RUNS},
+                 "smoke": lambda: gpu_smoke(device, tmp, table),
+                 "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args, table)
+                                          for s in ("ckpt_off", "ckpt_on")},
+                 "decode": lambda: gpu_decode(big, device, dtype, args, table)}
+        for name, fn in parts.items():
             log(f"[{time.perf_counter() - t0:6.1f}s] {name}")
-            try:
-                res[name] = fn()
-            except Exception as e:  # one failure must not lose the other parts' numbers
-                traceback.print_exc()
-                sys.stdout.flush()
-                res[name] = {"error": f"{type(e).__name__}: {e}"}
-                table_row(table, name, "", "", "", "", f"error: {res[name]['error'][:120]}")
+            res[name] = attempt(name, fn, table)
             reset_memory(device)
             if args.out:  # after every part, so that a run cut short keeps what it measured
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
