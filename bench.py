@@ -26,6 +26,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 import traceback
@@ -40,15 +41,6 @@ import train
 from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
 from model import LLaVA, LLaVAConfig, supervised_positions, token_loss
-
-
-def llava_config(shapes):
-    """The LLaVAConfig of a CONFIGS entry; <image> and <pad> sit just above the real vocabulary,
-    where the tokenizer places them."""
-    V = shapes["text"]["vocab_size"]
-    return LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
-                       image_token_id=V - 64, pad_token_id=V - 63)
-
 
 # Each model with its workload: `batch` x `seq` tokens per training step (the image's patches
 # included), prompts of `prompt` tokens, `new_tokens` decoded.
@@ -74,8 +66,11 @@ CONFIGS = {
 }
 
 
-def log(*args):
-    print(*args, flush=True)
+def llava_config(shapes):
+    """A CONFIGS entry's LLaVAConfig; <image> and <pad> sit just above the real vocabulary, as the tokenizer's."""
+    V = shapes["text"]["vocab_size"]
+    return LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
+                       image_token_id=V - 64, pad_token_id=V - 63)
 
 
 def sync(device):
@@ -109,11 +104,6 @@ def race(fns, device, warmup, repeats, min_sample=0.05):
         for name, fn in fns.items():
             times[name].append(timed(fn, calls[name]))
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def row(measurement, batch, seq, unit, ours, theirs, note=""):
-    return dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
-                ratio=ours / theirs, note=note)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -154,25 +144,23 @@ class Pair:
             self.tmp.name, dtype=dtype, attn_implementation="sdpa").to(device)
 
 
-def make_batch(config, batch, seq, device, seed=0):
+def make_batch(config, batch, seq, device, seed=0, dtype=torch.float32):
     """[BOS, 3 text ids, the image's P ids, text...] of `seq` tokens per row, labels on the text
-    after the image (as stage 2 supervises the reply only), random pixels."""
+    after the image (as stage 2 supervises the reply only), random pixels in `dtype`."""
     g = torch.Generator().manual_seed(seed)
     P = config.num_patches  # CONFIGS leave room for the image and a few supervised tokens
     ids = torch.randint(3, config.image_token_id, (batch, seq), generator=g)
     ids[:, 0] = 1
     ids[:, 4:4 + P] = config.image_token_id
-    labels = ids.clone()
-    labels[:, :4 + P + 2] = -100
-    S = config.vision.image_size
-    px = torch.randn(batch, 3, S, S, generator=g)
-    return ids.to(device), labels.to(device), px.to(device)
+    labels = ids.masked_fill(torch.arange(seq) < 4 + P + 2, -100)
+    px = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, generator=g)
+    return ids.to(device), labels.to(device), px.to(device, dtype)
 
 
 def optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, backward=contextlib.nullcontext):
     """step(ids, labels, px, micro_steps=k): k forward + backward passes under autocast (each pass's
-    summed loss over the count of all k passes' tokens, train.py's accumulation), clipping, the
-    optimizer's step; -> the last pass's mean loss. `backward`: a context for each backward pass."""
+    summed loss over all k passes' token count: train.py's accumulation), clipping, the optimizer's
+    step; -> the last pass's mean loss. `backward`: the context of each backward pass."""
     def step(ids, labels, px, micro_steps=1):
         for _ in range(micro_steps):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -204,20 +192,8 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
         return token_loss(model(ids, px, logits_at=at)[0], targets), max(len(targets), 1)
 
     clip = functools.partial(fsdp.clip_grad_norm, params, cfg.grad_clip, cfg.fsdp)
-    # FSDP's backward-order prefetch and gradient hand-off
+    # each backward pass in FSDP's schedule: its backward-order prefetch and gradient hand-off
     return optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, sharded[0].schedule.backward)
-
-
-def hf_train_step(hf, device, dtype):
-    """transformers' model trained the same way: CLIP frozen in the compute dtype (as ours),
-    projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
-    hf.train()
-    hf.model.vision_tower.requires_grad_(False).to(dtype)
-    params = [p for p in hf.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    clip = functools.partial(torch.nn.utils.clip_grad_norm_, params, 1.0)
-    return optimizer_step(lambda ids, labels, px: (hf(input_ids=ids, pixel_values=px, labels=labels).loss, 1),
-                          params, optimizer, clip, device, dtype)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -229,11 +205,16 @@ RGB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "
 OTHER_PICTURES = ("camera", "coins", "moon", "page", "text", "horse", "logo")
 
 
+def row(measurement, batch, seq, unit, ours, theirs, note=""):
+    return dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
+                ratio=ours / theirs, note=note)
+
+
 def bench_preprocess(args, pair, device, dtype, size=336):
     """clip.preprocess picture by picture (as the data loader calls it), and preprocess_batch with
-    a thread per core, vs transformers' processor on the whole list (its fastest use), outputs
-    identical bit for bit: the colour photos, all the pictures, and the colour photos padded to a
-    square (LLaVA-1.5's "pad" mode, LlavaImageProcessor(do_pad=True)). Always on the CPU."""
+    a thread per core, vs transformers' processor on the whole list (its fastest use), on the CPU,
+    outputs identical bit for bit: the colour photos, all the pictures, and the colour photos padded
+    to a square (LLaVA-1.5's "pad" mode, LlavaImageProcessor(do_pad=True))."""
     import skimage.data
     import transformers
     from PIL import Image
@@ -261,25 +242,48 @@ def bench_preprocess(args, pair, device, dtype, size=336):
     return rows
 
 
+@torch.inference_mode()
+def same_work(label, batch, seq, unit, work, fns, args, device):
+    """A row of `work` units per call of fns["ours"] and fns["theirs"], and the max |diff| of their outputs."""
+    err = float((fns["ours"]().float() - fns["theirs"]().float()).abs().max())
+    t = race(fns, device, args.warmup, args.repeats)
+    return [row(label, batch, seq, unit, work / t["ours"], work / t["theirs"], f"max |diff| {err:.1e}")]
+
+
 def bench_vision(args, pair, device, dtype):
     """The whole CLIP tower (every block, last hidden state) on `batch` images."""
     ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
     B = pair.shapes["batch"]
-    px = make_batch(pair.config, B, pair.shapes["seq"], device)[2].to(dtype)
-    fns = {"ours": lambda: ours.vision_tower(px, layer=-1),
-           "theirs": lambda: theirs.model.vision_tower(pixel_values=px).last_hidden_state}
-    with torch.inference_mode():
-        err = float((fns["ours"]().float() - fns["theirs"]().float()).abs().max())
-        t = race(fns, device, args.warmup, args.repeats)
-    return [row("vision", B, pair.config.vision.num_patches + 1, "images/s", B / t["ours"], B / t["theirs"],
-                f"max |diff| {err:.1e}")]
+    px = make_batch(pair.config, B, pair.shapes["seq"], device, dtype=dtype)[2]
+    return same_work("vision", B, pair.config.vision.num_patches + 1, "images/s", B, {
+        "ours": lambda: ours.vision_tower(px, layer=-1),
+        "theirs": lambda: theirs.model.vision_tower(pixel_values=px).last_hidden_state}, args, device)
+
+
+def bench_prefill(args, pair, device, dtype):
+    """A prompt with its image into a fresh KV cache, next-token logits only (generation's start)."""
+    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
+    T = pair.shapes["seq"]
+    ids, _, px = make_batch(pair.config, 1, T, device, dtype=dtype)
+    return same_work("prefill", 1, T, "tokens/s", T, {
+        "ours": lambda: ours.llm(inputs_embeds=ours.embed(ids, px), last_only=True,
+                                 cache=KVCache(ours.config.text, 1, T, dtype, device))[:, -1],
+        "theirs": lambda: theirs(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1).logits[:, -1]},
+        args, device)
 
 
 def bench_train(args, pair, device, dtype):
+    """Ours as train.py steps; transformers' model the same way: CLIP frozen in the compute dtype,
+    projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
     B, T = pair.shapes["batch"], pair.shapes["seq"]
     batch = make_batch(pair.config, B, T, device)
     ours = ours_train_step(pair.ours(torch.float32, device), 2, device, dtype)
-    theirs = hf_train_step(pair.theirs(torch.float32, device), device, dtype)
+    hf = pair.theirs(torch.float32, device).train()
+    hf.model.vision_tower.requires_grad_(False).to(dtype)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    theirs = optimizer_step(lambda ids, labels, px: (hf(input_ids=ids, pixel_values=px, labels=labels).loss, 1),
+                            params, torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0),
+                            functools.partial(torch.nn.utils.clip_grad_norm_, params, 1.0), device, dtype)
     first = float(ours(*batch)), float(theirs(*batch))  # same weights: the same first loss
     t = race({"ours": lambda: ours(*batch), "theirs": lambda: theirs(*batch)}, device, args.warmup, args.repeats)
     llama.compile_elementwise(False)  # generation as chat.py runs it
@@ -287,45 +291,23 @@ def bench_train(args, pair, device, dtype):
                 f"first loss {first[0]:.5f} vs {first[1]:.5f}")]
 
 
-def bench_prefill(args, pair, device, dtype):
-    """A prompt with its image into a fresh KV cache, next-token logits only (generation's start)."""
-    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
-    T = pair.shapes["seq"]
-    ids, _, px = make_batch(pair.config, 1, T, device)
-    px = px.to(dtype)
-    fns = {"ours": lambda: ours.llm(inputs_embeds=ours.embed(ids, px), last_only=True,
-                                    cache=KVCache(ours.config.text, 1, T, dtype, device))[:, -1],
-           "theirs": lambda: theirs(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1).logits[:, -1]}
-    with torch.inference_mode():
-        err = float((fns["ours"]().float() - fns["theirs"]().float()).abs().max())
-        t = race(fns, device, args.warmup, args.repeats)
-    return [row("prefill", 1, T, "tokens/s", T / t["ours"], T / t["theirs"], f"max |diff| of logits {err:.1e}")]
-
-
 def bench_decode(args, pair, device, dtype):
     ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
     N, T = pair.shapes["new_tokens"], pair.shapes["prompt"]
     rows = []
     for B in (1, 8):
-        ids, _, px = make_batch(pair.config, B, T, device, seed=B)
-        px = px.to(dtype)
-
-        def run_ours(n):
-            return torch.stack(list(ours.generate(ids, px, max_new_tokens=n, eos_id=None)), 1)
-
-        def run_theirs(n):  # min_new_tokens: EOS off, as ours
-            out = theirs.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=pair.config.pad_token_id, eos_token_id=2)
-            return out[:, ids.shape[1]:]
-
-        mine, hers = run_ours(N).cpu(), run_theirs(N).cpu()
+        ids, _, px = make_batch(pair.config, B, T, device, seed=B, dtype=dtype)
+        fns = {"ours": lambda n: torch.stack(list(ours.generate(ids, px, max_new_tokens=n, eos_id=None)), 1),
+               # min_new_tokens: EOS off, as ours
+               "theirs": lambda n: theirs.generate(
+                   input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                   min_new_tokens=n, do_sample=False, pad_token_id=pair.config.pad_token_id, eos_token_id=2)[:, T:]}
+        mine, hers = fns["ours"](N).cpu(), fns["theirs"](N).cpu()
         if mine.shape != hers.shape:
             raise AssertionError(f"decode made {tuple(mine.shape)} tokens, transformers {tuple(hers.shape)}")
-        t = race({"ours N": lambda: run_ours(N), "ours 1": lambda: run_ours(1),
-                  "theirs N": lambda: run_theirs(N), "theirs 1": lambda: run_theirs(1)},
+        t = race({(side, n): functools.partial(fn, n) for side, fn in fns.items() for n in (N, 1)},
                  device, args.warmup, args.repeats)
-        rates = [B * (N - 1) / max(t[f"{side} N"] - t[f"{side} 1"], 1e-9) for side in ("ours", "theirs")]
+        rates = [B * (N - 1) / max(t[side, N] - t[side, 1], 1e-9) for side in fns]
         rows.append(row(f"decode b{B}", B, T, "tokens/s", *rates,
                         f"{N} new tokens, {float((mine == hers).float().mean()):.0%} of them identical"))
     return rows
@@ -333,6 +315,12 @@ def bench_decode(args, pair, device, dtype):
 
 MEASUREMENTS = {"preprocess": bench_preprocess, "vision": bench_vision, "train": bench_train,
                 "prefill": bench_prefill, "decode": bench_decode}
+
+
+def write_json(res, path):
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(res, indent=1, default=str))
 
 
 def run_measurements(args, names):
@@ -345,24 +333,23 @@ def run_measurements(args, names):
     header = (f"nanollava vs transformers {transformers.__version__} | torch {torch.__version__} | "
               f"device {device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]} | "
               f"config {args.config}")
-    log(header)
+    print(header)
     rows = []
     for name in names:
-        log(f"... {name}")
+        print(f"... {name}")
         for r in MEASUREMENTS[name](args, pair, device, dtype):
-            log("{measurement:<11} batch {batch:<3} seq {seq:<5} {unit:<9} ours {ours:>10.1f}  "
-                "transformers {transformers:>10.1f}  ratio {ratio:5.2f}x  {note}".format(**r))
+            print("{measurement:<11} batch {batch:<3} seq {seq:<5} {unit:<9} ours {ours:>10.1f}  "
+                  "transformers {transformers:>10.1f}  ratio {ratio:5.2f}x  {note}".format(**r))
             rows.append(r)
         gc.collect()
-    log(f"\n{header}\n| measurement | batch | seq | unit | ours | transformers | ours / transformers |\n"
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    print(f"\n{header}\n| measurement | batch | seq | unit | ours | transformers | ours / transformers |\n"
+          "| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for r in rows:
-        log("| {measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | {ratio:.2f}x |".format(**r))
+        print("| {measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | {ratio:.2f}x |".format(**r))
     result = {"header": header, "config": args.config, "device": device_name(device), "dtype": str(dtype),
               "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": torch.get_num_threads(), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+    write_json(result, args.out)
     return result
 
 
@@ -379,9 +366,9 @@ GPU_TABLE = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- 
 
 
 def table_row(table, part, setting, note, tokens="", mfu="", mem=""):
-    """One line of the summary table, logged as soon as it is measured."""
+    """One line of the summary table, printed as soon as it is measured."""
     table.append(f"| {part} | {setting} | {tokens} | {mfu} | {mem} | {note} |")
-    log(table[-1])
+    print(table[-1])
 
 
 def attempt(name, fn, table):
@@ -435,7 +422,7 @@ def gpu_train(shapes, stage, setting, device, dtype, args, table):
             sync(device)
         out["profile"] = "torch.profiler, 2 steps:\n" + prof.key_averages().table(
             sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15, max_name_column_width=50)
-        log(out["profile"])
+        print(out["profile"])
     return out
 
 
@@ -445,8 +432,8 @@ def gpu_decode(shapes, device, dtype, args, table):
     compiling C++ for a smoke test). Its first call compiles and captures: a warm-up round."""
     llama.compile_elementwise(False)  # generation as chat.py runs it
     model = build(llava_config(shapes), device, dtype).eval()
-    ids, _, px = make_batch(model.config, 1, shapes["prompt"], device)
-    ids, px, N, c = ids[0], px.to(dtype), shapes["new_tokens"], model.config.text
+    ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
+    ids, N, c = ids[0], shapes["new_tokens"], model.config.text
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.llm.named_parameters()
                        if not name.startswith("embed_tokens"))
     kv_tokens = len(ids) + N / 2  # the cache's mean length during the decode
@@ -480,15 +467,14 @@ def gpu_smoke(device, workdir, table):
     clip_dir, llm_dir = tiny.make_tiny_bases(root, world["tokenizer"], seed=0)
     common = dict(clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=tiny.TINY_CLIP["image_size"], pad_to_square=False,
-                  global_batch=8, micro_batch=4, max_steps=3, warmup_ratio=0.0, max_length=256,
-                  device=str(device), dtype="bf16",
-                  grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)
+                  global_batch=8, micro_batch=4, max_steps=3, warmup_ratio=0.0, max_length=256, device=str(device),
+                  dtype="bf16", grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)
     out = {}
     for name, stage, optimizer in (("stage1", 1, "adamw"), ("stage2", 2, "adamw"), ("stage2_muon", 2, "muon")):
         losses = train.train(train.fill_recipe(train.TrainConfig(
             stage=stage, data=str(world[f"stage{stage}"]), out=str(root / name), optimizer=optimizer,
             init=str(root / "stage1") if stage == 2 else "", **common)))
-        out[name] = {"losses": losses, "ok": bool(losses) and all(math.isfinite(x) for x in losses)}
+        out[name] = {"losses": losses, "ok": bool(losses) and all(map(math.isfinite, losses))}
         table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt",
                   f"{'ok' if out[name]['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}")
     # each step all-reduces a few CPU tensors; on several GPUs that needs the group's gloo half
@@ -496,7 +482,7 @@ def gpu_smoke(device, workdir, table):
     flag = torch.ones(1)
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0
-    table_row(table, "smoke all_reduce of a CPU tensor", "", "ok" if float(flag) == 1.0 else "FAILED")
+    table_row(table, "smoke all_reduce of a CPU tensor", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
     return out
 
 
@@ -509,9 +495,8 @@ def run_gpu(args):
         args.warmup, args.repeats = 1, 2
     header = (f"nanollava bench gpu | {device_name(device)} | torch {torch.__version__} | dtype {str(dtype)[6:]} | "
               f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}")
-    log(header)
-    res, table = {"header": header, "device": device_name(device), "torch": torch.__version__}, []
-    t0 = time.perf_counter()
+    print(header)
+    res, table, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, [], time.time()
     with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:
         parts = {"stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args, table) for s in GPU_RUNS},
                  "smoke": lambda: gpu_smoke(device, tmp, table),
@@ -519,13 +504,11 @@ def run_gpu(args):
                                           for s in ("ckpt_off", "ckpt_on")},
                  "decode": lambda: gpu_decode(big, device, dtype, args, table)}
         for name, fn in parts.items():
-            log(f"[{time.perf_counter() - t0:6.1f}s] {name}")
+            print(f"[{time.time() - t0:6.1f}s] {name}")
             res[name] = attempt(name, fn, table)
             reset_memory(device)
-            if args.out:  # after every part, so that a run cut short keeps what it measured
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(res, indent=1, default=str))
-    log("\n".join(["", header, *GPU_TABLE, *table]))
+            write_json(res, args.out)  # after every part, so that a run cut short keeps what it measured
+    print("\n".join(["", header, *GPU_TABLE, *table]))
     return res
 
 
@@ -541,6 +524,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="gpu: tiny shapes (runs on a CPU)")
     p.add_argument("--profile", action="store_true", help="gpu: a torch.profiler table of a stage-2 step")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, also into a pipe or a file
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.measurement == "gpu":
