@@ -4,18 +4,18 @@ How fast nanollava is, measured against Hugging Face transformers on the same wo
     python bench.py preprocess|vision|train|prefill|decode|all [--config tiny|20m|1b|7b] [--threads N]
     python bench.py gpu [--profile] [--out summary.json]   # the prepared run for one H100 / H200
 
-Both sides load one random LLaVA (built from CONFIGS, saved as a llava-hf directory) and get the
-same inputs, threads, dtype and device. A training step is forward + backward + clipping + AdamW on
-the same supervised tokens, ours as train.py runs it; decoding is greedy with EOS off, and
-B (N - 1) / (t(N) - t(1)) tokens/s cancels the prefill. Each repeat times ours, then theirs, so
-other work on the machine slows both alike; after warm-up rounds we print the ratio of the medians,
-ours / theirs (> 1: we are faster). On a shared machine use --threads 1: OpenMP threads beyond the
-free cores wait on each other at every barrier, and small ops slow down many times.
+Both sides load one random LLaVA (from CONFIGS, saved as a llava-hf directory), get the same inputs,
+threads, dtype and device, and do the same work: a training step is forward + backward + clipping +
+AdamW on the same supervised tokens, ours as train.py runs it; decoding is greedy with EOS off, at
+B (N - 1) / (t(N) - t(1)) tokens/s, which cancels the prefill. Each repeat times ours, then theirs,
+so other work on the machine slows both alike; we print the ratio of the medians, ours / theirs
+(> 1: we are faster). On a shared machine use --threads 1: OpenMP threads beyond the free cores wait
+on each other at every barrier, and small ops slow down many times.
 
-`gpu` times train.py's own step with random weights: tokens/s, MFU (train.step_flops over the
-chip's bf16 peak) and peak memory of a ~1B LLaVA's stage 2 and a 7B-shaped stage 1, gradient
-checkpointing off and on; the 7B shape's decode, eager and compiled, against the memory-bandwidth
-bound; a smoke run of train.train(). `--device cpu --tiny` runs it on tiny shapes, as the tests do.
+`gpu` times train.py's own step on random weights: tokens/s, MFU and peak memory of a ~1B LLaVA's
+stage 2 and a 7B-shaped stage 1, gradient checkpointing off and on; the 7B shape's decode, eager and
+compiled, against the memory-bandwidth bound; a smoke run of train.train(). `--device cpu --tiny`
+runs it on tiny shapes, as the tests do.
 """
 
 import argparse
@@ -49,20 +49,17 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
 LLAMA = dict(vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096)
 CONFIGS = {
     # the tiny preset's towers (tiny.py), its 512 pieces + <image>, <pad> rounded up to 576
-    "tiny": dict(vision=tiny.TINY_CLIP, text={**tiny.TINY_LLM, "vocab_size": 576}, batch=32, seq=64, prompt=40,
+    "tiny": dict(vision=tiny.TINY_CLIP, text=dict(tiny.TINY_LLM, vocab_size=576), batch=32, seq=64, prompt=40,
                  new_tokens=32),
     # 62M parameters: small blocks, but the real vocabulary (its embedding and head are half of it)
     "20m": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=64, patch_size=8),
-                text={**LLAMA, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
-                      "num_attention_heads": 8}, batch=8, seq=256, prompt=96, new_tokens=64),
+                            image_size=64, patch_size=8), batch=8, seq=256, prompt=96, new_tokens=64,
+                text=dict(LLAMA, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8)),
     # the gpu run's two models; 16 is LLaVA-1.5's stage-2 batch per GPU
-    "1b": dict(vision=CLIP_L_336, text={**LLAMA, "hidden_size": 2048, "intermediate_size": 5504,
-                                        "num_hidden_layers": 16, "num_attention_heads": 32},
-               batch=16, seq=1024, prompt=608, new_tokens=128),
-    "7b": dict(vision=CLIP_L_336, text={**LLAMA, "hidden_size": 4096, "intermediate_size": 11008,
-                                        "num_hidden_layers": 32, "num_attention_heads": 32},
-               batch=8, seq=640, prompt=608, new_tokens=128),
+    "1b": dict(vision=CLIP_L_336, text=dict(LLAMA, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+                                            num_attention_heads=32), batch=16, seq=1024, prompt=608, new_tokens=128),
+    "7b": dict(vision=CLIP_L_336, text=dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                            num_attention_heads=32), batch=8, seq=640, prompt=608, new_tokens=128),
 }
 
 
@@ -317,12 +314,6 @@ MEASUREMENTS = {"preprocess": bench_preprocess, "vision": bench_vision, "train":
                 "prefill": bench_prefill, "decode": bench_decode}
 
 
-def write_json(res, path):
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(res, indent=1, default=str))
-
-
 def run_measurements(args, names):
     import transformers
     transformers.logging.set_verbosity_error()
@@ -333,24 +324,17 @@ def run_measurements(args, names):
     header = (f"nanollava vs transformers {transformers.__version__} | torch {torch.__version__} | "
               f"device {device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]} | "
               f"config {args.config}")
-    print(header)
-    rows = []
-    for name in names:
-        print(f"... {name}")
-        for r in MEASUREMENTS[name](args, pair, device, dtype):
-            print("{measurement:<11} batch {batch:<3} seq {seq:<5} {unit:<9} ours {ours:>10.1f}  "
-                  "transformers {transformers:>10.1f}  ratio {ratio:5.2f}x  {note}".format(**r))
-            rows.append(r)
-        gc.collect()
-    print(f"\n{header}\n| measurement | batch | seq | unit | ours | transformers | ours / transformers |\n"
-          "| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-    for r in rows:
-        print("| {measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | {ratio:.2f}x |".format(**r))
-    result = {"header": header, "config": args.config, "device": device_name(device), "dtype": str(dtype),
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}
-    write_json(result, args.out)
-    return result
+
+    def measure(fn, table):
+        rows = fn(args, pair, device, dtype)
+        for r in rows:
+            table_row(table, *(r[k] for k in ("measurement", "batch", "seq", "unit")), f"{r['ours']:.1f}",
+                      f"{r['transformers']:.1f}", f"{r['ratio']:.2f}x", r["note"])
+        return rows
+
+    columns = ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
+               "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    return run(args, device, header, columns, {name: functools.partial(measure, MEASUREMENTS[name]) for name in names})
 
 
 # -----------------------------------------------------------------------------------------------
@@ -362,24 +346,42 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 # setting: (gradient checkpointing, micro-batches per optimizer step); 8 x 16 is LLaVA-1.5's
 # stage-2 global batch of 128 on one GPU (stage 2 runs all three, stage 1 the first two)
 GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
-GPU_TABLE = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
 
 
-def table_row(table, part, setting, note, tokens="", mfu="", mem=""):
+def table_row(table, *cells):
     """One line of the summary table, printed as soon as it is measured."""
-    table.append(f"| {part} | {setting} | {tokens} | {mfu} | {mem} | {note} |")
+    table.append("| " + " | ".join(map(str, cells)) + " |")
     print(table[-1])
 
 
 def attempt(name, fn, table):
-    """fn(), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
+    """fn(table), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
     try:
-        return fn()
+        return fn(table)
     except Exception as e:
         traceback.print_exc()
         error = f"{type(e).__name__}: {e}"
         table_row(table, name, "", f"error: {error[:120]}")
         return {"error": error}
+
+
+def run(args, device, header, columns, parts):
+    """{part: fn(table)} in turn, each row printed as it is measured, the JSON written to --out after
+    every part (so that a run cut short keeps what it measured), the table again in one piece at the end."""
+    print(header)
+    res, table, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, [], time.time()
+    for name, fn in parts.items():
+        print(f"[{time.time() - t0:6.1f}s] {name}")
+        res[name] = attempt(name, fn, table)
+        reset_memory(device)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    print("\n".join(["", header, *columns, *table]))
+    failed = [name for name, got in res.items() if isinstance(got, dict) and "error" in got]
+    if failed:
+        raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
+    return res
 
 
 def reset_memory(device):
@@ -410,18 +412,16 @@ def gpu_train(shapes, stage, setting, device, dtype, args, table):
            "mfu": flops / dt / peak if peak else None, "peak_mem_gb": mem,
            "losses": losses, "finite": all(map(math.isfinite, losses))}
     table_row(table, f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step",
-              f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}",
               f"{out['tokens_per_s']:.0f}", f"{out['mfu']:.1%}" if peak else "n/a",
-              f"{mem:.1f} GiB" if mem is not None else "n/a")
+              f"{mem:.1f} GiB" if mem is not None else "n/a",
+              f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
     if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
-        from torch.profiler import ProfilerActivity
-        cuda = device.type == "cuda"
-        with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one
             for _ in range(2):
                 step(ids, labels, px)
             sync(device)
         out["profile"] = "torch.profiler, 2 steps:\n" + prof.key_averages().table(
-            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15, max_name_column_width=50)
+            sort_by=f"self_{device.type}_time_total", row_limit=15, max_name_column_width=50)
         print(out["profile"])
     return out
 
@@ -451,11 +451,11 @@ def gpu_decode(shapes, device, dtype, args, table):
         note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
                 f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
         cpu = "; static step, not compiled (CPU)" if mode == "compiled" and device.type != "cuda" else ""
-        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", note + cpu, f"{v:.1f}")
+        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note + cpu)
         return {f"{mode}_tokens_per_s": v}
 
     for mode in ("eager", "compiled"):  # a failed compilation keeps the eager number
-        out.update(attempt(f"decode {mode}", lambda: measure(mode), table))
+        out.update(attempt(f"decode {mode}", lambda table: measure(mode), table))
     return out
 
 
@@ -475,14 +475,14 @@ def gpu_smoke(device, workdir, table):
             stage=stage, data=str(world[f"stage{stage}"]), out=str(root / name), optimizer=optimizer,
             init=str(root / "stage1") if stage == 2 else "", **common)))
         out[name] = {"losses": losses, "ok": bool(losses) and all(map(math.isfinite, losses))}
-        table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt",
+        table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt", "", "", "",
                   f"{'ok' if out[name]['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}")
     # each step all-reduces a few CPU tensors; on several GPUs that needs the group's gloo half
     # (fsdp.process_group_backend), which only this call exercises on a single GPU
     flag = torch.ones(1)
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0
-    table_row(table, "smoke all_reduce of a CPU tensor", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
+    table_row(table, "smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
     return out
 
 
@@ -495,21 +495,14 @@ def run_gpu(args):
         args.warmup, args.repeats = 1, 2
     header = (f"nanollava bench gpu | {device_name(device)} | torch {torch.__version__} | dtype {str(dtype)[6:]} | "
               f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}")
-    print(header)
-    res, table, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, [], time.time()
+    columns = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
     with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:
-        parts = {"stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args, table) for s in GPU_RUNS},
-                 "smoke": lambda: gpu_smoke(device, tmp, table),
-                 "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args, table)
-                                          for s in ("ckpt_off", "ckpt_on")},
-                 "decode": lambda: gpu_decode(big, device, dtype, args, table)}
-        for name, fn in parts.items():
-            print(f"[{time.time() - t0:6.1f}s] {name}")
-            res[name] = attempt(name, fn, table)
-            reset_memory(device)
-            write_json(res, args.out)  # after every part, so that a run cut short keeps what it measured
-    print("\n".join(["", header, *GPU_TABLE, *table]))
-    return res
+        return run(args, device, header, columns, {
+            "stage2_train": lambda table: {s: gpu_train(small, 2, s, device, dtype, args, table) for s in GPU_RUNS},
+            "smoke": lambda table: gpu_smoke(device, tmp, table),
+            "stage1_train": lambda table: {s: gpu_train(big, 1, s, device, dtype, args, table)
+                                           for s in ("ckpt_off", "ckpt_on")},
+            "decode": lambda table: gpu_decode(big, device, dtype, args, table)})
 
 
 def main(argv=None):
