@@ -80,10 +80,9 @@ def device_name(device):
 
 
 def race(fns, device, warmup, repeats, min_sample=0.05):
-    """{name: median seconds per call} of each fn in `fns`, run round-robin `repeats` times after
-    `warmup` rounds (the first of them timed, to size the samples). A fast fn is called several
-    times per sample, so that each lasts `min_sample` seconds and one scheduler hiccup is not a
-    sample; min_sample=0 calls each fn exactly once per round."""
+    """{name: median seconds per call} of fns run round-robin `repeats` times after `warmup` rounds (the
+    first timed, to size the samples: a fast fn runs several times a sample, for `min_sample` seconds,
+    so that one scheduler hiccup is not a sample; min_sample=0 calls each fn once per round)."""
     def timed(fn, k=1):
         sync(device)
         t = time.perf_counter()
@@ -128,8 +127,7 @@ class Pair:
     `ours()` / `theirs()` give fresh models (training mutates them) with identical weights."""
 
     def __init__(self, shapes):
-        self.shapes, self.tmp = shapes, tempfile.TemporaryDirectory(prefix="nanollava-bench-")
-        self.config = llava_config(shapes)
+        self.shapes, self.config, self.tmp = shapes, llava_config(shapes), tempfile.TemporaryDirectory()
         build(self.config, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
 
     def ours(self, dtype, device):
@@ -155,9 +153,8 @@ def make_batch(config, batch, seq, device, seed=0, dtype=torch.float32):
 
 
 def optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, backward=contextlib.nullcontext):
-    """step(ids, labels, px, micro_steps=k): k forward + backward passes under autocast (each pass's
-    summed loss over all k passes' token count: train.py's accumulation), clipping, the optimizer's
-    step; -> the last pass's mean loss. `backward`: the context of each backward pass."""
+    """step(ids, labels, px, micro_steps=k): k forward + backward passes under autocast (train.py's
+    accumulation: each pass's summed loss over all k passes' token count), clipping, the optimizer."""
     def step(ids, labels, px, micro_steps=1):
         for _ in range(micro_steps):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -208,10 +205,9 @@ def row(measurement, batch, seq, unit, ours, theirs, note=""):
 
 
 def bench_preprocess(args, pair, device, dtype, size=336):
-    """clip.preprocess picture by picture (as the data loader calls it), and preprocess_batch with
-    a thread per core, vs transformers' processor on the whole list (its fastest use), on the CPU,
-    outputs identical bit for bit: the colour photos, all the pictures, and the colour photos padded
-    to a square (LLaVA-1.5's "pad" mode, LlavaImageProcessor(do_pad=True))."""
+    """clip.preprocess picture by picture (as the data loader calls it) and preprocess_batch with a
+    thread per core vs transformers' processor on the whole list (its fastest use), outputs identical
+    bit for bit: the colour photos, all the pictures, the colour photos padded (LLaVA-1.5's "pad")."""
     import skimage.data
     import transformers
     from PIL import Image
@@ -405,14 +401,14 @@ def gpu_train(shapes, stage, setting, device, dtype, args, table):
               args.warmup, args.repeats, min_sample=0)["step"]
     supervised = len(supervised_positions(labels.cpu())[0])
     flops = train.step_flops(model.config, counts, stage, B * T, supervised, B, T) * micro_steps
-    peak = train.device_peak_flops(device)
+    peak = train.device_peak_flops(device)  # None where unknown (a CPU)
+    mfu = flops / dt / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,
-           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "achieved_tflops": flops / dt / 1e12,
-           "mfu": flops / dt / peak if peak else None, "peak_mem_gb": mem,
+    out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "peak_mem_gb": mem,
+           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "mfu": mfu,
            "losses": losses, "finite": all(map(math.isfinite, losses))}
     table_row(table, f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step",
-              f"{out['tokens_per_s']:.0f}", f"{out['mfu']:.1%}" if peak else "n/a",
+              f"{out['tokens_per_s']:.0f}", f"{mfu:.1%}" if peak else "n/a",
               f"{mem:.1f} GiB" if mem is not None else "n/a",
               f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
     if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
@@ -427,9 +423,9 @@ def gpu_train(shapes, stage, setting, device, dtype, args, table):
 
 
 def gpu_decode(shapes, device, dtype, args, table):
-    """Batch-1 greedy decode, eager, then compile_decode(): torch.compile of the static-shape step
-    with CUDA graphs (on a CPU the static step runs uncompiled: inductor would spend minutes
-    compiling C++ for a smoke test). Its first call compiles and captures: a warm-up round."""
+    """Batch-1 greedy decode, eager, then compile_decode(): torch.compile of the static-shape step with
+    CUDA graphs, compiled and captured in the warm-up round (on a CPU the static step runs uncompiled:
+    inductor would spend minutes compiling C++ for a smoke test)."""
     llama.compile_elementwise(False)  # generation as chat.py runs it
     model = build(llava_config(shapes), device, dtype).eval()
     ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
@@ -450,8 +446,7 @@ def gpu_decode(shapes, device, dtype, args, table):
         v = (N - 1) / max(t[N] - t[1], 1e-9)
         note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
                 f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
-        cpu = "; static step, not compiled (CPU)" if mode == "compiled" and device.type != "cuda" else ""
-        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note + cpu)
+        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note)
         return {f"{mode}_tokens_per_s": v}
 
     for mode in ("eager", "compiled"):  # a failed compilation keeps the eager number
