@@ -324,8 +324,8 @@ def run_measurements(args, names):
     def measure(fn, table):
         rows = fn(args, pair, device, dtype)
         for r in rows:
-            table_row(table, *(r[k] for k in ("measurement", "batch", "seq", "unit")), f"{r['ours']:.1f}",
-                      f"{r['transformers']:.1f}", f"{r['ratio']:.2f}x", r["note"])
+            table_row(table, "{measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | "
+                      "{ratio:.2f}x | {note}".format(**r))
         return rows
 
     columns = ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
@@ -412,10 +412,9 @@ def gpu_train(shapes, stage, setting, device, dtype, args, table):
               f"{mem:.1f} GiB" if mem is not None else "n/a",
               f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
     if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
-        with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one
+        with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one (synced at exit)
             for _ in range(2):
                 step(ids, labels, px)
-            sync(device)
         out["profile"] = "torch.profiler, 2 steps:\n" + prof.key_averages().table(
             sort_by=f"self_{device.type}_time_total", row_limit=15, max_name_column_width=50)
         print(out["profile"])
@@ -430,10 +429,9 @@ def gpu_decode(shapes, device, dtype, args, table):
     model = build(llava_config(shapes), device, dtype).eval()
     ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
     ids, N, c = ids[0], shapes["new_tokens"], model.config.text
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.llm.named_parameters()
-                       if not name.startswith("embed_tokens"))
-    kv_tokens = len(ids) + N / 2  # the cache's mean length during the decode
-    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_tokens * dtype.itemsize
+    weight_bytes = sum(p.nbytes for name, p in model.llm.named_parameters() if not name.startswith("embed_tokens"))
+    # the KV cache at its mean length during the decode
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (len(ids) + N / 2) * dtype.itemsize
     bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in device_name(device)), None)
     bound = bw / (weight_bytes + kv_bytes) if bw else None
     out = {"prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
