@@ -4,23 +4,23 @@ How fast nanollava is, measured against Hugging Face transformers on the same wo
     python bench.py preprocess|vision|train|prefill|decode|all [--config tiny|20m|1b|7b] [--threads N]
     python bench.py gpu [--profile] [--out summary.json]   # the prepared run for one H100 / H200
 
-The method: one random LLaVA (built from CONFIGS, saved as a llava-hf directory) is loaded by
-both sides; they get the same inputs, threads, dtype and device, and do the same work. A training
-step is forward + backward + clipping + AdamW on the same supervised tokens, ours as train.py
-runs it; decoding is greedy with EOS off, and B (N - 1) / (t(N) - t(1)) tokens/s cancels the
-prefill. Each repeat times ours, then theirs, in the same run, so other work on the machine slows
-both alike; after untimed warm-up rounds we take the median of the repeats and print the ratio
-ours / theirs (> 1: we are faster). On a shared machine use --threads 1: with more threads than
-free cores, OpenMP's barriers wait on parked threads and small ops slow down many times.
+Both sides load one random LLaVA (from CONFIGS, saved as a llava-hf directory), get the same inputs,
+threads, dtype and device, and do the same work: a training step is forward + backward + clipping +
+AdamW on the same supervised tokens, ours as train.py runs it; decoding is greedy with EOS off, at
+B (N - 1) / (t(N) - t(1)) tokens/s, which cancels the prefill. Each repeat times ours, then theirs,
+so other work on the machine slows both alike; we print the ratio of the medians, ours / theirs
+(> 1: we are faster). On a shared machine use --threads 1: OpenMP threads beyond the free cores wait
+on each other at every barrier, and small ops slow down many times.
 
-`gpu` times train.py's own step with random weights: tokens/s, MFU (train.step_flops over the
-chip's bf16 peak) and peak memory of a ~1B LLaVA's stage 2 and a 7B-shaped stage 1, gradient
-checkpointing off and on; the 7B shape's decode, eager and compile_decode(), against the memory
-bandwidth bound; a smoke run of train.train(). `--device cpu --tiny` runs it on tiny shapes (as
-the tests do). Our GPU step against transformers' eager one: `train --device cuda --config 1b`.
+`gpu` times train.py's own step on random weights: tokens/s, MFU and peak memory of a ~1B LLaVA's
+stage 2 and a 7B-shaped stage 1, gradient checkpointing off and on; the 7B shape's decode, eager and
+compiled, against the memory-bandwidth bound; a smoke run of train.train(). `--device cpu --tiny`
+runs it on tiny shapes, as the tests do.
 """
 
 import argparse
+import contextlib
+import functools
 import gc
 import json
 import math
@@ -42,15 +42,6 @@ from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
 from model import LLaVA, LLaVAConfig, supervised_positions, token_loss
 
-
-def llava_config(shapes):
-    """The LLaVAConfig of a CONFIGS entry; <image> and <pad> sit just above the real vocabulary,
-    where the tokenizer places them."""
-    V = shapes["text"]["vocab_size"]
-    return LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
-                       image_token_id=V - 64, pad_token_id=V - 63)
-
-
 # Each model with its workload: `batch` x `seq` tokens per training step (the image's patches
 # included), prompts of `prompt` tokens, `new_tokens` decoded.
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -58,25 +49,25 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
 LLAMA = dict(vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096)
 CONFIGS = {
     # the tiny preset's towers (tiny.py), its 512 pieces + <image>, <pad> rounded up to 576
-    "tiny": dict(vision=tiny.TINY_CLIP, text={**tiny.TINY_LLM, "vocab_size": 576}, batch=32, seq=64, prompt=40,
+    "tiny": dict(vision=tiny.TINY_CLIP, text=dict(tiny.TINY_LLM, vocab_size=576), batch=32, seq=64, prompt=40,
                  new_tokens=32),
     # 62M parameters: small blocks, but the real vocabulary (its embedding and head are half of it)
     "20m": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
-                            image_size=64, patch_size=8),
-                text={**LLAMA, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
-                      "num_attention_heads": 8}, batch=8, seq=256, prompt=96, new_tokens=64),
+                            image_size=64, patch_size=8), batch=8, seq=256, prompt=96, new_tokens=64,
+                text=dict(LLAMA, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8)),
     # the gpu run's two models; 16 is LLaVA-1.5's stage-2 batch per GPU
-    "1b": dict(vision=CLIP_L_336, text={**LLAMA, "hidden_size": 2048, "intermediate_size": 5504,
-                                        "num_hidden_layers": 16, "num_attention_heads": 32},
-               batch=16, seq=1024, prompt=608, new_tokens=128),
-    "7b": dict(vision=CLIP_L_336, text={**LLAMA, "hidden_size": 4096, "intermediate_size": 11008,
-                                        "num_hidden_layers": 32, "num_attention_heads": 32},
-               batch=8, seq=640, prompt=608, new_tokens=128),
+    "1b": dict(vision=CLIP_L_336, text=dict(LLAMA, hidden_size=2048, intermediate_size=5504, num_hidden_layers=16,
+                                            num_attention_heads=32), batch=16, seq=1024, prompt=608, new_tokens=128),
+    "7b": dict(vision=CLIP_L_336, text=dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                            num_attention_heads=32), batch=8, seq=640, prompt=608, new_tokens=128),
 }
 
 
-def log(*args):
-    print(*args, flush=True)
+def llava_config(shapes):
+    """A CONFIGS entry's LLaVAConfig; <image> and <pad> sit just above the real vocabulary, as the tokenizer's."""
+    V = shapes["text"]["vocab_size"]
+    return LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
+                       image_token_id=V - 64, pad_token_id=V - 63)
 
 
 def sync(device):
@@ -89,10 +80,9 @@ def device_name(device):
 
 
 def race(fns, device, warmup, repeats, min_sample=0.05):
-    """{name: median seconds per call} of each fn in `fns`, run round-robin `repeats` times after
-    `warmup` rounds (the first of them timed, to size the samples). A fast fn is called several
-    times per sample, so that each lasts `min_sample` seconds and one scheduler hiccup is not a
-    sample; min_sample=0 calls each fn exactly once per round."""
+    """{name: median seconds per call} of fns run round-robin `repeats` times after `warmup` rounds (the
+    first timed, to size the samples: a fast fn runs several times a sample, for `min_sample` seconds,
+    so that one scheduler hiccup is not a sample; min_sample=0 calls each fn once per round)."""
     def timed(fn, k=1):
         sync(device)
         t = time.perf_counter()
@@ -112,29 +102,21 @@ def race(fns, device, warmup, repeats, min_sample=0.05):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def row(measurement, batch, seq, unit, ours, theirs, note=""):
-    return dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
-                ratio=ours / theirs, note=note)
-
-
 # -----------------------------------------------------------------------------------------------
-# The models and their inputs
+# The models, their inputs and their training steps
 
 
 @torch.no_grad()
 def build(config, device, dtype, seed=0, std=0.02):
-    """A random LLaVA made directly on `device` in `dtype`: a meta build (no memory), storage on
-    the device, then N(0, std) weights, unit norms and zero biases drawn there (a 7B model never
-    passes through the CPU)."""
+    """A random LLaVA made directly on `device` in `dtype` (a 7B model never passes through the
+    CPU): a meta build, storage on the device, then N(0, std) weights, unit norms, zero biases."""
     with torch.device("meta"):
         model = LLaVA(config)
     model = model.to(dtype).to_empty(device=device)
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
-        if p.dim() == 1 and name.endswith("weight") and ("norm" in name or "layrnorm" in name):
-            p.fill_(1.0)
-        elif p.dim() == 1 and name.endswith("bias"):
-            p.zero_()
+        if p.dim() == 1 and name.endswith(("weight", "bias")):  # the norms' scales and every bias
+            p.fill_(float(name.endswith("weight")))
         else:
             p.normal_(0.0, std)
     return model
@@ -145,11 +127,7 @@ class Pair:
     `ours()` / `theirs()` give fresh models (training mutates them) with identical weights."""
 
     def __init__(self, shapes):
-        import transformers
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        self.shapes, self.tmp = shapes, tempfile.TemporaryDirectory(prefix="nanollava-bench-")
-        self.config = llava_config(shapes)
+        self.shapes, self.config, self.tmp = shapes, llava_config(shapes), tempfile.TemporaryDirectory()
         build(self.config, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
 
     def ours(self, dtype, device):
@@ -161,19 +139,55 @@ class Pair:
             self.tmp.name, dtype=dtype, attn_implementation="sdpa").to(device)
 
 
-def make_batch(config, batch, seq, device, seed=0):
+def make_batch(config, batch, seq, device, seed=0, dtype=torch.float32):
     """[BOS, 3 text ids, the image's P ids, text...] of `seq` tokens per row, labels on the text
-    after the image (as stage 2 supervises the reply only), random pixels."""
+    after the image (as stage 2 supervises the reply only), random pixels in `dtype`."""
     g = torch.Generator().manual_seed(seed)
     P = config.num_patches  # CONFIGS leave room for the image and a few supervised tokens
     ids = torch.randint(3, config.image_token_id, (batch, seq), generator=g)
     ids[:, 0] = 1
     ids[:, 4:4 + P] = config.image_token_id
-    labels = ids.clone()
-    labels[:, :4 + P + 2] = -100
-    S = config.vision.image_size
-    px = torch.randn(batch, 3, S, S, generator=g)
-    return ids.to(device), labels.to(device), px.to(device)
+    labels = ids.masked_fill(torch.arange(seq) < 4 + P + 2, -100)
+    px = torch.randn(batch, 3, config.vision.image_size, config.vision.image_size, generator=g)
+    return ids.to(device), labels.to(device), px.to(device, dtype)
+
+
+def optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, backward=contextlib.nullcontext):
+    """step(ids, labels, px, micro_steps=k): k forward + backward passes under autocast (train.py's
+    accumulation: each pass's summed loss over all k passes' token count), clipping, the optimizer."""
+    def step(ids, labels, px, micro_steps=1):
+        for _ in range(micro_steps):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                loss, n = loss_and_count(ids, labels, px)
+            with backward():
+                (loss / (n * micro_steps)).backward()
+        clip()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach() / n
+
+    return step
+
+
+def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
+    """Our model set up as train.train() sets it up (fsdp.shard_model: frozen parts in the compute
+    dtype, trained units as fp32 shards of our FSDP at world size 1), and its optimizer step."""
+    cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=2e-5,
+                            weight_decay=0.0, adam_beta2=0.999)
+    fsdp.init_distributed(cfg)
+    model.train()
+    params, _, sharded = fsdp.shard_model(model, cfg, device, dtype)
+    optimizer = train.make_optimizer(params, sharded, model, cfg)
+    llama.compile_elementwise(train.wants_compiled_elementwise(cfg, device))  # as train() decides: on with CUDA
+
+    def loss_and_count(ids, labels, px):
+        # train.py's collator finds the supervised positions on the CPU, in the loader
+        at, targets = (t.to(device) for t in supervised_positions(labels.cpu()))
+        return token_loss(model(ids, px, logits_at=at)[0], targets), max(len(targets), 1)
+
+    clip = functools.partial(fsdp.clip_grad_norm, params, cfg.grad_clip, cfg.fsdp)
+    # each backward pass in FSDP's schedule: its backward-order prefetch and gradient hand-off
+    return optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, sharded[0].schedule.backward)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -185,15 +199,18 @@ RGB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "
 OTHER_PICTURES = ("camera", "coins", "moon", "page", "text", "horse", "logo")
 
 
-def bench_preprocess(args, size=336):
-    """clip.preprocess picture by picture (as the data loader calls it), and preprocess_batch with
-    a thread per core, vs transformers' processor on the whole list (its fastest use) at 336 px,
-    outputs identical bit for bit: the colour photos, all the pictures, and the colour photos
-    padded to a square (LLaVA-1.5's "pad" mode, LlavaImageProcessor(do_pad=True))."""
+def row(measurement, batch, seq, unit, ours, theirs, note=""):
+    return dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
+                ratio=ours / theirs, note=note)
+
+
+def bench_preprocess(args, pair, device, dtype, size=336):
+    """clip.preprocess picture by picture (as the data loader calls it) and preprocess_batch with a
+    thread per core vs transformers' processor on the whole list (its fastest use), outputs identical
+    bit for bit: the colour photos, all the pictures, the colour photos padded (LLaVA-1.5's "pad")."""
     import skimage.data
     import transformers
     from PIL import Image
-    transformers.logging.set_verbosity_error()
     sizes = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     clip = transformers.CLIPImageProcessor(**sizes)
     llava = getattr(transformers, "LlavaImageProcessorPil", transformers.LlavaImageProcessor)(do_pad=True, **sizes)
@@ -218,98 +235,53 @@ def bench_preprocess(args, size=336):
     return rows
 
 
+@torch.inference_mode()
+def same_work(label, batch, seq, unit, work, fns, args, device):
+    """A row of `work` units per call of fns["ours"] and fns["theirs"], and the max |diff| of their outputs."""
+    err = float((fns["ours"]().float() - fns["theirs"]().float()).abs().max())
+    t = race(fns, device, args.warmup, args.repeats)
+    return [row(label, batch, seq, unit, work / t["ours"], work / t["theirs"], f"max |diff| {err:.1e}")]
+
+
 def bench_vision(args, pair, device, dtype):
     """The whole CLIP tower (every block, last hidden state) on `batch` images."""
     ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
     B = pair.shapes["batch"]
-    px = make_batch(pair.config, B, pair.shapes["seq"], device)[2].to(dtype)
-    fns = {"ours": lambda: ours.vision_tower(px, layer=-1),
-           "theirs": lambda: theirs.model.vision_tower(pixel_values=px).last_hidden_state}
-    with torch.inference_mode():
-        err = float((fns["ours"]().float() - fns["theirs"]().float()).abs().max())
-        t = race(fns, device, args.warmup, args.repeats)
-    return [row("vision", B, pair.config.vision.num_patches + 1, "images/s", B / t["ours"], B / t["theirs"],
-                f"max |diff| {err:.1e}")]
-
-
-def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
-    """Our model set up as train.train() sets it up (fsdp.shard_model: frozen parts in the compute
-    dtype, trained units as fp32 shards of our FSDP at world size 1), and one step of its loop.
-    micro_steps=k: k forward + backward passes per optimizer step, train.py's accumulation."""
-    cfg = train.TrainConfig(stage=stage, device=str(device), fsdp="ours", grad_ckpt=grad_ckpt, lr=2e-5,
-                            weight_decay=0.0, adam_beta2=0.999)
-    fsdp.init_distributed(cfg)
-    model.train()
-    params, _, sharded = fsdp.shard_model(model, cfg, device, dtype)
-    optimizer = train.make_optimizer(params, sharded, model, cfg)
-    compiled = train.wants_compiled_elementwise(cfg, device)  # as train() decides: on with CUDA
-
-    def step(ids, labels, px, micro_steps=1):
-        was = llama.compile_elementwise(compiled)
-        try:
-            # train.py's collator finds the supervised positions on the CPU, in the loader
-            at, targets = (t.to(device) for t in supervised_positions(labels.cpu()))
-            denom = max(len(targets), 1) * micro_steps
-            for _ in range(micro_steps):
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    logits, _ = model(ids, px, logits_at=at)
-                loss = token_loss(logits, targets)
-                with sharded[0].schedule.backward():  # FSDP's backward-order prefetch and grad hand-off
-                    (loss / denom).backward()
-            fsdp.clip_grad_norm(params, cfg.grad_clip, cfg.fsdp)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss.detach() * micro_steps / denom
-        finally:
-            llama.compile_elementwise(was)
-
-    return step
-
-
-def hf_train_step(hf, device, dtype):
-    """transformers' model trained the same way: CLIP frozen in the compute dtype (as ours),
-    projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
-    hf.train()
-    hf.model.vision_tower.requires_grad_(False).to(dtype)
-    params = [p for p in hf.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-
-    def step(ids, labels, px):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = hf(input_ids=ids, pixel_values=px, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
-
-
-def bench_train(args, pair, device, dtype):
-    B, T = pair.shapes["batch"], pair.shapes["seq"]
-    batch = make_batch(pair.config, B, T, device)
-    ours = ours_train_step(pair.ours(torch.float32, device), 2, device, dtype)
-    theirs = hf_train_step(pair.theirs(torch.float32, device), device, dtype)
-    first = float(ours(*batch)), float(theirs(*batch))  # same weights: the same first loss
-    t = race({"ours": lambda: ours(*batch), "theirs": lambda: theirs(*batch)}, device, args.warmup, args.repeats)
-    return [row("train", B, T, "tokens/s", B * T / t["ours"], B * T / t["theirs"],
-                f"first loss {first[0]:.5f} vs {first[1]:.5f}")]
+    px = make_batch(pair.config, B, pair.shapes["seq"], device, dtype=dtype)[2]
+    return same_work("vision", B, pair.config.vision.num_patches + 1, "images/s", B, {
+        "ours": lambda: ours.vision_tower(px, layer=-1),
+        "theirs": lambda: theirs.model.vision_tower(pixel_values=px).last_hidden_state}, args, device)
 
 
 def bench_prefill(args, pair, device, dtype):
     """A prompt with its image into a fresh KV cache, next-token logits only (generation's start)."""
     ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
     T = pair.shapes["seq"]
-    ids, _, px = make_batch(pair.config, 1, T, device)
-    px = px.to(dtype)
-    fns = {"ours": lambda: ours.llm(inputs_embeds=ours.embed(ids, px), last_only=True,
-                                    cache=KVCache(ours.config.text, 1, T, dtype, device))[:, -1],
-           "theirs": lambda: theirs(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1).logits[:, -1]}
-    with torch.inference_mode():
-        err = float((fns["ours"]().float() - fns["theirs"]().float()).abs().max())
-        t = race(fns, device, args.warmup, args.repeats)
-    return [row("prefill", 1, T, "tokens/s", T / t["ours"], T / t["theirs"], f"max |diff| of logits {err:.1e}")]
+    ids, _, px = make_batch(pair.config, 1, T, device, dtype=dtype)
+    return same_work("prefill", 1, T, "tokens/s", T, {
+        "ours": lambda: ours.llm(inputs_embeds=ours.embed(ids, px), last_only=True,
+                                 cache=KVCache(ours.config.text, 1, T, dtype, device))[:, -1],
+        "theirs": lambda: theirs(input_ids=ids, pixel_values=px, use_cache=True, logits_to_keep=1).logits[:, -1]},
+        args, device)
+
+
+def bench_train(args, pair, device, dtype):
+    """Ours as train.py steps; transformers' model the same way: CLIP frozen in the compute dtype,
+    projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
+    B, T = pair.shapes["batch"], pair.shapes["seq"]
+    batch = make_batch(pair.config, B, T, device)
+    ours = ours_train_step(pair.ours(torch.float32, device), 2, device, dtype)
+    hf = pair.theirs(torch.float32, device).train()
+    hf.model.vision_tower.requires_grad_(False).to(dtype)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    theirs = optimizer_step(lambda ids, labels, px: (hf(input_ids=ids, pixel_values=px, labels=labels).loss, 1),
+                            params, torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0),
+                            functools.partial(torch.nn.utils.clip_grad_norm_, params, 1.0), device, dtype)
+    first = float(ours(*batch)), float(theirs(*batch))  # same weights: the same first loss
+    t = race({"ours": lambda: ours(*batch), "theirs": lambda: theirs(*batch)}, device, args.warmup, args.repeats)
+    llama.compile_elementwise(False)  # generation as chat.py runs it
+    return [row("train", B, T, "tokens/s", B * T / t["ours"], B * T / t["theirs"],
+                f"first loss {first[0]:.5f} vs {first[1]:.5f}")]
 
 
 def bench_decode(args, pair, device, dtype):
@@ -317,25 +289,18 @@ def bench_decode(args, pair, device, dtype):
     N, T = pair.shapes["new_tokens"], pair.shapes["prompt"]
     rows = []
     for B in (1, 8):
-        ids, _, px = make_batch(pair.config, B, T, device, seed=B)
-        px = px.to(dtype)
-
-        def run_ours(n):
-            return torch.stack(list(ours.generate(ids, px, max_new_tokens=n, eos_id=None)), 1)
-
-        def run_theirs(n):  # min_new_tokens: EOS off, as ours
-            out = theirs.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
-                                  max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=pair.config.pad_token_id, eos_token_id=2)
-            return out[:, ids.shape[1]:]
-
-        mine, hers = run_ours(N).cpu(), run_theirs(N).cpu()
+        ids, _, px = make_batch(pair.config, B, T, device, seed=B, dtype=dtype)
+        fns = {"ours": lambda n: torch.stack(list(ours.generate(ids, px, max_new_tokens=n, eos_id=None)), 1),
+               # min_new_tokens: EOS off, as ours
+               "theirs": lambda n: theirs.generate(
+                   input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                   min_new_tokens=n, do_sample=False, pad_token_id=pair.config.pad_token_id, eos_token_id=2)[:, T:]}
+        mine, hers = fns["ours"](N).cpu(), fns["theirs"](N).cpu()
         if mine.shape != hers.shape:
             raise AssertionError(f"decode made {tuple(mine.shape)} tokens, transformers {tuple(hers.shape)}")
-        t = race({"ours N": lambda: run_ours(N), "ours 1": lambda: run_ours(1),
-                  "theirs N": lambda: run_theirs(N), "theirs 1": lambda: run_theirs(1)},
+        t = race({(side, n): functools.partial(fn, n) for side, fn in fns.items() for n in (N, 1)},
                  device, args.warmup, args.repeats)
-        rates = [B * (N - 1) / max(t[f"{side} N"] - t[f"{side} 1"], 1e-9) for side in ("ours", "theirs")]
+        rates = [B * (N - 1) / max(t[side, N] - t[side, 1], 1e-9) for side in fns]
         rows.append(row(f"decode b{B}", B, T, "tokens/s", *rates,
                         f"{N} new tokens, {float((mine == hers).float().mean()):.0%} of them identical"))
     return rows
@@ -347,32 +312,25 @@ MEASUREMENTS = {"preprocess": bench_preprocess, "vision": bench_vision, "train":
 
 def run_measurements(args, names):
     import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     device = torch.device(args.device or "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    pair = Pair(CONFIGS[args.config]) if set(names) - {"preprocess"} else None
+    pair = Pair(CONFIGS[args.config]) if names != ["preprocess"] else None
     header = (f"nanollava vs transformers {transformers.__version__} | torch {torch.__version__} | "
               f"device {device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]} | "
               f"config {args.config}")
-    log(header)
-    rows = []
-    for name in names:
-        log(f"... {name}")
-        got = bench_preprocess(args) if name == "preprocess" else MEASUREMENTS[name](args, pair, device, dtype)
-        for r in got:
-            log("{measurement:<11} batch {batch:<3} seq {seq:<5} {unit:<9} ours {ours:>10.1f}  "
-                "transformers {transformers:>10.1f}  ratio {ratio:5.2f}x  {note}".format(**r))
-        rows += got
-        gc.collect()
-    log(f"\n{header}\n| measurement | batch | seq | unit | ours | transformers | ours / transformers |\n"
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: |")
-    for r in rows:
-        log("| {measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | {ratio:.2f}x |".format(**r))
-    result = {"header": header, "config": args.config, "device": device_name(device), "dtype": str(dtype),
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "threads": torch.get_num_threads(), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return result
+
+    def measure(fn, table):
+        rows = fn(args, pair, device, dtype)
+        for r in rows:
+            table_row(table, "{measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | "
+                      "{ratio:.2f}x | {note}".format(**r))
+        return rows
+
+    columns = ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
+               "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    return run(args, device, header, columns, {name: functools.partial(measure, MEASUREMENTS[name]) for name in names})
 
 
 # -----------------------------------------------------------------------------------------------
@@ -381,17 +339,45 @@ def run_measurements(args, names):
 # A decode step reads every weight once (the embedding table: one row) and the KV cache so far,
 # so tokens/s <= HBM bandwidth / those bytes.
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
-# name: (gradient checkpointing, micro-batches per optimizer step). 8 x 16 is LLaVA-1.5's
-# stage-2 global batch of 128 on one GPU
-STAGE2_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
-STAGE1_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1)}
-GPU_TABLE = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
+# setting: (gradient checkpointing, micro-batches per optimizer step); 8 x 16 is LLaVA-1.5's
+# stage-2 global batch of 128 on one GPU (stage 2 runs all three, stage 1 the first two)
+GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
 
 
 def table_row(table, *cells):
-    """One line of the summary table, logged as soon as it is measured."""
-    table.append("| " + " | ".join(cells) + " |")
-    log(table[-1])
+    """One line of the summary table, printed as soon as it is measured."""
+    table.append("| " + " | ".join(map(str, cells)) + " |")
+    print(table[-1])
+
+
+def attempt(name, fn, table):
+    """fn(table), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
+    try:
+        return fn(table)
+    except Exception as e:
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+        table_row(table, name, "", f"error: {error[:120]}")
+        return {"error": error}
+
+
+def run(args, device, header, columns, parts):
+    """{part: fn(table)} in turn, each row printed as it is measured, the JSON written to --out after
+    every part (so that a run cut short keeps what it measured), the table again in one piece at the end."""
+    print(header)
+    res, table, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, [], time.time()
+    for name, fn in parts.items():
+        print(f"[{time.time() - t0:6.1f}s] {name}")
+        res[name] = attempt(name, fn, table)
+        reset_memory(device)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    print("\n".join(["", header, *columns, *table]))
+    failed = [name for name, got in res.items() if isinstance(got, dict) and "error" in got]
+    if failed:
+        raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
+    return res
 
 
 def reset_memory(device):
@@ -401,9 +387,9 @@ def reset_memory(device):
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, profile):
-    """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model;
-    `profile`: two more steps under torch.profiler, its table of the costliest operators."""
+def gpu_train(shapes, stage, setting, device, dtype, args, table):
+    """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model."""
+    grad_ckpt, micro_steps = GPU_RUNS[setting]
     reset_memory(device)
     model = build(llava_config(shapes), device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
@@ -415,71 +401,54 @@ def gpu_train(shapes, stage, device, dtype, args, grad_ckpt, micro_steps, profil
               args.warmup, args.repeats, min_sample=0)["step"]
     supervised = len(supervised_positions(labels.cpu())[0])
     flops = train.step_flops(model.config, counts, stage, B * T, supervised, B, T) * micro_steps
-    peak = train.device_peak_flops(device)
-    out = {"stage": stage, "grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "tokens_per_s": B * T * micro_steps / dt,
-           "step_tflop": flops / 1e12, "achieved_tflops": flops / dt / 1e12, "mfu": flops / dt / peak if peak else None,
-           "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "losses": losses, "finite": all(math.isfinite(x) for x in losses)}
-    if profile:
-        from torch.profiler import ProfilerActivity
-        cuda = device.type == "cuda"
-        kinds = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-        with torch.profiler.profile(activities=kinds) as prof:
+    peak = train.device_peak_flops(device)  # None where unknown (a CPU)
+    mfu = flops / dt / peak if peak else None
+    mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "peak_mem_gb": mem,
+           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "mfu": mfu,
+           "losses": losses, "finite": all(map(math.isfinite, losses))}
+    table_row(table, f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step",
+              f"{out['tokens_per_s']:.0f}", f"{mfu:.1%}" if peak else "n/a",
+              f"{mem:.1f} GiB" if mem is not None else "n/a",
+              f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
+    if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
+        with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one (synced at exit)
             for _ in range(2):
                 step(ids, labels, px)
-            sync(device)
         out["profile"] = "torch.profiler, 2 steps:\n" + prof.key_averages().table(
-            sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=15, max_name_column_width=50)
-    return out
-
-
-def gpu_stage(shapes, stage, runs, device, dtype, args, table):
-    out = {}
-    for key, (ckpt, micro) in runs.items():
-        out[key] = x = gpu_train(shapes, stage, device, dtype, args, ckpt, micro,
-                                 profile=args.profile and stage == 2 and key == "ckpt_off")
-        mfu = f"{x['mfu']:.1%}" if x["mfu"] is not None else "n/a"
-        mem = f"{x['peak_mem_gb']:.1f} GiB" if x["peak_mem_gb"] is not None else "n/a"
-        table_row(table, f"stage {stage}", f"{key}: {micro} x {x['batch']} x {x['seq']} tokens a step",
-                  f"{x['tokens_per_s']:.0f}", mfu, mem, f"{x['step_tflop']:.1f} TFLOP/step, "
-                  f"{x['achieved_tflops']:.0f} TFLOP/s, losses {[round(v, 3) for v in x['losses']]}")
-        if "profile" in x:
-            log(x["profile"])
+            sort_by=f"self_{device.type}_time_total", row_limit=15, max_name_column_width=50)
+        print(out["profile"])
     return out
 
 
 def gpu_decode(shapes, device, dtype, args, table):
-    """Batch-1 greedy decode, eager, then compile_decode(): torch.compile of the static-shape step
-    with CUDA graphs (on a CPU the static step runs uncompiled: inductor would spend minutes
-    compiling C++ for a smoke test). Its first call compiles and captures: a warm-up round."""
+    """Batch-1 greedy decode, eager, then compile_decode(): torch.compile of the static-shape step with
+    CUDA graphs, compiled and captured in the warm-up round (on a CPU the static step runs uncompiled:
+    inductor would spend minutes compiling C++ for a smoke test)."""
     llama.compile_elementwise(False)  # generation as chat.py runs it
     model = build(llava_config(shapes), device, dtype).eval()
-    ids, _, px = make_batch(model.config, 1, shapes["prompt"], device)
-    ids, px, N, c = ids[0], px.to(dtype), shapes["new_tokens"], model.config.text
-    weight_bytes = sum(p.numel() * p.element_size() for name, p in model.llm.named_parameters()
-                       if not name.startswith("embed_tokens"))
-    kv_tokens = len(ids) + N / 2  # the cache's mean length during the decode
-    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * kv_tokens * dtype.itemsize
+    ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
+    ids, N, c = ids[0], shapes["new_tokens"], model.config.text
+    weight_bytes = sum(p.nbytes for name, p in model.llm.named_parameters() if not name.startswith("embed_tokens"))
+    # the KV cache at its mean length during the decode
+    kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (len(ids) + N / 2) * dtype.itemsize
     bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in device_name(device)), None)
-    out = {"prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bw / (weight_bytes + kv_bytes) if bw else None}
-    bound = (f"of the {out['bound_tokens_per_s']:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
-             f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
-    for mode in ("eager", "compiled"):
+    bound = bw / (weight_bytes + kv_bytes) if bw else None
+    out = {"prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
+
+    def measure(mode):
         if mode == "compiled":
             model.compile_decode(compile=device.type == "cuda")
         fns = {n: lambda n=n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None)) for n in (N, 1)}
-        try:
-            t = race(fns, device, args.warmup, args.repeats, min_sample=0)
-        except Exception as e:  # a failed compilation keeps the eager number
-            traceback.print_exc()
-            out[f"{mode}_error"] = f"{type(e).__name__}: {e}"
-            table_row(table, f"decode {mode}", "", "", "", "", f"error: {out[f'{mode}_error'][:120]}")
-            continue
-        out[f"{mode}_tokens_per_s"] = v = (N - 1) / max(t[N] - t[1], 1e-9)
-        share = f"{v / out['bound_tokens_per_s']:.0%} " if bw else ""
-        cpu = "; static step, not compiled (CPU)" if mode == "compiled" and device.type != "cuda" else ""
-        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "",
-                  share + bound + cpu)
+        t = race(fns, device, args.warmup, args.repeats, min_sample=0)
+        v = (N - 1) / max(t[N] - t[1], 1e-9)
+        note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
+                f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
+        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note)
+        return {f"{mode}_tokens_per_s": v}
+
+    for mode in ("eager", "compiled"):  # a failed compilation keeps the eager number
+        out.update(attempt(f"decode {mode}", lambda table: measure(mode), table))
     return out
 
 
@@ -491,15 +460,14 @@ def gpu_smoke(device, workdir, table):
     clip_dir, llm_dir = tiny.make_tiny_bases(root, world["tokenizer"], seed=0)
     common = dict(clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=tiny.TINY_CLIP["image_size"], pad_to_square=False,
-                  global_batch=8, micro_batch=4, max_steps=3, warmup_ratio=0.0, max_length=256,
-                  device=str(device), dtype="bf16",
-                  grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)
+                  global_batch=8, micro_batch=4, max_steps=3, warmup_ratio=0.0, max_length=256, device=str(device),
+                  dtype="bf16", grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)
     out = {}
     for name, stage, optimizer in (("stage1", 1, "adamw"), ("stage2", 2, "adamw"), ("stage2_muon", 2, "muon")):
         losses = train.train(train.fill_recipe(train.TrainConfig(
             stage=stage, data=str(world[f"stage{stage}"]), out=str(root / name), optimizer=optimizer,
             init=str(root / "stage1") if stage == 2 else "", **common)))
-        out[name] = {"losses": losses, "ok": bool(losses) and all(math.isfinite(x) for x in losses)}
+        out[name] = {"losses": losses, "ok": bool(losses) and all(map(math.isfinite, losses))}
         table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt", "", "", "",
                   f"{'ok' if out[name]['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}")
     # each step all-reduces a few CPU tensors; on several GPUs that needs the group's gloo half
@@ -507,42 +475,27 @@ def gpu_smoke(device, workdir, table):
     flag = torch.ones(1)
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0
-    table_row(table, "smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if float(flag) == 1.0 else "FAILED")
+    table_row(table, "smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
     return out
 
 
 def run_gpu(args):
     device = torch.device(args.device or "cuda")
     dtype = torch.bfloat16  # also with --tiny on a CPU: the tests then run the GPU's precision
+    small, big = CONFIGS["1b"], CONFIGS["7b"]
     if args.tiny:  # the same code on tiny shapes, for a CPU (and the tests)
         small = big = {**CONFIGS["tiny"], "batch": 4, "seq": 48, "prompt": 24, "new_tokens": 12}
         args.warmup, args.repeats = 1, 2
-    else:
-        small, big = CONFIGS["1b"], CONFIGS["7b"]
     header = (f"nanollava bench gpu | {device_name(device)} | torch {torch.__version__} | dtype {str(dtype)[6:]} | "
               f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}")
-    log(header)
-    res, table = {"header": header, "device": device_name(device), "torch": torch.__version__}, []
-    t0 = time.perf_counter()
+    columns = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
     with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:
-        for name, fn in (("stage2_train", lambda: gpu_stage(small, 2, STAGE2_RUNS, device, dtype, args, table)),
-                         ("smoke", lambda: gpu_smoke(device, tmp, table)),
-                         ("stage1_train", lambda: gpu_stage(big, 1, STAGE1_RUNS, device, dtype, args, table)),
-                         ("decode", lambda: gpu_decode(big, device, dtype, args, table))):
-            log(f"[{time.perf_counter() - t0:6.1f}s] {name}")
-            try:
-                res[name] = fn()
-            except Exception as e:  # one failure must not lose the other parts' numbers
-                traceback.print_exc()
-                sys.stdout.flush()
-                res[name] = {"error": f"{type(e).__name__}: {e}"}
-                table_row(table, name, "", "", "", "", f"error: {res[name]['error'][:120]}")
-            reset_memory(device)
-            if args.out:  # after every part, so that a run cut short keeps what it measured
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(res, indent=1, default=str))
-    log("\n".join(["", header, *GPU_TABLE, *table]))
-    return res
+        return run(args, device, header, columns, {
+            "stage2_train": lambda table: {s: gpu_train(small, 2, s, device, dtype, args, table) for s in GPU_RUNS},
+            "smoke": lambda table: gpu_smoke(device, tmp, table),
+            "stage1_train": lambda table: {s: gpu_train(big, 1, s, device, dtype, args, table)
+                                           for s in ("ckpt_off", "ckpt_on")},
+            "decode": lambda table: gpu_decode(big, device, dtype, args, table)})
 
 
 def main(argv=None):
@@ -557,6 +510,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="gpu: tiny shapes (runs on a CPU)")
     p.add_argument("--profile", action="store_true", help="gpu: a torch.profiler table of a stage-2 step")
     args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, also into a pipe or a file
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.measurement == "gpu":

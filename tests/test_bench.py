@@ -35,7 +35,7 @@ def test_every_cpu_measurement_once(tmp_path):
     header = res["header"]
     for word in ("config tiny", "dtype float32", "device cpu", f"torch {res['torch']}", "1 threads"):
         assert word in header, header
-    rows = {r["measurement"]: r for r in res["rows"]}
+    rows = {r["measurement"]: r for name in ("preprocess", "vision", "train", "prefill", "decode") for r in res[name]}
     sets = ("preprocess rgb", "preprocess all", "preprocess pad")  # the last against LlavaImageProcessor
     expected = {*sets, "vision", "train", "prefill", "decode b1", "decode b8"}
     cores = os.cpu_count() or 1
@@ -47,16 +47,16 @@ def test_every_cpu_measurement_once(tmp_path):
         assert r["ratio"] == pytest.approx(r["ours"] / r["transformers"]), name
         assert r["batch"] > 0 and r["seq"] > 0, name
     assert rows["decode b8"]["batch"] == 8 and rows["decode b1"]["batch"] == 1
-    # the printed lines carry the two measured numbers and their ratio
-    printed = re.findall(r"ours\s+([\d.]+)\s+transformers\s+([\d.]+)\s+ratio\s+([\d.]+)x", stdout)
-    assert len(printed) == len(rows)
-    for ours, theirs, ratio in printed:
+    # the summary table's rows (printed again at the end) carry the two measured numbers and their ratio
+    table = stdout[stdout.rindex("| measurement |"):]
+    printed = re.findall(r"^\| ([^|]+) \| \d+ \| \d+ \| [^|]+ \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)x \|", table, re.M)
+    assert {name for name, *_ in printed} == set(rows) and len(printed) == len(rows)
+    for _, ours, theirs, ratio in printed:
         assert float(ratio) == pytest.approx(float(ours) / float(theirs), abs=0.01)
     # same weights on both sides: the same first training loss, the same greedy tokens
     first = re.search(r"first loss ([\d.]+) vs ([\d.]+)", rows["train"]["note"])
     assert float(first[1]) == pytest.approx(float(first[2]), abs=1e-3)
     assert "100% of them identical" in rows["decode b1"]["note"]
-    assert "| measurement |" in stdout  # the summary table
 
 
 def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
