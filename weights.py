@@ -1,11 +1,10 @@
 """
 Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
 
-Loading is one path for CLIP, LLaMA and LLaVA: read the config, build the model on the meta device, read
-the safetensors (memory-mapped: views of the file, paged in when touched), map their names once through
-`LAYOUT`, check every key and shape, and make those very tensors the module's parameters (assign=True):
-a 7B model never exists twice in memory. Writes are atomic and sharded as transformers shards; `fetch`
-downloads a Hub model by name, resumably.
+One loading path for CLIP, LLaMA and LLaVA: build the model on the meta device from its config, map the
+memory-mapped safetensors' names through `LAYOUT`, check every key and shape, and make those very tensors
+the parameters (assign=True): a 7B model never exists twice in memory. Writes are atomic and sharded as
+transformers shards; `fetch` downloads a Hub model by name, resumably.
 """
 
 import json
@@ -108,7 +107,7 @@ def load_state_dict(path):
     if not index.is_file():
         raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights"
                            if path.is_dir() else f"no such file or directory: {path}")
-    weight_map, state = _weight_map(index), {}
+    weight_map, state = _weight_map(index), {}  # a key the index names but no shard holds: assign's missing
     shards = list(dict.fromkeys(weight_map.values()))  # each shard once, in index order
     if absent := [s for s in shards if not (path / s).is_file()]:
         raise WeightsError(f"{index} lists shards missing on disk: {', '.join(absent)}; the copy is incomplete")
@@ -117,8 +116,6 @@ def load_state_dict(path):
             if weight_map.get(k) != shard:
                 raise WeightsError(f"{path / shard} holds {k}, which {index} places in {weight_map.get(k)}")
             state[k] = t
-    if lost := sorted(set(weight_map) - set(state)):
-        raise WeightsError(f"{index} names keys that no shard holds: {', '.join(lost)}")
     return state
 
 
@@ -180,8 +177,6 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
     """`state` as model.safetensors, or beyond max_shard_bytes as shards (greedy, as transformers) + index,
     atomically; the files of an older save that this one does not use are removed. Returns the paths."""
     from safetensors.torch import save_file  # here, so that generate_data.py's JSON writes need no torch
-    if meta := [k for k, t in state.items() if t.is_meta]:
-        raise WeightsError(f"cannot save {', '.join(meta)}: on the meta device, never loaded")
     shards, size = [[]], 0
     for k, t in state.items():
         if shards[-1] and size + t.nbytes > max_shard_bytes:
@@ -215,19 +210,19 @@ def is_hub_name(name):
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name))) and not {".", ".."} & set(str(name).split("/"))
 
 
-def fetch(name_or_dir, cache_dir=None, files=None):
-    """An existing local path comes back as is. A Hub name (org/name) is downloaded with requests + tqdm
-    into {cache_dir or $NANOLLAVA_CACHE or ~/.cache/nanollava}/org--name, which comes back: `files` (by
-    default config.json, tokenizer.model and OPTIONAL), then the index and its shards or model.safetensors."""
+def fetch(name_or_dir, files=None):
+    """An existing local path comes back as is. A Hub name (org/name) is downloaded with requests + tqdm into
+    $NANOLLAVA_CACHE (default ~/.cache/nanollava)/org--name, which comes back: `files` (default config.json,
+    tokenizer.model and OPTIONAL), then the index and its shards or model.safetensors."""
     if Path(name_or_dir).expanduser().exists():
         return Path(name_or_dir).expanduser()
     name = str(name_or_dir)
     if not is_hub_name(name):
         raise WeightsError(f"no such directory: {name} (and it is not a Hub name like llava-hf/llava-1.5-7b-hf)")
-    target = Path(cache_dir or os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
-    target, wanted = target / name.replace("/", "--"), files or ["config.json", "tokenizer.model", *OPTIONAL]
-    marker = target / ".complete"  # written last: which files a finished fetch asked for, so no network again
-    if marker.is_file() and set(wanted) <= set(marker.read_text().split()):
+    cache = Path(os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
+    target, wanted = cache / name.replace("/", "--"), files or ["config.json", "tokenizer.model", *OPTIONAL]
+    marker = target / ".complete"
+    if marker.is_file() and set(wanted) <= set(marker.read_text().split()):  # a finished fetch: no network
         return target
     target.mkdir(parents=True, exist_ok=True)
     session = requests.Session()
@@ -235,14 +230,14 @@ def fetch(name_or_dir, cache_dir=None, files=None):
     if os.environ.get("HF_TOKEN"):  # requests drops it on redirects to another host (the CDN)
         session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
     for f in wanted:
-        _download(session, name, target / f, required=bool(files) or f not in OPTIONAL)
+        _download(session, name, target / f, required=f not in OPTIONAL)
     if not _download(session, name, target / INDEX, required=False):
         _download(session, name, target / SINGLE)
     for shard in dict.fromkeys(_weight_map(target / INDEX).values()) if (target / INDEX).is_file() else []:
         if not re.fullmatch(r"[\w-][\w.-]*", shard):  # a plain file name, nothing like ../x
             raise WeightsError(f"{target / INDEX} names a shard {shard!r} that is not a plain file name")
         _download(session, name, target / shard)
-    marker.write_text("\n".join(wanted) + "\n")
+    marker.write_text("\n".join(wanted) + "\n")  # last: the files a finished fetch asked for
     return target
 
 
@@ -255,7 +250,8 @@ def _download(session, name, final, required=True):
             return True
         have = part.stat().st_size if part.exists() else 0
         try:
-            r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True, timeout=(10, 60))
+            r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
+                            timeout=(10, 60))
         except (requests.ConnectionError, requests.Timeout):
             raise WeightsError(f"{name} is no local directory, and {base} cannot be reached to download it "
                                "(offline?): download it elsewhere and give its directory instead") from None
@@ -263,18 +259,20 @@ def _download(session, name, final, required=True):
             code, resumed = r.status_code, r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
             if code == 404 and not required:
                 return False
-            if code not in (200, 206, 416):
+            if code == 404:
                 why = " (nanollava reads only safetensors weights)" if final.name == SINGLE else ""
-                raise WeightsError(f"{final.name} not found at {url}: is {name} a llava-hf model name?{why}"
-                                   if code == 404 else f"downloading {url} failed: HTTP {code}"
-                                   + (" (gated or private? set HF_TOKEN)" if code in (401, 403) else ""))
+                raise WeightsError(f"{final.name} not found at {url}: is {name} a llava-hf model name?{why}")
+            if code not in (200, 206, 416):
+                why = " (gated or private? set HF_TOKEN)" if code in (401, 403) else ""
+                raise WeightsError(f"downloading {url} failed: HTTP {code}{why}")
             if code == 416 or code == 206 and not resumed:  # a .part too long, or a range not asked for
                 part.unlink()
                 continue
             have = have if code == 206 else 0  # 200: the whole file, from a server that ignores Range
+            total = have + int(r.headers.get("Content-Length", 0))
             try:  # urllib3 raises on a body shorter than its Content-Length
-                with open(part, "ab" if have else "wb") as f, tqdm(total=have + int(r.headers.get(
-                        "Content-Length", 0)) or None, initial=have, unit="B", unit_scale=True, desc=final.name) as bar:
+                with open(part, "ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
+                                                                   unit_scale=True, desc=final.name) as bar:
                     for chunk in r.iter_content(chunk_size=CHUNK):
                         bar.update(f.write(chunk))
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError):
@@ -282,4 +280,4 @@ def _download(session, name, final, required=True):
                 continue
         os.replace(part, final)
         return True
-    raise WeightsError(f"downloading {url} failed after {TRIES} tries; run again to resume from the {part.name} kept")
+    raise WeightsError(f"downloading {url} failed after {TRIES} tries; run again to resume from {part.name}")

@@ -367,9 +367,10 @@ def test_fetch_offline(tmp_path, monkeypatch):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     monkeypatch.setenv("NANOLLAVA_HUB_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("NANOLLAVA_CACHE", str(tmp_path))
     with pytest.raises(WeightsError, match=rf"test-org/tiny is no local directory, and http://127.0.0.1:{port} "
                                            r"cannot be reached to download it \(offline\?\)"):
-        fetch("test-org/tiny", cache_dir=tmp_path)
+        fetch("test-org/tiny")
 
 
 def test_write_json_atomic_keeps_old_file_on_failure(tmp_path, monkeypatch):
