@@ -49,8 +49,7 @@ class LLaVAConfig:
 
     @classmethod
     def from_hf(cls, d):
-        """llava-hf config.json -> LLaVAConfig; sparse configs get transformers' defaults (its
-        LlavaConfig's vision tower is CLIP ViT-L/14 at 336 px, not CLIP's own ViT-B/32)."""
+        """llava-hf config.json -> LLaVAConfig, transformers' defaults filled in (vision: CLIP ViT-L/14, 336 px)."""
         act, bases = d.get("projector_hidden_act", "gelu"), d.get("nanollava_bases")
         if d.get("model_type") not in (None, "llava") or act not in ("gelu", "linear"):
             raise ValueError(f"model_type {d.get('model_type')!r}, projector_hidden_act {act!r}: "
@@ -83,8 +82,7 @@ class LLaVAConfig:
 
 
 class Projector(nn.Module):
-    """CLIP features -> the LLM's embedding space: one Linear (v1) or Linear-GELU-Linear (v1.5,
-    exact erf GELU as in the official code)."""
+    """CLIP features -> the LLM's embeddings: one Linear (v1) or Linear-GELU(exact erf)-Linear (v1.5)."""
 
     def __init__(self, kind, d_vision, d_text):
         super().__init__()
@@ -125,9 +123,8 @@ class LLaVA(nn.Module):
         feats = self.encode_images(pixel_values)  # [N,P,D]
         is_image = input_ids == self.config.image_token_id  # [B,T]
         if int(is_image.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"the prompt holds {int(is_image.sum())} <image> tokens but the {feats.shape[0]} "
-                             f"image(s) give {feats.shape[1]} features each: the prompt needs one <image> id "
-                             f"({self.config.image_token_id}) per patch")
+            raise ValueError(f"{int(is_image.sum())} <image> ids for {feats.shape[0]} image(s) of {feats.shape[1]}"
+                             f" features: the prompt needs one <image> id ({self.config.image_token_id}) per patch")
         # masked_scatter keeps autograd into both the text embeddings and the projector
         return embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
 
@@ -139,20 +136,16 @@ class LLaVA(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, pixel_values=None, max_new_tokens=256, temperature=0.0, top_p=1.0,
-                 seed=None, generator=None, eos_id=2, attention_mask=None, state=None):
-        """Prefill once (image spliced in), then one token at a time through the KV cache, yielding
-        new ids: ints for input_ids [T], a [B] tensor a step for [B,T] (image ids expanded;
-        attention_mask [B,T] marks a left-padded batch's real tokens). Greedy at temperature 0,
-        else temperature + top-p sampling from `generator` (or one seeded with `seed`). Stops after
-        EOS (yielded; a batch's finished rows repeat it), max_new_tokens or a full context. `state`
-        (GenerationState, batch 1) carries a conversation: given back, input_ids are the new turn."""
+                 generator=None, eos_id=2, attention_mask=None, state=None):
+        """Prefill once (image spliced in), then one token at a time through the KV cache, yielding new ids:
+        ints for input_ids [T], a [B] tensor a step for [B,T] (image ids expanded; attention_mask [B,T] marks
+        a left-padded batch's real tokens). Greedy at temperature 0, else temperature + top-p sampling drawn
+        with `generator`. Stops after EOS (yielded; finished rows repeat it), max_new_tokens or a full context.
+        `state` (GenerationState, batch 1) carries a conversation: given back, input_ids are the new turn."""
         single, dev = input_ids.dim() == 1, self.llm.embed_tokens.weight.device
         ids = (input_ids[None] if single else input_ids).to(dev)  # [B,T]
-        cache, start, what, ids = self._with_history(ids, state, pixel_values, attention_mask)
+        cache, start, ids, max_new = self._context(ids, state, pixel_values, attention_mask, max_new_tokens)
         B, T = ids.shape
-        cache, max_new = self._cache_with_room(cache, B, start + T, max_new_tokens, what)
-        if generator is None and seed is not None and temperature > 0:
-            generator = torch.Generator(device=dev).manual_seed(seed)
         keep = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)  # the slots of real tokens
         if attention_mask is not None:
             keep[:, :T] = attention_mask.to(device=dev, dtype=torch.bool)
@@ -186,37 +179,32 @@ class LLaVA(nn.Module):
             else:
                 logits = self.llm(nxt[:, None], cache=cache, attn_mask=mask_to(cache.pos + 1), last_only=True)[:, -1]
 
-    @staticmethod
-    def _with_history(ids, state, pixel_values, attention_mask):
-        """-> (cache, start, what the context holds, ids to feed). A follow-up turn continues the
-        conversation's cache after its last position; the last sampled token was never fed."""
-        if state is None or state.cache is None:
-            return None, 0, "the prompt", ids
-        if ids.shape[0] != 1 or attention_mask is not None:
-            raise ValueError("a conversation state continues one unpadded sequence (batch 1)")
-        if pixel_values is not None:
-            raise ValueError("this conversation already holds its image: start a new GenerationState for another")
-        start = state.cache.pos
-        unfed = torch.tensor(state.tokens[start:], dtype=ids.dtype, device=ids.device)
-        return state.cache, start, "the conversation with this message", torch.cat([unfed[None], ids], 1)
-
-    def _cache_with_room(self, old, B, fed, max_new_tokens, what):
-        """-> (a KVCache with room for `fed` + new tokens holding what `old` held, how many new fit).
-        Sizes round up to 256: the compiled step recompiles for each size."""
-        ctx = self.config.text.max_position_embeddings
+    def _context(self, ids, state, pixel_values, attention_mask, max_new_tokens):
+        """-> (a KVCache with room for what is fed + the new tokens, its start, ids to feed, how many new fit).
+        A follow-up turn continues the conversation's cache (grown once if need be) after its last position:
+        the last sampled token was never fed. Sizes round up to 256: the compiled step recompiles for each."""
+        cache, start, what = None, 0, "the prompt"
+        if state is not None and state.cache is not None:
+            if ids.shape[0] != 1 or attention_mask is not None:
+                raise ValueError("a conversation state continues one unpadded sequence (batch 1)")
+            if pixel_values is not None:
+                raise ValueError("this conversation already holds its image: start a new GenerationState for another")
+            cache, start, what = state.cache, state.cache.pos, "the conversation with this message"
+            unfed = torch.tensor(state.tokens[start:], dtype=ids.dtype, device=ids.device)
+            ids = torch.cat([unfed[None], ids], 1)
+        fed, ctx = start + ids.shape[1], self.config.text.max_position_embeddings
         if fed > ctx:
-            raise ContextLengthError(f"{what} is {fed} tokens, longer than the model's context "
-                                     f"of {ctx} tokens (max_position_embeddings)")
+            raise ContextLengthError(f"{what} is {fed} tokens, longer than the model's context of {ctx} tokens "
+                                     "(max_position_embeddings)")
         max_new = min(max_new_tokens, ctx - fed + 1)  # the last new token is never fed
         need = fed + max(max_new - 1, 0)
-        if old is not None and old.max_len >= need:
-            return old, max_new
-        w = self.llm.embed_tokens.weight
-        cache = KVCache(self.config.text, B, min(ctx, -(-need // 256) * 256), w.dtype, w.device)
-        if old is not None:  # growing copies once per turn
-            cache.k[:, :, :, :old.pos], cache.v[:, :, :, :old.pos] = old.k[:, :, :, :old.pos], old.v[:, :, :, :old.pos]
-            cache.pos = old.pos
-        return cache, max_new
+        if cache is None or cache.max_len < need:
+            old, w = cache, self.llm.embed_tokens.weight
+            cache = KVCache(self.config.text, ids.shape[0], min(ctx, -(-need // 256) * 256), w.dtype, w.device)
+            if old is not None:  # growing copies once per turn
+                cache.k[:, :, :, :start], cache.v[:, :, :, :start] = old.k[:, :, :, :start], old.v[:, :, :, :start]
+                cache.pos = start
+        return cache, start, ids, max_new
 
     def generate_batch(self, prompts, pixel_values=None, max_new_tokens=256, eos_id=2, **sampling):
         """Prompts (lists of ids, image ids expanded), left-padded into one batch and decoded together
@@ -375,14 +363,11 @@ def supervised_positions(labels):
     return positions, targets[positions]
 
 
-def next_token_loss(logits, labels, reduction="mean"):
-    """Cross-entropy of position t predicting label t+1, ignoring -100, from the logits of every
+def next_token_loss(logits, labels):
+    """Mean cross-entropy of position t predicting label t+1, ignoring -100, from the logits of every
     position [B,T,V]. Training instead runs the LM head on the supervised positions alone."""
-    if reduction not in ("sum", "mean"):
-        raise ValueError(f"reduction {reduction!r}: 'sum' or 'mean'")
     positions, targets = (t.to(logits.device) for t in supervised_positions(labels))
-    total = token_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets)  # [K,V]
-    return total if reduction == "sum" else total / len(targets)
+    return token_loss(logits.reshape(-1, logits.shape[-1]).index_select(0, positions), targets) / len(targets)
 
 
 def token_loss(logits, targets):
@@ -391,11 +376,9 @@ def token_loss(logits, targets):
 
 
 class TokenCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(reduction="sum") of rows x [N,V] against targets [N], with less memory:
-    the [N,V] logits are a small model's largest tensors, and F.cross_entropy keeps the
-    log-probabilities, then allocates two more [N,V] buffers in backward. Here forward keeps the
-    softmax p and backward turns that same buffer into the gradient, p - onehot(target), in
-    place: no [N,V] allocation in backward at all (so it runs once: no retain_graph)."""
+    """F.cross_entropy(reduction="sum") of rows x [N,V] against targets [N], in less memory: the [N,V]
+    logits are a small model's largest tensors. Forward keeps the softmax p, and backward turns that
+    buffer into the gradient p - onehot(target) in place: no [N,V] allocation (so it runs once)."""
 
     @staticmethod
     def forward(ctx, x, targets):

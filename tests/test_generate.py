@@ -210,13 +210,13 @@ def test_sampling_is_reproducible(tiny):
 
     def run(**kw):
         return list(model.generate(x, pv[0], max_new_tokens=20, eos_id=None, temperature=1.0, **kw))
-    a = run(seed=1)
-    assert a == run(seed=1)
-    assert a != run(seed=2)
-    assert run(generator=torch.Generator().manual_seed(1)) == a
-    assert run(seed=1, top_p=0.9) == run(seed=1, top_p=0.9)
+    seed = lambda n: torch.Generator().manual_seed(n)  # noqa: E731
+    a = run(generator=seed(1))
+    assert a == run(generator=seed(1))
+    assert a != run(generator=seed(2))
+    assert run(generator=seed(1), top_p=0.9) == run(generator=seed(1), top_p=0.9)
     # a nucleus smaller than the top token's mass leaves only the top token: greedy
-    assert run(seed=3, top_p=1e-6) == list(model.generate(x, pv[0], max_new_tokens=20, eos_id=None))
+    assert run(generator=seed(3), top_p=1e-6) == list(model.generate(x, pv[0], max_new_tokens=20, eos_id=None))
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
