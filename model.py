@@ -267,7 +267,7 @@ class LLaVA(nn.Module):
         model.projector.to(device=device, dtype=dtype)
         return model
 
-    def save_pretrained(self, directory, tokenizer_dir=None, only_projector=False, bases=None, state=None):
+    def save_pretrained(self, directory, only_projector=False, bases=None, state=None):
         """A llava-hf directory: config.json, safetensors under the Hub's names, tokenizer files.
         `only_projector`: the projector alone plus `bases`, where the vision tower and LLM are
         (stage 1). `state` replaces self.state_dict() (the trainer's, gathered from shards)."""
@@ -280,8 +280,8 @@ class LLaVA(nn.Module):
         save_state_dict(hub_names(state), directory)
         bases = {"nanollava_bases": {k: str(v) for k, v in (bases or {}).items()}} if only_projector else {}
         write_json_atomic(Path(directory) / "config.json", {**self.config.to_hf(), **bases})
-        if tok_dir := tokenizer_dir or getattr(self, "tokenizer_dir", None):
-            write_tokenizer_files(Path(tok_dir), Path(directory), self.config)
+        if getattr(self, "tokenizer_dir", None):
+            write_tokenizer_files(Path(self.tokenizer_dir), Path(directory), self.config)
 
 
 # ---- generation helpers -----------------------------------------------------------------------
@@ -334,10 +334,8 @@ class _SlotWriter:
     def __init__(self, k, v, pos):
         self.k, self.v, self.pos = k, v, pos  # lists of per-layer [B,KV,L,hd]
 
-    def update(self, layer_idx, k, v):
-        self.k[layer_idx].index_copy_(2, self.pos, k)  # [B,KV,L,hd] <- [B,KV,1,hd] at slot pos
-        self.v[layer_idx].index_copy_(2, self.pos, v)
-        return self.k[layer_idx], self.v[layer_idx]
+    def update(self, i, k, v):  # [B,KV,L,hd] <- [B,KV,1,hd] at slot pos; index_copy_ returns the buffer
+        return self.k[i].index_copy_(2, self.pos, k), self.v[i].index_copy_(2, self.pos, v)
 
 
 def _static_decode_step(llm, k, v, token, pos, positions, keep):
@@ -426,9 +424,8 @@ def fold_linear_projector(state):
 
 
 def write_tokenizer_files(src, dst, config):
-    """Copy the sentencepiece model and write the llava-hf tokenizer config beside it: the added
-    <image> and <pad> and the slow-tokenizer settings the model was trained with, `legacy` among
-    them (llama.Tokenizer), so that transformers and we tokenize it the same way."""
+    """Copy the sentencepiece model and write the llava-hf tokenizer config beside it: the added <image> and
+    <pad>, and the slow tokenizer's settings, `legacy` among them: transformers tokenizes it as we do."""
     src, dst = Path(src), Path(dst)
     model_file = src / "tokenizer.model" if src.is_dir() else src
     if not model_file.exists():
