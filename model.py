@@ -49,7 +49,7 @@ class LLaVAConfig:
 
     @classmethod
     def from_hf(cls, d):
-        """llava-hf config.json -> LLaVAConfig, transformers' defaults filled in (vision: CLIP ViT-L/14, 336 px)."""
+        """llava-hf config.json -> LLaVAConfig, transformers' defaults filled in (CLIP ViT-L/14 at 336 px)."""
         act, bases = d.get("projector_hidden_act", "gelu"), d.get("nanollava_bases")
         if d.get("model_type") not in (None, "llava") or act not in ("gelu", "linear"):
             raise ValueError(f"model_type {d.get('model_type')!r}, projector_hidden_act {act!r}: "
@@ -121,10 +121,10 @@ class LLaVA(nn.Module):
                 embeds = embeds + 0.0 * self.projector(embeds.new_zeros(1, self.config.vision.hidden_size)).sum()
             return embeds
         feats = self.encode_images(pixel_values)  # [N,P,D]
-        is_image = input_ids == self.config.image_token_id  # [B,T]
-        if int(is_image.sum()) != feats.shape[0] * feats.shape[1]:
-            raise ValueError(f"{int(is_image.sum())} <image> ids for {feats.shape[0]} image(s) of {feats.shape[1]}"
-                             f" features: the prompt needs one <image> id ({self.config.image_token_id}) per patch")
+        is_image, (N, P) = input_ids == self.config.image_token_id, feats.shape[:2]  # [B,T]
+        if int(is_image.sum()) != N * P:
+            raise ValueError(f"{int(is_image.sum())} <image> ids for {N} image(s) of {P} features: the prompt "
+                             f"needs one <image> id ({self.config.image_token_id}) per patch")
         # masked_scatter keeps autograd into both the text embeddings and the projector
         return embeds.masked_scatter(is_image.unsqueeze(-1), feats.to(embeds.dtype))
 
@@ -188,7 +188,7 @@ class LLaVA(nn.Module):
             if ids.shape[0] != 1 or attention_mask is not None:
                 raise ValueError("a conversation state continues one unpadded sequence (batch 1)")
             if pixel_values is not None:
-                raise ValueError("this conversation already holds its image: start a new GenerationState for another")
+                raise ValueError("this conversation already holds its image: start a new GenerationState")
             cache, start, what = state.cache, state.cache.pos, "the conversation with this message"
             unfed = torch.tensor(state.tokens[start:], dtype=ids.dtype, device=ids.device)
             ids = torch.cat([unfed[None], ids], 1)
@@ -202,7 +202,7 @@ class LLaVA(nn.Module):
             old, w = cache, self.llm.embed_tokens.weight
             cache = KVCache(self.config.text, ids.shape[0], min(ctx, -(-need // 256) * 256), w.dtype, w.device)
             if old is not None:  # growing copies once per turn
-                cache.k[:, :, :, :start], cache.v[:, :, :, :start] = old.k[:, :, :, :start], old.v[:, :, :, :start]
+                cache.k[..., :start, :], cache.v[..., :start, :] = old.k[..., :start, :], old.v[..., :start, :]
                 cache.pos = start
         return cache, start, ids, max_new
 
