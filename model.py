@@ -207,9 +207,8 @@ class LLaVA(nn.Module):
         return cache, start, ids, max_new
 
     def generate_batch(self, prompts, pixel_values=None, max_new_tokens=256, eos_id=2, **sampling):
-        """Prompts (lists of ids, image ids expanded), left-padded into one batch and decoded together
-        -> each one's new ids, cut before EOS. pixel_values [N,3,S,S]: the images of the prompts that
-        have one, in order (text-only prompts may be mixed in). `sampling`: generate's."""
+        """Prompts (id lists, image ids expanded) left-padded into one batch -> each one's new ids, cut before
+        EOS. pixel_values [N,3,S,S]: the images of the prompts that have one, in order; `sampling`: generate's."""
         B, T = len(prompts), max(len(p) for p in prompts)
         ids, mask = torch.full((B, T), self.config.pad_token_id), torch.zeros(B, T, dtype=torch.bool)
         for b, p in enumerate(prompts):
@@ -376,7 +375,8 @@ def token_loss(logits, targets):
 class TokenCrossEntropy(torch.autograd.Function):
     """F.cross_entropy(reduction="sum") of rows x [N,V] against targets [N], in less memory: the [N,V]
     logits are a small model's largest tensors. Forward keeps the softmax p, and backward turns that
-    buffer into the gradient p - onehot(target) in place: no [N,V] allocation (so it runs once)."""
+    buffer into the gradient p - onehot(target) in place: no [N,V] allocation. So it runs once: a second
+    backward (retain_graph) finds p modified, and autograd's version check refuses it."""
 
     @staticmethod
     def forward(ctx, x, targets):
@@ -385,14 +385,10 @@ class TokenCrossEntropy(torch.autograd.Function):
         z = p.sum(dim=-1, keepdim=True)
         p.div_(z)                                                # softmax
         ctx.save_for_backward(p, targets)
-        ctx.spent = False
         return ((top + z.log()).squeeze(-1) - x.gather(-1, targets[:, None]).squeeze(-1)).sum()  # lse - picked
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.spent:
-            raise RuntimeError("TokenCrossEntropy's backward reuses its saved buffer: it runs once")
-        ctx.spent = True
         p, targets = ctx.saved_tensors
         p[torch.arange(len(targets), device=p.device), targets] -= 1  # softmax - onehot
         return p.mul_(grad_out.to(p.dtype)), None
