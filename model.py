@@ -423,10 +423,8 @@ def write_tokenizer_files(src, dst, config):
     """Copy the sentencepiece model and write the llava-hf tokenizer config beside it: the added <image> and
     <pad>, and the slow tokenizer's settings, `legacy` among them: transformers tokenizes it as we do."""
     src, dst = Path(src), Path(dst)
+    tokenizer = Tokenizer(src)  # a WeightsError naming a missing or broken tokenizer.model
     model_file = src / "tokenizer.model" if src.is_dir() else src
-    if not model_file.exists():
-        raise FileNotFoundError(f"no tokenizer.model in {src}: cannot write the tokenizer of {dst}")
-    tokenizer = Tokenizer(model_file)
     added = {"<image>": config.image_token_id}
     if config.pad_token_id >= tokenizer.sp.vocab_size():  # else the pad is a sentencepiece piece
         added["<pad>"] = config.pad_token_id
