@@ -1,21 +1,16 @@
 """
-How fast nanollava is, measured against Hugging Face transformers on the same work.
+How fast nanollava is, against Hugging Face transformers doing the same work, measured in one run.
 
     python bench.py preprocess|vision|train|prefill|decode|all [--config tiny|20m|1b|7b] [--threads N]
     python bench.py gpu [--profile] [--out summary.json]   # the prepared run for one H100 / H200
 
-Both sides load one random LLaVA (from CONFIGS, saved as a llava-hf directory), get the same inputs,
-threads, dtype and device, and do the same work: a training step is forward + backward + clipping +
-AdamW on the same supervised tokens, ours as train.py runs it; decoding is greedy with EOS off, at
-B (N - 1) / (t(N) - t(1)) tokens/s, which cancels the prefill. Each repeat times ours, then theirs,
-so other work on the machine slows both alike; we print the ratio of the medians, ours / theirs
-(> 1: we are faster). On a shared machine use --threads 1: OpenMP threads beyond the free cores wait
-on each other at every barrier, and small ops slow down many times.
+Both sides load one random LLaVA saved as a llava-hf directory and get the same inputs, threads, dtype
+and device; their outputs are compared before timing. Each repeat times ours, then theirs, so other work
+on the machine slows both alike; a row gives the ratio of the medians, ours / theirs (> 1: we are faster).
+On a shared machine use --threads 1: OpenMP threads beyond the free cores wait at every barrier.
 
-`gpu` times train.py's own step on random weights: tokens/s, MFU and peak memory of a ~1B LLaVA's
-stage 2 and a 7B-shaped stage 1, gradient checkpointing off and on; the 7B shape's decode, eager and
-compiled, against the memory-bandwidth bound; a smoke run of train.train(). `--device cpu --tiny`
-runs it on tiny shapes, as the tests do.
+`gpu` times train.py's own step (tokens/s, MFU, peak memory), decoding against the memory-bandwidth
+bound, and smoke-runs train.train(); `--device cpu --tiny` runs it on tiny shapes, as the tests do.
 """
 
 import argparse
@@ -61,6 +56,7 @@ CONFIGS = {
     "7b": dict(vision=CLIP_L_336, text=dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                             num_attention_heads=32), batch=8, seq=640, prompt=608, new_tokens=128),
 }
+TABLE = []  # the summary table's rows: printed as they are measured, and again in one piece at the end
 
 
 def llava_config(shapes):
@@ -68,11 +64,6 @@ def llava_config(shapes):
     V = shapes["text"]["vocab_size"]
     return LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
                        image_token_id=V - 64, pad_token_id=V - 63)
-
-
-def sync(device):
-    if device.type == "cuda":  # CUDA runs asynchronously: wait for the work before reading a clock
-        torch.cuda.synchronize(device)
 
 
 def device_name(device):
@@ -83,12 +74,15 @@ def race(fns, device, warmup, repeats, min_sample=0.05):
     """{name: median seconds per call} of fns run round-robin `repeats` times after `warmup` rounds (the
     first timed, to size the samples: a fast fn runs several times a sample, for `min_sample` seconds,
     so that one scheduler hiccup is not a sample; min_sample=0 calls each fn once per round)."""
+    # CUDA runs asynchronously: wait for the work before reading a clock
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+
     def timed(fn, k=1):
-        sync(device)
+        sync()
         t = time.perf_counter()
         for _ in range(k):
             fn()
-        sync(device)
+        sync()
         return (time.perf_counter() - t) / k
 
     calls = {name: max(1, min(100, int(min_sample / max(timed(fn), 1e-6)))) for name, fn in fns.items()}
@@ -102,23 +96,74 @@ def race(fns, device, warmup, repeats, min_sample=0.05):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def decode_rates(generators, batch, n, device, warmup, repeats, min_sample=0.05):
+    """{name: tokens/s} of each generators[name](k), which decodes k new tokens for `batch` prompts,
+    from the medians of k = n and k = 1: batch (n - 1) / (t(n) - t(1)), so the prefill cancels."""
+    t = race({(name, k): functools.partial(fn, k) for name, fn in generators.items() for k in (n, 1)},
+             device, warmup, repeats, min_sample)
+    return {name: batch * (n - 1) / max(t[name, n] - t[name, 1], 1e-9) for name in generators}
+
+
+def table_row(*cells):
+    TABLE.append("| " + " | ".join(map(str, cells)) + " |")
+    print(TABLE[-1])
+
+
+def attempt(name, fn):
+    """fn(), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
+    try:
+        return fn()
+    except Exception as e:
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+        table_row(name, "", f"error: {error[:120]}")
+        return {"error": error}
+
+
+def reset_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run(args, device, header, columns, parts):
+    """Each of {name: fn} in turn, the JSON written to --out after every part (so that a run cut short
+    keeps what it measured), the table at the end; exit 1 naming the parts that failed."""
+    print(header)
+    res, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, time.time()
+    for name, fn in parts.items():
+        print(f"[{time.time() - t0:6.1f}s] {name}")
+        res[name] = attempt(name, fn)
+        llama.compile_elementwise(False)  # each part starts eager (training may have compiled it)
+        reset_memory(device)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    print("\n".join(["", header, *columns, *TABLE]))
+    failed = [name for name, got in res.items() if isinstance(got, dict) and "error" in got]
+    if failed:
+        raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
+    return res
+
+
 # -----------------------------------------------------------------------------------------------
 # The models, their inputs and their training steps
 
 
 @torch.no_grad()
-def build(config, device, dtype, seed=0, std=0.02):
+def build(config, device, dtype):
     """A random LLaVA made directly on `device` in `dtype` (a 7B model never passes through the
-    CPU): a meta build, storage on the device, then N(0, std) weights, unit norms, zero biases."""
+    CPU): a meta build, storage on the device, then N(0, 0.02) weights, unit norms, zero biases."""
     with torch.device("meta"):
         model = LLaVA(config)
     model = model.to(dtype).to_empty(device=device)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     for name, p in model.named_parameters():
         if p.dim() == 1 and name.endswith(("weight", "bias")):  # the norms' scales and every bias
             p.fill_(float(name.endswith("weight")))
         else:
-            p.normal_(0.0, std)
+            p.normal_(0.0, 0.02)
     return model
 
 
@@ -200,8 +245,10 @@ OTHER_PICTURES = ("camera", "coins", "moon", "page", "text", "horse", "logo")
 
 
 def row(measurement, batch, seq, unit, ours, theirs, note=""):
-    return dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
-                ratio=ours / theirs, note=note)
+    r = dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
+             ratio=ours / theirs, note=note)
+    table_row(measurement, batch, seq, unit, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x", note)
+    return r
 
 
 def bench_preprocess(args, pair, device, dtype, size=336):
@@ -279,7 +326,6 @@ def bench_train(args, pair, device, dtype):
                             functools.partial(torch.nn.utils.clip_grad_norm_, params, 1.0), device, dtype)
     first = float(ours(*batch)), float(theirs(*batch))  # same weights: the same first loss
     t = race({"ours": lambda: ours(*batch), "theirs": lambda: theirs(*batch)}, device, args.warmup, args.repeats)
-    llama.compile_elementwise(False)  # generation as chat.py runs it
     return [row("train", B, T, "tokens/s", B * T / t["ours"], B * T / t["theirs"],
                 f"first loss {first[0]:.5f} vs {first[1]:.5f}")]
 
@@ -298,10 +344,8 @@ def bench_decode(args, pair, device, dtype):
         mine, hers = fns["ours"](N).cpu(), fns["theirs"](N).cpu()
         if mine.shape != hers.shape:
             raise AssertionError(f"decode made {tuple(mine.shape)} tokens, transformers {tuple(hers.shape)}")
-        t = race({(side, n): functools.partial(fn, n) for side, fn in fns.items() for n in (N, 1)},
-                 device, args.warmup, args.repeats)
-        rates = [B * (N - 1) / max(t[side, N] - t[side, 1], 1e-9) for side in fns]
-        rows.append(row(f"decode b{B}", B, T, "tokens/s", *rates,
+        rates = decode_rates(fns, B, N, device, args.warmup, args.repeats)
+        rows.append(row(f"decode b{B}", B, T, "tokens/s", rates["ours"], rates["theirs"],
                         f"{N} new tokens, {float((mine == hers).float().mean()):.0%} of them identical"))
     return rows
 
@@ -320,17 +364,10 @@ def run_measurements(args, names):
     header = (f"nanollava vs transformers {transformers.__version__} | torch {torch.__version__} | "
               f"device {device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]} | "
               f"config {args.config}")
-
-    def measure(fn, table):
-        rows = fn(args, pair, device, dtype)
-        for r in rows:
-            table_row(table, "{measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | "
-                      "{ratio:.2f}x | {note}".format(**r))
-        return rows
-
     columns = ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
                "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
-    return run(args, device, header, columns, {name: functools.partial(measure, MEASUREMENTS[name]) for name in names})
+    return run(args, device, header, columns,
+               {name: functools.partial(MEASUREMENTS[name], args, pair, device, dtype) for name in names})
 
 
 # -----------------------------------------------------------------------------------------------
@@ -344,50 +381,7 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
 
 
-def table_row(table, *cells):
-    """One line of the summary table, printed as soon as it is measured."""
-    table.append("| " + " | ".join(map(str, cells)) + " |")
-    print(table[-1])
-
-
-def attempt(name, fn, table):
-    """fn(table), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
-    try:
-        return fn(table)
-    except Exception as e:
-        traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"
-        table_row(table, name, "", f"error: {error[:120]}")
-        return {"error": error}
-
-
-def run(args, device, header, columns, parts):
-    """{part: fn(table)} in turn, each row printed as it is measured, the JSON written to --out after
-    every part (so that a run cut short keeps what it measured), the table again in one piece at the end."""
-    print(header)
-    res, table, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, [], time.time()
-    for name, fn in parts.items():
-        print(f"[{time.time() - t0:6.1f}s] {name}")
-        res[name] = attempt(name, fn, table)
-        reset_memory(device)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
-    print("\n".join(["", header, *columns, *table]))
-    failed = [name for name, got in res.items() if isinstance(got, dict) and "error" in got]
-    if failed:
-        raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
-    return res
-
-
-def reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def gpu_train(shapes, stage, setting, device, dtype, args, table):
+def gpu_train(shapes, stage, setting, device, dtype, args):
     """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model."""
     grad_ckpt, micro_steps = GPU_RUNS[setting]
     reset_memory(device)
@@ -395,9 +389,9 @@ def gpu_train(shapes, stage, setting, device, dtype, args, table):
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
     step = ours_train_step(model, stage, device, dtype, grad_ckpt)
     B, T = shapes["batch"], shapes["seq"]
-    ids, labels, px = make_batch(model.config, B, T, device)
+    ids, labels, px = batch = make_batch(model.config, B, T, device)
     losses = []  # one step per call (min_sample=0), so runs of the same steps log the same losses
-    dt = race({"step": lambda: losses.append(float(step(ids, labels, px, micro_steps)))}, device,
+    dt = race({"step": lambda: losses.append(float(step(*batch, micro_steps)))}, device,
               args.warmup, args.repeats, min_sample=0)["step"]
     supervised = len(supervised_positions(labels.cpu())[0])
     flops = train.step_flops(model.config, counts, stage, B * T, supervised, B, T) * micro_steps
@@ -407,25 +401,23 @@ def gpu_train(shapes, stage, setting, device, dtype, args, table):
     out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "peak_mem_gb": mem,
            "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "mfu": mfu,
            "losses": losses, "finite": all(map(math.isfinite, losses))}
-    table_row(table, f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step",
-              f"{out['tokens_per_s']:.0f}", f"{mfu:.1%}" if peak else "n/a",
-              f"{mem:.1f} GiB" if mem is not None else "n/a",
+    table_row(f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step", f"{out['tokens_per_s']:.0f}",
+              f"{mfu:.1%}" if peak else "n/a", f"{mem:.1f} GiB" if mem is not None else "n/a",
               f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
     if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
         with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one (synced at exit)
             for _ in range(2):
-                step(ids, labels, px)
+                step(*batch)
         out["profile"] = "torch.profiler, 2 steps:\n" + prof.key_averages().table(
             sort_by=f"self_{device.type}_time_total", row_limit=15, max_name_column_width=50)
         print(out["profile"])
     return out
 
 
-def gpu_decode(shapes, device, dtype, args, table):
-    """Batch-1 greedy decode, eager, then compile_decode(): torch.compile of the static-shape step with
-    CUDA graphs, compiled and captured in the warm-up round (on a CPU the static step runs uncompiled:
-    inductor would spend minutes compiling C++ for a smoke test)."""
-    llama.compile_elementwise(False)  # generation as chat.py runs it
+def gpu_decode(shapes, device, dtype, args):
+    """Batch-1 greedy decode as chat.py runs it, eager, then compile_decode(): torch.compile of the
+    static-shape step with CUDA graphs, compiled and captured in the warm-up round (on a CPU the static
+    step runs uncompiled: inductor would spend minutes compiling C++ for a smoke test)."""
     model = build(llava_config(shapes), device, dtype).eval()
     ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
     ids, N, c = ids[0], shapes["new_tokens"], model.config.text
@@ -439,43 +431,43 @@ def gpu_decode(shapes, device, dtype, args, table):
     def measure(mode):
         if mode == "compiled":
             model.compile_decode(compile=device.type == "cuda")
-        fns = {n: lambda n=n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None)) for n in (N, 1)}
-        t = race(fns, device, args.warmup, args.repeats, min_sample=0)
-        v = (N - 1) / max(t[N] - t[1], 1e-9)
+        generate = {mode: lambda n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None))}
+        v = decode_rates(generate, 1, N, device, args.warmup, args.repeats, min_sample=0)[mode]
         note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
                 f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
-        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note)
+        table_row(f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note)
         return {f"{mode}_tokens_per_s": v}
 
     for mode in ("eager", "compiled"):  # a failed compilation keeps the eager number
-        out.update(attempt(f"decode {mode}", lambda table: measure(mode), table))
+        out.update(attempt(f"decode {mode}", functools.partial(measure, mode)))
     return out
 
 
-def gpu_smoke(device, workdir, table):
+def gpu_smoke(device):
     """train.train() itself, both stages, 3 steps on a tiny synthetic world with --grad-ckpt;
     stage 2 once more with --optimizer muon (Newton-Schulz in the compute dtype on this device)."""
-    root = Path(workdir)
+    out, tmp = {}, tempfile.TemporaryDirectory(prefix="nanollava-smoke-")
+    root = Path(tmp.name)
     world = tiny.make_synthetic(root / "data", n_train=32, n_test=4, seed=0, image_size=64, vocab_size=400)
     clip_dir, llm_dir = tiny.make_tiny_bases(root, world["tokenizer"], seed=0)
     common = dict(clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=tiny.TINY_CLIP["image_size"], pad_to_square=False,
                   global_batch=8, micro_batch=4, max_steps=3, warmup_ratio=0.0, max_length=256, device=str(device),
                   dtype="bf16", grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)
-    out = {}
     for name, stage, optimizer in (("stage1", 1, "adamw"), ("stage2", 2, "adamw"), ("stage2_muon", 2, "muon")):
         losses = train.train(train.fill_recipe(train.TrainConfig(
             stage=stage, data=str(world[f"stage{stage}"]), out=str(root / name), optimizer=optimizer,
             init=str(root / "stage1") if stage == 2 else "", **common)))
         out[name] = {"losses": losses, "ok": bool(losses) and all(map(math.isfinite, losses))}
-        table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt", "", "", "",
+        table_row("smoke train.train()", f"{name}, 3 steps, grad ckpt", "", "", "",
                   f"{'ok' if out[name]['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}")
     # each step all-reduces a few CPU tensors; on several GPUs that needs the group's gloo half
     # (fsdp.process_group_backend), which only this call exercises on a single GPU
     flag = torch.ones(1)
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0
-    table_row(table, "smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
+    table_row("smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
+    tmp.cleanup()
     return out
 
 
@@ -489,13 +481,11 @@ def run_gpu(args):
     header = (f"nanollava bench gpu | {device_name(device)} | torch {torch.__version__} | dtype {str(dtype)[6:]} | "
               f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}")
     columns = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
-    with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:
-        return run(args, device, header, columns, {
-            "stage2_train": lambda table: {s: gpu_train(small, 2, s, device, dtype, args, table) for s in GPU_RUNS},
-            "smoke": lambda table: gpu_smoke(device, tmp, table),
-            "stage1_train": lambda table: {s: gpu_train(big, 1, s, device, dtype, args, table)
-                                           for s in ("ckpt_off", "ckpt_on")},
-            "decode": lambda table: gpu_decode(big, device, dtype, args, table)})
+    return run(args, device, header, columns, {
+        "stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args) for s in GPU_RUNS},
+        "smoke": lambda: gpu_smoke(device),
+        "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args) for s in ("ckpt_off", "ckpt_on")},
+        "decode": lambda: gpu_decode(big, device, dtype, args)})
 
 
 def main(argv=None):
