@@ -2,15 +2,12 @@
 How fast nanollava is, against Hugging Face transformers doing the same work, measured in one run.
 
     python bench.py preprocess|vision|train|prefill|decode|all [--config tiny|20m|1b|7b] [--threads N]
-    python bench.py gpu [--profile] [--out summary.json]   # the prepared run for one H100 / H200
+    python bench.py gpu [--profile] [--out summary.json]   # train.py's step and decoding on one H100 / H200
 
-Both sides load one random LLaVA saved as a llava-hf directory and get the same inputs, threads, dtype
-and device; their outputs are compared before timing. Each repeat times ours, then theirs, so other work
-on the machine slows both alike; a row gives the ratio of the medians, ours / theirs (> 1: we are faster).
-On a shared machine use --threads 1: OpenMP threads beyond the free cores wait at every barrier.
-
-`gpu` times train.py's own step (tokens/s, MFU, peak memory), decoding against the memory-bandwidth
-bound, and smoke-runs train.train(); `--device cpu --tiny` runs it on tiny shapes, as the tests do.
+Both sides load one random LLaVA and get the same inputs, threads, dtype and device; their outputs are
+compared before timing. Each repeat times ours, then theirs, so other work on the machine slows both
+alike; a row gives the ratio of the medians, ours / theirs (> 1: we are faster). On a shared machine use
+--threads 1: OpenMP threads beyond the free cores wait on each other at every barrier.
 """
 
 import argparse
@@ -86,14 +83,11 @@ def race(fns, device, warmup, repeats, min_sample=0.05):
         return (time.perf_counter() - t) / k
 
     calls = {name: max(1, min(100, int(min_sample / max(timed(fn), 1e-6)))) for name, fn in fns.items()}
-    for _ in range(warmup - 1):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
+    times, skip = {name: [] for name in fns}, max(warmup - 1, 0)  # the round above was the first warm-up
+    for _ in range(skip + max(1, repeats)):
         for name, fn in fns.items():
             times[name].append(timed(fn, calls[name]))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts[skip:]) for name, ts in times.items()}
 
 
 def decode_rates(generators, batch, n, device, warmup, repeats, min_sample=0.05):
@@ -120,23 +114,18 @@ def attempt(name, fn):
         return {"error": error}
 
 
-def reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def run(args, device, header, columns, parts):
+def run(args, device, dtype, about, columns, parts):
     """Each of {name: fn} in turn, the JSON written to --out after every part (so that a run cut short
-    keeps what it measured), the table at the end; exit 1 naming the parts that failed."""
+    keeps what it measured), the table again at the end; exit 1 naming the parts that failed."""
+    header = (f"nanollava bench {args.measurement} | {about} | torch {torch.__version__} | device "
+              f"{device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]}")
     print(header)
     res, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, time.time()
     for name, fn in parts.items():
         print(f"[{time.time() - t0:6.1f}s] {name}")
         res[name] = attempt(name, fn)
         llama.compile_elementwise(False)  # each part starts eager (training may have compiled it)
-        reset_memory(device)
+        gc.collect()  # the part's models (FSDP's hooks make cycles)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1, default=str))
@@ -168,26 +157,24 @@ def build(config, device, dtype):
 
 
 class Pair:
-    """One random LLaVA saved to a temporary llava-hf directory, from which both sides load:
-    `ours()` / `theirs()` give fresh models (training mutates them) with identical weights."""
+    """One random LLaVA saved to a temporary llava-hf directory; load() gives ours and transformers'
+    from it, in eval mode: fresh models (training mutates them) with identical weights."""
 
     def __init__(self, shapes):
         self.shapes, self.config, self.tmp = shapes, llava_config(shapes), tempfile.TemporaryDirectory()
         build(self.config, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
 
-    def ours(self, dtype, device):
-        return LLaVA.from_pretrained(self.tmp.name, dtype=dtype, device=device)
-
-    def theirs(self, dtype, device):
+    def load(self, dtype, device):
         import transformers
-        return transformers.LlavaForConditionalGeneration.from_pretrained(
-            self.tmp.name, dtype=dtype, attn_implementation="sdpa").to(device)
+        theirs = transformers.LlavaForConditionalGeneration.from_pretrained(
+            self.tmp.name, dtype=dtype, attn_implementation="sdpa")
+        return LLaVA.from_pretrained(self.tmp.name, dtype=dtype, device=device).eval(), theirs.to(device).eval()
 
 
-def make_batch(config, batch, seq, device, seed=0, dtype=torch.float32):
+def make_batch(config, batch, seq, device, dtype=torch.float32):
     """[BOS, 3 text ids, the image's P ids, text...] of `seq` tokens per row, labels on the text
     after the image (as stage 2 supervises the reply only), random pixels in `dtype`."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     P = config.num_patches  # CONFIGS leave room for the image and a few supervised tokens
     ids = torch.randint(3, config.image_token_id, (batch, seq), generator=g)
     ids[:, 0] = 1
@@ -245,10 +232,9 @@ OTHER_PICTURES = ("camera", "coins", "moon", "page", "text", "horse", "logo")
 
 
 def row(measurement, batch, seq, unit, ours, theirs, note=""):
-    r = dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
-             ratio=ours / theirs, note=note)
     table_row(measurement, batch, seq, unit, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x", note)
-    return r
+    return dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
+                ratio=ours / theirs, note=note)
 
 
 def bench_preprocess(args, pair, device, dtype, size=336):
@@ -292,7 +278,7 @@ def same_work(label, batch, seq, unit, work, fns, args, device):
 
 def bench_vision(args, pair, device, dtype):
     """The whole CLIP tower (every block, last hidden state) on `batch` images."""
-    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
+    ours, theirs = pair.load(dtype, device)
     B = pair.shapes["batch"]
     px = make_batch(pair.config, B, pair.shapes["seq"], device, dtype=dtype)[2]
     return same_work("vision", B, pair.config.vision.num_patches + 1, "images/s", B, {
@@ -302,7 +288,7 @@ def bench_vision(args, pair, device, dtype):
 
 def bench_prefill(args, pair, device, dtype):
     """A prompt with its image into a fresh KV cache, next-token logits only (generation's start)."""
-    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
+    ours, theirs = pair.load(dtype, device)
     T = pair.shapes["seq"]
     ids, _, px = make_batch(pair.config, 1, T, device, dtype=dtype)
     return same_work("prefill", 1, T, "tokens/s", T, {
@@ -317,9 +303,9 @@ def bench_train(args, pair, device, dtype):
     projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
     B, T = pair.shapes["batch"], pair.shapes["seq"]
     batch = make_batch(pair.config, B, T, device)
-    ours = ours_train_step(pair.ours(torch.float32, device), 2, device, dtype)
-    hf = pair.theirs(torch.float32, device).train()
-    hf.model.vision_tower.requires_grad_(False).to(dtype)
+    ours, hf = pair.load(torch.float32, device)
+    ours = ours_train_step(ours, 2, device, dtype)
+    hf.train().model.vision_tower.requires_grad_(False).to(dtype)
     params = [p for p in hf.parameters() if p.requires_grad]
     theirs = optimizer_step(lambda ids, labels, px: (hf(input_ids=ids, pixel_values=px, labels=labels).loss, 1),
                             params, torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0),
@@ -331,11 +317,11 @@ def bench_train(args, pair, device, dtype):
 
 
 def bench_decode(args, pair, device, dtype):
-    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
+    ours, theirs = pair.load(dtype, device)
     N, T = pair.shapes["new_tokens"], pair.shapes["prompt"]
     rows = []
     for B in (1, 8):
-        ids, _, px = make_batch(pair.config, B, T, device, seed=B, dtype=dtype)
+        ids, _, px = make_batch(pair.config, B, T, device, dtype=dtype)
         fns = {"ours": lambda n: torch.stack(list(ours.generate(ids, px, max_new_tokens=n, eos_id=None)), 1),
                # min_new_tokens: EOS off, as ours
                "theirs": lambda n: theirs.generate(
@@ -361,13 +347,10 @@ def run_measurements(args, names):
     device = torch.device(args.device or "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pair = Pair(CONFIGS[args.config]) if names != ["preprocess"] else None
-    header = (f"nanollava vs transformers {transformers.__version__} | torch {torch.__version__} | "
-              f"device {device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]} | "
-              f"config {args.config}")
-    columns = ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
-               "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
-    return run(args, device, header, columns,
-               {name: functools.partial(MEASUREMENTS[name], args, pair, device, dtype) for name in names})
+    parts = {name: functools.partial(MEASUREMENTS[name], args, pair, device, dtype) for name in names}
+    return run(args, device, dtype, f"vs transformers {transformers.__version__} | config {args.config}",
+               ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
+                "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"], parts)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -384,25 +367,26 @@ GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (Fa
 def gpu_train(shapes, stage, setting, device, dtype, args):
     """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model."""
     grad_ckpt, micro_steps = GPU_RUNS[setting]
-    reset_memory(device)
+    gc.collect()  # the last setting's model gone (FSDP's hooks make cycles), then a fresh peak
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model = build(llava_config(shapes), device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
     step = ours_train_step(model, stage, device, dtype, grad_ckpt)
     B, T = shapes["batch"], shapes["seq"]
-    ids, labels, px = batch = make_batch(model.config, B, T, device)
+    batch = make_batch(model.config, B, T, device)
     losses = []  # one step per call (min_sample=0), so runs of the same steps log the same losses
     dt = race({"step": lambda: losses.append(float(step(*batch, micro_steps)))}, device,
               args.warmup, args.repeats, min_sample=0)["step"]
-    supervised = len(supervised_positions(labels.cpu())[0])
+    supervised = len(supervised_positions(batch[1].cpu())[0])
     flops = train.step_flops(model.config, counts, stage, B * T, supervised, B, T) * micro_steps
     peak = train.device_peak_flops(device)  # None where unknown (a CPU)
-    mfu = flops / dt / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "peak_mem_gb": mem,
-           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "mfu": mfu,
-           "losses": losses, "finite": all(map(math.isfinite, losses))}
+    out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,
+           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "peak_mem_gb": mem,
+           "mfu": flops / dt / peak if peak else None, "losses": losses, "finite": all(map(math.isfinite, losses))}
     table_row(f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step", f"{out['tokens_per_s']:.0f}",
-              f"{mfu:.1%}" if peak else "n/a", f"{mem:.1f} GiB" if mem is not None else "n/a",
+              f"{out['mfu']:.1%}" if peak else "n/a", f"{mem:.1f} GiB" if mem is not None else "n/a",
               f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
     if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
         with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one (synced at exit)
@@ -414,33 +398,27 @@ def gpu_train(shapes, stage, setting, device, dtype, args):
     return out
 
 
-def gpu_decode(shapes, device, dtype, args):
-    """Batch-1 greedy decode as chat.py runs it, eager, then compile_decode(): torch.compile of the
-    static-shape step with CUDA graphs, compiled and captured in the warm-up round (on a CPU the static
-    step runs uncompiled: inductor would spend minutes compiling C++ for a smoke test)."""
+def gpu_decode(shapes, device, dtype, args, compiled=False):
+    """Batch-1 greedy decode as chat.py runs it against the memory-bandwidth bound; compiled: with
+    compile_decode(), torch.compile of the static-shape step with CUDA graphs, captured in the warm-up
+    (on a CPU the static step runs uncompiled: inductor would spend minutes compiling C++ for a smoke test)."""
     model = build(llava_config(shapes), device, dtype).eval()
+    if compiled:
+        model.compile_decode(compile=device.type == "cuda")
     ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
     ids, N, c = ids[0], shapes["new_tokens"], model.config.text
+    generate = {"ours": lambda n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None))}
+    v = decode_rates(generate, 1, N, device, args.warmup, args.repeats, min_sample=0)["ours"]
     weight_bytes = sum(p.nbytes for name, p in model.llm.named_parameters() if not name.startswith("embed_tokens"))
     # the KV cache at its mean length during the decode
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (len(ids) + N / 2) * dtype.itemsize
-    bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in device_name(device)), None)
+    bw = next((b for gpu, b in HBM_BYTES_PER_S.items() if gpu in device_name(device)), None)
     bound = bw / (weight_bytes + kv_bytes) if bw else None
-    out = {"prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
-
-    def measure(mode):
-        if mode == "compiled":
-            model.compile_decode(compile=device.type == "cuda")
-        generate = {mode: lambda n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None))}
-        v = decode_rates(generate, 1, N, device, args.warmup, args.repeats, min_sample=0)[mode]
-        note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
-                f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
-        table_row(f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note)
-        return {f"{mode}_tokens_per_s": v}
-
-    for mode in ("eager", "compiled"):  # a failed compilation keeps the eager number
-        out.update(attempt(f"decode {mode}", functools.partial(measure, mode)))
-    return out
+    note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
+            f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
+    table_row("decode " + ("compiled" if compiled else "eager"), f"batch 1, prompt {len(ids)}, {N} new",
+              f"{v:.1f}", "", "", note)
+    return {"tokens_per_s": v, "prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
 
 
 def gpu_smoke(device):
@@ -478,14 +456,14 @@ def run_gpu(args):
     if args.tiny:  # the same code on tiny shapes, for a CPU (and the tests)
         small = big = {**CONFIGS["tiny"], "batch": 4, "seq": 48, "prompt": 24, "new_tokens": 12}
         args.warmup, args.repeats = 1, 2
-    header = (f"nanollava bench gpu | {device_name(device)} | torch {torch.__version__} | dtype {str(dtype)[6:]} | "
-              f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}")
+    about = f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}"
     columns = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
-    return run(args, device, header, columns, {
+    return run(args, device, dtype, about, columns, {
         "stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args) for s in GPU_RUNS},
         "smoke": lambda: gpu_smoke(device),
         "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args) for s in ("ckpt_off", "ckpt_on")},
-        "decode": lambda: gpu_decode(big, device, dtype, args)})
+        "decode": lambda: gpu_decode(big, device, dtype, args),
+        "decode_compiled": lambda: gpu_decode(big, device, dtype, args, compiled=True)})
 
 
 def main(argv=None):
