@@ -103,17 +103,6 @@ def table_row(*cells):
     print(TABLE[-1])
 
 
-def attempt(name, fn):
-    """fn(), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
-    try:
-        return fn()
-    except Exception as e:
-        traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"
-        table_row(name, "", f"error: {error[:120]}")
-        return {"error": error}
-
-
 def run(args, device, dtype, about, columns, parts):
     """Each of {name: fn} in turn, the JSON written to --out after every part (so that a run cut short
     keeps what it measured), the table again at the end; exit 1 naming the parts that failed."""
@@ -123,14 +112,19 @@ def run(args, device, dtype, about, columns, parts):
     res, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, time.time()
     for name, fn in parts.items():
         print(f"[{time.time() - t0:6.1f}s] {name}")
-        res[name] = attempt(name, fn)
+        try:
+            res[name] = fn()
+        except Exception as e:  # one failure must not lose the rest
+            traceback.print_exc()
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+            table_row(name, "", f"error: {res[name]['error'][:120]}")
         llama.compile_elementwise(False)  # each part starts eager (training may have compiled it)
         gc.collect()  # the part's models (FSDP's hooks make cycles)
         if args.out:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     print("\n".join(["", header, *columns, *TABLE]))
-    failed = [name for name, got in res.items() if isinstance(got, dict) and "error" in got]
+    failed = [name for name in parts if "error" in res[name]]  # a row list holds no "error"
     if failed:
         raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
     return res
@@ -421,11 +415,10 @@ def gpu_decode(shapes, device, dtype, args, compiled=False):
     return {"tokens_per_s": v, "prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
 
 
-def gpu_smoke(device):
+def gpu_smoke(device, workdir):
     """train.train() itself, both stages, 3 steps on a tiny synthetic world with --grad-ckpt;
     stage 2 once more with --optimizer muon (Newton-Schulz in the compute dtype on this device)."""
-    out, tmp = {}, tempfile.TemporaryDirectory(prefix="nanollava-smoke-")
-    root = Path(tmp.name)
+    out, root = {}, Path(workdir)
     world = tiny.make_synthetic(root / "data", n_train=32, n_test=4, seed=0, image_size=64, vocab_size=400)
     clip_dir, llm_dir = tiny.make_tiny_bases(root, world["tokenizer"], seed=0)
     common = dict(clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
@@ -445,7 +438,6 @@ def gpu_smoke(device):
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0
     table_row("smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
-    tmp.cleanup()
     return out
 
 
@@ -458,12 +450,13 @@ def run_gpu(args):
         args.warmup, args.repeats = 1, 2
     about = f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}"
     columns = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
-    return run(args, device, dtype, about, columns, {
-        "stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args) for s in GPU_RUNS},
-        "smoke": lambda: gpu_smoke(device),
-        "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args) for s in ("ckpt_off", "ckpt_on")},
-        "decode": lambda: gpu_decode(big, device, dtype, args),
-        "decode_compiled": lambda: gpu_decode(big, device, dtype, args, compiled=True)})
+    with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:
+        return run(args, device, dtype, about, columns, {
+            "stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args) for s in GPU_RUNS},
+            "smoke": lambda: gpu_smoke(device, tmp),
+            "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args) for s in ("ckpt_off", "ckpt_on")},
+            "decode": lambda: gpu_decode(big, device, dtype, args),
+            "decode_compiled": lambda: gpu_decode(big, device, dtype, args, compiled=True)})
 
 
 def main(argv=None):
