@@ -71,8 +71,7 @@ def race(fns, device, warmup, repeats, min_sample=0.05):
     """{name: median seconds per call} of fns run round-robin `repeats` times after `warmup` rounds (the
     first timed, to size the samples: a fast fn runs several times a sample, for `min_sample` seconds,
     so that one scheduler hiccup is not a sample; min_sample=0 calls each fn once per round)."""
-    # CUDA runs asynchronously: wait for the work before reading a clock
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA runs asynchronously
 
     def timed(fn, k=1):
         sync()
@@ -130,9 +129,7 @@ def run(args, device, dtype, about, columns, parts):
     return res
 
 
-# -----------------------------------------------------------------------------------------------
-# The models, their inputs and their training steps
-
+# ---- The models, their inputs and their training steps -----------------------------------------
 
 @torch.no_grad()
 def build(config, device, dtype):
@@ -216,9 +213,7 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
     return optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, sharded[0].schedule.backward)
 
 
-# -----------------------------------------------------------------------------------------------
-# The measurements against transformers (each returns rows)
-
+# ---- The measurements against transformers (each returns rows) ---------------------------------
 # scikit-image's bundled pictures: colour photos, then grayscale, bilevel and RGBA ones
 RGB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
               "retina", "cat", "colorwheel")
@@ -256,9 +251,8 @@ def bench_preprocess(args, pair, device, dtype, size=336):
         n, name = len(images), type(hf).__name__ + ("(do_pad=True)" if pad else "")
         rows.append(row(label, n, size, "images/s", n / t["ours"], n / t["theirs"],
                         f"{name}, {n} pictures, identical output, one thread each"))
-        if cores > 1:
-            rows.append(row(f"{label}, {cores} threads", n, size, "images/s", n / t["threads"], n / t["theirs"],
-                            f"clip.preprocess_batch (Pillow releases the GIL) vs the same {name} call"))
+        rows.append(row(f"{label}, {cores} threads", n, size, "images/s", n / t["threads"], n / t["theirs"],
+                        f"clip.preprocess_batch (Pillow releases the GIL) vs the same {name} call"))
     return rows
 
 
@@ -347,9 +341,7 @@ def run_measurements(args, names):
                 "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"], parts)
 
 
-# -----------------------------------------------------------------------------------------------
-# bench.py gpu: train.py's step and generation on one H100 / H200 (random weights, no download)
-
+# ---- bench.py gpu: train.py's step and generation on one H100 / H200 (random weights) ------------
 # A decode step reads every weight once (the embedding table: one row) and the KV cache so far,
 # so tokens/s <= HBM bandwidth / those bytes.
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
@@ -393,9 +385,8 @@ def gpu_train(shapes, stage, setting, device, dtype, args):
 
 
 def gpu_decode(shapes, device, dtype, args, compiled=False):
-    """Batch-1 greedy decode as chat.py runs it against the memory-bandwidth bound; compiled: with
-    compile_decode(), torch.compile of the static-shape step with CUDA graphs, captured in the warm-up
-    (on a CPU the static step runs uncompiled: inductor would spend minutes compiling C++ for a smoke test)."""
+    """Batch-1 greedy decode as chat.py runs it, against the memory-bandwidth bound; compiled: with
+    compile_decode()'s CUDA graphs, captured in the warm-up (on a CPU uncompiled: minutes of C++ to build)."""
     model = build(llava_config(shapes), device, dtype).eval()
     if compiled:
         model.compile_decode(compile=device.type == "cuda")
@@ -464,7 +455,7 @@ def main(argv=None):
     p.add_argument("measurement", choices=[*MEASUREMENTS, "all", "gpu"])
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     p.add_argument("--device", default="", help="default: cpu; gpu: cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: torch's)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default="", help="write the results as JSON here")
@@ -472,8 +463,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="gpu: a torch.profiler table of a stage-2 step")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, also into a pipe or a file
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.measurement == "gpu":
         return run_gpu(args)
     return run_measurements(args, list(MEASUREMENTS) if args.measurement == "all" else [args.measurement])
