@@ -56,13 +56,6 @@ CONFIGS = {
 TABLE = []  # the summary table's rows: printed as they are measured, and again in one piece at the end
 
 
-def llava_config(shapes):
-    """A CONFIGS entry's LLaVAConfig; <image> and <pad> sit just above the real vocabulary, as the tokenizer's."""
-    V = shapes["text"]["vocab_size"]
-    return LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
-                       image_token_id=V - 64, pad_token_id=V - 63)
-
-
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -132,11 +125,14 @@ def run(args, device, dtype, about, columns, parts):
 # ---- The models, their inputs and their training steps -----------------------------------------
 
 @torch.no_grad()
-def build(config, device, dtype):
-    """A random LLaVA made directly on `device` in `dtype` (a 7B model never passes through the
-    CPU): a meta build, storage on the device, then N(0, 0.02) weights, unit norms, zero biases."""
+def build(shapes, device, dtype):
+    """A CONFIGS entry's random LLaVA, made directly on `device` in `dtype` (a 7B model never passes
+    through the CPU): a meta build, storage on the device, then N(0, 0.02) weights, unit norms, zero
+    biases; <image> and <pad> sit just above the real vocabulary, as the tokenizer's."""
+    V = shapes["text"]["vocab_size"]
     with torch.device("meta"):
-        model = LLaVA(config)
+        model = LLaVA(LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
+                                  image_token_id=V - 64, pad_token_id=V - 63))
     model = model.to(dtype).to_empty(device=device)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
@@ -152,8 +148,10 @@ class Pair:
     from it, in eval mode: fresh models (training mutates them) with identical weights."""
 
     def __init__(self, shapes):
-        self.shapes, self.config, self.tmp = shapes, llava_config(shapes), tempfile.TemporaryDirectory()
-        build(self.config, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
+        self.shapes, self.tmp = shapes, tempfile.TemporaryDirectory()
+        model = build(shapes, torch.device("cpu"), torch.float32)
+        self.config = model.config
+        model.save_pretrained(self.tmp.name)
 
     def load(self, dtype, device):
         import transformers
@@ -291,8 +289,8 @@ def bench_train(args, pair, device, dtype):
     projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
     B, T = pair.shapes["batch"], pair.shapes["seq"]
     batch = make_batch(pair.config, B, T, device)
-    ours, hf = pair.load(torch.float32, device)
-    ours = ours_train_step(ours, 2, device, dtype)
+    model, hf = pair.load(torch.float32, device)
+    ours = ours_train_step(model, 2, device, dtype)
     hf.train().model.vision_tower.requires_grad_(False).to(dtype)
     params = [p for p in hf.parameters() if p.requires_grad]
     theirs = optimizer_step(lambda ids, labels, px: (hf(input_ids=ids, pixel_values=px, labels=labels).loss, 1),
@@ -356,7 +354,7 @@ def gpu_train(shapes, stage, setting, device, dtype, args):
     gc.collect()  # the last setting's model gone (FSDP's hooks make cycles), then a fresh peak
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model = build(llava_config(shapes), device, dtype)
+    model = build(shapes, device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
     step = ours_train_step(model, stage, device, dtype, grad_ckpt)
     B, T = shapes["batch"], shapes["seq"]
@@ -387,7 +385,7 @@ def gpu_train(shapes, stage, setting, device, dtype, args):
 def gpu_decode(shapes, device, dtype, args, compiled=False):
     """Batch-1 greedy decode as chat.py runs it, against the memory-bandwidth bound; compiled: with
     compile_decode()'s CUDA graphs, captured in the warm-up (on a CPU uncompiled: minutes of C++ to build)."""
-    model = build(llava_config(shapes), device, dtype).eval()
+    model = build(shapes, device, dtype).eval()
     if compiled:
         model.compile_decode(compile=device.type == "cuda")
     ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
