@@ -41,8 +41,8 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
 LLAMA = dict(vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096)
 CONFIGS = {
     # the tiny preset's towers (tiny.py), its 512 pieces + <image>, <pad> rounded up to 576
-    "tiny": dict(vision=tiny.TINY_CLIP, text=dict(tiny.TINY_LLM, vocab_size=576), batch=32, seq=64, prompt=40,
-                 new_tokens=32),
+    "tiny": dict(vision=tiny.TINY_CLIP, text=dict(tiny.TINY_LLM, vocab_size=576), batch=4, seq=48, prompt=24,
+                 new_tokens=12),
     # 62M parameters: small blocks, but the real vocabulary (its embedding and head are half of it)
     "20m": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                             image_size=64, patch_size=8), batch=8, seq=256, prompt=96, new_tokens=64,
@@ -433,10 +433,7 @@ def gpu_smoke(device, workdir):
 def run_gpu(args):
     device = torch.device(args.device or "cuda")
     dtype = torch.bfloat16  # also with --tiny on a CPU: the tests then run the GPU's precision
-    small, big = CONFIGS["1b"], CONFIGS["7b"]
-    if args.tiny:  # the same code on tiny shapes, for a CPU (and the tests)
-        small = big = {**CONFIGS["tiny"], "batch": 4, "seq": 48, "prompt": 24, "new_tokens": 12}
-        args.warmup, args.repeats = 1, 2
+    small, big = (CONFIGS["tiny"],) * 2 if args.tiny else (CONFIGS["1b"], CONFIGS["7b"])  # --tiny: for a CPU
     about = f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}"
     columns = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
     with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:

@@ -59,7 +59,7 @@ def test_every_cpu_measurement_once(tmp_path):
 
 def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    stdout = run(["gpu", "--device", "cpu", "--tiny", "--profile", "--out", str(out)])
+    stdout = run(["gpu", "--device", "cpu", "--tiny", "--profile", "--warmup", "1", "--repeats", "2", "--out", str(out)])
     res = json.loads(out.read_text())
     for part in ("stage2_train", "stage1_train", "decode", "decode_compiled", "smoke"):
         assert part in res and "error" not in res[part], (part, res.get(part))
