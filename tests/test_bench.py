@@ -36,7 +36,7 @@ def test_every_cpu_measurement_once(tmp_path):
     for word in ("config tiny", "dtype float32", "device cpu", f"torch {res['torch']}", "1 threads"):
         assert word in header, header
     rows = {r["measurement"]: r for name in ("preprocess", "vision", "train", "prefill", "decode") for r in res[name]}
-    sets = ("preprocess rgb", "preprocess all", "preprocess pad")  # the last against LlavaImageProcessor
+    sets = ("preprocess rgb", "preprocess pad")  # the last against LlavaImageProcessor
     cores = os.cpu_count() or 1  # clip.preprocess_batch with a thread per core, same pictures, same reference
     expected = {*sets, *(f"{s}, {cores} threads" for s in sets), "vision", "train", "prefill", "decode b1", "decode b8"}
     assert set(rows) == expected
