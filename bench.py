@@ -149,9 +149,7 @@ class Pair:
 
     def __init__(self, shapes):
         self.shapes, self.tmp = shapes, tempfile.TemporaryDirectory()
-        model = build(shapes, torch.device("cpu"), torch.float32)
-        self.config = model.config
-        model.save_pretrained(self.tmp.name)
+        build(shapes, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
 
     def load(self, dtype, device):
         import transformers
@@ -263,8 +261,8 @@ def bench_vision(args, pair, device, dtype):
     """The whole CLIP tower (every block, last hidden state) on `batch` images."""
     ours, theirs = pair.load(dtype, device)
     B = pair.shapes["batch"]
-    px = make_batch(pair.config, B, pair.shapes["seq"], device, dtype=dtype)[2]
-    return same_work("vision", B, pair.config.vision.num_patches + 1, "images/s", B, {
+    px = make_batch(ours.config, B, pair.shapes["seq"], device, dtype=dtype)[2]
+    return same_work("vision", B, ours.config.vision.num_patches + 1, "images/s", B, {
         "ours": lambda: ours.vision_tower(px, layer=-1),
         "theirs": lambda: theirs.model.vision_tower(pixel_values=px).last_hidden_state}, args, device)
 
@@ -273,7 +271,7 @@ def bench_prefill(args, pair, device, dtype):
     """A prompt with its image into a fresh KV cache, next-token logits only (generation's start)."""
     ours, theirs = pair.load(dtype, device)
     T = pair.shapes["seq"]
-    ids, _, px = make_batch(pair.config, 1, T, device, dtype=dtype)
+    ids, _, px = make_batch(ours.config, 1, T, device, dtype=dtype)
     return same_work("prefill", 1, T, "tokens/s", T, {
         "ours": lambda: ours.llm(inputs_embeds=ours.embed(ids, px), last_only=True,
                                  cache=KVCache(ours.config.text, 1, T, dtype, device))[:, -1],
@@ -285,8 +283,8 @@ def bench_train(args, pair, device, dtype):
     """Ours as train.py steps; transformers' model the same way: CLIP frozen in the compute dtype,
     projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
     B, T = pair.shapes["batch"], pair.shapes["seq"]
-    batch = make_batch(pair.config, B, T, device)
     model, hf = pair.load(torch.float32, device)
+    batch = make_batch(model.config, B, T, device)
     ours = ours_train_step(model, 2, device, dtype)
     hf.train().model.vision_tower.requires_grad_(False).to(dtype)
     params = [p for p in hf.parameters() if p.requires_grad]
@@ -304,11 +302,11 @@ def bench_decode(args, pair, device, dtype):
     N, T = pair.shapes["new_tokens"], pair.shapes["prompt"]
     rows = []
     for B in (1, 8):
-        ids, _, px = make_batch(pair.config, B, T, device, dtype=dtype)
+        ids, _, px = make_batch(ours.config, B, T, device, dtype=dtype)
         fns = {"ours": lambda n: torch.stack(list(ours.generate(ids, px, max_new_tokens=n, eos_id=None)), 1),
                "theirs": lambda n: theirs.generate(  # min_new_tokens: EOS off, as ours
                    input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                   min_new_tokens=n, do_sample=False, pad_token_id=pair.config.pad_token_id, eos_token_id=2)[:, T:]}
+                   min_new_tokens=n, do_sample=False, pad_token_id=ours.config.pad_token_id, eos_token_id=2)[:, T:]}
         mine, hers = fns["ours"](N).cpu(), fns["theirs"](N).cpu()
         if mine.shape != hers.shape:
             raise AssertionError(f"decode made {tuple(mine.shape)} tokens, transformers {tuple(hers.shape)}")
