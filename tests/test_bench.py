@@ -38,7 +38,8 @@ def test_every_cpu_measurement_once(tmp_path):
     rows = {r["measurement"]: r for name in ("preprocess", "vision", "train", "prefill", "decode") for r in res[name]}
     sets = ("preprocess rgb", "preprocess pad")  # the last against LlavaImageProcessor
     cores = os.cpu_count() or 1  # clip.preprocess_batch with a thread per core, same pictures, same reference
-    expected = {*sets, *(f"{s}, {cores} threads" for s in sets), "vision", "train", "prefill", "decode b1", "decode b8"}
+    expected = {*sets, *(f"{s}, {cores} threads" for s in sets), "vision", "train", "prefill", "decode b1",
+                "decode b8"}
     assert set(rows) == expected
     for name, r in rows.items():
         assert r["ours"] > 0 and r["transformers"] > 0, name
@@ -59,7 +60,8 @@ def test_every_cpu_measurement_once(tmp_path):
 
 def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    stdout = run(["gpu", "--device", "cpu", "--tiny", "--profile", "--warmup", "1", "--repeats", "2", "--out", str(out)])
+    stdout = run(["gpu", "--device", "cpu", "--tiny", "--profile", "--warmup", "1", "--repeats", "2",
+                  "--out", str(out)])
     res = json.loads(out.read_text())
     for part in ("stage2_train", "stage1_train", "decode", "decode_compiled", "smoke"):
         assert part in res and "error" not in res[part], (part, res.get(part))
