@@ -1,21 +1,13 @@
 """
-How fast nanollava is, measured against Hugging Face transformers on the same work.
+How fast nanollava is, against Hugging Face transformers doing the same work, measured in one run.
 
     python bench.py preprocess|vision|train|prefill|decode|all [--config tiny|20m|1b|7b] [--threads N]
-    python bench.py gpu [--profile] [--out summary.json]   # the prepared run for one H100 / H200
+    python bench.py gpu [--profile] [--out summary.json]   # train.py's step and decoding on one H100 / H200
 
-Both sides load one random LLaVA (from CONFIGS, saved as a llava-hf directory), get the same inputs,
-threads, dtype and device, and do the same work: a training step is forward + backward + clipping +
-AdamW on the same supervised tokens, ours as train.py runs it; decoding is greedy with EOS off, at
-B (N - 1) / (t(N) - t(1)) tokens/s, which cancels the prefill. Each repeat times ours, then theirs,
-so other work on the machine slows both alike; we print the ratio of the medians, ours / theirs
-(> 1: we are faster). On a shared machine use --threads 1: OpenMP threads beyond the free cores wait
-on each other at every barrier, and small ops slow down many times.
-
-`gpu` times train.py's own step on random weights: tokens/s, MFU and peak memory of a ~1B LLaVA's
-stage 2 and a 7B-shaped stage 1, gradient checkpointing off and on; the 7B shape's decode, eager and
-compiled, against the memory-bandwidth bound; a smoke run of train.train(). `--device cpu --tiny`
-runs it on tiny shapes, as the tests do.
+Both sides load one random LLaVA and get the same inputs, threads, dtype and device; their outputs are
+compared before timing. Each repeat times ours, then theirs, so other work on the machine slows both
+alike; a row gives the ratio of the medians, ours / theirs (> 1: we are faster). On a shared machine use
+--threads 1: OpenMP threads beyond the free cores wait on each other at every barrier.
 """
 
 import argparse
@@ -49,8 +41,8 @@ CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24
 LLAMA = dict(vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096)
 CONFIGS = {
     # the tiny preset's towers (tiny.py), its 512 pieces + <image>, <pad> rounded up to 576
-    "tiny": dict(vision=tiny.TINY_CLIP, text=dict(tiny.TINY_LLM, vocab_size=576), batch=32, seq=64, prompt=40,
-                 new_tokens=32),
+    "tiny": dict(vision=tiny.TINY_CLIP, text=dict(tiny.TINY_LLM, vocab_size=576), batch=4, seq=48, prompt=24,
+                 new_tokens=12),
     # 62M parameters: small blocks, but the real vocabulary (its embedding and head are half of it)
     "20m": dict(vision=dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
                             image_size=64, patch_size=8), batch=8, seq=256, prompt=96, new_tokens=64,
@@ -61,18 +53,7 @@ CONFIGS = {
     "7b": dict(vision=CLIP_L_336, text=dict(LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                             num_attention_heads=32), batch=8, seq=640, prompt=608, new_tokens=128),
 }
-
-
-def llava_config(shapes):
-    """A CONFIGS entry's LLaVAConfig; <image> and <pad> sit just above the real vocabulary, as the tokenizer's."""
-    V = shapes["text"]["vocab_size"]
-    return LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
-                       image_token_id=V - 64, pad_token_id=V - 63)
-
-
-def sync(device):
-    if device.type == "cuda":  # CUDA runs asynchronously: wait for the work before reading a clock
-        torch.cuda.synchronize(device)
+TABLE = []  # the summary table's rows: printed as they are measured, and again in one piece at the end
 
 
 def device_name(device):
@@ -83,66 +64,104 @@ def race(fns, device, warmup, repeats, min_sample=0.05):
     """{name: median seconds per call} of fns run round-robin `repeats` times after `warmup` rounds (the
     first timed, to size the samples: a fast fn runs several times a sample, for `min_sample` seconds,
     so that one scheduler hiccup is not a sample; min_sample=0 calls each fn once per round)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA runs asynchronously
+
     def timed(fn, k=1):
-        sync(device)
+        sync()
         t = time.perf_counter()
         for _ in range(k):
             fn()
-        sync(device)
+        sync()
         return (time.perf_counter() - t) / k
 
     calls = {name: max(1, min(100, int(min_sample / max(timed(fn), 1e-6)))) for name, fn in fns.items()}
-    for _ in range(warmup - 1):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(max(1, repeats)):
+    times, skip = {name: [] for name in fns}, max(warmup - 1, 0)  # the round above was the first warm-up
+    for _ in range(skip + max(1, repeats)):
         for name, fn in fns.items():
             times[name].append(timed(fn, calls[name]))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: statistics.median(ts[skip:]) for name, ts in times.items()}
 
 
-# -----------------------------------------------------------------------------------------------
-# The models, their inputs and their training steps
+def decode_rates(generators, batch, n, device, warmup, repeats, min_sample=0.05):
+    """{name: tokens/s} of each generators[name](k), which decodes k new tokens for `batch` prompts,
+    from the medians of k = n and k = 1: batch (n - 1) / (t(n) - t(1)), so the prefill cancels."""
+    t = race({(name, k): functools.partial(fn, k) for name, fn in generators.items() for k in (n, 1)},
+             device, warmup, repeats, min_sample)
+    return {name: batch * (n - 1) / max(t[name, n] - t[name, 1], 1e-9) for name in generators}
 
+
+def table_row(*cells):
+    TABLE.append("| " + " | ".join(map(str, cells)) + " |")
+    print(TABLE[-1])
+
+
+def run(args, device, dtype, about, columns, parts):
+    """Each of {name: fn} in turn, the JSON written to --out after every part (so that a run cut short
+    keeps what it measured), the table again at the end; exit 1 naming the parts that failed."""
+    header = (f"nanollava bench {args.measurement} | {about} | torch {torch.__version__} | device "
+              f"{device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]}")
+    print(header)
+    res, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, time.time()
+    for name, fn in parts.items():
+        print(f"[{time.time() - t0:6.1f}s] {name}")
+        try:
+            res[name] = fn()
+        except Exception as e:  # one failure must not lose the rest
+            traceback.print_exc()
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+            table_row(name, "", f"error: {res[name]['error'][:120]}")
+        llama.compile_elementwise(False)  # each part starts eager (training may have compiled it)
+        gc.collect()  # the part's models (FSDP's hooks make cycles)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+    print("\n".join(["", header, *columns, *TABLE]))
+    failed = [name for name in parts if "error" in res[name]]  # a row list holds no "error"
+    if failed:
+        raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
+    return res
+
+
+# ---- The models, their inputs and their training steps -----------------------------------------
 
 @torch.no_grad()
-def build(config, device, dtype, seed=0, std=0.02):
-    """A random LLaVA made directly on `device` in `dtype` (a 7B model never passes through the
-    CPU): a meta build, storage on the device, then N(0, std) weights, unit norms, zero biases."""
+def build(shapes, device, dtype):
+    """A CONFIGS entry's random LLaVA, made directly on `device` in `dtype` (a 7B model never passes
+    through the CPU): a meta build, storage on the device, then N(0, 0.02) weights, unit norms, zero
+    biases; <image> and <pad> sit just above the real vocabulary, as the tokenizer's."""
+    V = shapes["text"]["vocab_size"]
     with torch.device("meta"):
-        model = LLaVA(config)
+        model = LLaVA(LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
+                                  image_token_id=V - 64, pad_token_id=V - 63))
     model = model.to(dtype).to_empty(device=device)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     for name, p in model.named_parameters():
         if p.dim() == 1 and name.endswith(("weight", "bias")):  # the norms' scales and every bias
             p.fill_(float(name.endswith("weight")))
         else:
-            p.normal_(0.0, std)
+            p.normal_(0.0, 0.02)
     return model
 
 
 class Pair:
-    """One random LLaVA saved to a temporary llava-hf directory, from which both sides load:
-    `ours()` / `theirs()` give fresh models (training mutates them) with identical weights."""
+    """One random LLaVA saved to a temporary llava-hf directory; load() gives ours and transformers'
+    from it, in eval mode: fresh models (training mutates them) with identical weights."""
 
     def __init__(self, shapes):
-        self.shapes, self.config, self.tmp = shapes, llava_config(shapes), tempfile.TemporaryDirectory()
-        build(self.config, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
+        self.shapes, self.tmp = shapes, tempfile.TemporaryDirectory()
+        build(shapes, torch.device("cpu"), torch.float32).save_pretrained(self.tmp.name)
 
-    def ours(self, dtype, device):
-        return LLaVA.from_pretrained(self.tmp.name, dtype=dtype, device=device)
-
-    def theirs(self, dtype, device):
+    def load(self, dtype, device):
         import transformers
-        return transformers.LlavaForConditionalGeneration.from_pretrained(
-            self.tmp.name, dtype=dtype, attn_implementation="sdpa").to(device)
+        theirs = transformers.LlavaForConditionalGeneration.from_pretrained(
+            self.tmp.name, dtype=dtype, attn_implementation="sdpa")
+        return LLaVA.from_pretrained(self.tmp.name, dtype=dtype, device=device).eval(), theirs.to(device).eval()
 
 
-def make_batch(config, batch, seq, device, seed=0, dtype=torch.float32):
+def make_batch(config, batch, seq, device, dtype=torch.float32):
     """[BOS, 3 text ids, the image's P ids, text...] of `seq` tokens per row, labels on the text
     after the image (as stage 2 supervises the reply only), random pixels in `dtype`."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(0)
     P = config.num_patches  # CONFIGS leave room for the image and a few supervised tokens
     ids = torch.randint(3, config.image_token_id, (batch, seq), generator=g)
     ids[:, 0] = 1
@@ -190,16 +209,14 @@ def ours_train_step(model, stage, device, dtype, grad_ckpt=False):
     return optimizer_step(loss_and_count, params, optimizer, clip, device, dtype, sharded[0].schedule.backward)
 
 
-# -----------------------------------------------------------------------------------------------
-# The measurements against transformers (each returns rows)
-
-# scikit-image's bundled pictures: colour photos, then grayscale, bilevel and RGBA ones
+# ---- The measurements against transformers (each returns rows) ---------------------------------
+# scikit-image's bundled colour photos (tests/test_clip.py checks the other modes bit for bit)
 RGB_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
               "retina", "cat", "colorwheel")
-OTHER_PICTURES = ("camera", "coins", "moon", "page", "text", "horse", "logo")
 
 
 def row(measurement, batch, seq, unit, ours, theirs, note=""):
+    table_row(measurement, batch, seq, unit, f"{ours:.1f}", f"{theirs:.1f}", f"{ours / theirs:.2f}x", note)
     return dict(measurement=measurement, batch=batch, seq=seq, unit=unit, ours=ours, transformers=theirs,
                 ratio=ours / theirs, note=note)
 
@@ -207,7 +224,7 @@ def row(measurement, batch, seq, unit, ours, theirs, note=""):
 def bench_preprocess(args, pair, device, dtype, size=336):
     """clip.preprocess picture by picture (as the data loader calls it) and preprocess_batch with a
     thread per core vs transformers' processor on the whole list (its fastest use), outputs identical
-    bit for bit: the colour photos, all the pictures, the colour photos padded (LLaVA-1.5's "pad")."""
+    bit for bit: the colour photos as they are and padded (LLaVA-1.5's "pad")."""
     import skimage.data
     import transformers
     from PIL import Image
@@ -215,10 +232,8 @@ def bench_preprocess(args, pair, device, dtype, size=336):
     clip = transformers.CLIPImageProcessor(**sizes)
     llava = getattr(transformers, "LlavaImageProcessorPil", transformers.LlavaImageProcessor)(do_pad=True, **sizes)
     rows, cores = [], os.cpu_count() or 1
-    for label, names, pad, hf in (("preprocess rgb", RGB_PHOTOS, False, clip),
-                                  ("preprocess all", RGB_PHOTOS + OTHER_PICTURES, False, clip),
-                                  ("preprocess pad", RGB_PHOTOS, True, llava)):
-        images = [Image.fromarray(getattr(skimage.data, n)()) for n in names]
+    images = [Image.fromarray(getattr(skimage.data, n)()) for n in RGB_PHOTOS]
+    for label, pad, hf in (("preprocess rgb", False, clip), ("preprocess pad", True, llava)):
         fns = {"ours": lambda: torch.stack([preprocess(img, size, pad_to_square=pad) for img in images]),
                "threads": lambda: preprocess_batch(images, size, pad_to_square=pad, threads=cores),
                "theirs": lambda: hf(images, return_tensors="pt")["pixel_values"]}
@@ -229,9 +244,8 @@ def bench_preprocess(args, pair, device, dtype, size=336):
         n, name = len(images), type(hf).__name__ + ("(do_pad=True)" if pad else "")
         rows.append(row(label, n, size, "images/s", n / t["ours"], n / t["theirs"],
                         f"{name}, {n} pictures, identical output, one thread each"))
-        if cores > 1:
-            rows.append(row(f"{label}, {cores} threads", n, size, "images/s", n / t["threads"], n / t["theirs"],
-                            f"clip.preprocess_batch (Pillow releases the GIL) vs the same {name} call"))
+        rows.append(row(f"{label}, {cores} threads", n, size, "images/s", n / t["threads"], n / t["theirs"],
+                        f"clip.preprocess_batch (Pillow releases the GIL) vs the same {name} call"))
     return rows
 
 
@@ -245,19 +259,19 @@ def same_work(label, batch, seq, unit, work, fns, args, device):
 
 def bench_vision(args, pair, device, dtype):
     """The whole CLIP tower (every block, last hidden state) on `batch` images."""
-    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
+    ours, theirs = pair.load(dtype, device)
     B = pair.shapes["batch"]
-    px = make_batch(pair.config, B, pair.shapes["seq"], device, dtype=dtype)[2]
-    return same_work("vision", B, pair.config.vision.num_patches + 1, "images/s", B, {
+    px = make_batch(ours.config, B, pair.shapes["seq"], device, dtype=dtype)[2]
+    return same_work("vision", B, ours.config.vision.num_patches + 1, "images/s", B, {
         "ours": lambda: ours.vision_tower(px, layer=-1),
         "theirs": lambda: theirs.model.vision_tower(pixel_values=px).last_hidden_state}, args, device)
 
 
 def bench_prefill(args, pair, device, dtype):
     """A prompt with its image into a fresh KV cache, next-token logits only (generation's start)."""
-    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
+    ours, theirs = pair.load(dtype, device)
     T = pair.shapes["seq"]
-    ids, _, px = make_batch(pair.config, 1, T, device, dtype=dtype)
+    ids, _, px = make_batch(ours.config, 1, T, device, dtype=dtype)
     return same_work("prefill", 1, T, "tokens/s", T, {
         "ours": lambda: ours.llm(inputs_embeds=ours.embed(ids, px), last_only=True,
                                  cache=KVCache(ours.config.text, 1, T, dtype, device))[:, -1],
@@ -269,39 +283,35 @@ def bench_train(args, pair, device, dtype):
     """Ours as train.py steps; transformers' model the same way: CLIP frozen in the compute dtype,
     projector + LLM in fp32 under autocast, its own loss, clipping, AdamW."""
     B, T = pair.shapes["batch"], pair.shapes["seq"]
-    batch = make_batch(pair.config, B, T, device)
-    ours = ours_train_step(pair.ours(torch.float32, device), 2, device, dtype)
-    hf = pair.theirs(torch.float32, device).train()
-    hf.model.vision_tower.requires_grad_(False).to(dtype)
+    model, hf = pair.load(torch.float32, device)
+    batch = make_batch(model.config, B, T, device)
+    ours = ours_train_step(model, 2, device, dtype)
+    hf.train().model.vision_tower.requires_grad_(False).to(dtype)
     params = [p for p in hf.parameters() if p.requires_grad]
     theirs = optimizer_step(lambda ids, labels, px: (hf(input_ids=ids, pixel_values=px, labels=labels).loss, 1),
                             params, torch.optim.AdamW(params, lr=2e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0),
                             functools.partial(torch.nn.utils.clip_grad_norm_, params, 1.0), device, dtype)
     first = float(ours(*batch)), float(theirs(*batch))  # same weights: the same first loss
     t = race({"ours": lambda: ours(*batch), "theirs": lambda: theirs(*batch)}, device, args.warmup, args.repeats)
-    llama.compile_elementwise(False)  # generation as chat.py runs it
     return [row("train", B, T, "tokens/s", B * T / t["ours"], B * T / t["theirs"],
                 f"first loss {first[0]:.5f} vs {first[1]:.5f}")]
 
 
 def bench_decode(args, pair, device, dtype):
-    ours, theirs = pair.ours(dtype, device).eval(), pair.theirs(dtype, device).eval()
+    ours, theirs = pair.load(dtype, device)
     N, T = pair.shapes["new_tokens"], pair.shapes["prompt"]
     rows = []
     for B in (1, 8):
-        ids, _, px = make_batch(pair.config, B, T, device, seed=B, dtype=dtype)
+        ids, _, px = make_batch(ours.config, B, T, device, dtype=dtype)
         fns = {"ours": lambda n: torch.stack(list(ours.generate(ids, px, max_new_tokens=n, eos_id=None)), 1),
-               # min_new_tokens: EOS off, as ours
-               "theirs": lambda n: theirs.generate(
+               "theirs": lambda n: theirs.generate(  # min_new_tokens: EOS off, as ours
                    input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                   min_new_tokens=n, do_sample=False, pad_token_id=pair.config.pad_token_id, eos_token_id=2)[:, T:]}
+                   min_new_tokens=n, do_sample=False, pad_token_id=ours.config.pad_token_id, eos_token_id=2)[:, T:]}
         mine, hers = fns["ours"](N).cpu(), fns["theirs"](N).cpu()
         if mine.shape != hers.shape:
             raise AssertionError(f"decode made {tuple(mine.shape)} tokens, transformers {tuple(hers.shape)}")
-        t = race({(side, n): functools.partial(fn, n) for side, fn in fns.items() for n in (N, 1)},
-                 device, args.warmup, args.repeats)
-        rates = [B * (N - 1) / max(t[side, N] - t[side, 1], 1e-9) for side in fns]
-        rows.append(row(f"decode b{B}", B, T, "tokens/s", *rates,
+        rates = decode_rates(fns, B, N, device, args.warmup, args.repeats)
+        rows.append(row(f"decode b{B}", B, T, "tokens/s", rates["ours"], rates["theirs"],
                         f"{N} new tokens, {float((mine == hers).float().mean()):.0%} of them identical"))
     return rows
 
@@ -310,32 +320,21 @@ MEASUREMENTS = {"preprocess": bench_preprocess, "vision": bench_vision, "train":
                 "prefill": bench_prefill, "decode": bench_decode}
 
 
-def run_measurements(args, names):
+def run_measurements(args):
+    names = list(MEASUREMENTS) if args.measurement == "all" else [args.measurement]
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     device = torch.device(args.device or "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pair = Pair(CONFIGS[args.config]) if names != ["preprocess"] else None
-    header = (f"nanollava vs transformers {transformers.__version__} | torch {torch.__version__} | "
-              f"device {device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]} | "
-              f"config {args.config}")
-
-    def measure(fn, table):
-        rows = fn(args, pair, device, dtype)
-        for r in rows:
-            table_row(table, "{measurement} | {batch} | {seq} | {unit} | {ours:.1f} | {transformers:.1f} | "
-                      "{ratio:.2f}x | {note}".format(**r))
-        return rows
-
-    columns = ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
-               "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
-    return run(args, device, header, columns, {name: functools.partial(measure, MEASUREMENTS[name]) for name in names})
+    parts = {name: functools.partial(MEASUREMENTS[name], args, pair, device, dtype) for name in names}
+    return run(args, device, dtype, f"vs transformers {transformers.__version__} | config {args.config}",
+               ["| measurement | batch | seq | unit | ours | transformers | ours / transformers | note |",
+                "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"], parts)
 
 
-# -----------------------------------------------------------------------------------------------
-# bench.py gpu: train.py's step and generation on one H100 / H200 (random weights, no download)
-
+# ---- bench.py gpu: train.py's step and generation on one H100 / H200 (random weights) ------------
 # A decode step reads every weight once (the embedding table: one row) and the KV cache so far,
 # so tokens/s <= HBM bandwidth / those bytes.
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
@@ -344,158 +343,101 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
 
 
-def table_row(table, *cells):
-    """One line of the summary table, printed as soon as it is measured."""
-    table.append("| " + " | ".join(map(str, cells)) + " |")
-    print(table[-1])
-
-
-def attempt(name, fn, table):
-    """fn(table), or where it raises, {"error": ...} and a table row: one failure must not lose the rest."""
-    try:
-        return fn(table)
-    except Exception as e:
-        traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"
-        table_row(table, name, "", f"error: {error[:120]}")
-        return {"error": error}
-
-
-def run(args, device, header, columns, parts):
-    """{part: fn(table)} in turn, each row printed as it is measured, the JSON written to --out after
-    every part (so that a run cut short keeps what it measured), the table again in one piece at the end."""
-    print(header)
-    res, table, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, [], time.time()
-    for name, fn in parts.items():
-        print(f"[{time.time() - t0:6.1f}s] {name}")
-        res[name] = attempt(name, fn, table)
-        reset_memory(device)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
-    print("\n".join(["", header, *columns, *table]))
-    failed = [name for name, got in res.items() if isinstance(got, dict) and "error" in got]
-    if failed:
-        raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
-    return res
-
-
-def reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def gpu_train(shapes, stage, setting, device, dtype, args, table):
+def gpu_train(shapes, stage, setting, device, dtype, args):
     """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model."""
     grad_ckpt, micro_steps = GPU_RUNS[setting]
-    reset_memory(device)
-    model = build(llava_config(shapes), device, dtype)
+    gc.collect()  # the last setting's model gone (FSDP's hooks make cycles), then a fresh peak
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build(shapes, device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
     step = ours_train_step(model, stage, device, dtype, grad_ckpt)
     B, T = shapes["batch"], shapes["seq"]
-    ids, labels, px = make_batch(model.config, B, T, device)
+    batch = make_batch(model.config, B, T, device)
     losses = []  # one step per call (min_sample=0), so runs of the same steps log the same losses
-    dt = race({"step": lambda: losses.append(float(step(ids, labels, px, micro_steps)))}, device,
+    dt = race({"step": lambda: losses.append(float(step(*batch, micro_steps)))}, device,
               args.warmup, args.repeats, min_sample=0)["step"]
-    supervised = len(supervised_positions(labels.cpu())[0])
+    supervised = len(supervised_positions(batch[1].cpu())[0])
     flops = train.step_flops(model.config, counts, stage, B * T, supervised, B, T) * micro_steps
     peak = train.device_peak_flops(device)  # None where unknown (a CPU)
-    mfu = flops / dt / peak if peak else None
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt, "peak_mem_gb": mem,
-           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "mfu": mfu,
-           "losses": losses, "finite": all(map(math.isfinite, losses))}
-    table_row(table, f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step",
-              f"{out['tokens_per_s']:.0f}", f"{mfu:.1%}" if peak else "n/a",
-              f"{mem:.1f} GiB" if mem is not None else "n/a",
+    out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,
+           "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "peak_mem_gb": mem,
+           "mfu": flops / dt / peak if peak else None, "losses": losses, "finite": all(map(math.isfinite, losses))}
+    table_row(f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step", f"{out['tokens_per_s']:.0f}",
+              f"{out['mfu']:.1%}" if peak else "n/a", f"{mem:.1f} GiB" if mem is not None else "n/a",
               f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
     if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
         with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one (synced at exit)
             for _ in range(2):
-                step(ids, labels, px)
+                step(*batch)
         out["profile"] = "torch.profiler, 2 steps:\n" + prof.key_averages().table(
             sort_by=f"self_{device.type}_time_total", row_limit=15, max_name_column_width=50)
         print(out["profile"])
     return out
 
 
-def gpu_decode(shapes, device, dtype, args, table):
-    """Batch-1 greedy decode, eager, then compile_decode(): torch.compile of the static-shape step with
-    CUDA graphs, compiled and captured in the warm-up round (on a CPU the static step runs uncompiled:
-    inductor would spend minutes compiling C++ for a smoke test)."""
-    llama.compile_elementwise(False)  # generation as chat.py runs it
-    model = build(llava_config(shapes), device, dtype).eval()
+def gpu_decode(shapes, device, dtype, args, compiled=False):
+    """Batch-1 greedy decode as chat.py runs it, against the memory-bandwidth bound; compiled: with
+    compile_decode()'s CUDA graphs, captured in the warm-up (on a CPU uncompiled: inductor's C++ takes minutes)."""
+    model = build(shapes, device, dtype).eval()
+    if compiled:
+        model.compile_decode(compile=device.type == "cuda")
     ids, _, px = make_batch(model.config, 1, shapes["prompt"], device, dtype=dtype)
     ids, N, c = ids[0], shapes["new_tokens"], model.config.text
+    generate = {"ours": lambda n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None))}
+    v = decode_rates(generate, 1, N, device, args.warmup, args.repeats, min_sample=0)["ours"]
     weight_bytes = sum(p.nbytes for name, p in model.llm.named_parameters() if not name.startswith("embed_tokens"))
     # the KV cache at its mean length during the decode
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (len(ids) + N / 2) * dtype.itemsize
-    bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in device_name(device)), None)
+    bw = next((b for gpu, b in HBM_BYTES_PER_S.items() if gpu in device_name(device)), None)
     bound = bw / (weight_bytes + kv_bytes) if bw else None
-    out = {"prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
-
-    def measure(mode):
-        if mode == "compiled":
-            model.compile_decode(compile=device.type == "cuda")
-        fns = {n: lambda n=n: list(model.generate(ids, px, max_new_tokens=n, eos_id=None)) for n in (N, 1)}
-        t = race(fns, device, args.warmup, args.repeats, min_sample=0)
-        v = (N - 1) / max(t[N] - t[1], 1e-9)
-        note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
-                f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
-        table_row(table, f"decode {mode}", f"batch 1, prompt {len(ids)}, {N} new", f"{v:.1f}", "", "", note)
-        return {f"{mode}_tokens_per_s": v}
-
-    for mode in ("eager", "compiled"):  # a failed compilation keeps the eager number
-        out.update(attempt(f"decode {mode}", lambda table: measure(mode), table))
-    return out
+    note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
+            f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
+    table_row("decode " + ("compiled" if compiled else "eager"), f"batch 1, prompt {len(ids)}, {N} new",
+              f"{v:.1f}", "", "", note)
+    return {"tokens_per_s": v, "prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}
 
 
-def gpu_smoke(device, workdir, table):
+def gpu_smoke(device, workdir):
     """train.train() itself, both stages, 3 steps on a tiny synthetic world with --grad-ckpt;
     stage 2 once more with --optimizer muon (Newton-Schulz in the compute dtype on this device)."""
-    root = Path(workdir)
+    out, root = {}, Path(workdir)
     world = tiny.make_synthetic(root / "data", n_train=32, n_test=4, seed=0, image_size=64, vocab_size=400)
     clip_dir, llm_dir = tiny.make_tiny_bases(root, world["tokenizer"], seed=0)
     common = dict(clip=str(clip_dir), llm=str(llm_dir), image_folder=str(world["image_folder"]),
                   projector="mlp2x_gelu", image_size=tiny.TINY_CLIP["image_size"], pad_to_square=False,
                   global_batch=8, micro_batch=4, max_steps=3, warmup_ratio=0.0, max_length=256, device=str(device),
                   dtype="bf16", grad_ckpt=True, num_workers=2 if device.type == "cuda" else 0, lr=1e-3)
-    out = {}
     for name, stage, optimizer in (("stage1", 1, "adamw"), ("stage2", 2, "adamw"), ("stage2_muon", 2, "muon")):
         losses = train.train(train.fill_recipe(train.TrainConfig(
             stage=stage, data=str(world[f"stage{stage}"]), out=str(root / name), optimizer=optimizer,
             init=str(root / "stage1") if stage == 2 else "", **common)))
         out[name] = {"losses": losses, "ok": bool(losses) and all(map(math.isfinite, losses))}
-        table_row(table, "smoke train.train()", f"{name}, 3 steps, grad ckpt", "", "", "",
+        table_row("smoke train.train()", f"{name}, 3 steps, grad ckpt", "", "", "",
                   f"{'ok' if out[name]['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}")
     # each step all-reduces a few CPU tensors; on several GPUs that needs the group's gloo half
     # (fsdp.process_group_backend), which only this call exercises on a single GPU
     flag = torch.ones(1)
     torch.distributed.all_reduce(flag)
     out["cpu_all_reduce_ok"] = float(flag) == 1.0
-    table_row(table, "smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
+    table_row("smoke all_reduce of a CPU tensor", "", "", "", "", "ok" if out["cpu_all_reduce_ok"] else "FAILED")
     return out
 
 
 def run_gpu(args):
     device = torch.device(args.device or "cuda")
     dtype = torch.bfloat16  # also with --tiny on a CPU: the tests then run the GPU's precision
-    small, big = CONFIGS["1b"], CONFIGS["7b"]
-    if args.tiny:  # the same code on tiny shapes, for a CPU (and the tests)
-        small = big = {**CONFIGS["tiny"], "batch": 4, "seq": 48, "prompt": 24, "new_tokens": 12}
-        args.warmup, args.repeats = 1, 2
-    header = (f"nanollava bench gpu | {device_name(device)} | torch {torch.__version__} | dtype {str(dtype)[6:]} | "
-              f"FSDP ours, world 1 | {'tiny shapes' if args.tiny else 'stage 2: ~1B LLaVA; stage 1, decode: 7B LLM'}")
+    small, big = (CONFIGS["tiny"],) * 2 if args.tiny else (CONFIGS["1b"], CONFIGS["7b"])  # --tiny: for a CPU
+    about = f"FSDP ours, world 1 | {'tiny config' if args.tiny else 'stage 2: a ~1B LLaVA; stage 1, decode: 7B'}"
     columns = ["| part | setting | tokens/s | MFU | peak memory | note |", "| --- | --- | ---: | ---: | ---: | --- |"]
     with tempfile.TemporaryDirectory(prefix="nanollava-smoke-") as tmp:
-        return run(args, device, header, columns, {
-            "stage2_train": lambda table: {s: gpu_train(small, 2, s, device, dtype, args, table) for s in GPU_RUNS},
-            "smoke": lambda table: gpu_smoke(device, tmp, table),
-            "stage1_train": lambda table: {s: gpu_train(big, 1, s, device, dtype, args, table)
-                                           for s in ("ckpt_off", "ckpt_on")},
-            "decode": lambda table: gpu_decode(big, device, dtype, args, table)})
+        return run(args, device, dtype, about, columns, {
+            "stage2_train": lambda: {s: gpu_train(small, 2, s, device, dtype, args) for s in GPU_RUNS},
+            "smoke": lambda: gpu_smoke(device, tmp),
+            "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args) for s in list(GPU_RUNS)[:2]},
+            "decode": lambda: gpu_decode(big, device, dtype, args),
+            "decode_compiled": lambda: gpu_decode(big, device, dtype, args, compiled=True)})
 
 
 def main(argv=None):
@@ -503,7 +445,7 @@ def main(argv=None):
     p.add_argument("measurement", choices=[*MEASUREMENTS, "all", "gpu"])
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     p.add_argument("--device", default="", help="default: cpu; gpu: cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: torch's)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--out", default="", help="write the results as JSON here")
@@ -511,11 +453,8 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="gpu: a torch.profiler table of a stage-2 step")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, also into a pipe or a file
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.measurement == "gpu":
-        return run_gpu(args)
-    return run_measurements(args, list(MEASUREMENTS) if args.measurement == "all" else [args.measurement])
+    torch.set_num_threads(args.threads)
+    return run_gpu(args) if args.measurement == "gpu" else run_measurements(args)
 
 
 if __name__ == "__main__":
