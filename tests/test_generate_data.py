@@ -485,7 +485,7 @@ def test_run_jobs_for_a_judge():
     assert got == {"q0": (8, 7), "q1": (6, 9), "q2": (10, 2)}
     assert threads == {threading.get_ident()}
     assert report.done == 3 and report.reasks == 1 and not report.skipped
-    assert client.stats()["requests"] == 4 and client.stats()["total_tokens"] == 480
+    assert client.requests == 4 and client.total_tokens == 480
     assert t.auth == set() or t.auth == {None}  # no key given: no Authorization header
 
 
