@@ -9,10 +9,9 @@ description or one `complex` reasoning question; each reply becomes a LLaVA-Inst
     python generate_data.py merge --inputs generated.jsonl --ratio conversation=58,detail=23,complex=77
     python generate_data.py pretrain --captions captions_train2014.json --out pretrain.json
 
-A paid answer is asked for once: the output JSONL is the only progress record, one fsync'ed line
-per record under the id `{image_id}_{type}`; a rerun cuts off a torn last line and skips the ids
-it holds, so a crash loses at most the 2 x --workers answers in flight. The key comes from
-OPENAI_API_KEY and is scrubbed from all that a server echoes back.
+A paid answer is asked for once: the output JSONL, one fsync'ed line per record, is the only
+progress record; a rerun skips the ids it holds, so a crash loses at most the answers in flight.
+The key comes from OPENAI_API_KEY and is scrubbed from all that a server echoes back.
 """
 
 import argparse
@@ -26,10 +25,9 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict, namedtuple
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import closing
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -75,12 +73,10 @@ def read_jsonl(path, what):
 
 def read_json(path, what):
     """A .json file's document, else the records of a JSON-lines file."""
-    if not str(path).endswith(".json"):
-        return read_jsonl(path, what + " file")
     try:
-        return weights.read_json(path, what)
-    except weights.WeightsError as e:
-        sys.exit(f"error: {e}")
+        return json.loads(read_text(path, what)) if str(path).endswith(".json") else read_jsonl(path, what)
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {what} {path} is not valid JSON ({e})")
 
 
 # ---- 1. The symbolic context in, the teacher's reply out as a record ------------------------------
@@ -143,7 +139,7 @@ def read_lines(path):
 def load_prompt(kind, prompts_dir=PROMPTS_DIR):
     """prompts/<kind>/system.txt and its example_<k>_context.txt / example_<k>_response.txt pairs."""
     folder = Path(prompts_dir) / kind
-    read = lambda p: read_text(p, f"prompt file (type {kind}; see --prompts)").strip()  # noqa: E731
+    read = lambda p: read_text(p, f"prompt file (type {kind}; in prompts/)").strip()  # noqa: E731
     return Prompt(read(folder / "system.txt"), [(read(c), read(c.with_name(c.name.replace("_context", "_response"))))
                                                 for c in sorted(folder.glob("example_*_context.txt"))])
 
@@ -222,9 +218,9 @@ def _retry_after_seconds(value):
 class ChatClient:
     """Thread-safe client for POST {api_base}/chat/completions; every attempt counts against
     `max_requests`. 408/409/429/5xx, timeouts, connection errors and malformed bodies are retried
-    after base * 2**attempt seconds (jittered, at most 60, never sooner than Retry-After; a 429's
-    pauses every thread). 401/403/404, a malformed URL and `max_down` connection failures in a row
-    stop the client: no other request could succeed. `params` go into every body."""
+    after base * 2**attempt seconds (jittered, at most 60, never sooner than Retry-After).
+    401/403/404, a malformed URL and `max_down` connection failures in a row stop the client:
+    no other request could succeed. `params` go into every body."""
 
     def __init__(self, api_base, model, workers=4, max_requests=None, timeout=120.0, max_retries=6,
                  backoff_base=1.0, max_down=20, api_key=None, log=log, **params):
@@ -233,11 +229,8 @@ class ChatClient:
         self.backoff_base, self.max_down, self.log, self.stop_reason = backoff_base, max_down, log, None
         self._secret = (os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip()
         self._headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
-        self._lock, self._stop, self._pause_until = threading.Lock(), threading.Event(), 0.0
+        self._lock, self._stop = threading.Lock(), threading.Event()
         self.requests = self.retries = self.down = self.prompt_tokens = self.completion_tokens = self.total_tokens = 0
-
-    def budget_left(self):
-        return float("inf") if self.max_requests is None else self.max_requests - self.requests
 
     def scrub(self, text):
         """For what a server echoes, never for a reply: a dummy key ("the") must not rewrite it."""
@@ -252,18 +245,13 @@ class ChatClient:
         """-> the reply text, else an APIError (its message scrubbed) once it gives up."""
         body, delay = {**self.body, "messages": messages, **overrides}, 0.0
         for attempt in range(self.max_retries + 1):
-            if self._stop.wait(max(delay, self._pause_until - time.monotonic())):  # stopped: nothing more is sent
+            if self._stop.wait(delay):  # stopped: nothing more is sent
                 raise APIError("stopped", f"client stopped: {self.stop_reason}")
             with self._lock:
-                if self.budget_left() <= 0:
+                if self.max_requests is not None and self.requests >= self.max_requests:
                     raise APIError("budget", f"request budget of {self.max_requests} spent")
                 self.requests, self.retries = self.requests + 1, self.retries + (attempt > 0)
             reason, detail, then, retry_after = self._attempt(body)
-            with self._lock:
-                self.down = self.down + 1 if reason == "connection error" else 0
-            if self.down >= self.max_down:
-                self.stop(f"{self.down} connection failures in a row at {self.url}: is --api-base right and "
-                          "the server up?")
             if reason is None:
                 return detail
             message = self.scrub(f"{reason} from {self.url}: {detail}")
@@ -273,8 +261,6 @@ class ChatClient:
                 raise APIError(reason, message)
             delay = min(60.0, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
             delay = max(delay, min(retry_after or 0.0, 600.0))
-            if reason == "http 429" and retry_after:  # the server limits all of us: every thread waits
-                self._pause_until = max(self._pause_until, time.monotonic() + delay)
             self.log(f"{message[:160]}; retry {attempt + 1}/{self.max_retries} in {delay:.2f}s")
 
     def _attempt(self, body):
@@ -285,10 +271,16 @@ class ChatClient:
         except (ValueError, requests.RequestException) as e:  # a malformed URL is a ValueError
             reason = "timeout" if isinstance(e, requests.Timeout) else "connection error" if isinstance(
                 e, requests.ConnectionError) else "request error"
+            with self._lock:
+                self.down = self.down + 1 if reason == "connection error" else 0
+            if self.down >= self.max_down:
+                self.stop(f"{self.down} connection failures in a row at {self.url}: is --api-base right and the "
+                          "server up?")
             return reason, f"{type(e).__name__}: {str(e)[:300]}", "stop" if isinstance(e, ValueError) else "retry", None
-        if (status := resp.status_code) != 200:
-            then = "stop" if status in (401, 403, 404) else "retry" if status in (408, 409, 429) or status >= 500 else "fail"
-            return f"http {status}", resp.text[:300].strip(), then, _retry_after_seconds(resp.headers.get("Retry-After"))
+        self.down, s = 0, resp.status_code
+        if s != 200:
+            then = "stop" if s in (401, 403, 404) else "retry" if s in (408, 409, 429) or s >= 500 else "fail"
+            return f"http {s}", resp.text[:300].strip(), then, _retry_after_seconds(resp.headers.get("Retry-After"))
         try:
             data = resp.json()
             choice, usage = data["choices"][0], data.get("usage") or {}
@@ -299,8 +291,8 @@ class ChatClient:
         if not isinstance(text, str):
             return "bad response", f"no whole reply at choices[0].message.content: {resp.text[:160]!r}", "retry", None
         with self._lock:
-            self.prompt_tokens, self.completion_tokens, self.total_tokens = (
-                self.prompt_tokens + p, self.completion_tokens + c, self.total_tokens + (t or p + c))
+            self.prompt_tokens, self.completion_tokens = self.prompt_tokens + p, self.completion_tokens + c
+            self.total_tokens += t or p + c
         return None, text, None, None
 
 
@@ -308,8 +300,8 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
     """Every job through `client` on its threads -> report (done, skipped by reason, reasks, seconds).
     A ParseError from `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job,
     parsed)` runs in the calling thread, one at a time, so the one place that writes needs no lock.
-    Jobs are taken lazily, 2 x workers in flight: none is scheduled once the budget is spent."""
-    report, start, pending, in_flight = SimpleNamespace(done=0, skipped=Counter(), reasks=0), time.monotonic(), iter(jobs), {}
+    Only `workers` jobs run at once: after a kill, at most their answers are lost."""
+    report, start = SimpleNamespace(done=0, skipped=Counter(), reasks=0), time.monotonic()
 
     def work(job):  # -> (ok, parsed or reason, re-asks); never raises
         for attempt in range(parse_retries + 1):
@@ -325,29 +317,21 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
                            f"{client.scrub(' '.join(text.split())[:80])!r}")
         return False, "unparsable", parse_retries
 
-    with (ThreadPoolExecutor(client.workers, thread_name_prefix="chat") as pool,
-          tqdm(total=len(jobs), unit="job", disable=None, file=sys.stderr) as bar):
+    with ThreadPoolExecutor(client.workers, thread_name_prefix="chat") as pool:
+        futures = {pool.submit(work, job): job for job in jobs}  # once stopped or spent, a job ends unasked
         try:
-            while True:
-                if not client._stop.is_set() and client.budget_left() > 0:
-                    for job in islice(pending, 2 * client.workers - len(in_flight)):
-                        in_flight[pool.submit(work, job)] = job
-                if not in_flight:
-                    break
-                for fut in wait(in_flight, return_when=FIRST_COMPLETED)[0]:
-                    job, (ok, value, reasks) = in_flight.pop(fut), fut.result()
-                    report.reasks += reasks
-                    if ok:
-                        handle_result(job, value)
-                        report.done += 1
-                    else:
-                        report.skipped[value] += 1
-                    bar.update(1)
+            for fut in tqdm(as_completed(futures), total=len(futures), unit="job", disable=None, file=sys.stderr):
+                (ok, value, reasks), job = fut.result(), futures[fut]
+                report.reasks += reasks
+                if ok:
+                    handle_result(job, value)
+                    report.done += 1
+                else:
+                    report.skipped[value] += 1
         except BaseException:  # Ctrl-C too: the jobs in flight end at once, without retries, as after kill -9
             client.stop("the run failed")
+            pool.shutdown(cancel_futures=True)
             raise
-    if rest := sum(1 for _ in pending):
-        report.skipped[f"not started ({'stopped' if client.stop_reason else 'budget spent'})"] += rest
     report.seconds = time.monotonic() - start
     return report
 
@@ -420,41 +404,35 @@ def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()):
 
 
 def cmd_generate(args):
-    kinds = [t.strip() for t in args.types.split(",") if t.strip()]
-    if not kinds or set(kinds) - set(TYPES):
-        sys.exit(f"error: --types {args.types!r}: choose from {','.join(TYPES)}")
-    if not (args.context or args.captions):
-        sys.exit("error: give --captions (COCO captions json, plus --instances for boxes) or --context (jsonl)")
-    if not (args.context or args.instances) and set(kinds) - {"conversation"}:
+    if not (args.context or args.instances) and set(args.types) - {"conversation"}:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
-    prompts, questions = {k: load_prompt(k) for k in kinds}, read_lines(PROMPTS_DIR / "detail_instructions.txt")
+    prompts, questions = {k: load_prompt(k) for k in args.types}, read_lines(PROMPTS_DIR / "detail_instructions.txt")
     ctxs = (load_context_jsonl(args.context) if args.context else load_coco(args.captions, args.instances))[:args.limit]
     if not ctxs:
         sys.exit(f"error: {args.context or args.captions}: no image with a usable caption, so no job to send")
     if args.dry_run is not None:  # the exact messages: no client, no key, no file
-        for job in make_jobs(ctxs[: args.dry_run], kinds, prompts, args.seed, questions):
+        for job in make_jobs(ctxs[: args.dry_run], args.types, prompts, args.seed, questions):
             print(f"===== {job.key} ({len(job.messages)} messages) =====")
             print("".join(f"--- {m['role']} ---\n{m['content']}\n" for m in job.messages))
         return 0
-    client, total = client_from_args(args, args.model), len(ctxs) * len(kinds)
+    client, total = client_from_args(args, args.model), len(ctxs) * len(args.types)
     with closing(JsonlOutput(args.out)) as out:
-        jobs = make_jobs(ctxs, kinds, prompts, args.seed, questions, skip=out.finished)
+        jobs = make_jobs(ctxs, args.types, prompts, args.seed, questions, skip=out.finished)
         log(f"generate: {total} jobs, {total - len(jobs)} finished earlier in {args.out}; {len(jobs)} to do with "
             f"{args.workers} workers against {args.api_base}")
         report = run_jobs(client, jobs, lambda job, record: out.append(record), args.parse_retries)
-    skipped, earlier = sum(report.skipped.values()), total - len(jobs)
     why = ", ".join(f"{r} {n}" for r, n in report.skipped.most_common()) or "none"
-    print(f"done {report.done} (+{earlier} earlier) of {total} jobs; skipped {skipped}: {why}")
+    print(f"done {report.done} (+{total - len(jobs)} earlier) of {total} jobs; skipped {report.skipped.total()}: {why}")
     print(f"requests {client.requests} (retries {client.retries}, re-asks {report.reasks}); tokens "
           f"{client.prompt_tokens} prompt + {client.completion_tokens} completion = {client.total_tokens}; "
           f"{report.seconds:.1f}s")
-    if client.budget_left() == 0 and skipped:
+    if report.skipped["budget"]:
         print(f"budget of {client.max_requests} requests spent; rerun to continue where this run stopped")
     if client.stop_reason:
         print(f"stopped: {client.stop_reason}")
     elif not report.done and set(report.skipped) == {"connection error"}:
         print(f"no job reached {args.api_base}: is --api-base right and the server up?")
-    return 0 if report.done + earlier == total else 3
+    return 0 if report.done == len(jobs) else 3
 
 
 def valid_record(r):
@@ -509,52 +487,39 @@ def cmd_merge(args):
     return 0
 
 
-def read_pairs(path):
-    """(image, caption) pairs from COCO captions, a JSON/JSONL list of {image, caption}, or TSV
-    lines `image<TAB>caption`; what is none of these is counted and skipped."""
-    if Path(path).suffix not in (".json", ".jsonl"):
-        lines = [line for line in read_text(path, "captions file").splitlines() if line.strip()]
-        rows, bad = [line.split("\t", 1) for line in lines if "\t" in line], "lines have no TAB between image and caption"
-    elif isinstance(data := read_json(path, "captions"), dict) and "annotations" in data:
-        names = {im["id"]: im["file_name"] for im in data["images"]}
-        rows = [(names[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in names]
-        lines, bad = data["annotations"], "captions name an image it does not list"
-    else:
-        lines = data if isinstance(data, list) else [data]
-        rows = [(r["image"], r["caption"]) for r in lines if isinstance(r, dict) and {"image", "caption"} <= r.keys()]
-        bad = "items have no 'image' and 'caption'"
-    if len(rows) < len(lines):
-        log(f"warning: {path}: {len(lines) - len(rows)} {bad}; skipped")
-    return [(str(image).strip(), _clean(caption)) for image, caption in rows]
-
-
 def cmd_pretrain(args):
-    """The 558K/595K stage-1 format, a record per caption, the instruction drawn from a list (the
-    `plain` template keeps only <image> + caption, wherever <image> is)."""
-    instructions, rng, records, count = read_lines(args.instructions), random.Random(args.seed), [], Counter()
-    pairs = read_pairs(args.captions)
-    for image, caption in pairs:
-        if image and caption:
-            stem = Path(image).with_suffix("").as_posix().replace("/", "_")
-            count[stem] += 1  # an image's later captions get _1, _2, ...
-            rid = stem if count[stem] == 1 else f"{stem}_{count[stem] - 1}"
-            records.append(llava_record(rid, image, [(rng.choice(instructions), caption)], rng))
+    """Image-caption pairs (COCO captions, or a JSON/JSONL list of {image, caption}) -> the 558K/595K
+    stage-1 format: a record per caption, a brief instruction drawn for each (the `plain` template
+    keeps only <image> + caption)."""
+    data, instructions = read_json(args.captions, "captions"), read_lines(PROMPTS_DIR / "brief_instructions.txt")
+    if isinstance(data, dict) and "annotations" in data:  # COCO
+        names = {im["id"]: im["file_name"] for im in data["images"]}
+        data = [{"image": names.get(a["image_id"]), "caption": a["caption"]} for a in data["annotations"]]
+    rng, records, count = random.Random(args.seed), [], Counter()
+    for r in data if isinstance(data, list) else [data]:
+        if not (isinstance(r, dict) and isinstance(r.get("image"), str) and _clean(r.get("caption", ""))):
+            log(f"warning: {args.captions}: {str(r)[:80]} has no image and caption; skipped")
+            continue
+        stem = Path(r["image"]).with_suffix("").as_posix().replace("/", "_")
+        count[stem] += 1  # an image's later captions get _1, _2, ...
+        rid = stem if count[stem] == 1 else f"{stem}_{count[stem] - 1}"
+        records.append(llava_record(rid, r["image"], [(rng.choice(instructions), _clean(r["caption"]))], rng))
     weights.write_json_atomic(args.out, records, indent=None)
-    skipped = f" ({len(pairs) - len(records)} empty skipped)" if len(pairs) > len(records) else ""
-    print(f"pretrain: {len(records)} records -> {args.out}{skipped}")
+    print(f"pretrain: {len(records)} records -> {args.out}")
     return 0
 
 
 def build_parser():
     key = "The API key is read from the environment variable OPENAI_API_KEY (never from the command line)."
     p = argparse.ArgumentParser(description="LLaVA's GPT-assisted instruction data (see the module docstring).",
-                                epilog=key + " A local server may need none.")
+                                epilog=key)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("generate", help="captions + boxes -> teacher -> JSONL records (the default)", epilog=key)
-    a.add_argument("--captions", help="COCO captions_*.json")
+    source = a.add_mutually_exclusive_group(required=True)
+    source.add_argument("--captions", help="COCO captions_*.json")
+    source.add_argument("--context", help="instead of COCO: JSONL with id, image, captions, instances (normalised)")
     a.add_argument("--instances", help="COCO instances_*.json (the boxes; detail and complex need them)")
-    a.add_argument("--context", help="instead of COCO: JSONL with id, image, captions, instances (normalised bbox)")
-    a.add_argument("--types", default=",".join(TYPES), help="comma list of conversation,detail,complex")
+    a.add_argument("--types", nargs="+", choices=TYPES, default=TYPES, help="the kinds of data to ask for")
     a.add_argument("--out", default="generated.jsonl", help="JSONL output, appended to and resumed from")
     a.add_argument("--model", default="gpt-4o-mini", help="teacher model (the paper used GPT-4)")
     a.add_argument("--limit", type=int, help="only the first N images (by id)")
@@ -567,20 +532,16 @@ def build_parser():
     m.add_argument("--ratio", type=parse_ratio, help="e.g. conversation=58,detail=23,complex=77 (default: keep all)")
     m.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the --ratio sampling")
     t = sub.add_parser("pretrain", help="image-caption pairs -> 558K/595K stage-1 JSON (no API)")
-    t.add_argument("--captions", required=True, help="COCO captions json, JSON/JSONL list of {image, caption}, or TSV")
+    t.add_argument("--captions", required=True, help="COCO captions json, or a JSON/JSONL list of {image, caption}")
     t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
-    t.add_argument("--instructions", default=str(PROMPTS_DIR / "brief_instructions.txt"),
-                   help="one brief instruction per line, one drawn per caption (the paper's list by default)")
     t.add_argument("--seed", type=int, default=0, help="seeds the instruction draw and the <image> placement")
     return p
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--merge":  # the issue's spelling of the merge step
-        argv[0] = "merge"
     if not argv or argv[0] not in ("generate", "merge", "pretrain", "-h", "--help"):
-        argv.insert(0, "generate")
+        argv.insert(0, "generate")  # the README's spelling: generate is the default
     args = build_parser().parse_args(argv)
     return {"generate": cmd_generate, "merge": cmd_merge, "pretrain": cmd_pretrain}[args.command](args)
 

@@ -525,7 +525,7 @@ def test_merge_ratios(tmp_path, capsys):
 
     assert gd.main(["merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "all.json")]) == 0
     assert kinds(tmp_path / "all.json") == ["complex"] * 6 + ["conversation"] * 10 + ["detail"] * 4
-    gd.main(["--merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "eq.json"),
+    gd.main(["merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "eq.json"),
              "--ratio", "conversation=1,detail=1,complex=1"])
     assert kinds(tmp_path / "eq.json") == ["complex"] * 4 + ["conversation"] * 4 + ["detail"] * 4
     gd.main(["merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "r.json"),
@@ -560,17 +560,15 @@ def test_pretrain_format(tmp_path, capsys):
             placements.add("last")
             assert human["value"].endswith("\n<image>") and human["value"][: -len("\n<image>")] in brief
     assert placements == {"first", "last"}
-    # TSV and JSON-list inputs
-    tsv = tmp_path / "pairs.tsv"
-    tsv.write_text("00453/004539375.jpg\tselect luxury furniture\nbad line\n00453/004539375.jpg\tsecond caption\n")
-    gd.main(["pretrain", "--captions", str(tsv), "--out", str(tmp_path / "t.json")])
-    t = json.loads((tmp_path / "t.json").read_text())
-    assert [r["id"] for r in t] == ["00453_004539375", "00453_004539375_1"] and t[0]["image"] == "00453/004539375.jpg"
+    # a JSON list: an image's later captions get _1, _2; an item without a caption is named and skipped
     js = tmp_path / "pairs.json"
-    js.write_text(json.dumps([{"image": "a.jpg", "caption": "a dog"}]))
+    js.write_text(json.dumps([{"image": "00453/004539375.jpg", "caption": "select luxury furniture"},
+                              {"image": "bad.jpg"}, {"image": "00453/004539375.jpg", "caption": "second caption"}]))
     gd.main(["pretrain", "--captions", str(js), "--out", str(tmp_path / "j.json")])
-    assert json.loads((tmp_path / "j.json").read_text())[0]["conversations"][1]["value"] == "a dog"
-    assert "no TAB" in capsys.readouterr().err
+    t = json.loads((tmp_path / "j.json").read_text())
+    assert [r["id"] for r in t] == ["00453_004539375", "00453_004539375_1"] and t[0]["image"] == "00453/004539375.jpg"
+    assert [r["conversations"][1]["value"] for r in t] == ["select luxury furniture", "second caption"]
+    assert "has no image and caption; skipped" in capsys.readouterr().err
 
 
 # -----------------------------------------------------------------------------
