@@ -118,8 +118,7 @@ def load_coco(captions_path, instances_path=None):
 
 
 def load_context_jsonl(path):
-    """LLaVA-Bench's form: a line per image with id, image, captions and instances [{category,
-    bbox}], the boxes already normalised."""
+    """LLaVA-Bench's form: a line per image with id, image, captions, instances [{category, bbox}]."""
     out = []
     for r in read_json(path, "context"):
         try:
@@ -181,8 +180,7 @@ def parse_reply(kind, text):
 
 
 def llava_record(rid, image, pairs, rng):
-    """The record train.py reads; <image> goes before or after the first question at random, as
-    in the official data."""
+    """The record train.py reads; <image> before or after the first question at random, as LLaVA's."""
     turns = [((f"{IMAGE}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE}") if i == 0 else q, a)
              for i, (q, a) in enumerate(pairs)]
     return {"id": rid, "image": image, "conversations": [
@@ -216,11 +214,10 @@ def _retry_after_seconds(value):
 
 
 class ChatClient:
-    """Thread-safe client for POST {api_base}/chat/completions; every attempt counts against
-    `max_requests`. 408/409/429/5xx, timeouts, connection errors and malformed bodies are retried
-    after base * 2**attempt seconds (jittered, at most 60, never sooner than Retry-After).
-    401/403/404, a malformed URL and `max_down` connection failures in a row stop the client:
-    no other request could succeed. `params` go into every body."""
+    """Thread-safe POST {api_base}/chat/completions, every attempt counted against `max_requests`.
+    408/409/429/5xx, timeouts, lost connections and malformed bodies are retried after about
+    base * 2**attempt seconds, never sooner than Retry-After; 401/403/404, a malformed URL and
+    `max_down` failed connections in a row stop it, as no other request could succeed."""
 
     def __init__(self, api_base, model, workers=4, max_requests=None, timeout=120.0, max_retries=6,
                  backoff_base=1.0, max_down=20, api_key=None, log=log, **params):
@@ -241,9 +238,9 @@ class ChatClient:
         self.stop_reason = self.stop_reason or self.scrub(why)
         self._stop.set()
 
-    def complete(self, messages, **overrides):
+    def complete(self, messages):
         """-> the reply text, else an APIError (its message scrubbed) once it gives up."""
-        body, delay = {**self.body, "messages": messages, **overrides}, 0.0
+        body, delay = {**self.body, "messages": messages}, 0.0
         for attempt in range(self.max_retries + 1):
             if self._stop.wait(delay):  # stopped: nothing more is sent
                 raise APIError("stopped", f"client stopped: {self.stop_reason}")
@@ -297,11 +294,11 @@ class ChatClient:
 
 
 def run_jobs(client, jobs, handle_result, parse_retries=2):
-    """Every job through `client` on its threads -> report (done, skipped by reason, reasks, seconds).
+    """Every job through `client` on its threads -> report (done, skipped by reason, reasks).
     A ParseError from `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job,
     parsed)` runs in the calling thread, one at a time, so the one place that writes needs no lock.
     Only `workers` jobs run at once: after a kill, at most their answers are lost."""
-    report, start = SimpleNamespace(done=0, skipped=Counter(), reasks=0), time.monotonic()
+    report = SimpleNamespace(done=0, skipped=Counter(), reasks=0)
 
     def work(job):  # -> (ok, parsed or reason, re-asks); never raises
         for attempt in range(parse_retries + 1):
@@ -332,7 +329,6 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
             client.stop("the run failed")
             pool.shutdown(cancel_futures=True)
             raise
-    report.seconds = time.monotonic() - start
     return report
 
 
@@ -424,8 +420,7 @@ def cmd_generate(args):
     why = ", ".join(f"{r} {n}" for r, n in report.skipped.most_common()) or "none"
     print(f"done {report.done} (+{total - len(jobs)} earlier) of {total} jobs; skipped {report.skipped.total()}: {why}")
     print(f"requests {client.requests} (retries {client.retries}, re-asks {report.reasks}); tokens "
-          f"{client.prompt_tokens} prompt + {client.completion_tokens} completion = {client.total_tokens}; "
-          f"{report.seconds:.1f}s")
+          f"{client.prompt_tokens} prompt + {client.completion_tokens} completion = {client.total_tokens}")
     if report.skipped["budget"]:
         print(f"budget of {client.max_requests} requests spent; rerun to continue where this run stopped")
     if client.stop_reason:
@@ -435,39 +430,25 @@ def cmd_generate(args):
     return 0 if report.done == len(jobs) else 3
 
 
-def valid_record(r):
-    """human/gpt turns alternating, none empty; with an image, one <image>, in the first turn."""
-    conv = r.get("conversations") if isinstance(r, dict) and "id" in r else None
-    if not isinstance(conv, list) or len(conv) < 2 or len(conv) % 2 or not all(
-            isinstance(t, dict) and t.get("from") == ("human", "gpt")[i % 2] and isinstance(t.get("value"), str)
-            and t["value"].strip() for i, t in enumerate(conv)):
-        return False
-    return "image" not in r or [t["value"].count(IMAGE) for t in conv] == [1] + [0] * (len(conv) - 1)
-
-
 def record_type(r):
     return str(r["id"]).rsplit("_", 1)[-1]
 
 
-def parse_ratio(value):
-    try:
-        ratio = {name.strip(): float(w) for name, _, w in (part.partition("=") for part in value.split(","))}
-    except ValueError:
-        ratio = {}
-    if not ratio or min(ratio.values()) < 0 or not any(ratio.values()):
-        raise argparse.ArgumentTypeError(f"{value!r}: write it as conversation=1,detail=1,complex=1 (weights >= 0)")
+def parse_ratio(value):  # "conversation=58,detail=23,complex=77"; argparse words a ValueError
+    ratio = {name.strip(): float(w) for name, w in (part.split("=") for part in value.split(","))}
+    if min(ratio.values()) < 0 or not any(ratio.values()):
+        raise ValueError(value)
     return ratio
 
 
 def cmd_merge(args):
-    """Valid records, first of each id, in per-type counts in proportion to --ratio: as many as
+    """LLaVA records, first of each id, in per-type counts in proportion to --ratio: as many as
     there are without repeating one (the scarcest type for its weight sets the scale); shuffled."""
     seen, by_type, rng = {}, defaultdict(list), random.Random(args.seed)
     for path in args.inputs:
         for r in read_json(path, "records"):
-            if not valid_record(r):
-                log(f"warning: {path}: record {r.get('id') if isinstance(r, dict) else None!r} is not a valid "
-                    "LLaVA conversation; skipped")
+            if not (isinstance(r, dict) and "id" in r and isinstance(r.get("conversations"), list)):
+                log(f"warning: {path}: {str(r)[:80]} is not a LLaVA record; skipped")
             elif r["id"] in seen:
                 log(f"warning: {path}: duplicate id {r['id']!r}; kept the first")
             else:
