@@ -1,17 +1,13 @@
 """GPT-assisted visual instruction data, as in the LLaVA paper (Liu et al. 2023, section 3).
 
-A text-only teacher never sees a pixel: each image reaches it as its captions, one per line, and
-(for detail and complex) its COCO boxes as `category: [x1, y1, x2, y2]` in 0..1. A system message
-and few-shot examples (prompts/<type>/) ask for a multi-turn `conversation`, a `detail`ed
-description or one `complex` reasoning question; each reply becomes a LLaVA-Instruct record.
-
-    python generate_data.py generate --captions captions_train2014.json --instances instances_train2014.json
-    python generate_data.py merge --inputs generated.jsonl --ratio conversation=58,detail=23,complex=77
-    python generate_data.py pretrain --captions captions_train2014.json --out pretrain.json
-
-A paid answer is asked for once: the output JSONL, one fsync'ed line per record, is the only
-progress record; a rerun skips the ids it holds, so a crash loses at most the answers in flight.
-The key comes from OPENAI_API_KEY and is scrubbed from all that a server echoes back.
+A text-only teacher never sees a pixel: each image reaches it as its COCO captions and (for detail
+and complex) boxes `category: [x1, y1, x2, y2]` in 0..1. A system message and few-shot examples
+(prompts/<type>/) ask for a multi-turn `conversation`, a `detail`ed description or one `complex`
+reasoning question; each reply becomes a LLaVA-Instruct record (`generate`), the records one
+training file (`merge --ratio conversation=58,detail=23,complex=77`); `pretrain` turns captions
+into stage-1 data. A paid answer is asked for once: the output JSONL, one fsync'ed line per
+record, is the only progress record, and a rerun skips the ids it holds. The key comes from
+OPENAI_API_KEY and is scrubbed from all that a server echoes back.
 """
 
 import argparse
@@ -216,18 +212,18 @@ def _retry_after_seconds(value):
 class ChatClient:
     """Thread-safe POST {api_base}/chat/completions, every attempt counted against `max_requests`.
     408/409/429/5xx, timeouts, lost connections and malformed bodies are retried after about
-    base * 2**attempt seconds, never sooner than Retry-After; 401/403/404, a malformed URL and
-    `max_down` failed connections in a row stop it, as no other request could succeed."""
+    base * 2**attempt seconds, never sooner than Retry-After; 401/403/404, a malformed URL and a
+    request that never connected stop it, as no other request could succeed."""
 
     def __init__(self, api_base, model, workers=4, max_requests=None, timeout=120.0, max_retries=6,
-                 backoff_base=1.0, max_down=20, api_key=None, log=log, **params):
+                 backoff_base=1.0, api_key=None, log=log, **params):
         self.url, self.body = api_base.rstrip("/") + "/chat/completions", {"model": model, **params}
         self.workers, self.max_requests, self.timeout, self.max_retries = workers, max_requests, timeout, max_retries
-        self.backoff_base, self.max_down, self.log, self.stop_reason = backoff_base, max_down, log, None
+        self.backoff_base, self.log, self.stop_reason = backoff_base, log, None
         self._secret = (os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip()
         self._headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
         self._lock, self._stop = threading.Lock(), threading.Event()
-        self.requests = self.retries = self.down = self.prompt_tokens = self.completion_tokens = self.total_tokens = 0
+        self.requests = self.retries = self.prompt_tokens = self.completion_tokens = self.total_tokens = 0
 
     def scrub(self, text):
         """For what a server echoes, never for a reply: a dummy key ("the") must not rewrite it."""
@@ -252,6 +248,8 @@ class ChatClient:
             if reason is None:
                 return detail
             message = self.scrub(f"{reason} from {self.url}: {detail}")
+            if reason == "connection error" and attempt == self.max_retries:  # no server there, for any job
+                self.stop(f"no connection to {self.url} in {attempt + 1} tries: is --api-base right and the server up?")
             if then == "stop":
                 self.stop(message)
             if then != "retry" or attempt == self.max_retries:
@@ -268,14 +266,8 @@ class ChatClient:
         except (ValueError, requests.RequestException) as e:  # a malformed URL is a ValueError
             reason = "timeout" if isinstance(e, requests.Timeout) else "connection error" if isinstance(
                 e, requests.ConnectionError) else "request error"
-            with self._lock:
-                self.down = self.down + 1 if reason == "connection error" else 0
-            if self.down >= self.max_down:
-                self.stop(f"{self.down} connection failures in a row at {self.url}: is --api-base right and the "
-                          "server up?")
             return reason, f"{type(e).__name__}: {str(e)[:300]}", "stop" if isinstance(e, ValueError) else "retry", None
-        self.down, s = 0, resp.status_code
-        if s != 200:
+        if (s := resp.status_code) != 200:
             then = "stop" if s in (401, 403, 404) else "retry" if s in (408, 409, 429) or s >= 500 else "fail"
             return f"http {s}", resp.text[:300].strip(), then, _retry_after_seconds(resp.headers.get("Retry-After"))
         try:
@@ -310,8 +302,7 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
                     client.log(f"{job.key}: {e}")
                 return False, e.reason, attempt
             except ParseError as e:
-                client.log(f"{job.key}: unparsable reply ({e}), attempt {attempt + 1}/{parse_retries + 1}: "
-                           f"{client.scrub(' '.join(text.split())[:80])!r}")
+                client.log(f"{job.key}: unparsable reply, attempt {attempt + 1}/{parse_retries + 1}: {e}")
         return False, "unparsable", parse_retries
 
     with ThreadPoolExecutor(client.workers, thread_name_prefix="chat") as pool:
@@ -345,9 +336,6 @@ class JsonlOutput:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             sys.exit(f"error: another run is writing {self.path}; wait for it or choose another --out")
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)  # a new file's directory entry must survive a crash too
-        os.fsync(dir_fd)
-        os.close(dir_fd)
         data = self.path.read_bytes()
         if (keep := data.rfind(b"\n") + 1) < len(data):
             os.truncate(self.fd, keep)
@@ -373,7 +361,6 @@ def add_client_args(p, workers=8, parse_retries=2, temperature=None, max_tokens=
     p.add_argument("--max-requests", type=int, help="budget: HTTP requests, retries included")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=6, help="per request, on 429/5xx/timeouts")
-    p.add_argument("--max-down", type=int, default=20, help="stop after this many connection failures in a row")
     p.add_argument("--backoff-base", type=float, default=1.0, help="the first retry waits about this many seconds")
     p.add_argument("--parse-retries", type=int, default=parse_retries, help="re-asks when a reply does not parse")
     p.add_argument("--temperature", type=float, default=temperature, help="default %(default)s (None: the server's)")
@@ -383,7 +370,7 @@ def add_client_args(p, workers=8, parse_retries=2, temperature=None, max_tokens=
 def client_from_args(args, model):
     params = {k: getattr(args, k) for k in ("temperature", "max_tokens") if getattr(args, k) is not None}
     return ChatClient(args.api_base, model, args.workers, args.max_requests, args.timeout, args.max_retries,
-                      args.backoff_base, args.max_down, **params)
+                      args.backoff_base, **params)
 
 
 # ---- 3. The three subcommands: generate, merge, pretrain ------------------------------------------
@@ -400,12 +387,12 @@ def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()):
 
 
 def cmd_generate(args):
-    if not (args.context or args.instances) and set(args.types) - {"conversation"}:
+    if not args.instances and set(args.types) - {"conversation"}:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
     prompts, questions = {k: load_prompt(k) for k in args.types}, read_lines(PROMPTS_DIR / "detail_instructions.txt")
-    ctxs = (load_context_jsonl(args.context) if args.context else load_coco(args.captions, args.instances))[:args.limit]
+    ctxs = load_coco(args.captions, args.instances)[:args.limit]
     if not ctxs:
-        sys.exit(f"error: {args.context or args.captions}: no image with a usable caption, so no job to send")
+        sys.exit(f"error: {args.captions}: no image with a usable caption, so no job to send")
     if args.dry_run is not None:  # the exact messages: no client, no key, no file
         for job in make_jobs(ctxs[: args.dry_run], args.types, prompts, args.seed, questions):
             print(f"===== {job.key} ({len(job.messages)} messages) =====")
@@ -425,8 +412,6 @@ def cmd_generate(args):
         print(f"budget of {client.max_requests} requests spent; rerun to continue where this run stopped")
     if client.stop_reason:
         print(f"stopped: {client.stop_reason}")
-    elif not report.done and set(report.skipped) == {"connection error"}:
-        print(f"no job reached {args.api_base}: is --api-base right and the server up?")
     return 0 if report.done == len(jobs) else 3
 
 
@@ -473,10 +458,9 @@ def cmd_pretrain(args):
     stage-1 format: a record per caption, a brief instruction drawn for each (the `plain` template
     keeps only <image> + caption)."""
     data, instructions = read_json(args.captions, "captions"), read_lines(PROMPTS_DIR / "brief_instructions.txt")
-    if isinstance(data, dict) and "annotations" in data:  # COCO
-        names = {im["id"]: im["file_name"] for im in data["images"]}
-        data = [{"image": names.get(a["image_id"]), "caption": a["caption"]} for a in data["annotations"]]
-    rng, records, count = random.Random(args.seed), [], Counter()
+    if isinstance(data, dict) and "annotations" in data:  # COCO, through its one reader
+        data = [{"image": c.image, "caption": caption} for c in load_coco(args.captions) for caption in c.captions]
+    rng, records, count = random.Random(0), [], Counter()
     for r in data if isinstance(data, list) else [data]:
         if not (isinstance(r, dict) and isinstance(r.get("image"), str) and _clean(r.get("caption", ""))):
             log(f"warning: {args.captions}: {str(r)[:80]} has no image and caption; skipped")
@@ -496,9 +480,7 @@ def build_parser():
                                 epilog=key)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("generate", help="captions + boxes -> teacher -> JSONL records (the default)", epilog=key)
-    source = a.add_mutually_exclusive_group(required=True)
-    source.add_argument("--captions", help="COCO captions_*.json")
-    source.add_argument("--context", help="instead of COCO: JSONL with id, image, captions, instances (normalised)")
+    a.add_argument("--captions", required=True, help="COCO captions_*.json")
     a.add_argument("--instances", help="COCO instances_*.json (the boxes; detail and complex need them)")
     a.add_argument("--types", nargs="+", choices=TYPES, default=TYPES, help="the kinds of data to ask for")
     a.add_argument("--out", default="generated.jsonl", help="JSONL output, appended to and resumed from")
@@ -515,7 +497,6 @@ def build_parser():
     t = sub.add_parser("pretrain", help="image-caption pairs -> 558K/595K stage-1 JSON (no API)")
     t.add_argument("--captions", required=True, help="COCO captions json, or a JSON/JSONL list of {image, caption}")
     t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
-    t.add_argument("--seed", type=int, default=0, help="seeds the instruction draw and the <image> placement")
     return p
 
 
