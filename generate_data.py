@@ -454,21 +454,14 @@ def cmd_merge(args):
 
 
 def cmd_pretrain(args):
-    """Image-caption pairs (COCO captions, or a JSON/JSONL list of {image, caption}) -> the 558K/595K
-    stage-1 format: a record per caption, a brief instruction drawn for each (the `plain` template
-    keeps only <image> + caption)."""
-    data, instructions = read_json(args.captions, "captions"), read_lines(PROMPTS_DIR / "brief_instructions.txt")
-    if isinstance(data, dict) and "annotations" in data:  # COCO, through its one reader
-        data = [{"image": c.image, "caption": caption} for c in load_coco(args.captions) for caption in c.captions]
-    rng, records, count = random.Random(0), [], Counter()
-    for r in data if isinstance(data, list) else [data]:
-        if not (isinstance(r, dict) and isinstance(r.get("image"), str) and _clean(r.get("caption", ""))):
-            log(f"warning: {args.captions}: {str(r)[:80]} has no image and caption; skipped")
-            continue
-        stem = Path(r["image"]).with_suffix("").as_posix().replace("/", "_")
-        count[stem] += 1  # an image's later captions get _1, _2, ...
-        rid = stem if count[stem] == 1 else f"{stem}_{count[stem] - 1}"
-        records.append(llava_record(rid, r["image"], [(rng.choice(instructions), _clean(r["caption"]))], rng))
+    """COCO captions -> the 558K/595K stage-1 format: a record per caption, a brief instruction
+    drawn for each (the `plain` template keeps only <image> + caption)."""
+    instructions, rng, records = read_lines(PROMPTS_DIR / "brief_instructions.txt"), random.Random(0), []
+    for c in load_coco(args.captions):
+        stem = Path(c.image).with_suffix("").as_posix().replace("/", "_")
+        for k, caption in enumerate(c.captions):  # an image's later captions get _1, _2, ...
+            pairs = [(rng.choice(instructions), caption)]
+            records.append(llava_record(f"{stem}_{k}" if k else stem, c.image, pairs, rng))
     weights.write_json_atomic(args.out, records, indent=None)
     print(f"pretrain: {len(records)} records -> {args.out}")
     return 0
@@ -494,8 +487,8 @@ def build_parser():
     m.add_argument("--out", default="llava_instruct.json", help="the JSON list train.py --data reads")
     m.add_argument("--ratio", type=parse_ratio, help="e.g. conversation=58,detail=23,complex=77 (default: keep all)")
     m.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the --ratio sampling")
-    t = sub.add_parser("pretrain", help="image-caption pairs -> 558K/595K stage-1 JSON (no API)")
-    t.add_argument("--captions", required=True, help="COCO captions json, or a JSON/JSONL list of {image, caption}")
+    t = sub.add_parser("pretrain", help="COCO captions -> 558K/595K-style stage-1 JSON (no API)")
+    t.add_argument("--captions", required=True, help="COCO captions_*.json")
     t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
     return p
 
