@@ -92,8 +92,7 @@ def _clean(text):
 
 
 def load_coco(captions_path, instances_path=None):
-    """COCO captions (+ instances for the boxes) -> a context per captioned image, sorted by id so
-    that --limit N always names the same N images."""
+    """COCO captions (+ instances: boxes) -> a context per captioned image, by id (--limit N: always the same N)."""
     caps, captions, boxes = read_json(captions_path, "COCO captions"), defaultdict(list), defaultdict(list)
     inst = read_json(instances_path, "COCO instances") if instances_path else {}
     try:
@@ -286,10 +285,9 @@ class ChatClient:
 
 
 def run_jobs(client, jobs, handle_result, parse_retries=2):
-    """Every job through `client` on its threads -> report (done, skipped by reason, reasks).
-    A ParseError from `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job,
-    parsed)` runs in the calling thread, one at a time, so the one place that writes needs no lock.
-    Only `workers` jobs run at once: after a kill, at most their answers are lost."""
+    """Every job through `client` -> report (done, skipped by reason, reasks). A ParseError from
+    `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job, parsed)` runs in
+    this thread, so the one place that writes needs no lock. A kill loses at most `workers` answers."""
     report = SimpleNamespace(done=0, skipped=Counter(), reasks=0)
 
     def work(job):  # -> (ok, parsed or reason, re-asks); never raises
@@ -324,9 +322,8 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
 
 
 class JsonlOutput:
-    """An append-only JSONL file that is also the resume state: `finished` holds its ids. A lock
-    keeps two runs from appending at once; a torn last line (a crash inside a write) is cut off,
-    so its job, never finished, is asked again."""
+    """An append-only JSONL file that is also the resume state (`finished`: its ids), locked against a
+    second run; a torn last line (a crash inside a write) is cut off, so its job is asked again."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -401,8 +398,6 @@ def cmd_generate(args):
     client, total = client_from_args(args, args.model), len(ctxs) * len(args.types)
     with closing(JsonlOutput(args.out)) as out:
         jobs = make_jobs(ctxs, args.types, prompts, args.seed, questions, skip=out.finished)
-        log(f"generate: {total} jobs, {total - len(jobs)} finished earlier in {args.out}; {len(jobs)} to do with "
-            f"{args.workers} workers against {args.api_base}")
         report = run_jobs(client, jobs, lambda job, record: out.append(record), args.parse_retries)
     why = ", ".join(f"{r} {n}" for r, n in report.skipped.most_common()) or "none"
     print(f"done {report.done} (+{total - len(jobs)} earlier) of {total} jobs; skipped {report.skipped.total()}: {why}")
