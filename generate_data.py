@@ -314,7 +314,9 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
                     report.done += 1
                 else:
                     report.skipped[value] += 1
-        except BaseException:  # Ctrl-C too: the jobs in flight end at once, without retries, as after kill -9
+        except KeyboardInterrupt:  # quit at once: as after kill -9, what finished is on disk, the rest asked again
+            os._exit(130)
+        except BaseException:  # the jobs in flight end at once, without retries
             client.stop("the run failed")
             pool.shutdown(cancel_futures=True)
             raise
