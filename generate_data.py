@@ -92,7 +92,7 @@ def _clean(text):
 
 
 def load_coco(captions_path, instances_path=None):
-    """COCO captions (+ instances: boxes) -> a context per captioned image, by id (--limit N: always the same N)."""
+    """COCO captions (+ instances: boxes) -> a context per captioned image, sorted by id (for --limit)."""
     caps, captions, boxes = read_json(captions_path, "COCO captions"), defaultdict(list), defaultdict(list)
     inst = read_json(instances_path, "COCO instances") if instances_path else {}
     try:
@@ -130,9 +130,9 @@ def read_lines(path):
     return [s for s in lines if s and not s.startswith("#")] or sys.exit(f"error: instruction list {path} is empty")
 
 
-def load_prompt(kind, prompts_dir=PROMPTS_DIR):
+def load_prompt(kind):
     """prompts/<kind>/system.txt and its example_<k>_context.txt / example_<k>_response.txt pairs."""
-    folder = Path(prompts_dir) / kind
+    folder = PROMPTS_DIR / kind
     read = lambda p: read_text(p, f"prompt file (type {kind}; in prompts/)").strip()  # noqa: E731
     return Prompt(read(folder / "system.txt"), [(read(c), read(c.with_name(c.name.replace("_context", "_response"))))
                                                 for c in sorted(folder.glob("example_*_context.txt"))])
@@ -248,7 +248,7 @@ class ChatClient:
                 return detail
             message = self.scrub(f"{reason} from {self.url}: {detail}")
             if reason == "connection error" and attempt == self.max_retries:  # no server there, for any job
-                self.stop(f"no connection to {self.url} in {attempt + 1} tries: is --api-base right and the server up?")
+                self.stop(f"no connection to {self.url}: is --api-base right and the server up?")
             if then == "stop":
                 self.stop(message)
             if then != "retry" or attempt == self.max_retries:
@@ -314,7 +314,7 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
                     report.done += 1
                 else:
                     report.skipped[value] += 1
-        except KeyboardInterrupt:  # quit at once: as after kill -9, what finished is on disk, the rest asked again
+        except KeyboardInterrupt:  # quit at once, as safe as kill -9: what finished is on disk
             os._exit(130)
         except BaseException:  # the jobs in flight end at once, without retries
             client.stop("the run failed")
