@@ -287,7 +287,7 @@ class ChatClient:
 def run_jobs(client, jobs, handle_result, parse_retries=2):
     """Every job through `client` -> report (done, skipped by reason, reasks). A ParseError from
     `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job, parsed)` runs in
-    this thread, so the one place that writes needs no lock. A kill loses at most `workers` answers."""
+    this thread, so the one place that writes needs no lock; a kill loses only the answers in flight."""
     report = SimpleNamespace(done=0, skipped=Counter(), reasks=0)
 
     def work(job):  # -> (ok, parsed or reason, re-asks); never raises
