@@ -1,17 +1,12 @@
 """GPT-assisted visual instruction data, as in the LLaVA paper (Liu et al. 2023, section 3).
 
-A text-only teacher never sees a pixel: each image reaches it as its captions, one per line, and
-(for detail and complex) its COCO boxes as `category: [x1, y1, x2, y2]` in 0..1. A system message
-and few-shot examples (prompts/<type>/) ask for a multi-turn `conversation`, a `detail`ed
-description or one `complex` reasoning question; each reply becomes a LLaVA-Instruct record.
-
-    python generate_data.py generate --captions captions_train2014.json --instances instances_train2014.json
-    python generate_data.py merge --inputs generated.jsonl --ratio conversation=58,detail=23,complex=77
-    python generate_data.py pretrain --captions captions_train2014.json --out pretrain.json
-
-A paid answer is asked for once: the output JSONL is the only progress record, one fsync'ed line
-per record under the id `{image_id}_{type}`; a rerun cuts off a torn last line and skips the ids
-it holds, so a crash loses at most the 2 x --workers answers in flight. The key comes from
+A text-only teacher never sees a pixel: each image reaches it as its COCO captions and (for detail
+and complex) boxes `category: [x1, y1, x2, y2]` in 0..1. A system message and few-shot examples
+(prompts/<type>/) ask for a multi-turn `conversation`, a `detail`ed description or one `complex`
+reasoning question; each reply becomes a LLaVA-Instruct record (`generate`), the records one
+training file (`merge --ratio conversation=58,detail=23,complex=77`); `pretrain` turns captions
+into stage-1 data. A paid answer is asked for once: the output JSONL, one fsync'ed line per
+record, is the only progress record, and a rerun skips the ids it holds. The key comes from
 OPENAI_API_KEY and is scrubbed from all that a server echoes back.
 """
 
@@ -26,7 +21,8 @@ import sys
 import threading
 import time
 from collections import Counter, defaultdict, namedtuple
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import closing
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,24 +38,24 @@ IMAGE = "<image>"
 Prompt = namedtuple("Prompt", "system examples")  # examples: [(context, ideal response), ...]
 # image_id: LLaVA's 12-digit form of COCO's id; boxes: [(category, [x1, y1, x2, y2] in 0..1), ...]
 ImageContext = namedtuple("ImageContext", "image_id image captions boxes")
-# key names the job in logs; parse(text) raises ParseError to re-ask; data is the caller's own
-Job = namedtuple("Job", "key messages parse data", defaults=(lambda text: text, None))
+# key names the job in logs; parse(text) -> what the caller keeps, or a ParseError to re-ask
+Job = namedtuple("Job", "key messages parse")
 
 
-def log(msg: str) -> None:
-    """Progress and warnings go to stderr; stdout carries only dry-run text and summaries."""
-    print(msg, file=sys.stderr, flush=True)
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)  # stdout carries only dry-run text and summaries
 
 
-def read_text(path, what: str) -> str:
+def read_text(path, what):
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         sys.exit(f"error: {what} {path} not found")
 
 
-def jsonl_rows(text: str, path) -> list:
-    """The records of JSON-lines text; an unreadable line is named and skipped."""
+def read_jsonl(path, what):
+    """The records of a JSON-lines file; an unreadable line is named and skipped."""
+    text = read_text(path, what)
     lines, rows = text.splitlines(), []
     for n, line in enumerate(lines, 1):
         try:
@@ -71,37 +67,32 @@ def jsonl_rows(text: str, path) -> list:
     return rows
 
 
-def read_jsonl(path, what: str) -> list:
-    return jsonl_rows(read_text(path, what), path)
-
-
-def read_json(path, what: str):
+def read_json(path, what):
     """A .json file's document, else the records of a JSON-lines file."""
     try:
-        return weights.read_json(path, what) if str(path).endswith(".json") else read_jsonl(path, what + " file")
-    except weights.WeightsError as e:
-        sys.exit(f"error: {e}")
+        return json.loads(read_text(path, what)) if str(path).endswith(".json") else read_jsonl(path, what)
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: {what} {path} is not valid JSON ({e})")
 
 
 # ---- 1. The symbolic context in, the teacher's reply out as a record ------------------------------
-def normalize_box(bbox_xywh, width: float, height: float) -> list:
+def normalize_box(bbox_xywh, width, height):
     """COCO [x, y, w, h] in pixels -> [x1, y1, x2, y2] in 0..1, clamped, 3 decimals."""
     x, y, w, h = map(float, bbox_xywh)
     return [round(min(max(v, 0.0), 1.0), 3) for v in (x / width, y / height, (x + w) / width, (y + h) / height)]
 
 
-def format_context(ctx: ImageContext, with_boxes: bool) -> str:
+def format_context(ctx, with_boxes):
     boxes = [f"{cat}: [{', '.join(map(str, box))}]" for cat, box in ctx.boxes] if with_boxes else []
     return "\n".join(ctx.captions) + ("\n\n" + "\n".join(boxes) if boxes else "")
 
 
-def _clean(text) -> str:
+def _clean(text):
     return " ".join(str(text).split())  # COCO captions carry stray newlines and double spaces
 
 
-def load_coco(captions_path, instances_path=None) -> list:
-    """COCO captions (+ instances for the boxes) -> a context per captioned image, sorted by id so
-    that --limit N always names the same N images."""
+def load_coco(captions_path, instances_path=None):
+    """COCO captions (+ instances: boxes) -> a context per captioned image, sorted by id (for --limit)."""
     caps, captions, boxes = read_json(captions_path, "COCO captions"), defaultdict(list), defaultdict(list)
     inst = read_json(instances_path, "COCO instances") if instances_path else {}
     try:
@@ -110,12 +101,10 @@ def load_coco(captions_path, instances_path=None) -> list:
                 captions[a["image_id"]].append(_clean(a["caption"]))
         names = {c["id"]: c["name"] for c in inst.get("categories", [])}
         sizes = {im["id"]: (im["width"], im["height"]) for im in inst.get("images", [])}
-        lost = 0
         for a in inst.get("annotations", []):
             if a["image_id"] in sizes:
                 boxes[a["image_id"]].append((names[a["category_id"]], normalize_box(a["bbox"], *sizes[a["image_id"]])))
-            lost += a["image_id"] not in sizes
-        if lost:
+        if lost := sum(a["image_id"] not in sizes for a in inst.get("annotations", [])):
             log(f"warning: {instances_path}: {lost} annotations name an image it does not list; skipped")
         return [ImageContext(f"{im['id']:012d}", im["file_name"], captions[im["id"]], boxes[im["id"]])
                 for im in sorted(caps["images"], key=lambda im: im["id"]) if captions[im["id"]]]
@@ -123,9 +112,8 @@ def load_coco(captions_path, instances_path=None) -> list:
         sys.exit(f"error: {captions_path} / {instances_path}: not COCO captions / instances files ({e!r})")
 
 
-def load_context_jsonl(path) -> list:
-    """LLaVA-Bench's form: a line per image with id, image, captions and instances [{category,
-    bbox}], the boxes already normalised."""
+def load_context_jsonl(path):
+    """LLaVA-Bench's form: a line per image with id, image, captions, instances [{category, bbox}]."""
     out = []
     for r in read_json(path, "context"):
         try:
@@ -136,16 +124,16 @@ def load_context_jsonl(path) -> list:
     return sorted(out, key=lambda c: c.image_id)
 
 
-def read_lines(path) -> list:
+def read_lines(path):
     """An instruction list: a line each; blank lines and # comments are left out."""
     lines = [s.strip() for s in read_text(path, "instruction list").splitlines()]
     return [s for s in lines if s and not s.startswith("#")] or sys.exit(f"error: instruction list {path} is empty")
 
 
-def load_prompt(kind: str, prompts_dir=PROMPTS_DIR) -> Prompt:
+def load_prompt(kind):
     """prompts/<kind>/system.txt and its example_<k>_context.txt / example_<k>_response.txt pairs."""
-    folder = Path(prompts_dir) / kind
-    read = lambda p: read_text(p, f"prompt file (type {kind}; see --prompts)").strip()  # noqa: E731
+    folder = PROMPTS_DIR / kind
+    read = lambda p: read_text(p, f"prompt file (type {kind}; in prompts/)").strip()  # noqa: E731
     return Prompt(read(folder / "system.txt"), [(read(c), read(c.with_name(c.name.replace("_context", "_response"))))
                                                 for c in sorted(folder.glob("example_*_context.txt"))])
 
@@ -161,7 +149,7 @@ _LABEL = re.compile(r"^[ \t]*(?:\*\*)?(question|answer)(?:[ \t]*\d+)?[ \t]*:(?:\
 _LEAK = re.compile(r"\bcaptions?\b|\bbounding box(?:es)?\b|\bcoordinates?\b|\[\s*[01]?\.\d+\s*,", re.I)
 
 
-def parse_qa(text: str) -> list:
+def parse_qa(text):
     """'Question:'/'Answer:' blocks -> [(q, a), ...]. A preamble before the first label ("Sure!
     Here you go.") is ignored; anything else out of order, or an empty block, is an error."""
     labels = list(_LABEL.finditer(text))
@@ -173,7 +161,7 @@ def parse_qa(text: str) -> list:
     return [(q, a) for (_, q), (_, a) in zip(blocks[::2], blocks[1::2])]
 
 
-def parse_reply(kind: str, text: str) -> list:
+def parse_reply(kind, text):
     """-> [(question, answer), ...]; detail's question is None (it is drawn from our list)."""
     text = (text or "").strip()
     if kind == "detail" and (not text or _LABEL.search(text)):
@@ -181,22 +169,20 @@ def parse_reply(kind: str, text: str) -> list:
     pairs = [(None, text)] if kind == "detail" else parse_qa(text)
     if kind == "complex" and len(pairs) != 1:
         raise ParseError(f"expected exactly one question and answer, got {len(pairs)}")
-    leak = next((m for q, a in pairs for m in (_LEAK.search(a), q and _LEAK.search(q)) if m), None)
-    if leak:
+    if leak := next((m for q, a in pairs for m in (_LEAK.search(a), q and _LEAK.search(q)) if m), None):
         raise ParseError(f"mentions the symbolic input ({leak.group(0)!r})")
     return pairs
 
 
-def llava_record(rid: str, image: str, pairs: list, rng: random.Random) -> dict:
-    """The record train.py reads; <image> goes before or after the first question at random, as
-    in the official data."""
+def llava_record(rid, image, pairs, rng):
+    """The record train.py reads; <image> before or after the first question at random, as LLaVA's."""
     turns = [((f"{IMAGE}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE}") if i == 0 else q, a)
              for i, (q, a) in enumerate(pairs)]
     return {"id": rid, "image": image, "conversations": [
         {"from": who, "value": v} for turn in turns for who, v in zip(("human", "gpt"), turn)]}
 
 
-def make_record(ctx: ImageContext, kind: str, seed: int, detail_questions: list, reply: str) -> dict:
+def make_record(ctx, kind, seed, detail_questions, reply):
     """The teacher's reply -> its record (or a ParseError)."""
     pairs, rng = parse_reply(kind, reply), random.Random(f"{seed}:{ctx.image_id}:{kind}")  # a rerun chooses alike
     if kind == "detail":
@@ -208,7 +194,7 @@ def make_record(ctx: ImageContext, kind: str, seed: int, detail_questions: list,
 class APIError(RuntimeError):
     """A request that failed for good; `reason` is short and countable ("http 500", "budget")."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason, message):
         super().__init__(message)
         self.reason = reason
 
@@ -223,199 +209,140 @@ def _retry_after_seconds(value):
 
 
 class ChatClient:
-    """Thread-safe client for POST {api_base}/chat/completions; every attempt counts against
-    `max_requests`. 408/409/429/5xx, timeouts, connection errors and malformed bodies are retried
-    after base * 2**attempt seconds (jittered, capped, never sooner than Retry-After, and a 429's
-    Retry-After pauses every thread). 401/403/404, a malformed URL and `max_down` connection failures in a row
-    stop the client: no other request could succeed. Extra keyword arguments go into every body."""
+    """Thread-safe POST {api_base}/chat/completions, every attempt counted against `max_requests`.
+    408/409/429/5xx, timeouts, lost connections and malformed bodies are retried after about
+    base * 2**attempt seconds, never sooner than Retry-After; 401/403/404, a malformed URL and a
+    request that never connected stop it, as no other request could succeed."""
 
     def __init__(self, api_base, model, workers=4, max_requests=None, timeout=120.0, max_retries=6,
-                 backoff_base=1.0, backoff_max=60.0, max_down=20, api_key=None, log=log, **params):
-        self.url, self.model, self.workers = api_base.rstrip("/") + "/chat/completions", model, max(1, int(workers))
-        self.max_requests, self.timeout, self.max_retries, self.max_down = max_requests, timeout, max_retries, max_down
-        self.backoff_base, self.backoff_max, self.params, self.log = backoff_base, backoff_max, params, log
+                 backoff_base=1.0, api_key=None, log=log, **params):
+        self.url, self.body = api_base.rstrip("/") + "/chat/completions", {"model": model, **params}
+        self.workers, self.max_requests, self.timeout, self.max_retries = workers, max_requests, timeout, max_retries
+        self.backoff_base, self.log, self.stop_reason = backoff_base, log, None
         self._secret = (os.environ.get("OPENAI_API_KEY", "") if api_key is None else api_key).strip()
-        auth = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
-        self._headers = {"Content-Type": "application/json", **auth}
-        self._lock, self._stop, self._jitter = threading.RLock(), threading.Event(), random.Random()
-        self._pause_until, self.stop_reason = 0.0, None
-        self.requests = self.retries = self.down = self.prompt_tokens = self.completion_tokens = self.total_tokens = 0
+        self._headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self.requests = self.retries = self.prompt_tokens = self.completion_tokens = self.total_tokens = 0
 
-    stopped = property(lambda self: self._stop.is_set())
-    budget_left = property(lambda self: float("inf") if self.max_requests is None
-                           else max(0, self.max_requests - self.requests))
-
-    def scrub(self, text: str) -> str:
+    def scrub(self, text):
         """For what a server echoes, never for a reply: a dummy key ("the") must not rewrite it."""
         return text.replace(self._secret, "***") if self._secret else text
 
-    def stop(self, why: str) -> None:
+    def stop(self, why):
         """No new requests and no more retries; the requests already on the wire finish."""
-        with self._lock:
-            self.stop_reason = self.stop_reason or self.scrub(why)
+        self.stop_reason = self.stop_reason or self.scrub(why)
         self._stop.set()
 
-    def stats(self) -> dict:
-        return {k: getattr(self, k) for k in ("requests", "retries", "prompt_tokens", "completion_tokens",
-                                              "total_tokens")}
-
-    def complete(self, messages: list, **overrides) -> tuple:
-        """-> (reply text, usage). Raises APIError, its message scrubbed, when it gives up."""
-        body, delay = json.dumps({"model": self.model, "messages": messages, **self.params, **overrides}), 0.0
+    def complete(self, messages):
+        """-> the reply text, else an APIError (its message scrubbed) once it gives up."""
+        body, delay = {**self.body, "messages": messages}, 0.0
         for attempt in range(self.max_retries + 1):
-            if self._stop.wait(max(delay, self._pause_until - time.monotonic())):  # stopped: nothing more is sent
+            if self._stop.wait(delay):  # stopped: nothing more is sent
                 raise APIError("stopped", f"client stopped: {self.stop_reason}")
             with self._lock:
-                if self.budget_left <= 0:
+                if self.max_requests is not None and self.requests >= self.max_requests:
                     raise APIError("budget", f"request budget of {self.max_requests} spent")
-                self.requests += 1
-            got = self._attempt(body)
-            if len(got) == 2:
-                return got
-            reason, detail, then, retry_after = got
+                self.requests, self.retries = self.requests + 1, self.retries + (attempt > 0)
+            reason, detail, then, retry_after = self._attempt(body)
+            if reason is None:
+                return detail
             message = self.scrub(f"{reason} from {self.url}: {detail}")
+            if reason == "connection error" and attempt == self.max_retries:  # no server there, for any job
+                self.stop(f"no connection to {self.url}: is --api-base right and the server up?")
             if then == "stop":
                 self.stop(message)
             if then != "retry" or attempt == self.max_retries:
                 raise APIError(reason, message)
-            delay = min(self.backoff_max, self.backoff_base * 2 ** attempt) * self._jitter.uniform(0.5, 1.0)
+            delay = min(60.0, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
             delay = max(delay, min(retry_after or 0.0, 600.0))
-            if reason == "http 429" and retry_after:  # the server limits all of us: every thread waits
-                self._pause_until = max(self._pause_until, time.monotonic() + delay)
-            with self._lock:
-                self.retries += 1
             self.log(f"{message[:160]}; retry {attempt + 1}/{self.max_retries} in {delay:.2f}s")
 
-    def _attempt(self, body: str) -> tuple:
-        """One POST -> (text, usage), or (reason, detail, "retry" | "fail" | "stop", Retry-After).
-        Exceptions become strings here, so no APIError raised later chains back to the request
-        and its Authorization header."""
+    def _attempt(self, body):
+        """One POST -> (None, reply, ...) or (reason, detail, "retry" | "fail" | "stop", Retry-After).
+        An exception ends here as a string: no APIError may chain back to the request and its key."""
         try:
-            resp = requests.post(self.url, data=body, headers=self._headers, timeout=self.timeout)
-        except requests.Timeout:
-            return "timeout", f"no reply within {self.timeout}s", "retry", None
-        except requests.ConnectionError as e:
-            with self._lock:
-                self.down += 1
-                if self.down == self.max_down:
-                    self.stop(f"{self.down} connection failures in a row at {self.url}: is --api-base right and "
-                              f"the server up? ({str(e)[:160]})")
-            return "connection error", str(e)[:300], "retry", None
-        except ValueError as e:  # requests' InvalidURL, MissingSchema, InvalidHeader: nothing can succeed
-            return "bad request setup", f"{type(e).__name__}: {str(e)[:300]}", "stop", None
-        except requests.RequestException as e:  # e.g. the body broke off mid-transfer
-            return "request error", f"{type(e).__name__}: {str(e)[:300]}", "retry", None
-        self.down, status = 0, resp.status_code
-        if status != 200:  # 401/403/404: no other request could succeed either
-            retry = status in (408, 409, 429) or status >= 500
-            then = "stop" if status in (401, 403, 404) else "retry" if retry else "fail"
-            wait_s = _retry_after_seconds(resp.headers.get("Retry-After"))
-            return f"http {status}", resp.text[:300].strip(), then, wait_s
+            resp = requests.post(self.url, json=body, headers=self._headers, timeout=self.timeout)
+        except (ValueError, requests.RequestException) as e:  # a malformed URL is a ValueError
+            reason = "timeout" if isinstance(e, requests.Timeout) else "connection error" if isinstance(
+                e, requests.ConnectionError) else "request error"
+            return reason, f"{type(e).__name__}: {str(e)[:300]}", "stop" if isinstance(e, ValueError) else "retry", None
+        if (s := resp.status_code) != 200:
+            then = "stop" if s in (401, 403, 404) else "retry" if s in (408, 409, 429) or s >= 500 else "fail"
+            return f"http {s}", resp.text[:300].strip(), then, _retry_after_seconds(resp.headers.get("Retry-After"))
         try:
             data = resp.json()
             choice, usage = data["choices"][0], data.get("usage") or {}
             text = choice["message"]["content"] if choice.get("finish_reason") != "length" else None
-            usage = {k: int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+            p, c, t = (int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             text = None
         if not isinstance(text, str):
             return "bad response", f"no whole reply at choices[0].message.content: {resp.text[:160]!r}", "retry", None
-        usage["total_tokens"] = usage["total_tokens"] or usage["prompt_tokens"] + usage["completion_tokens"]
         with self._lock:
-            for k, v in usage.items():
-                setattr(self, k, getattr(self, k) + v)
-        return text, usage
+            self.prompt_tokens, self.completion_tokens = self.prompt_tokens + p, self.completion_tokens + c
+            self.total_tokens += t or p + c
+        return None, text, None, None
 
 
-def run_jobs(client: ChatClient, jobs, handle_result, parse_retries: int = 2, progress=None):
-    """Every job through `client` on its threads -> report (done, skipped by reason, reasks, ...).
-    A ParseError from `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job,
-    parsed)` runs in the calling thread, one at a time, so the one place that writes needs no lock.
-    Jobs are taken lazily, 2 x workers in flight: none is scheduled once the budget is spent."""
-    report = SimpleNamespace(done=0, skipped=Counter(), reasks=0, seconds=0.0, stop_reason=None)
-    start, pending, in_flight, lock = time.monotonic(), iter(jobs), {}, threading.Lock()
+def run_jobs(client, jobs, handle_result, parse_retries=2):
+    """Every job through `client` -> report (done, skipped by reason, reasks). A ParseError from
+    `job.parse(text)` re-asks, `parse_retries` times at most; `handle_result(job, parsed)` runs in
+    this thread, so the one place that writes needs no lock; a kill loses only the answers in flight."""
+    report = SimpleNamespace(done=0, skipped=Counter(), reasks=0)
 
-    def work(job):  # -> (True, parsed) or (False, reason); never raises
+    def work(job):  # -> (ok, parsed or reason, re-asks); never raises
         for attempt in range(parse_retries + 1):
             try:
-                text, _ = client.complete(job.messages)
-                return True, job.parse(text)
+                text = client.complete(job.messages)
+                return True, job.parse(text), attempt
             except APIError as e:
                 if e.reason not in ("budget", "stopped"):
                     client.log(f"{job.key}: {e}")
-                return False, e.reason
+                return False, e.reason, attempt
             except ParseError as e:
-                client.log(f"{job.key}: unparsable reply ({e}), attempt {attempt + 1}/{parse_retries + 1}: "
-                           f"{client.scrub(' '.join(text.split())[:80])!r}")
-                with lock:
-                    report.reasks += attempt < parse_retries
-        return False, "unparsable"
+                client.log(f"{job.key}: unparsable reply, attempt {attempt + 1}/{parse_retries + 1}: {e}")
+        return False, "unparsable", parse_retries
 
     with ThreadPoolExecutor(client.workers, thread_name_prefix="chat") as pool:
+        futures = {pool.submit(work, job): job for job in jobs}  # once stopped or spent, a job ends unasked
         try:
-            while True:
-                while len(in_flight) < 2 * client.workers and not client.stopped and client.budget_left > 0:
-                    job = next(pending, None)
-                    if job is None:
-                        break
-                    in_flight[pool.submit(work, job)] = job
-                if not in_flight:
-                    break
-                try:
-                    finished = wait(in_flight, return_when=FIRST_COMPLETED)[0]
-                except KeyboardInterrupt:  # the first stops new requests yet writes the answers on their way
-                    if client.stopped:  # the second quits at once, as safe as kill -9
-                        os._exit(130)
-                    client.stop("interrupted (Ctrl-C)")
-                    log("interrupted: finishing the requests in flight (Ctrl-C again to quit at once)")
-                    continue
-                for fut in finished:
-                    job, (ok, value) = in_flight.pop(fut), fut.result()
-                    if ok:
-                        handle_result(job, value)
-                        report.done += 1
-                    else:
-                        report.skipped[value] += 1
-                    if progress is not None:
-                        progress.update(1)
-        except BaseException:
-            client.stop("the run failed")  # the jobs in flight end at once, without retries
+            for fut in tqdm(as_completed(futures), total=len(futures), unit="job", disable=None, file=sys.stderr):
+                (ok, value, reasks), job = fut.result(), futures[fut]
+                report.reasks += reasks
+                if ok:
+                    handle_result(job, value)
+                    report.done += 1
+                else:
+                    report.skipped[value] += 1
+        except KeyboardInterrupt:  # quit at once, as safe as kill -9: what finished is on disk
+            os._exit(130)
+        except BaseException:  # the jobs in flight end at once, without retries
+            client.stop("the run failed")
+            pool.shutdown(cancel_futures=True)
             raise
-    rest = sum(1 for _ in pending)
-    if rest:
-        report.skipped[f"not started ({'stopped' if client.stopped else 'budget spent'})"] += rest
-    report.seconds, report.stop_reason = time.monotonic() - start, client.stop_reason
     return report
 
 
 class JsonlOutput:
-    """An append-only JSONL file that is also the resume state: `finished` holds its ids. A lock
-    keeps two runs from appending at once; a torn last line (a crash inside a write) is cut off,
-    so its job, never finished, is asked again."""
+    """An append-only JSONL file that is also the resume state (`finished`: its ids), locked against a
+    second run; a torn last line (a crash inside a write) is cut off, so its job is asked again."""
 
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        new, self.fd = not self.path.exists(), os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            os.close(self.fd)
             sys.exit(f"error: another run is writing {self.path}; wait for it or choose another --out")
-        if new:  # the new directory entry must survive a crash too
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            os.fsync(dir_fd)
-            os.close(dir_fd)
         data = self.path.read_bytes()
-        keep = data.rfind(b"\n") + 1
-        if keep < len(data):
+        if (keep := data.rfind(b"\n") + 1) < len(data):
             os.truncate(self.fd, keep)
             os.fsync(self.fd)
             log(f"{self.path}: cut off a torn last line ({len(data) - keep} bytes) left by an interrupted run")
-        rows = jsonl_rows(data[:keep].decode("utf-8", "replace"), self.path)
-        self.finished = {r["id"] for r in rows if isinstance(r, dict) and "id" in r}
+        self.finished = {r["id"] for r in read_jsonl(self.path, "output") if isinstance(r, dict) and "id" in r}
 
-    def append(self, record: dict) -> None:
+    def append(self, record):
         """One write of one whole line, on disk before the job counts as done."""
         os.write(self.fd, (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         os.fsync(self.fd)
@@ -425,119 +352,85 @@ class JsonlOutput:
         os.close(self.fd)
 
 
-def add_client_args(p, workers=8, parse_retries=2, temperature=None, max_tokens=None) -> None:
+def add_client_args(p, workers=8, parse_retries=2, temperature=None, max_tokens=None):
     """The flags of a ChatClient and run_jobs, shared by every command that asks a model."""
-    p.add_argument("--api-base", default="https://api.openai.com/v1", help="any OpenAI-compatible server (vLLM, "
-                   "llama.cpp, ollama: http://host:port/v1); the key comes from $OPENAI_API_KEY")
+    p.add_argument("--api-base", default="https://api.openai.com/v1",
+                   help="any OpenAI-compatible server (vLLM, llama.cpp, ollama: http://host:port/v1)")
     p.add_argument("--workers", type=int, default=workers, help="concurrent requests")
     p.add_argument("--max-requests", type=int, help="budget: HTTP requests, retries included")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     p.add_argument("--max-retries", type=int, default=6, help="per request, on 429/5xx/timeouts")
-    p.add_argument("--max-down", type=int, default=20, help="stop after this many connection failures in a row")
     p.add_argument("--backoff-base", type=float, default=1.0, help="the first retry waits about this many seconds")
     p.add_argument("--parse-retries", type=int, default=parse_retries, help="re-asks when a reply does not parse")
     p.add_argument("--temperature", type=float, default=temperature, help="default %(default)s (None: the server's)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help="default %(default)s (None: the server's)")
 
 
-def client_from_args(args, model: str) -> ChatClient:
+def client_from_args(args, model):
     params = {k: getattr(args, k) for k in ("temperature", "max_tokens") if getattr(args, k) is not None}
-    return ChatClient(args.api_base, model, workers=args.workers, max_requests=args.max_requests, timeout=args.timeout,
-                      max_retries=args.max_retries, backoff_base=args.backoff_base, max_down=args.max_down, **params)
+    return ChatClient(args.api_base, model, args.workers, args.max_requests, args.timeout, args.max_retries,
+                      args.backoff_base, **params)
 
 
 # ---- 3. The three subcommands: generate, merge, pretrain ------------------------------------------
-def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()) -> list:
+def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()):
     """A job per (image, type) not in `skip`: the system message, each example as a user/assistant
     pair, then the image's context (conversation gets the captions only, as in the paper)."""
     jobs = []
     for ctx, kind in ((ctx, kind) for ctx in ctxs for kind in kinds if f"{ctx.image_id}_{kind}" not in skip):
-        p = prompts[kind]
-        shots = [{"role": r, "content": t} for ex in p.examples for r, t in zip(("user", "assistant"), ex)]
-        messages = [{"role": "system", "content": p.system}, *shots,
+        shots = [{"role": r, "content": t} for ex in prompts[kind].examples for r, t in zip(("user", "assistant"), ex)]
+        messages = [{"role": "system", "content": prompts[kind].system}, *shots,
                     {"role": "user", "content": format_context(ctx, kind != "conversation")}]
-        jobs.append(Job(f"{ctx.image_id}_{kind}", messages, partial(make_record, ctx, kind, seed, detail_questions),
-                        ctx))
+        jobs.append(Job(f"{ctx.image_id}_{kind}", messages, partial(make_record, ctx, kind, seed, detail_questions)))
     return jobs
 
 
-def cmd_generate(args) -> int:
-    kinds = [t.strip() for t in args.types.split(",") if t.strip()]
-    if not kinds or set(kinds) - set(TYPES):
-        sys.exit(f"error: --types {args.types!r}: choose from {','.join(TYPES)}")
-    if not (args.context or args.captions):
-        sys.exit("error: give --captions (COCO captions json, plus --instances for boxes) or --context (jsonl)")
-    if not (args.context or args.instances) and set(kinds) - {"conversation"}:
+def cmd_generate(args):
+    if not args.instances and set(args.types) - {"conversation"}:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
-    prompts = {k: load_prompt(k, args.prompts) for k in kinds}
-    questions = read_lines(Path(args.prompts) / "detail_instructions.txt")
-    ctxs = load_context_jsonl(args.context) if args.context else load_coco(args.captions, args.instances)
-    ctxs = ctxs[: args.limit]
+    prompts, questions = {k: load_prompt(k) for k in args.types}, read_lines(PROMPTS_DIR / "detail_instructions.txt")
+    ctxs = load_coco(args.captions, args.instances)[:args.limit]
     if not ctxs:
-        sys.exit(f"error: {args.context or args.captions}: no image with a usable caption, so no job to send")
+        sys.exit(f"error: {args.captions}: no image with a usable caption, so no job to send")
     if args.dry_run is not None:  # the exact messages: no client, no key, no file
-        for job in make_jobs(ctxs[: args.dry_run], kinds, prompts, args.seed, questions):
+        for job in make_jobs(ctxs[: args.dry_run], args.types, prompts, args.seed, questions):
             print(f"===== {job.key} ({len(job.messages)} messages) =====")
             print("".join(f"--- {m['role']} ---\n{m['content']}\n" for m in job.messages))
         return 0
-    out, total = JsonlOutput(args.out), len(ctxs) * len(kinds)
-    jobs = make_jobs(ctxs, kinds, prompts, args.seed, questions, skip=out.finished)
-    log(f"generate: {total} jobs, {total - len(jobs)} finished earlier in {args.out}; {len(jobs)} to do with "
-        f"{args.workers} workers against {args.api_base}")
-    client = client_from_args(args, args.model)
-    with tqdm(total=len(jobs), unit="job", disable=None, file=sys.stderr) as bar:
-        try:
-            report = run_jobs(client, jobs, lambda job, record: out.append(record), args.parse_retries, bar)
-        finally:
-            out.close()
-    skipped, earlier = sum(report.skipped.values()), total - len(jobs)
+    client, total = client_from_args(args, args.model), len(ctxs) * len(args.types)
+    with closing(JsonlOutput(args.out)) as out:
+        jobs = make_jobs(ctxs, args.types, prompts, args.seed, questions, skip=out.finished)
+        report = run_jobs(client, jobs, lambda job, record: out.append(record), args.parse_retries)
     why = ", ".join(f"{r} {n}" for r, n in report.skipped.most_common()) or "none"
-    print(f"done {report.done} (+{earlier} earlier) of {total} jobs; skipped {skipped}: {why}")
+    print(f"done {report.done} (+{total - len(jobs)} earlier) of {total} jobs; skipped {report.skipped.total()}: {why}")
     print(f"requests {client.requests} (retries {client.retries}, re-asks {report.reasks}); tokens "
-          f"{client.prompt_tokens} prompt + {client.completion_tokens} completion = {client.total_tokens}; "
-          f"{report.seconds:.1f}s")
-    if client.budget_left == 0 and skipped:
+          f"{client.prompt_tokens} prompt + {client.completion_tokens} completion = {client.total_tokens}")
+    if report.skipped["budget"]:
         print(f"budget of {client.max_requests} requests spent; rerun to continue where this run stopped")
-    if report.stop_reason:
-        print(f"stopped: {report.stop_reason}")
-    elif not report.done and report.skipped and set(report.skipped) == {"connection error"}:
-        print(f"no job reached {args.api_base}: is --api-base right and the server up?")
-    return 0 if report.done + earlier == total else 3
+    if client.stop_reason:
+        print(f"stopped: {client.stop_reason}")
+    return 0 if report.done == len(jobs) else 3
 
 
-def valid_record(r) -> bool:
-    """human/gpt turns alternating, none empty; with an image, one <image>, in the first turn."""
-    conv = r.get("conversations") if isinstance(r, dict) else None
-    if not (isinstance(conv, list) and "id" in r and len(conv) >= 2 and len(conv) % 2 == 0 and all(
-            isinstance(t, dict) and t.get("from") == ("human", "gpt")[i % 2] and isinstance(t.get("value"), str)
-            and t["value"].strip() for i, t in enumerate(conv))):
-        return False
-    return "image" not in r or [t["value"].count(IMAGE) for t in conv] == [1] + [0] * (len(conv) - 1)
-
-
-def record_type(r: dict) -> str:
+def record_type(r):
     return str(r["id"]).rsplit("_", 1)[-1]
 
 
-def parse_ratio(value: str) -> dict:
-    try:
-        ratio = {name.strip(): float(w) for name, _, w in (part.partition("=") for part in value.split(","))}
-    except ValueError:
-        sys.exit(f"error: --ratio {value!r}: write it as conversation=1,detail=1,complex=1")
+def parse_ratio(value):  # "conversation=58,detail=23,complex=77"; argparse words a ValueError
+    ratio = {name.strip(): float(w) for name, w in (part.split("=") for part in value.split(","))}
     if min(ratio.values()) < 0 or not any(ratio.values()):
-        sys.exit(f"error: --ratio {value!r}: weights must be >= 0, one at least > 0")
+        raise ValueError(value)
     return ratio
 
 
-def cmd_merge(args) -> int:
-    """Valid records, first of each id, in per-type counts in proportion to --ratio: as many as
+def cmd_merge(args):
+    """LLaVA records, first of each id, in per-type counts in proportion to --ratio: as many as
     there are without repeating one (the scarcest type for its weight sets the scale); shuffled."""
     seen, by_type, rng = {}, defaultdict(list), random.Random(args.seed)
     for path in args.inputs:
         for r in read_json(path, "records"):
-            if not valid_record(r):
-                rid = r.get("id") if isinstance(r, dict) else None
-                log(f"warning: {path}: record {rid!r} is not a valid LLaVA conversation; skipped")
+            if not (isinstance(r, dict) and "id" in r and isinstance(r.get("conversations"), list)):
+                log(f"warning: {path}: {str(r)[:80]} is not a LLaVA record; skipped")
             elif r["id"] in seen:
                 log(f"warning: {path}: duplicate id {r['id']!r}; kept the first")
             else:
@@ -545,8 +438,7 @@ def cmd_merge(args) -> int:
                 by_type[record_type(r)].append(r)
     chosen = list(seen.values())
     if args.ratio:
-        missing = [t for t, w in args.ratio.items() if w > 0 and not by_type[t]]
-        if missing:
+        if missing := [t for t, w in args.ratio.items() if w > 0 and not by_type[t]]:
             sys.exit(f"error: --ratio asks for {', '.join(missing)} but the inputs hold no such records")
         scale = min(len(by_type[t]) / w for t, w in args.ratio.items() if w > 0)
         chosen = [r for t in sorted(by_type) for r in rng.sample(by_type[t], min(
@@ -558,89 +450,52 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def read_pairs(path) -> list:
-    """(image, caption) pairs from COCO captions, a JSON/JSONL list of {image, caption}, or TSV
-    lines `image<TAB>caption`."""
-    if Path(path).suffix not in (".json", ".jsonl"):
-        lines = read_text(path, "captions file").splitlines()
-        for n, line in enumerate(lines, 1):
-            if line.strip() and "\t" not in line:
-                log(f"warning: {path}:{n}: no TAB between image and caption; skipped")
-        return [(image.strip(), caption) for image, tab, caption in (line.partition("\t") for line in lines) if tab]
-    data = read_json(path, "captions")
-    if isinstance(data, dict) and "annotations" in data:
-        names = {im["id"]: im["file_name"] for im in data["images"]}
-        pairs = [(names[a["image_id"]], a["caption"]) for a in data["annotations"] if a["image_id"] in names]
-        if len(pairs) < len(data["annotations"]):
-            log(f"warning: {path}: {len(data['annotations']) - len(pairs)} captions name an image it does not list; skipped")
-        return pairs
-    rows = data if isinstance(data, list) else [data]
-    pairs = [(r["image"], r["caption"]) for r in rows if isinstance(r, dict) and {"image", "caption"} <= r.keys()]
-    if len(pairs) < len(rows):
-        log(f"warning: {path}: {len(rows) - len(pairs)} items have no 'image' and 'caption'; skipped")
-    return pairs
-
-
-def cmd_pretrain(args) -> int:
-    """The 558K/595K stage-1 format, a record per caption, the instruction drawn from a list (the
-    `plain` template keeps only <image> + caption, wherever <image> is)."""
-    instructions, rng, records, count = read_lines(args.instructions), random.Random(args.seed), [], Counter()
-    pairs = [(image, _clean(caption)) for image, caption in read_pairs(args.captions)]
-    for image, caption in pairs:
-        if image and caption:
-            stem = Path(image).with_suffix("").as_posix().replace("/", "_")
-            count[stem] += 1  # an image's later captions get _1, _2, ...
-            rid = stem if count[stem] == 1 else f"{stem}_{count[stem] - 1}"
-            records.append(llava_record(rid, image, [(rng.choice(instructions), caption)], rng))
-    skipped, records = len(pairs) - len(records), records[: args.limit]
+def cmd_pretrain(args):
+    """COCO captions -> the 558K/595K stage-1 format: a record per caption, a brief instruction
+    drawn for each (the `plain` template keeps only <image> + caption)."""
+    instructions, rng, records = read_lines(PROMPTS_DIR / "brief_instructions.txt"), random.Random(0), []
+    for c in load_coco(args.captions):
+        stem = Path(c.image).with_suffix("").as_posix().replace("/", "_")
+        for k, caption in enumerate(c.captions):  # an image's later captions get _1, _2, ...
+            pairs = [(rng.choice(instructions), caption)]
+            records.append(llava_record(f"{stem}_{k}" if k else stem, c.image, pairs, rng))
     weights.write_json_atomic(args.out, records, indent=None)
-    print(f"pretrain: {len(records)} records -> {args.out}" + (f" ({skipped} empty skipped)" if skipped else ""))
+    print(f"pretrain: {len(records)} records -> {args.out}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser():
     key = "The API key is read from the environment variable OPENAI_API_KEY (never from the command line)."
     p = argparse.ArgumentParser(description="LLaVA's GPT-assisted instruction data (see the module docstring).",
-                                epilog=key + " A local server may need none.")
+                                epilog=key)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("generate", help="captions + boxes -> teacher -> JSONL records (the default)", epilog=key)
-    a.set_defaults(func=cmd_generate)
-    a.add_argument("--captions", help="COCO captions_*.json")
+    a.add_argument("--captions", required=True, help="COCO captions_*.json")
     a.add_argument("--instances", help="COCO instances_*.json (the boxes; detail and complex need them)")
-    a.add_argument("--context", help="instead of COCO: JSONL with id, image, captions, instances (normalised bbox)")
-    a.add_argument("--types", default=",".join(TYPES), help="comma list of conversation,detail,complex")
+    a.add_argument("--types", nargs="+", choices=TYPES, default=TYPES, help="the kinds of data to ask for")
     a.add_argument("--out", default="generated.jsonl", help="JSONL output, appended to and resumed from")
     a.add_argument("--model", default="gpt-4o-mini", help="teacher model (the paper used GPT-4)")
     a.add_argument("--limit", type=int, help="only the first N images (by id)")
     a.add_argument("--seed", type=int, default=0, help="seeds the detail question and <image> placement per job")
     a.add_argument("--dry-run", type=int, metavar="N", help="print the messages for N images; send nothing")
     add_client_args(a)
-    a.add_argument("--prompts", default=str(PROMPTS_DIR), help="folder with the system messages and examples")
     m = sub.add_parser("merge", help="JSONL outputs -> one shuffled JSON list for train.py")
-    m.set_defaults(func=cmd_merge)
     m.add_argument("--inputs", nargs="+", required=True, help="the JSONL files `generate` wrote (or .json lists)")
     m.add_argument("--out", default="llava_instruct.json", help="the JSON list train.py --data reads")
     m.add_argument("--ratio", type=parse_ratio, help="e.g. conversation=58,detail=23,complex=77 (default: keep all)")
     m.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the --ratio sampling")
-    t = sub.add_parser("pretrain", help="image-caption pairs -> 558K/595K stage-1 JSON (no API)")
-    t.set_defaults(func=cmd_pretrain)
-    t.add_argument("--captions", required=True, help="COCO captions json, JSON/JSONL list of {image, caption}, or TSV")
+    t = sub.add_parser("pretrain", help="COCO captions -> 558K/595K-style stage-1 JSON (no API)")
+    t.add_argument("--captions", required=True, help="COCO captions_*.json")
     t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
-    t.add_argument("--instructions", default=str(PROMPTS_DIR / "brief_instructions.txt"),
-                   help="one brief instruction per line, one drawn per caption (the paper's list by default)")
-    t.add_argument("--limit", type=int, help="only the first N pairs")
-    t.add_argument("--seed", type=int, default=0, help="seeds the instruction draw and the <image> placement")
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--merge":  # the issue's spelling of the merge step
-        argv[0] = "merge"
     if not argv or argv[0] not in ("generate", "merge", "pretrain", "-h", "--help"):
-        argv.insert(0, "generate")
+        argv.insert(0, "generate")  # the README's spelling: generate is the default
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return {"generate": cmd_generate, "merge": cmd_merge, "pretrain": cmd_pretrain}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -433,16 +433,16 @@ def test_a_teacher_that_is_down_stops_the_run_in_one_line(tmp_path, capsys):
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
     args = ["generate", "--captions", str(CAPTIONS), "--instances", str(INSTANCES), "--out", str(tmp_path / "o.jsonl"),
-            "--api-base", url, "--backoff-base", "0.01", "--workers", "2", "--max-down", "5"]
+            "--api-base", url, "--backoff-base", "0.01", "--workers", "2", "--max-retries", "4"]
     t0 = time.monotonic()
     assert gd.main(args) == 3 and time.monotonic() - t0 < 20
     out = capsys.readouterr().out
-    assert f"stopped: 5 connection failures in a row at {url}/chat/completions: is --api-base right" in out
-    assert f"done 0 (+0 earlier) of {N_IMAGES * 3} jobs" in out
-    # too few jobs to fail max-down times in a row: the summary says the same
-    assert gd.main(args[:-2] + ["--max-down", "100", "--max-retries", "0", "--limit", "1", "--types", "conversation"]) == 3
+    assert f"stopped: no connection to {url}/chat/completions: is --api-base right" in out
+    assert f"done 0 (+0 earlier) of {N_IMAGES * 3} jobs" in out and "stopped " in out  # the rest unasked
+    # a single job with a single try says the same
+    assert gd.main(args[:-2] + ["--max-retries", "0", "--limit", "1", "--types", "conversation"]) == 3
     out = capsys.readouterr().out
-    assert "skipped 1: connection error 1" in out and f"no job reached {url}: is --api-base right" in out, out
+    assert "skipped 1: connection error 1" in out and "is --api-base right" in out, out
 
 
 def test_no_usable_caption_is_an_error(tmp_path):
@@ -485,7 +485,7 @@ def test_run_jobs_for_a_judge():
     assert got == {"q0": (8, 7), "q1": (6, 9), "q2": (10, 2)}
     assert threads == {threading.get_ident()}
     assert report.done == 3 and report.reasks == 1 and not report.skipped
-    assert client.stats()["requests"] == 4 and client.stats()["total_tokens"] == 480
+    assert client.requests == 4 and client.total_tokens == 480
     assert t.auth == set() or t.auth == {None}  # no key given: no Authorization header
 
 
@@ -518,14 +518,13 @@ def test_merge_ratios(tmp_path, capsys):
     recs = _fake_records({"conversation": 10, "detail": 4, "complex": 6})
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps(r) + "\n" for r in recs[:12]) + "not json\n")
-    bad = {"id": "x_detail", "image": "x.jpg", "conversations": [{"from": "human", "value": "no image tag"},
-                                                                 {"from": "gpt", "value": "y"}]}
+    bad = {"id": "x_detail", "image": "x.jpg", "conversation": "misspelt"}
     b.write_text("".join(json.dumps(r) + "\n" for r in recs[10:] + [bad]) + '{"id": "torn')  # dup + bad + torn
     kinds = lambda path: sorted(gd.record_type(r) for r in json.loads(Path(path).read_text()))  # noqa: E731
 
     assert gd.main(["merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "all.json")]) == 0
     assert kinds(tmp_path / "all.json") == ["complex"] * 6 + ["conversation"] * 10 + ["detail"] * 4
-    gd.main(["--merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "eq.json"),
+    gd.main(["merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "eq.json"),
              "--ratio", "conversation=1,detail=1,complex=1"])
     assert kinds(tmp_path / "eq.json") == ["complex"] * 4 + ["conversation"] * 4 + ["detail"] * 4
     gd.main(["merge", "--inputs", str(a), str(b), "--out", str(tmp_path / "r.json"),
@@ -538,10 +537,10 @@ def test_merge_ratios(tmp_path, capsys):
         orders.append([r["id"] for r in json.loads((tmp_path / name).read_text())])
     assert orders[0] == orders[1] != orders[2]
     err = capsys.readouterr().err
-    assert "duplicate id" in err and "torn last line" in err and "not a valid LLaVA conversation" in err
+    assert "duplicate id" in err and "torn last line" in err and "is not a LLaVA record; skipped" in err
 
 
-def test_pretrain_format(tmp_path, capsys):
+def test_pretrain_format(tmp_path):
     brief = gd.read_lines(gd.PROMPTS_DIR / "brief_instructions.txt")
     out = tmp_path / "pre.json"
     assert gd.main(["pretrain", "--captions", str(CAPTIONS), "--out", str(out)]) == 0
@@ -549,7 +548,7 @@ def test_pretrain_format(tmp_path, capsys):
     coco = json.loads(CAPTIONS.read_text())
     assert len(recs) == len(coco["annotations"]) == len({r["id"] for r in recs})
     placements = set()
-    for r, ann in zip(recs, coco["annotations"]):
+    for r, ann in zip(recs, sorted(coco["annotations"], key=lambda a: a["image_id"])):  # by image, as load_coco
         assert set(r) == {"id", "image", "conversations"} and r["image"] == f"COCO_val2014_{ann['image_id']:012d}.jpg"
         human, gpt = r["conversations"]
         assert human["from"] == "human" and gpt == {"from": "gpt", "value": " ".join(ann["caption"].split())}
@@ -560,17 +559,8 @@ def test_pretrain_format(tmp_path, capsys):
             placements.add("last")
             assert human["value"].endswith("\n<image>") and human["value"][: -len("\n<image>")] in brief
     assert placements == {"first", "last"}
-    # TSV and JSON-list inputs
-    tsv = tmp_path / "pairs.tsv"
-    tsv.write_text("00453/004539375.jpg\tselect luxury furniture\nbad line\n00453/004539375.jpg\tsecond caption\n")
-    gd.main(["pretrain", "--captions", str(tsv), "--out", str(tmp_path / "t.json")])
-    t = json.loads((tmp_path / "t.json").read_text())
-    assert [r["id"] for r in t] == ["00453_004539375", "00453_004539375_1"] and t[0]["image"] == "00453/004539375.jpg"
-    js = tmp_path / "pairs.json"
-    js.write_text(json.dumps([{"image": "a.jpg", "caption": "a dog"}]))
-    gd.main(["pretrain", "--captions", str(js), "--out", str(tmp_path / "j.json")])
-    assert json.loads((tmp_path / "j.json").read_text())[0]["conversations"][1]["value"] == "a dog"
-    assert "no TAB" in capsys.readouterr().err
+    ids = [r["id"] for r in recs]  # an image's later captions get _1, _2, ...
+    assert ids[:3] == [recs[0]["image"][:-4], recs[0]["image"][:-4] + "_1", recs[0]["image"][:-4] + "_2"]
 
 
 # -----------------------------------------------------------------------------
