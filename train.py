@@ -4,15 +4,11 @@ Visual instruction tuning in two stages, as in the paper, on one CPU or many GPU
     stage 1  feature alignment   CLIP frozen, LLM frozen, projector trained  (image-caption pairs)
     stage 2  instruction tuning  CLIP frozen, projector + LLM trained         (conversations)
 
-(`python train.py --help` lists every flag, with examples.) The loop is written out in
-`train()`: sample the global batch, split it over ranks and micro-batches, forward, backward,
-clip, step, log, checkpoint. Everything about scale lives in fsdp.py (the hand-written ZeRO-3,
-drawn in its docstring), and nothing in the loop knows whether it runs on 1 CPU or 64 GPUs.
-
-The optimizer is one fused AdamW kernel over all shards (CPU and CUDA), or with --optimizer muon
-`Muon` for the blocks' matrices (the tiny preset's choice; its docstring says how it works on
-shards); on CUDA the blocks' elementwise pieces (RMSNorm, RoPE, SwiGLU) also run as
-torch.compile'd fused kernels.
+The loop is written out in `train()`: sample the global batch, split it over ranks and
+micro-batches, forward, backward, clip, step, log, checkpoint. Everything about scale lives in
+fsdp.py (the hand-written ZeRO-3), and nothing in the loop knows whether it runs on 1 CPU or
+64 GPUs. The optimizer is one fused AdamW kernel over all shards, or `Muon` for the blocks'
+matrices (--optimizer muon, the tiny preset's choice).
 
 The loss is the summed token cross-entropy divided by the number of supervised tokens of the
 whole global batch (all ranks, all micro-batches), so 1 process and W ranks compute the same
@@ -35,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -51,10 +49,10 @@ from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atom
 # Configuration: the paper's recipes as defaults, every value settable on the command line
 
 RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
-    "v1": {"projector": "linear", "image_size": 224, "pad_to_square": False, "template": "vicuna_v1",
+    "v1": {"projector": "linear", "image_size": 224, "pad_to_square": False,
            1: {"lr": 2e-3, "global_batch": 128, "epochs": 1},
            2: {"lr": 2e-5, "global_batch": 32, "epochs": 3}},
-    "v1.5": {"projector": "mlp2x_gelu", "image_size": 336, "pad_to_square": True, "template": "vicuna_v1",
+    "v1.5": {"projector": "mlp2x_gelu", "image_size": 336, "pad_to_square": True,
              1: {"lr": 1e-3, "global_batch": 256, "epochs": 1},
              2: {"lr": 2e-5, "global_batch": 128, "epochs": 1}},
 }
@@ -77,14 +75,13 @@ class TrainConfig:
                              "tiny-long (~11 min)", choices=("",) + PRESETS)
     # where things come from
     clip: str = option("openai/clip-vit-large-patch14", "vision tower: a CLIP directory or Hub name")
-    llm: str = option("lmsys/vicuna-7b-v1.5", "language model: a LLaMA/Vicuna safetensors directory or Hub name")
-    init: str = option("", "stage 2: a stage-1 output or a llava-hf directory to start from "
-                           "(none: a fresh projector on --clip and --llm)")
+    llm: str = option("lmsys/vicuna-7b-v1.5", "language model: a LLaMA/Vicuna directory or Hub name")
+    init: str = option("", "stage 2: a stage-1 output or llava-hf directory (none: a fresh projector)")
     data: str = option("", "a LLaVA JSON list or JSONL file, or 'scienceqa' (with --scienceqa-root)")
     image_folder: str = option("", "the folder the records' 'image' paths are relative to")
-    scienceqa_root: str = option("", "--data scienceqa: the release's folder (problems.json, pid_splits.json, images/)")
+    scienceqa_root: str = option("", "--data scienceqa: the release's folder (problems.json, images/, ...)")
     scienceqa_split: str = option("train", "--data scienceqa: the split to train on")
-    answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first (QCM-LEA)")
+    answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first")
     out: str = option("", "output directory (default: runs/stage1 or runs/stage2; a preset: runs/PRESET)")
     overwrite: bool = option(False, "start over in an --out that holds another run (its checkpoints and log go)")
     # model choices (None = the recipe's)
@@ -97,11 +94,10 @@ class TrainConfig:
     max_length: int = option(2048, "tokens per sample, image included; longer samples are cut", POSITIVE)
     # optimisation (None = the recipe's)
     lr: float = option(None, "peak learning rate (warmup, then cosine to 0)", NONNEG)
-    projector_lr: float = option(None, "the projector's learning rate (the official mm_projector_lr; "
-                                       "none: --lr)", NONNEG)
+    projector_lr: float = option(None, "the projector's learning rate (official mm_projector_lr; none: --lr)",
+                                 NONNEG)
     global_batch: int = option(None, "samples per optimizer step, over all ranks", POSITIVE)
-    micro_batch: int = option(4, "samples per forward on one rank (gradient accumulation makes up the rest)",
-                              POSITIVE)
+    micro_batch: int = option(4, "samples per forward on one rank (accumulation makes up the rest)", POSITIVE)
     epochs: float = option(None, "passes over the data", RATE)
     warmup_ratio: float = option(0.03, "share of the steps spent warming up the learning rate", FRACTION)
     weight_decay: float = option(0.0, "AdamW weight decay", NONNEG)
@@ -112,12 +108,12 @@ class TrainConfig:
     compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: with CUDA and Triton)",
                                       choices=("auto", "on", "off"))
     max_steps: int = option(0, "stop after this many steps (0: the epochs decide)", COUNT)
-    seed: int = option(0, "seed of the data order, the projector and dropout-free init", int)
+    seed: int = option(0, "seed of the data order and the projector's init", int)
     # systems
     device: str = option("", "cpu, cuda, ... (default: cuda if there is one)", device_name)
     dtype: str = option("", "compute dtype (default: bf16 on CUDA, fp32 on CPU)", choices=("",) + tuple(DTYPES))
     threads: int = option(0, "CPU threads torch uses (0: torch's default, one per core)", COUNT)
-    fsdp: str = option("ours", "ours (the hand-written ZeRO-3 below) or torch (FSDP2)", choices=("ours", "torch"))
+    fsdp: str = option("ours", "ours (fsdp.py's hand-written ZeRO-3) or torch (FSDP2)", choices=("ours", "torch"))
     grad_ckpt: bool = option(False, "activation checkpointing: recompute each block in backward")
     group_by_modality_length: bool = option(False, "batches of one modality and similar lengths (official)")
     num_workers: int = option(2, "DataLoader worker processes per rank", COUNT)
@@ -159,16 +155,13 @@ def parse_args(argv=None):
 
 
 def fill_recipe(cfg):
+    """The recipe's values where cfg has None; the paper's templates (stage 1 the plain captions)."""
     recipe = RECIPES[cfg.recipe]
     for key, value in {**recipe, **recipe[cfg.stage]}.items():
         if isinstance(key, str) and getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    if cfg.template is None:
-        cfg.template = "plain" if cfg.stage == 1 else "vicuna_v1"
-    if cfg.stage == 1 and cfg.template == "vicuna_v1" and recipe.get("template") == "vicuna_v1":
-        cfg.template = "plain"  # stage 1 is always the plain caption template in the paper
-    if not cfg.out:
-        cfg.out = f"runs/{cfg.preset}" if cfg.preset else f"runs/stage{cfg.stage}"
+    cfg.template = cfg.template or ("plain" if cfg.stage == 1 else "vicuna_v1")
+    cfg.out = cfg.out or (f"runs/{cfg.preset}" if cfg.preset else f"runs/stage{cfg.stage}")
     return cfg
 
 
@@ -177,9 +170,12 @@ def log0(*args):
         print(*args, flush=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# The optimizer: fused AdamW over the trainable shards, or Muon for the blocks' matrices
+
 def param_groups(params, sharded, model, cfg):
-    """AdamW groups: the projector may take its own learning rate (--projector-lr, the official
-    mm_projector_lr), kept as a scale of the scheduled lr."""
+    """AdamW groups: the projector may take its own learning rate (--projector-lr), kept as a
+    scale of the scheduled lr."""
     scale = (cfg.projector_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0
     if sharded is not None:
         proj = {id(u.shard) for u in sharded if u.name == "projector"}
@@ -191,9 +187,9 @@ def param_groups(params, sharded, model, cfg):
 
 
 def make_optimizer(params, sharded, model, cfg):
-    """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard), or,
-    with --optimizer muon, `Muon` for the matrices of the LLM's blocks and AdamW for the rest.
-    Fused: one kernel updates a shard, instead of a dozen elementwise passes over it."""
+    """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard, one
+    fused kernel a shard), or with --optimizer muon, `Muon` for the matrices of the LLM's blocks
+    and AdamW for the rest."""
     groups = param_groups(params, sharded, model, cfg)
     adamw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                  foreach=False, fused=sharded is not None)  # FSDP2's DTensors take the loop
@@ -213,34 +209,25 @@ class Muon(torch.optim.AdamW):
     matrices of the LLM's blocks; AdamW, unchanged, for everything else (embeddings, head,
     norms, projector), as Muon's authors prescribe.
 
-    Why: the gradient of a weight matrix is nearly low-rank, a few directions dominate it, and
-    an elementwise optimizer spends most of each step on those. Muon replaces the momentum
-    G = U S V^T by roughly U V^T, every singular value ~1, so rare directions learn as fast as
-    common ones (in the tiny preset: a shape's colour or place, looked up from image tokens).
+    A weight matrix's gradient is nearly low-rank: a few directions dominate it, and an
+    elementwise optimizer spends most of each step on those. Muon replaces the momentum
+    G = U S V^T by about U V^T, so rare directions learn as fast as common ones. Per matrix W
+    (rows x cols) and step, as torch.optim.Muon (a test compares):
+        m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m                 (Nesterov momentum)
+        W -= lr * 0.2 * sqrt(max(rows, cols)) * newton_schulz(u)  (an AdamW step's RMS: one --lr)
+    after the decoupled weight decay W *= 1 - lr * wd, as AdamW.
 
-    The update, per matrix W (rows x cols) and step, is torch.optim.Muon's (a test compares):
-        m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m          (Nesterov momentum)
-        O = newton_schulz(u)                               (~ U V^T, 5 iterations, bf16 on a GPU)
-        W -= lr * 0.2 * sqrt(max(rows, cols)) * O           (the RMS of an AdamW step, so one --lr
-                                                            and one schedule serve both)
-    with decoupled weight decay W *= 1 - lr * wd first, as AdamW.
-
-    On our shards. Each block is one flat fp32 shard per rank (ShardedUnit), with its norms'
-    gains in the same vector, and a matrix may straddle two ranks. So:
-      1. The matrices' elements are masked out of the gradient before AdamW's step: with a zero
-         gradient and zero moments, AdamW moves them by its weight decay alone, which is Muon's
-         decay too; the gains get an ordinary AdamW step from the same kernel.
-      2. The momentum is elementwise, so it lives in the shard like AdamW's moments (and is
-         checkpointed and re-cut the same way).
-      3. Newton-Schulz needs whole matrices: each rank all-gathers the block's Nesterov update
-         (one fp32 all-gather per block per step), orthogonalises every matrix, and steps its own
-         slice. Every rank does the same products; in exchange the update needs one collective.
+    On our shards (one flat fp32 vector per block and rank, the norms' gains in it too, a matrix
+    may straddle two ranks): the matrices' elements are masked out of the gradient before
+    AdamW's step, which then moves them by its weight decay alone; the momentum is elementwise,
+    so it lives in the shard like AdamW's moments (checkpointed and re-cut the same way); and
+    Newton-Schulz needs whole matrices, so each rank all-gathers the block's update (one
+    collective per block and step), orthogonalises every matrix and steps its own slice.
     """
 
     def __init__(self, groups, matrix_units, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16, **adamw):
         super().__init__(groups, **adamw)
-        self.momentum, self.ns_steps, self.ns_dtype = momentum, ns_steps, ns_dtype
-        self.units = matrix_units
+        self.units, self.momentum, self.ns_steps, self.ns_dtype = matrix_units, momentum, ns_steps, ns_dtype
         self.masks = {}  # shard -> bool over its elements: True where a block matrix lives
         for u in matrix_units:
             mask = torch.zeros(u.shard_size * u.world, dtype=torch.bool)
@@ -280,9 +267,8 @@ class Muon(torch.optim.AdamW):
 
 
 def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7):
-    """~U V^T of each matrix g[i] = U S V^T ([matrices, rows, cols]) by a quintic Newton-Schulz
-    iteration (Muon's: its coefficients push small singular values up fast and leave all of
-    them in ~[0.7, 1.2])."""
+    """~U V^T of each matrix g[i] = U S V^T ([matrices, rows, cols]) by Muon's quintic
+    Newton-Schulz iteration (its coefficients push small singular values up fast)."""
     a, b, c = coefficients
     x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
@@ -295,9 +281,8 @@ def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750,
 
 
 def wants_compiled_elementwise(cfg, device):
-    """--compile-elementwise: torch.compile'd RMSNorm, RoPE and SwiGLU (llama.compile_elementwise
-    says why); "auto" = on with CUDA if Triton, which torch.compile writes GPU kernels in, is
-    installed; otherwise eager."""
+    """--compile-elementwise auto: torch.compile'd RMSNorm, RoPE, SwiGLU with CUDA if Triton
+    (torch.compile's GPU kernels) is installed; eager otherwise."""
     if cfg.compile_elementwise != "auto":
         return cfg.compile_elementwise == "on"
     import importlib.util
@@ -329,8 +314,7 @@ def epoch_order(n, seed, epoch, global_batch=None, modality_lengths=None):
 def group_by_length(idx, lengths, world, micro_batch):
     """Reorder one global batch so every micro-batch holds samples of similar length (less
     padding) and every rank gets a share of short and long ones: sort, cut into runs of
-    world x micro_batch, deal each run out to the ranks. The set of samples is unchanged, so
-    the step's gradient is too."""
+    world x micro_batch, deal each run out to the ranks. The samples, so the gradient, stay."""
     idx = sorted(idx, key=lambda i: -abs(lengths[i]))
     runs = [idx[k:k + world * micro_batch] for k in range(0, len(idx), world * micro_batch)]
     return [i for r in range(world) for run in runs for i in run[r * micro_batch:(r + 1) * micro_batch]]
@@ -343,10 +327,9 @@ class MicroBatches(torch.utils.data.Sampler):
 
     def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch, modality_lengths=None):
         self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
-        self.start, self.total, self.spe = start_step, total_steps, steps_per_epoch
+        self.start, self.total, self.spe, self.lengths = start_step, total_steps, steps_per_epoch, modality_lengths
         self.per_rank = cfg.global_batch // world
         self.accum = math.ceil(self.per_rank / cfg.micro_batch)
-        self.lengths = modality_lengths
         self._epoch = (None, None)
 
     def global_batch(self, step):
@@ -371,43 +354,44 @@ class MicroBatches(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: a llava-hf directory + per-rank optimizer shards + train_state.json
 
+OPTIM_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # AdamW's moments, Muon's momentum
+
+
 def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
     """Write to `path.tmp/` and rename when every rank is done: a crash mid-write leaves the
     previous checkpoint as it was."""
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     state = full_state()  # collective: every rank takes part
     if rank == 0:
-        model.save_pretrained(tmp, only_projector=cfg.stage == 1, bases=bases(cfg), state=state)
+        save_model(model, cfg, tmp, state)
     tensors = {"rng/torch": torch.get_rng_state()}
     for name, p in stepped(model, sharded):  # the master weights and the optimizer's state of each
         st = optimizer.state.get(p, {})
         for k, t in [("master", p.detach())] + [(k, st[k]) for k in OPTIM_STATE if k in st]:
-            tensors[f"{name}/{k}"] = local(t).float().cpu()
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"optim-rank{rank:05d}.safetensors"),
+            tensors[f"{name}/{k}"] = local(t).float().cpu().contiguous()
+    save_file(tensors, str(tmp / f"optim-rank{rank:05d}.safetensors"),
               metadata={"world_size": str(world), "rank": str(rank), "fsdp": cfg.fsdp})
     dist.barrier()
     if rank == 0:
-        write_json_atomic(tmp / "train_state.json", {"step": step, "world_size": world,
-                                                    "fsdp": cfg.fsdp, "config": asdict(cfg)})
+        write_json_atomic(tmp / "train_state.json", {"step": step, "world_size": world, "config": asdict(cfg)})
+        shutil.rmtree(old, ignore_errors=True)
         if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
-OPTIM_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # AdamW's moments, Muon's momentum
+def save_model(model, cfg, path, state):
+    """A llava-hf directory; stage 1's holds the projector and names its vision tower and LLM."""
+    model.save_pretrained(path, only_projector=cfg.stage == 1, bases={"vision": cfg.clip, "llm": cfg.llm},
+                          state=state)
 
 
 def stepped(model, sharded):
@@ -422,15 +406,13 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def rotate_checkpoints(out, keep):
-    ckpts = sorted(Path(out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def checkpoints(out):
+    """The checkpoint-N directories under out, oldest first."""
+    return sorted(Path(out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def checkpoint_problem(path):
     """None for a complete, readable checkpoint; else what is wrong with it, naming the file."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_dir():
         return f"{path}: no such directory"
@@ -438,14 +420,13 @@ def checkpoint_problem(path):
         return f"{path} is not a checkpoint (no train_state.json)"
     try:
         state = read_json(path / "train_state.json", "checkpoint state")
-        world = int(state["world_size"]), int(state["step"]), dict(state["config"])
+        world, _, _ = int(state["world_size"]), int(state["step"]), dict(state["config"])
     except WeightsError as e:
         return str(e)
     except (KeyError, TypeError, ValueError):
         return f"{path / 'train_state.json'} lacks its step, world_size or config"
-    needed = [path / f for f in ("config.json", "tokenizer.model")]  # the resumed run copies its tokenizer
-    needed += [path / f"optim-rank{r:05d}.safetensors" for r in range(world[0])]
-    missing = [f.name for f in needed if not f.is_file()]
+    needed = ["config.json", "tokenizer.model"] + [f"optim-rank{r:05d}.safetensors" for r in range(world)]
+    missing = [f for f in needed if not (path / f).is_file()]  # (the resumed run copies its tokenizer)
     if missing or not list(path.glob("model*.safetensors")):
         return f"{path} is incomplete: no {', '.join(missing) or 'model.safetensors'}"
     for f in sorted(path.glob("*.safetensors")):
@@ -467,24 +448,22 @@ RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_ev
 def find_resume(cfg):
     """The checkpoint --resume names (auto: the newest complete, readable one under --out, None
     if there is none), refused when it cannot be read or belongs to a differently configured run."""
+    path, problem = Path(cfg.resume), None
     if cfg.resume == "auto":
-        ckpts = sorted(Path(cfg.out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = checkpoints(cfg.out)
         for path in reversed(ckpts):
-            problem = checkpoint_problem(path)
-            if problem is None:
+            if (problem := checkpoint_problem(path)) is None:
                 break
             log0(f"--resume auto: skipping {path.name}: {problem}")
-        else:
-            if ckpts:  # starting over here would erase the run's log: the user decides
-                raise SystemExit(f"--resume auto: no checkpoint under {cfg.out} can be read (above); "
-                                 "start over with --overwrite instead of --resume, or use another --out")
+        if not ckpts:
             return None
-    else:
-        path, problem = Path(cfg.resume), checkpoint_problem(cfg.resume)
-        if problem:
-            raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another checkpoint (--resume auto "
-                             "takes the newest readable one)")
-    saved, now = json.loads((path / "train_state.json").read_text())["config"], json.loads(json.dumps(asdict(cfg)))
+        if problem:  # starting over here would erase the run's log: the user decides
+            raise SystemExit(f"--resume auto: no checkpoint under {cfg.out} can be read (above); "
+                             "start over with --overwrite instead of --resume, or use another --out")
+    elif problem := checkpoint_problem(path):
+        raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another checkpoint (--resume auto "
+                         "takes the newest readable one)")
+    saved, now = read_json(path / "train_state.json", "checkpoint state")["config"], json.loads(json.dumps(asdict(cfg)))
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
@@ -496,21 +475,13 @@ def find_resume(cfg):
 def load_resume_state(path, optimizer, sharded, model):
     """Restore the master weights and the optimizer's state, re-cutting our FSDP's shards when
     the checkpoint was written by a different number of ranks."""
-    from safetensors import safe_open
-    meta = json.loads((path / "train_state.json").read_text())  # checked by find_resume
-    old_world = meta["world_size"]
-    files = [path / f"optim-rank{r:05d}.safetensors" for r in range(old_world)]
-    handles = [safe_open(str(f), "pt") for f in files]
-    rank = dist.get_rank()
-    step_count = torch.tensor(float(meta["step"]))
-    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
-
-    def step_for(p):  # as torch's own load_state_dict: fused/capturable AdamW count on the device;
-        # one tensor per parameter either way (the fused kernel increments each in place)
-        return step_count.to(p.device, copy=True) if on_device else step_count.clone()
-
+    meta = read_json(path / "train_state.json", "checkpoint state")  # checked by find_resume
+    old_world, rank = meta["world_size"], dist.get_rank()
     if sharded is None and old_world != dist.get_world_size():
         raise SystemExit("--fsdp torch resumes on the same number of ranks only; use --fsdp ours to change it")
+    handles = [safe_open(str(path / f"optim-rank{r:05d}.safetensors"), "pt") for r in range(old_world)]
+    # as torch's own load_state_dict: fused/capturable AdamW count steps on the device, one tensor a parameter
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
     units = {u.name: u for u in sharded or []}
     for name, p in stepped(model, sharded):
         for k in ("master",) + OPTIM_STATE:
@@ -529,14 +500,13 @@ def load_resume_state(path, optimizer, sharded, model):
             else:
                 optimizer.state[p][k] = torch.zeros_like(p.data)
                 local(optimizer.state[p][k]).copy_(mine)
-                optimizer.state[p]["step"] = step_for(p)
-    h = handles[rank] if rank < old_world else handles[0]
-    torch.set_rng_state(h.get_tensor("rng/torch"))
+                optimizer.state[p]["step"] = torch.tensor(float(meta["step"]), device=p.device if on_device else None)
+    torch.set_rng_state(handles[rank if rank < old_world else 0].get_tensor("rng/torch"))
     return meta["step"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Logging helpers
+# What a step costs (MFU) and the loss curve
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
                    "4090": 165e12}  # dense bf16 peak per GPU, for MFU
@@ -552,10 +522,10 @@ def count_params(module):
 
 
 def flop_params(model):
-    """The parameter counts step_flops multiplies, taken before shard_model moves the params out
-    of the modules: weights that enter a matrix product (CLIP's patch embedding and the blocks
-    that run; the LLM's blocks, and its LM head apart, run on the supervised positions alone).
-    Embedding tables are lookups and cost no FLOPs; the norms' few weights are counted."""
+    """The parameter counts step_flops multiplies (taken before shard_model moves the params out
+    of the modules): the weights that enter a matrix product, CLIP's patch embedding and the
+    blocks that run, the LLM's blocks, and its LM head apart (it runs on the supervised positions
+    alone). Embedding tables are lookups and cost no FLOPs; the norms' few weights are counted."""
     vt, llm = model.vision_tower, model.llm
     blocks = vt.num_blocks_for(model.config.vision_feature_layer)
     head = llm.lm_head.weight.numel()
@@ -578,8 +548,7 @@ def step_flops(model_cfg, counts, stage, text_tokens, supervised_tokens, images,
     k = 6 if stage == 2 else 4
     flops = 2 * counts["vision"] * patches * images + 6 * counts["projector"] * model_cfg.num_patches * images
     flops += k * counts["llm"] * text_tokens + k * counts["lm_head"] * supervised_tokens
-    flops += 12 * L * d * seq_len * text_tokens / 2
-    return flops
+    return flops + 12 * L * d * seq_len * text_tokens / 2
 
 
 def logged_losses(log_path):
@@ -624,8 +593,7 @@ def draw_loss_curve(stages, path):
     for k, (name, curve) in enumerate(stages):
         colour, w = colours[k % 4], max(1, len(curve) // 40)
         logs = [math.log(max(v, lo)) for v in curve]  # the average of log losses sits mid-band
-        smooth = [math.exp(sum(logs[max(0, i - w):i + w + 1]) / len(logs[max(0, i - w):i + w + 1]))
-                  for i in range(len(curve))]
+        smooth = [math.exp(sum(part) / len(part)) for part in (logs[max(0, i - w):i + w + 1] for i in range(len(curve)))]
         points = lambda vs: [(x(start + i), y(v)) for i, v in enumerate(vs)]
         if len(curve) > 1:
             d.line(points(curve), fill=tuple(c + (255 - c) * 2 // 3 for c in colour), width=1)
@@ -641,42 +609,20 @@ def draw_loss_curve(stages, path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Building the model for a stage
-
-def build_model(cfg, resume=None):
-    """A checkpoint's model when resuming (a projector-only llava-hf directory in stage 1). Else
-    stage 1: CLIP + LLM + fresh projector; stage 2: a stage-1 output (or any llava-hf dir) or,
-    as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
-    if resume is not None:
-        model = LLaVA.from_pretrained(resume)
-    elif cfg.stage == 1 or not cfg.init:
-        clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
-        model = LLaVA.from_components(clip, llm, projector=cfg.projector, vision_feature_layer=cfg.vision_layer,
-                                      pad_to_square=cfg.pad_to_square, seed=cfg.seed)
-    else:
-        model = LLaVA.from_pretrained(fetch_for("--init", cfg.init))
-    model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
-    model.config.pad_to_square = bool(cfg.pad_to_square)
-    return model
-
-
-def bases(cfg):
-    """Where stage 1's saved projector finds its vision tower and LLM."""
-    return {"vision": cfg.clip, "llm": cfg.llm}
-
+# Before the first step: the inputs checked, the model built, the output directory claimed
 
 def training_data(cfg):
     """What --data names -> (records, image folder), checked before any model is built or
     downloaded. "scienceqa" converts the release under --scienceqa-root on the fly
-    (data.scienceqa_to_llava, split --scienceqa-split; reasoning-first targets, answer-first
-    with --answer-first); its images are under images/."""
+    (data.scienceqa_to_llava); its images are under images/."""
     if not cfg.data:
         raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON or JSONL file (or scienceqa); "
                          "python train.py --preset tiny runs without one")
     if cfg.data == "scienceqa":
         root = Path(cfg.scienceqa_root)
         if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
-            raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and pid_splits.json")
+            raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and "
+                             "pid_splits.json")
         return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", cfg.scienceqa_split,
                                        image_root=root / "images", answer_first=cfg.answer_first), root / "images"
     records = data.read_records(cfg.data)
@@ -694,8 +640,7 @@ def training_data(cfg):
 
 
 def check_sources(cfg):
-    """--init, --resume, --clip and --llm name something that exists (or a Hub name, fetched
-    later), before anything is downloaded or built."""
+    """--init, --clip and --llm name something that exists (or a Hub name, fetched later)."""
     if cfg.init and cfg.stage == 1:
         raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
     if cfg.init and Path(cfg.init).exists():
@@ -709,12 +654,27 @@ def check_sources(cfg):
             raise SystemExit(f"{flag} {name}: no such directory, and not a Hub name like org/name")
 
 
-def fetch_for(flag, name, **kw):
-    """weights.fetch, its errors naming the flag that asked for the model."""
-    try:
-        return fetch(name, **kw)
-    except WeightsError as e:
-        raise WeightsError(f"{flag} {name}: {e}") from None
+def build_model(cfg, resume=None):
+    """A checkpoint's model when resuming (a projector-only llava-hf directory in stage 1). Else
+    stage 1: CLIP + LLM + fresh projector; stage 2: a stage-1 output (or any llava-hf dir) or,
+    as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
+
+    def fetch_for(flag, name, **kw):  # weights.fetch, its errors naming the flag
+        try:
+            return fetch(name, **kw)
+        except WeightsError as e:
+            raise WeightsError(f"{flag} {name}: {e}") from None
+    if resume is not None:
+        model = LLaVA.from_pretrained(resume)
+    elif cfg.stage == 1 or not cfg.init:
+        clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
+        model = LLaVA.from_components(clip, llm, projector=cfg.projector, vision_feature_layer=cfg.vision_layer,
+                                      pad_to_square=cfg.pad_to_square, seed=cfg.seed)
+    else:
+        model = LLaVA.from_pretrained(fetch_for("--init", cfg.init))
+    model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
+    model.config.pad_to_square = bool(cfg.pad_to_square)
+    return model
 
 
 RUN_FILES = ("train_config.json", "train_log.jsonl", "config.json", "train_state.json")
@@ -738,6 +698,72 @@ def claim_out(cfg, rank):
     dist.barrier()
 
 
+def truncate_log(path, step):
+    """Keep the log's lines up to `step` (a run resumed from an older checkpoint redoes the rest),
+    and none torn by a kill."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True) if path.exists() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            kept += [line] if json.loads(line)["step"] <= step else []
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+class Run:
+    """What one run holds from its first step to its last, set up before the first: the inputs
+    checked, the process group, the output directory claimed, the model built (or restored from a
+    checkpoint), the tokenizer written beside the run, the dataset, the shards, the optimizer and
+    the step to start from. The step functions below read it; the loop is train()."""
+
+    def __init__(self, cfg):
+        records, image_folder = training_data(cfg)
+        check_sources(cfg)
+        self.cfg, (self.device, self.rank, self.world) = cfg, init_distributed(cfg)
+        claim_out(cfg, self.rank)
+        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+        log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
+        if cfg.global_batch % self.world:
+            raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {self.world} ranks")
+        resume = find_resume(cfg) if cfg.resume else None
+        if cfg.resume and resume is None:
+            log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
+        self.model = model = build_model(cfg, resume)
+        self.out, self.log_path = Path(cfg.out), Path(cfg.out) / "train_log.jsonl"
+        if self.rank == 0:  # only now: a run that could not start leaves no output behind. What the
+            self.out.mkdir(parents=True, exist_ok=True)  # run writes reads its tokenizer from out,
+            write_json_atomic(self.out / "train_config.json", asdict(cfg))  # never from a checkpoint
+            write_tokenizer_files(model.tokenizer_dir, self.out, model.config)  # rotation may delete
+        dist.barrier()
+        model.tokenizer_dir = self.out
+        tokenizer = Tokenizer(self.out)
+        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} ("
+             + ('"</s>▁USER", as the released LLaVA-1.5 was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
+        self.dataset = data.LazySupervisedDataset(
+            records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
+            num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
+        n = len(self.dataset)
+        if n < cfg.global_batch:
+            raise SystemExit(f"{cfg.data} has {n} samples, fewer than --global-batch {cfg.global_batch}")
+        self.total = cfg.max_steps or max(1, int(round(n // cfg.global_batch * cfg.epochs)))
+        self.warmup, self.flop_params = math.ceil(cfg.warmup_ratio * self.total), flop_params(model)
+        model.train()
+        self.dtype = dtype_for(self.device, cfg.dtype)
+        self.params, self.full_state, self.sharded = shard_model(model, cfg, self.device, self.dtype)
+        self.optimizer = make_optimizer(self.params, self.sharded, model, cfg)
+        self.start = load_resume_state(resume, self.optimizer, self.sharded, model) if resume else 0
+        if self.rank == 0:
+            truncate_log(self.log_path, self.start)
+        log0(f"{n} samples, {self.total} steps of {cfg.global_batch} ({self.world} ranks x "
+             f"{math.ceil(cfg.global_batch / self.world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
+             f"trainable {sum(p.numel() for p in self.params) * self.world / 1e6:.2f}M params (this rank holds "
+             f"{sum(local(p).numel() for p in self.params) / 1e6:.2f}M), starting at step {self.start}")
+        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total, n // cfg.global_batch,
+                                    self.dataset.modality_lengths if cfg.group_by_modality_length else None)
+        self.bad = self.seen = 0  # samples, all ranks, since this process started
+        self.stop = None  # the signal that asked the run to stop
+
+
 # ------------------------------------------------------------------------------------------------
 # The loop
 
@@ -749,13 +775,6 @@ class Stop(KeyboardInterrupt):
         super().__init__(f"{why}: stopped after step {step}, {Path(out) / f'checkpoint-{step}'} saved; "
                          "continue with the same command and --resume auto")
         self.why = why
-
-
-def ignore_stop_signals(worker_id):
-    """DataLoader workers ignore Ctrl-C and SIGTERM: a terminal's Ctrl-C reaches the whole
-    process group, and a worker that died of it would end the run before it could save."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 BAD_DATA_HINTS = {
@@ -778,108 +797,12 @@ def bad_data_problem(cfg, skips, bad, seen, n):
     return f"{cfg.data}: {what} ({skips.summary(n)}); {hint}"
 
 
-def truncate_log(path, step):
-    """Keep the log's lines up to `step`: a run resumed from an older checkpoint redoes the rest."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a line torn by a kill
-            pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
-@dataclass
-class Run:
-    """What one run holds from its first step to its last: start_run builds it, the step
-    functions below read it. A record, not a class with behaviour: the loop is train()."""
-    cfg: TrainConfig
-    out: Path
-    device: torch.device
-    rank: int
-    world: int
-    dtype: torch.dtype
-    model: LLaVA
-    dataset: data.LazySupervisedDataset
-    params: list          # the trainable tensors this rank updates (shards under our FSDP)
-    full_state: object    # () -> the full trainable state dict, a collective
-    sharded: list | None  # our FSDP's units, None otherwise
-    optimizer: torch.optim.Optimizer
-    sampler: "MicroBatches"
-    total: int            # steps
-    warmup: int
-    start: int            # the step a resumed run continues after
-    flop_params: dict
-    bad: int = 0          # samples, all ranks, since this process started
-    seen: int = 0
-
-    @property
-    def log_path(self):
-        return self.out / "train_log.jsonl"
-
-
-def start_run(cfg):
-    """Everything before the first step: the inputs checked, the process group, the output
-    directory claimed, the model built (or restored from a checkpoint), the tokenizer written
-    beside the run, the dataset, the shards, the optimizer and the step to start from."""
-    records, image_folder = training_data(cfg)
-    check_sources(cfg)
-    device, rank, world = init_distributed(cfg)
-    claim_out(cfg, rank)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
-    if cfg.global_batch % world:
-        raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {world} ranks")
-    resume = find_resume(cfg) if cfg.resume else None
-    if cfg.resume and resume is None:
-        log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
-    model = build_model(cfg, resume)
-    out = Path(cfg.out)
-    if rank == 0:  # only now: a run that could not start leaves no output behind. What the run
-        out.mkdir(parents=True, exist_ok=True)  # writes reads its tokenizer from out, never from a
-        write_json_atomic(out / "train_config.json", asdict(cfg))  # checkpoint rotation may delete
-        write_tokenizer_files(model.tokenizer_dir, out, model.config)
-    dist.barrier()
-    model.tokenizer_dir = out
-    tokenizer = Tokenizer(out)
-    log0(f"tokenizer {out}: legacy={tokenizer.legacy} ("
-         + ('"</s>▁USER", as the released LLaVA-1.5 was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
-    dataset = data.LazySupervisedDataset(
-        records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
-        num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
-    n = len(dataset)
-    if n < cfg.global_batch:
-        raise SystemExit(f"{cfg.data} has {n} samples, fewer than --global-batch {cfg.global_batch}")
-    total = cfg.max_steps or max(1, int(round(n // cfg.global_batch * cfg.epochs)))
-    params_of = flop_params(model)
-    model.train()
-    dtype = dtype_for(device, cfg.dtype)
-    params, full_state, sharded = shard_model(model, cfg, device, dtype)
-    optimizer = make_optimizer(params, sharded, model, cfg)
-    start = load_resume_state(resume, optimizer, sharded, model) if resume else 0
-    if rank == 0:
-        truncate_log(out / "train_log.jsonl", start)
-    log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
-         f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
-         f"trainable {sum(p.numel() for p in params) * world / 1e6:.2f}M params (this rank holds "
-         f"{sum(local(p).numel() for p in params) / 1e6:.2f}M), starting at step {start}")
-    sampler = MicroBatches(n, cfg, rank, world, start, total, n // cfg.global_batch,
-                           dataset.modality_lengths if cfg.group_by_modality_length else None)
-    return Run(cfg, out, device, rank, world, dtype, model, dataset, params, full_state, sharded,
-               optimizer, sampler, total, math.ceil(cfg.warmup_ratio * total), start, params_of)
-
-
 def save(run, step):
     """checkpoint-{step}, then only the newest --keep of them stay."""
     save_checkpoint(run.out / f"checkpoint-{step}", run.model, run.cfg, run.full_state, run.optimizer,
                     run.sharded, step)
-    if run.rank == 0:
-        rotate_checkpoints(run.out, run.cfg.keep)
+    for old in checkpoints(run.out)[:-run.cfg.keep] if run.rank == 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def next_micro_batches(run, batches, step):
@@ -901,8 +824,7 @@ def next_micro_batches(run, batches, step):
     if run.world > 1:
         dist.all_reduce(counts)
     run.bad, run.seen = run.bad + int(counts[1]), run.seen + int(counts[2])
-    problem = bad_data_problem(run.cfg, run.dataset.skips, run.bad, run.seen, len(run.dataset))
-    if problem:
+    if problem := bad_data_problem(run.cfg, run.dataset.skips, run.bad, run.seen, len(run.dataset)):
         if step > run.start:
             save(run, step)
             problem += f"; checkpoint-{step} saved, for --resume auto once the data is fixed"
@@ -942,14 +864,14 @@ def forward_backward(run, micro, n_tok, step):
 
 def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
     """One line of train_log.jsonl: loss, lr, gradient norm, speed, memory (and MFU on CUDA)."""
+    tokens = float(stats[1])
     record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 4),
-              "tokens_per_s": round(float(stats[1]) / seconds, 1)}
+              "tokens_per_s": round(tokens / seconds, 1)}
     if run.device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
         if peak:
-            seq = float(stats[1]) / max(1, run.cfg.global_batch)
-            flops = step_flops(run.model.config, run.flop_params, run.cfg.stage, float(stats[1]), n_tok,
-                               float(stats[2]), seq)
+            flops = step_flops(run.model.config, run.flop_params, run.cfg.stage, tokens, n_tok, float(stats[2]),
+                               tokens / max(1, run.cfg.global_batch))
             record["mfu"] = round(flops / seconds / (peak * run.world), 4)
     else:
         import resource
@@ -957,22 +879,7 @@ def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
     return record
 
 
-@contextlib.contextmanager
-def stop_signals():
-    """Ctrl-C and SIGTERM only set a flag: the loop ends its step, saves and stops."""
-    stop = {"sig": None}
-
-    def on_signal(sig, frame):
-        stop["sig"] = signal.Signals(sig).name
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def save_or_stop(run, step, stop):
+def save_or_stop(run, step):
     """After a step: the periodic checkpoint, and the stop that every rank agrees on (a signal
     may reach one rank only), saved first."""
     cfg = run.cfg
@@ -980,20 +887,27 @@ def save_or_stop(run, step, stop):
     if saved:
         save(run, step)
     if cfg.stop_at and step == cfg.stop_at and step < run.total:
-        stop["sig"] = "--stop-at"
-    flag = torch.tensor([1.0 if stop["sig"] else 0.0])
+        run.stop = "--stop-at"
+    flag = torch.tensor([1.0 if run.stop else 0.0])
     if run.world > 1:
         dist.all_reduce(flag)
     if float(flag) > 0 and step < run.total:
-        log0(f"{stop['sig'] or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
+        log0(f"{run.stop or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
         if not saved:
             save(run, step)
-        raise Stop(stop["sig"] or "SIGTERM", step, run.out)
+        raise Stop(run.stop or "SIGTERM", step, run.out)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore Ctrl-C and SIGTERM: a terminal's Ctrl-C reaches the whole
+    process group, and a worker that died of it would end the run before it could save."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train(cfg):
     """One stage, start to end: -> the per-step losses of this process's steps."""
-    run = start_run(cfg)
+    run = Run(cfg)
     loader = torch.utils.data.DataLoader(
         run.dataset, batch_sampler=run.sampler, collate_fn=data.Collator(pad_id=run.model.config.pad_token_id),
         num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=run.device.type == "cuda",
@@ -1002,30 +916,35 @@ def train(cfg):
     log_file = open(run.log_path, "a") if run.rank == 0 else None
     bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=f"stage {cfg.stage}", leave=False)
     was_compiled = llama.compile_elementwise(wants_compiled_elementwise(cfg, run.device))
+
+    def on_signal(sig, frame):  # Ctrl-C and SIGTERM only set a flag: the loop ends its step, saves and stops
+        run.stop = signal.Signals(sig).name
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with stop_signals() as stop:
-            batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
-            while step < run.total:
-                t0 = time.perf_counter()
-                micro, n_tok = next_micro_batches(run, batches, step)
-                lr = lr_at(step, run.total, run.warmup, cfg.lr)
-                for g in run.optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                loss, stats = forward_backward(run, micro, n_tok, step)
-                gnorm = clip_grad_norm(run.params, cfg.grad_clip, cfg.fsdp)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                record = step_record(run, step, loss, lr, gnorm, time.perf_counter() - t0, stats, n_tok, peak)
-                losses.append(loss)
-                if log_file:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == run.total:
-                        tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
-                save_or_stop(run, step, stop)
+        batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
+        while step < run.total:
+            t0 = time.perf_counter()
+            micro, n_tok = next_micro_batches(run, batches, step)
+            lr = lr_at(step, run.total, run.warmup, cfg.lr)
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            loss, stats = forward_backward(run, micro, n_tok, step)
+            gnorm = clip_grad_norm(run.params, cfg.grad_clip, cfg.fsdp)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = step_record(run, step, loss, lr, gnorm, time.perf_counter() - t0, stats, n_tok, peak)
+            losses.append(loss)
+            if log_file:
+                log_file.write(json.dumps(record) + "\n")
+                log_file.flush()
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == run.total:
+                    tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
+            save_or_stop(run, step)
     finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
         bar.close()
         llama.compile_elementwise(was_compiled)
         if log_file:
@@ -1040,7 +959,7 @@ def finish(run, step):
     save(run, step)
     state = run.full_state()
     if run.rank == 0:
-        run.model.save_pretrained(run.out, only_projector=run.cfg.stage == 1, bases=bases(run.cfg), state=state)
+        save_model(run.model, run.cfg, run.out, state)
         draw_loss_curve([(f"stage {run.cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
         log0(run.dataset.summary())
         log0(f"saved {run.out} (loss curve {run.out / 'loss.png'}, log {run.log_path})")
