@@ -5,14 +5,10 @@ Visual instruction tuning in two stages, as in the paper, on one CPU or many GPU
     stage 2  instruction tuning  CLIP frozen, projector + LLM trained         (conversations)
 
 The loop is written out in `train()`: sample the global batch, split it over ranks and
-micro-batches, forward, backward, clip, step, log, checkpoint. Everything about scale lives in
-fsdp.py (the hand-written ZeRO-3), and nothing in the loop knows whether it runs on 1 CPU or
-64 GPUs. The optimizer is one fused AdamW kernel over all shards, or `Muon` for the blocks'
-matrices (--optimizer muon, the tiny preset's choice).
-
-The loss is the summed token cross-entropy divided by the number of supervised tokens of the
-whole global batch (all ranks, all micro-batches), so 1 process and W ranks compute the same
-gradient, and gradient accumulation changes nothing but memory.
+micro-batches, forward, backward, clip, step, log, checkpoint. Scale lives in fsdp.py: the loop
+does not know whether it runs on 1 CPU or 64 GPUs. The loss is the summed token cross-entropy
+over the supervised tokens of the whole global batch (all ranks, all micro-batches), so 1
+process and W ranks compute the same gradient, and accumulation changes nothing but memory.
 """
 
 import argparse
@@ -67,10 +63,8 @@ def option(default, help, type=None, choices=None):
 
 @dataclass
 class TrainConfig:
-    stage: int = option(1, "1: feature alignment (projector only); 2: instruction tuning (projector + LLM)",
-                        int, (1, 2))
-    recipe: str = option("v1", "v1: the paper (linear projector, 224 px); v1.5: LLaVA-1.5 (MLP projector, "
-                               "336 px, pad to square)", choices=tuple(RECIPES))
+    stage: int = option(1, "1: feature alignment (projector); 2: instruction tuning (+ LLM)", int, (1, 2))
+    recipe: str = option("v1", "v1: the paper (linear, 224 px); v1.5 (MLP, 336 px, padded)", choices=tuple(RECIPES))
     preset: str = option("", "the synthetic world end to end on a CPU: tiny (~5 min), tiny-short (~1 min), "
                              "tiny-long (~11 min)", choices=("",) + PRESETS)
     # where things come from
@@ -80,7 +74,6 @@ class TrainConfig:
     data: str = option("", "a LLaVA JSON list or JSONL file, or 'scienceqa' (with --scienceqa-root)")
     image_folder: str = option("", "the folder the records' 'image' paths are relative to")
     scienceqa_root: str = option("", "--data scienceqa: the release's folder (problems.json, images/, ...)")
-    scienceqa_split: str = option("train", "--data scienceqa: the split to train on")
     answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first")
     out: str = option("", "output directory (default: runs/stage1 or runs/stage2; a preset: runs/PRESET)")
     overwrite: bool = option(False, "start over in an --out that holds another run (its checkpoints and log go)")
@@ -89,13 +82,11 @@ class TrainConfig:
     image_size: int = option(None, "input resolution of the vision tower", POSITIVE)
     pad_to_square: bool = option(None, "pad pictures to a square before resizing (LLaVA-1.5)")
     vision_layer: int = option(-2, "CLIP layer whose features the projector reads (-2: the penultimate)", int)
-    template: str = option(None, "conversation template (stage 1: plain, stage 2: vicuna_v1)",
-                           choices=(None,) + TEMPLATE_NAMES)
+    template: str = option(None, "conversation (stage 1: plain, 2: vicuna_v1)", choices=(None,) + TEMPLATE_NAMES)
     max_length: int = option(2048, "tokens per sample, image included; longer samples are cut", POSITIVE)
     # optimisation (None = the recipe's)
     lr: float = option(None, "peak learning rate (warmup, then cosine to 0)", NONNEG)
-    projector_lr: float = option(None, "the projector's learning rate (official mm_projector_lr; none: --lr)",
-                                 NONNEG)
+    projector_lr: float = option(None, "the projector's lr (official mm_projector_lr; none: --lr)", NONNEG)
     global_batch: int = option(None, "samples per optimizer step, over all ranks", POSITIVE)
     micro_batch: int = option(4, "samples per forward on one rank (accumulation makes up the rest)", POSITIVE)
     epochs: float = option(None, "passes over the data", RATE)
@@ -103,9 +94,8 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay", NONNEG)
     adam_beta2: float = option(0.999, "AdamW beta2 (HF Trainer's default, as the official scripts)", FRACTION)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", NONNEG)
-    optimizer: str = option("adamw", "adamw (the paper) or muon (Muon for the LLM blocks' matrices)",
-                            choices=("adamw", "muon"))
-    compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: with CUDA and Triton)",
+    optimizer: str = option("adamw", "adamw (the paper) or muon (for the blocks' matrices)", choices=("adamw", "muon"))
+    compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: CUDA with Triton)",
                                       choices=("auto", "on", "off"))
     max_steps: int = option(0, "stop after this many steps (0: the epochs decide)", COUNT)
     seed: int = option(0, "seed of the data order and the projector's init", int)
@@ -174,22 +164,18 @@ def log0(*args):
 # The optimizer: fused AdamW over the trainable shards, or Muon for the blocks' matrices
 
 def param_groups(params, sharded, model, cfg):
-    """AdamW groups: the projector may take its own learning rate (--projector-lr), kept as a
-    scale of the scheduled lr."""
+    """AdamW groups: the projector's --projector-lr is kept as a scale of the scheduled lr."""
     scale = (cfg.projector_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0
-    if sharded is not None:
-        proj = {id(u.shard) for u in sharded if u.name == "projector"}
-    else:
-        proj = {id(p) for p in model.projector.parameters()}
+    proj = {id(p) for p in ([u.shard for u in sharded if u.name == "projector"] if sharded is not None
+                            else model.projector.parameters())}
     groups = [{"params": [p for p in params if id(p) in proj], "lr_scale": scale},
               {"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0}]
     return [g for g in groups if g["params"]]
 
 
 def make_optimizer(params, sharded, model, cfg):
-    """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard, one
-    fused kernel a shard), or with --optimizer muon, `Muon` for the matrices of the LLM's blocks
-    and AdamW for the rest."""
+    """AdamW over the trainable parameters (with our FSDP: one fused kernel per fp32 master
+    shard), or with --optimizer muon, `Muon` for the LLM blocks' matrices and AdamW for the rest."""
     groups = param_groups(params, sharded, model, cfg)
     adamw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                  foreach=False, fused=sharded is not None)  # FSDP2's DTensors take the loop
@@ -199,64 +185,53 @@ def make_optimizer(params, sharded, model, cfg):
         raise SystemExit("--optimizer muon works on our FSDP's shards; use it with --fsdp ours")
     # Newton-Schulz in bf16 on a GPU, as torch.optim.Muon; in fp32 on a CPU (few have a fast bf16
     # matmul) and with --dtype fp32, where W ranks then reproduce one process to fp32 rounding.
-    gpu = sharded[0].shard.device.type == "cuda" if sharded else False
-    ns_dtype = torch.bfloat16 if gpu and cfg.dtype != "fp32" else torch.float32
+    ns_dtype = torch.bfloat16 if sharded[0].shard.device.type == "cuda" and cfg.dtype != "fp32" else torch.float32
     return Muon(groups, [u for u in sharded if u.name.startswith("layers.")], ns_dtype=ns_dtype, **adamw)
 
 
 class Muon(torch.optim.AdamW):
-    """Muon (Jordan et al. 2024, "MomentUm Orthogonalized by Newton-Schulz") for the weight
-    matrices of the LLM's blocks; AdamW, unchanged, for everything else (embeddings, head,
-    norms, projector), as Muon's authors prescribe.
-
-    A weight matrix's gradient is nearly low-rank: a few directions dominate it, and an
-    elementwise optimizer spends most of each step on those. Muon replaces the momentum
-    G = U S V^T by about U V^T, so rare directions learn as fast as common ones. Per matrix W
-    (rows x cols) and step, as torch.optim.Muon (a test compares):
+    """Muon (Jordan et al. 2024) for the weight matrices of the LLM's blocks; AdamW, unchanged,
+    for the rest (embeddings, head, norms, projector), as Muon's authors prescribe. A matrix's
+    gradient is nearly low-rank; Muon replaces the momentum G = U S V^T by about U V^T, so rare
+    directions learn as fast as common ones. Per matrix W (rows x cols), as torch.optim.Muon:
         m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m                 (Nesterov momentum)
         W -= lr * 0.2 * sqrt(max(rows, cols)) * newton_schulz(u)  (an AdamW step's RMS: one --lr)
-    after the decoupled weight decay W *= 1 - lr * wd, as AdamW.
+    after the decoupled weight decay W *= 1 - lr * wd.
 
-    On our shards (one flat fp32 vector per block and rank, the norms' gains in it too, a matrix
-    may straddle two ranks): the matrices' elements are masked out of the gradient before
-    AdamW's step, which then moves them by its weight decay alone; the momentum is elementwise,
-    so it lives in the shard like AdamW's moments (checkpointed and re-cut the same way); and
-    Newton-Schulz needs whole matrices, so each rank all-gathers the block's update (one
-    collective per block and step), orthogonalises every matrix and steps its own slice.
+    On our shards (a block's matrices and norm gains in one flat vector per rank; a matrix may
+    straddle two ranks) the matrices are masked out of the gradient, so AdamW's step only decays
+    them; the momentum lives in the shard like AdamW's moments (checkpointed, re-cut); each rank
+    all-gathers the block's update, orthogonalises every matrix and steps its own slice.
     """
 
     def __init__(self, groups, matrix_units, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16, **adamw):
         super().__init__(groups, **adamw)
         self.units, self.momentum, self.ns_steps, self.ns_dtype = matrix_units, momentum, ns_steps, ns_dtype
-        self.masks = {}  # shard -> bool over its elements: True where a block matrix lives
+        self.masks, self.same_shape = {}, {}  # shard -> True where a matrix lives; shape -> [(unit, offset)]
         for u in matrix_units:
             mask = torch.zeros(u.shard_size * u.world, dtype=torch.bool)
             for _, _, offset, shape, _ in u.slots:
                 if len(shape) == 2:
                     mask[offset:offset + shape.numel()] = True
+                    self.same_shape.setdefault(tuple(shape), []).append((u, offset))
             self.masks[u.shard] = mask[u.rank * u.shard_size:(u.rank + 1) * u.shard_size].to(u.shard.device)
 
     @torch.no_grad()
-    def step(self):
+    def step(self):  # every block ran, so every matrix unit has its gradient
         lr = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
-        matrix_grads = []
+        matrix_grads = [(u, u.shard.grad * self.masks[u.shard]) for u in self.units]
         for u in self.units:
-            if u.shard.grad is not None:
-                matrix_grads.append((u, u.shard.grad * self.masks[u.shard]))
-                u.shard.grad.masked_fill_(self.masks[u.shard], 0.0)
+            u.shard.grad.masked_fill_(self.masks[u.shard], 0.0)
         super().step()
-        updates, same_shape = {}, {}  # unit -> its whole Nesterov update; shape -> [(unit, offset)]
+        updates = {}  # unit -> its whole Nesterov update
         for u, g in matrix_grads:
             m = self.state[u.shard].setdefault("momentum_buffer", torch.zeros_like(u.shard))
             m.lerp_(g, 1 - self.momentum)
             updates[u] = u.gather_flat(g.lerp_(m, self.momentum))
-            for _, _, offset, shape, _ in u.slots:
-                if len(shape) == 2:
-                    same_shape.setdefault(tuple(shape), []).append((u, offset))
         out = {u: torch.zeros_like(update) for u, update in updates.items()}
         # One batched Newton-Schulz per shape (every block's q, every block's k, ...): a few
         # large matrix products instead of many small ones.
-        for shape, where in same_shape.items():
+        for shape, where in self.same_shape.items():
             n, scale = math.prod(shape), 0.2 * math.sqrt(max(shape))
             stack = torch.stack([updates[u][offset:offset + n].view(shape) for u, offset in where])
             ortho = newton_schulz(stack, self.ns_steps, self.ns_dtype)  # [matrices, rows, cols]
@@ -267,8 +242,7 @@ class Muon(torch.optim.AdamW):
 
 
 def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7):
-    """~U V^T of each matrix g[i] = U S V^T ([matrices, rows, cols]) by Muon's quintic
-    Newton-Schulz iteration (its coefficients push small singular values up fast)."""
+    """~U V^T of each matrix g[i] = U S V^T ([matrices, rows, cols]): Muon's quintic iteration."""
     a, b, c = coefficients
     x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
@@ -281,8 +255,7 @@ def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750,
 
 
 def wants_compiled_elementwise(cfg, device):
-    """--compile-elementwise auto: torch.compile'd RMSNorm, RoPE, SwiGLU with CUDA if Triton
-    (torch.compile's GPU kernels) is installed; eager otherwise."""
+    """--compile-elementwise auto: on with CUDA if Triton (torch.compile's GPU kernels) is there."""
     if cfg.compile_elementwise != "auto":
         return cfg.compile_elementwise == "on"
     import importlib.util
@@ -321,9 +294,8 @@ def group_by_length(idx, lengths, world, micro_batch):
 
 
 class MicroBatches(torch.utils.data.Sampler):
-    """Yields, for this rank, the index lists of its micro-batches from `start_step` on. The
-    global batch of a step is the same whatever the world size, so a run resumed on a
-    different number of ranks continues with the same samples."""
+    """This rank's micro-batches (index lists) from `start_step` on. A step's global batch is the
+    same whatever the world size: a run resumed on other ranks continues with the same samples."""
 
     def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch, modality_lengths=None):
         self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
@@ -346,9 +318,6 @@ class MicroBatches(torch.utils.data.Sampler):
             mine = self.global_batch(step)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
             for j in range(self.accum):
                 yield mine[j * self.cfg.micro_batch:(j + 1) * self.cfg.micro_batch]
-
-    def __len__(self):
-        return (self.total - self.start) * self.accum
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,8 +344,7 @@ def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
         st = optimizer.state.get(p, {})
         for k, t in [("master", p.detach())] + [(k, st[k]) for k in OPTIM_STATE if k in st]:
             tensors[f"{name}/{k}"] = local(t).float().cpu().contiguous()
-    save_file(tensors, str(tmp / f"optim-rank{rank:05d}.safetensors"),
-              metadata={"world_size": str(world), "rank": str(rank), "fsdp": cfg.fsdp})
+    save_file(tensors, str(tmp / f"optim-rank{rank:05d}.safetensors"))
     dist.barrier()
     if rank == 0:
         write_json_atomic(tmp / "train_state.json", {"step": step, "world_size": world, "config": asdict(cfg)})
@@ -395,8 +363,7 @@ def save_model(model, cfg, path, state):
 
 
 def stepped(model, sharded):
-    """(name, tensor) of what this rank's optimizer steps: our FSDP's flat shards, or FSDP2's
-    DTensor parameters (whose local pieces are this rank's)."""
+    """(name, tensor) this rank's optimizer steps: our FSDP's flat shards, or FSDP2's DTensors."""
     if sharded is not None:
         return [(u.name, u.shard) for u in sharded]
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -446,8 +413,8 @@ RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_ev
 
 
 def find_resume(cfg):
-    """The checkpoint --resume names (auto: the newest complete, readable one under --out, None
-    if there is none), refused when it cannot be read or belongs to a differently configured run."""
+    """The checkpoint --resume names (auto: the newest readable one under --out, None if there is
+    none), refused when it cannot be read or belongs to a differently configured run."""
     path, problem = Path(cfg.resume), None
     if cfg.resume == "auto":
         ckpts = checkpoints(cfg.out)
@@ -461,20 +428,17 @@ def find_resume(cfg):
             raise SystemExit(f"--resume auto: no checkpoint under {cfg.out} can be read (above); "
                              "start over with --overwrite instead of --resume, or use another --out")
     elif problem := checkpoint_problem(path):
-        raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another checkpoint (--resume auto "
-                         "takes the newest readable one)")
+        raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another one, or with --resume auto")
     saved, now = read_json(path / "train_state.json", "checkpoint state")["config"], json.loads(json.dumps(asdict(cfg)))
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
-        raise SystemExit(f"{path} belongs to a run with {diff}: resume it with those values, or start a new "
-                         "run in another --out")
+        raise SystemExit(f"{path} belongs to a run with {diff}: resume it so, or start anew in another --out")
     return path
 
 
 def load_resume_state(path, optimizer, sharded, model):
-    """Restore the master weights and the optimizer's state, re-cutting our FSDP's shards when
-    the checkpoint was written by a different number of ranks."""
+    """Restore the master weights and the optimizer's state; our FSDP's shards re-cut for this world."""
     meta = read_json(path / "train_state.json", "checkpoint state")  # checked by find_resume
     old_world, rank = meta["world_size"], dist.get_rank()
     if sharded is None and old_world != dist.get_world_size():
@@ -508,25 +472,18 @@ def load_resume_state(path, optimizer, sharded, model):
 # ------------------------------------------------------------------------------------------------
 # What a step costs (MFU) and the loss curve
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "4090": 165e12}  # dense bf16 peak per GPU, for MFU
-
-
 def device_peak_flops(device):
+    """A GPU's dense bf16 peak FLOP/s, for MFU (None where unknown: a CPU)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
+    peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+    return next((flops for key, flops in peaks.items() if key in name), None)
 
 
 def flop_params(model):
-    """The parameter counts step_flops multiplies (taken before shard_model moves the params out
-    of the modules): the weights that enter a matrix product, CLIP's patch embedding and the
-    blocks that run, the LLM's blocks, and its LM head apart (it runs on the supervised positions
-    alone). Embedding tables are lookups and cost no FLOPs; the norms' few weights are counted."""
-    vt, llm = model.vision_tower, model.llm
+    """The weights of matrix products step_flops multiplies (taken before shard_model): CLIP's patch
+    embedding and the blocks that run, the LLM's blocks, its LM head apart (it runs on supervised
+    positions only). Embedding tables are lookups, no FLOPs; the norms' few weights are counted."""
+    vt, llm, count_params = model.vision_tower, model.llm, lambda m: sum(p.numel() for p in m.parameters())
     blocks = vt.num_blocks_for(model.config.vision_feature_layer)
     head = llm.lm_head.weight.numel()
     embed = 0 if llm.config.tie_word_embeddings else llm.embed_tokens.weight.numel()  # tied: one table
@@ -593,7 +550,8 @@ def draw_loss_curve(stages, path):
     for k, (name, curve) in enumerate(stages):
         colour, w = colours[k % 4], max(1, len(curve) // 40)
         logs = [math.log(max(v, lo)) for v in curve]  # the average of log losses sits mid-band
-        smooth = [math.exp(sum(part) / len(part)) for part in (logs[max(0, i - w):i + w + 1] for i in range(len(curve)))]
+        smooth = [math.exp(sum(part) / len(part)) for part in
+                  (logs[max(0, i - w):i + w + 1] for i in range(len(curve)))]
         points = lambda vs: [(x(start + i), y(v)) for i, v in enumerate(vs)]
         if len(curve) > 1:
             d.line(points(curve), fill=tuple(c + (255 - c) * 2 // 3 for c in colour), width=1)
@@ -613,17 +571,15 @@ def draw_loss_curve(stages, path):
 
 def training_data(cfg):
     """What --data names -> (records, image folder), checked before any model is built or
-    downloaded. "scienceqa" converts the release under --scienceqa-root on the fly
-    (data.scienceqa_to_llava); its images are under images/."""
+    downloaded; "scienceqa" converts the release under --scienceqa-root on the fly."""
     if not cfg.data:
-        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON or JSONL file (or scienceqa); "
-                         "python train.py --preset tiny runs without one")
+        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON/JSONL file or scienceqa (a --preset needs none)")
     if cfg.data == "scienceqa":
         root = Path(cfg.scienceqa_root)
         if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
             raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and "
                              "pid_splits.json")
-        return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", cfg.scienceqa_split,
+        return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", "train",
                                        image_root=root / "images", answer_first=cfg.answer_first), root / "images"
     records = data.read_records(cfg.data)
     if not records:
@@ -646,8 +602,7 @@ def check_sources(cfg):
     if cfg.init and Path(cfg.init).exists():
         config = Path(cfg.init) / "config.json"
         if not config.is_file() or read_json(config, "LLaVA config").get("model_type") != "llava":
-            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no config.json "
-                             "with model_type llava)")
+            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no llava config.json)")
     named = {"--init": cfg.init} if cfg.init else {"--clip": cfg.clip, "--llm": cfg.llm}
     for flag, name in named.items():
         if not Path(name).expanduser().exists() and not is_hub_name(name):
@@ -655,9 +610,8 @@ def check_sources(cfg):
 
 
 def build_model(cfg, resume=None):
-    """A checkpoint's model when resuming (a projector-only llava-hf directory in stage 1). Else
-    stage 1: CLIP + LLM + fresh projector; stage 2: a stage-1 output (or any llava-hf dir) or,
-    as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
+    """A checkpoint's model when resuming; else --init's (stage 2), or CLIP + LLM + a fresh
+    projector (stage 1, and stage 2 without stage 1: the paper's ablation)."""
 
     def fetch_for(flag, name, **kw):  # weights.fetch, its errors naming the flag
         try:
@@ -677,44 +631,39 @@ def build_model(cfg, resume=None):
     return model
 
 
-RUN_FILES = ("train_config.json", "train_log.jsonl", "config.json", "train_state.json")
-
-
 def claim_out(cfg, rank):
-    """Refuse an --out that holds another run's output, unless this run continues it (--resume)
-    or starts over (--overwrite: its checkpoints and log are removed; the rest is overwritten)."""
-    out = Path(cfg.out)
-    previous = sorted(p.name for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-"))
+    """Refuse an --out that holds another run, unless this run continues it (--resume) or starts
+    over (--overwrite: its checkpoints and log are removed; the rest is overwritten)."""
+    out, files = Path(cfg.out), ("train_config.json", "train_log.jsonl", "config.json", "train_state.json")
+    previous = sorted(p.name for p in out.glob("*") if p.name in files or p.name.startswith("checkpoint-"))
     if not previous or cfg.resume:
         return
     if not cfg.overwrite:
         raise SystemExit(f"--out {out} holds another run ({', '.join(previous[:3])}): continue it with "
                          "--resume auto, start over with --overwrite, or choose another --out")
     if rank == 0:
-        for name in previous:
-            if name.startswith("checkpoint-"):
-                shutil.rmtree(out / name, ignore_errors=True)
+        for path in out.glob("checkpoint-*"):
+            shutil.rmtree(path, ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
     dist.barrier()
 
 
 def truncate_log(path, step):
-    """Keep the log's lines up to `step` (a run resumed from an older checkpoint redoes the rest),
-    and none torn by a kill."""
+    """Keep the log's lines up to `step`: a run resumed from an older checkpoint redoes the rest."""
     kept = []
     for line in path.read_text().splitlines(keepends=True) if path.exists() else []:
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            kept += [line] if json.loads(line)["step"] <= step else []
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a kill goes
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)
 
 
 class Run:
-    """What one run holds from its first step to its last, set up before the first: the inputs
-    checked, the process group, the output directory claimed, the model built (or restored from a
-    checkpoint), the tokenizer written beside the run, the dataset, the shards, the optimizer and
-    the step to start from. The step functions below read it; the loop is train()."""
+    """What one run holds, set up before its first step: the inputs checked, the output claimed,
+    the model built (or restored), its tokenizer beside the run, the dataset, the shards, the
+    optimizer, the step to start from. The step functions below read it; the loop is train()."""
 
     def __init__(self, cfg):
         records, image_folder = training_data(cfg)
@@ -737,8 +686,8 @@ class Run:
         dist.barrier()
         model.tokenizer_dir = self.out
         tokenizer = Tokenizer(self.out)
-        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} ("
-             + ('"</s>▁USER", as the released LLaVA-1.5 was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
+        rule = '"</s>▁USER", as the released LLaVA-1.5 was trained' if tokenizer.legacy else '"</s>USER", today\'s rule'
+        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} ({rule})")
         self.dataset = data.LazySupervisedDataset(
             records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
             num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
@@ -777,21 +726,16 @@ class Stop(KeyboardInterrupt):
         self.why = why
 
 
-BAD_DATA_HINTS = {
-    "missing_image": "are the records' 'image' paths relative to --image-folder {image_folder}?",
-    "unreadable_record": "are the records LLaVA's {{'image', 'conversations': [{{'from', 'value'}}, ...]}}?",
-}
-
-
 def bad_data_problem(cfg, skips, bad, seen, n):
     """None while the data trains; else why the run stops: no sample seen so far was trainable,
     or more than --max-bad-share of them were bad (judged from min(200, n) samples on)."""
     if bad < seen and (seen < min(200, n) or bad <= cfg.max_bad_share * seen):
         return None
     counts = skips.counts()
-    worst = max(counts, key=counts.get, default=None)
-    hint = BAD_DATA_HINTS.get(worst, "the first skipped records are printed above").format(
-        image_folder=cfg.image_folder or "(none: the current directory)")
+    hint = {"missing_image": f"are the records' 'image' paths relative to --image-folder "
+                             f"{cfg.image_folder or '(none: the current directory)'}?",
+            "unreadable_record": "are the records LLaVA's {'image', 'conversations': [{'from', 'value'}, ...]}?",
+            }.get(max(counts, key=counts.get, default=None), "the first skipped records are printed above")
     what = ("no sample of the first batch can be trained on" if bad == seen else
             f"{bad} of the {seen} samples seen are bad, more than --max-bad-share {cfg.max_bad_share}")
     return f"{cfg.data}: {what} ({skips.summary(n)}); {hint}"
@@ -807,9 +751,8 @@ def save(run, step):
 
 def next_micro_batches(run, batches, step):
     """This rank's micro-batches of the step and the supervised tokens of the whole global batch
-    (the loss's normaliser). Bad samples are counted here, in the main process; a micro-batch
-    whose samples were all bad becomes one pad token with nothing to learn, so that the
-    collectives still run on every rank. Too much bad data stops the run, saved."""
+    (the loss's normaliser). Bad samples are counted here; a micro-batch of bad samples only
+    becomes one pad token with nothing to learn, so the collectives run on every rank."""
     micro = [next(batches) for _ in range(run.sampler.accum)]
     counts = torch.tensor([0.0, 0.0, 0.0])  # supervised tokens, bad and all samples
     for mb in micro:
@@ -833,16 +776,14 @@ def next_micro_batches(run, batches, step):
 
 
 def forward_backward(run, micro, n_tok, step):
-    """Gradients of the step's loss: the sum over supervised tokens of the whole global batch,
-    divided by their number, however the batch is split over ranks and micro-batches. ->
-    (the loss, [loss sum, text tokens, images] of all ranks)."""
+    """Gradients of the step's loss (summed over the global batch's supervised tokens, divided by
+    their number) -> (the loss, [loss sum, text tokens, images] of all ranks)."""
     denom = max(n_tok, 1.0)
     scale = run.world if run.cfg.fsdp == "torch" else 1  # FSDP2 averages its reduce-scatter
     mb_losses, text_tokens, images = [], 0, 0
     for mb in micro:
         ids, at, targets = (mb[k].to(run.device, non_blocking=True) for k in ("input_ids", "positions", "targets"))
-        px = mb["pixel_values"]
-        px = px.to(run.device, non_blocking=True) if px is not None else None
+        px = None if mb["pixel_values"] is None else mb["pixel_values"].to(run.device, non_blocking=True)
         with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
             logits, _ = run.model(ids, px, logits_at=at)  # [K,V]: the LM head on supervised positions only
         loss = token_loss(logits, targets)
@@ -880,13 +821,12 @@ def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
 
 
 def save_or_stop(run, step):
-    """After a step: the periodic checkpoint, and the stop that every rank agrees on (a signal
-    may reach one rank only), saved first."""
+    """The periodic checkpoint, and a stop all ranks agree on (a signal may reach one only), saved."""
     cfg = run.cfg
     saved = cfg.save_every and step % cfg.save_every == 0 and step < run.total
     if saved:
         save(run, step)
-    if cfg.stop_at and step == cfg.stop_at and step < run.total:
+    if step == cfg.stop_at and step < run.total:
         run.stop = "--stop-at"
     flag = torch.tensor([1.0 if run.stop else 0.0])
     if run.world > 1:
@@ -913,13 +853,13 @@ def train(cfg):
         num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=run.device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None)
     peak, losses, step = device_peak_flops(run.device), [], run.start
-    log_file = open(run.log_path, "a") if run.rank == 0 else None
-    bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=f"stage {cfg.stage}", leave=False)
     was_compiled = llama.compile_elementwise(wants_compiled_elementwise(cfg, run.device))
 
     def on_signal(sig, frame):  # Ctrl-C and SIGTERM only set a flag: the loop ends its step, saves and stops
         run.stop = signal.Signals(sig).name
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log = open(run.log_path if run.rank == 0 else os.devnull, "a")  # the log is rank 0's
+    bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=f"stage {cfg.stage}", leave=False)
     try:
         batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
         while step < run.total:
@@ -935,27 +875,24 @@ def train(cfg):
             step += 1
             record = step_record(run, step, loss, lr, gnorm, time.perf_counter() - t0, stats, n_tok, peak)
             losses.append(loss)
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == run.total:
-                    tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            if run.rank == 0 and (step % cfg.log_every == 0 or step == run.total):
+                tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
             save_or_stop(run, step)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
-        bar.close()
         llama.compile_elementwise(was_compiled)
-        if log_file:
-            log_file.close()
+        bar.close()
+        log.close()
     finish(run, step)
     return losses
 
 
 def finish(run, step):
-    """The last checkpoint, then the model itself (a llava-hf directory, or stage 1's projector),
-    the loss curve and the bad-data tally."""
+    """The last checkpoint, then the model itself, the loss curve and the bad-data tally."""
     save(run, step)
     state = run.full_state()
     if run.rank == 0:
@@ -967,8 +904,7 @@ def finish(run, step):
 
 
 def lr_at(step, total, warmup, peak):
-    """Linear warmup from 0, then cosine to 0: transformers' get_cosine_schedule_with_warmup,
-    which the official LLaVA scripts use."""
+    """Linear warmup, then cosine to 0 (transformers' get_cosine_schedule_with_warmup, as LLaVA)."""
     if step < warmup:
         return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -976,34 +912,32 @@ def lr_at(step, total, warmup, peak):
 
 
 def main(argv=None):
-    """Known errors (a missing file, bad weights, bad data, a hub out of reach) end the run with
-    one line on rank 0 and exit status 1, no traceback. A run stopped by a signal exits with the
-    shell's status for it (130 for Ctrl-C, 143 for SIGTERM), by --stop-at with 0."""
+    """Known errors end the run with one line on rank 0 and exit status 1, no traceback; a signal
+    with the shell's status for it (130 for Ctrl-C, 143 for SIGTERM); --stop-at with 0."""
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
         if cfg.preset:
             import tiny  # the preset's chapter: it runs train() below, stage after stage
             tiny.run_tiny(cfg)
         else:
             train(cfg)
+        return
     except Stop as e:
-        print(e, file=sys.stderr, flush=True) if rank0 else None
-        raise SystemExit(0 if e.why == "--stop-at" else 128 + signal.Signals[e.why]) from None
+        code, said = 0 if e.why == "--stop-at" else 128 + signal.Signals[e.why], str(e)
     except KeyboardInterrupt:  # outside a training loop: what is saved stays saved
-        print("interrupted: no step was running, nothing more to save; --resume auto continues a run",
-              file=sys.stderr, flush=True) if rank0 else None
-        raise SystemExit(130) from None
+        code, said = 130, "interrupted: no step was running, nothing more to save; --resume auto continues a run"
     except (WeightsError, data.DataError, ImageError, SystemExit) as e:
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True) if rank0 else None
-        raise SystemExit(1) from None
+        code, said = 1, f"error: {e}"
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(said, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
