@@ -266,10 +266,9 @@ def wants_compiled_elementwise(cfg, device):
 # Data: which samples each rank sees at each step (a pure function of seed, step and world)
 
 def epoch_order(n, seed, epoch, global_batch=None, modality_lengths=None):
-    """The order of the samples in one epoch: a seeded permutation. With modality_lengths
-    (the official `group_by_modality_length`: word counts, negative for text-only records) it
-    is cut into global batches of one modality each (leftovers of both share the last batch,
-    which floor(n / global_batch) then drops), and the batches are shuffled."""
+    """One epoch's order: a seeded permutation. With modality_lengths (the official
+    group_by_modality_length: word counts, negative for text-only records) it is cut into shuffled
+    global batches of one modality (leftovers share the last, which n // global_batch drops)."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     if modality_lengths is None:
@@ -401,12 +400,10 @@ def checkpoint_problem(path):
             safe_open(str(f), "pt")  # reads the header and checks the file holds all it promises
         except Exception as e:  # safetensors' error type differs between its versions
             return f"{f} is unreadable ({str(e).splitlines()[0][:120]})"
-    return None
 
 
-# What may differ when a run is resumed: where and how often it writes and logs, and how it
-# computes the same steps. Anything else (data, schedule, batches, learning rates, model) would
-# continue a different run from the middle of this one.
+# What a resumed run may change: where and how often it writes and logs, how it computes the same
+# steps. Anything else (data, schedule, batches, learning rates, model) would be another run.
 RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_every", "stop_at", "num_workers",
                      "threads", "dist_timeout", "device", "micro_batch", "grad_ckpt",
                      "compile_elementwise", "max_bad_share"}
@@ -525,9 +522,8 @@ def nice_ticks(lo, hi, log):
 
 
 def draw_loss_curve(stages, path):
-    """stages: [(name, per-step losses)] -> a PNG (pillow alone) of the stages one after another
-    on a shared step axis, on a log axis: the raw loss in a light line under its centred running
-    average over about 5% of the stage's steps."""
+    """stages: [(name, per-step losses)] -> a PNG (pillow alone): the stages one after another, the
+    raw loss light under its centred running average (~5% of the stage's steps), on a log axis."""
     from PIL import Image, ImageDraw
     W, H, left, right, top, bottom = 800, 420, 60, 20, 30, 40
     img = Image.new("RGB", (W, H), "white")
@@ -661,9 +657,8 @@ def truncate_log(path, step):
 
 
 class Run:
-    """What one run holds, set up before its first step: the inputs checked, the output claimed,
-    the model built (or restored), its tokenizer beside the run, the dataset, the shards, the
-    optimizer, the step to start from. The step functions below read it; the loop is train()."""
+    """What one run holds, set up before its first step: the output claimed, the model built (or
+    restored), its tokenizer beside the run, the dataset, shards, optimizer, the step to start at."""
 
     def __init__(self, cfg):
         records, image_folder = training_data(cfg)
@@ -703,12 +698,11 @@ class Run:
         self.start = load_resume_state(resume, self.optimizer, self.sharded, model) if resume else 0
         if self.rank == 0:
             truncate_log(self.log_path, self.start)
-        log0(f"{n} samples, {self.total} steps of {cfg.global_batch} ({self.world} ranks x "
-             f"{math.ceil(cfg.global_batch / self.world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
-             f"trainable {sum(p.numel() for p in self.params) * self.world / 1e6:.2f}M params (this rank holds "
-             f"{sum(local(p).numel() for p in self.params) / 1e6:.2f}M), starting at step {self.start}")
         self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total, n // cfg.global_batch,
                                     self.dataset.modality_lengths if cfg.group_by_modality_length else None)
+        log0(f"{n} samples, {self.total} steps of {cfg.global_batch} ({self.world} ranks x {self.sampler.accum} "
+             f"micro-batches of {cfg.micro_batch}), {sum(local(p).numel() for p in self.params) / 1e6:.2f}M "
+             f"trainable params on rank 0, starting at step {self.start}")
         self.bad = self.seen = 0  # samples, all ranks, since this process started
         self.stop = None  # the signal that asked the run to stop
 
@@ -839,8 +833,7 @@ def save_or_stop(run, step):
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers ignore Ctrl-C and SIGTERM: a terminal's Ctrl-C reaches the whole
-    process group, and a worker that died of it would end the run before it could save."""
+    """DataLoader workers ignore Ctrl-C (sent to the process group) and SIGTERM: the run saves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -887,20 +880,15 @@ def train(cfg):
         llama.compile_elementwise(was_compiled)
         bar.close()
         log.close()
-    finish(run, step)
-    return losses
-
-
-def finish(run, step):
-    """The last checkpoint, then the model itself, the loss curve and the bad-data tally."""
-    save(run, step)
+    save(run, step)  # the last checkpoint, then the model itself, the loss curve, the bad-data tally
     state = run.full_state()
     if run.rank == 0:
-        save_model(run.model, run.cfg, run.out, state)
-        draw_loss_curve([(f"stage {run.cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
+        save_model(run.model, cfg, run.out, state)
+        draw_loss_curve([(f"stage {cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
         log0(run.dataset.summary())
         log0(f"saved {run.out} (loss curve {run.out / 'loss.png'}, log {run.log_path})")
     dist.barrier()
+    return losses
 
 
 def lr_at(step, total, warmup, peak):
