@@ -94,7 +94,7 @@ class TrainConfig:
     weight_decay: float = option(0.0, "AdamW weight decay", NONNEG)
     adam_beta2: float = option(0.999, "AdamW beta2 (HF Trainer's default, as the official scripts)", FRACTION)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", NONNEG)
-    optimizer: str = option("adamw", "adamw (the paper) or muon (for the blocks' matrices)", choices=("adamw", "muon"))
+    optimizer: str = option("adamw", "adamw (the paper) or muon (blocks' matrices)", choices=("adamw", "muon"))
     compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: CUDA with Triton)",
                                       choices=("auto", "on", "off"))
     max_steps: int = option(0, "stop after this many steps (0: the epochs decide)", COUNT)
@@ -426,7 +426,8 @@ def find_resume(cfg):
                              "start over with --overwrite instead of --resume, or use another --out")
     elif problem := checkpoint_problem(path):
         raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another one, or with --resume auto")
-    saved, now = read_json(path / "train_state.json", "checkpoint state")["config"], json.loads(json.dumps(asdict(cfg)))
+    saved = read_json(path / "train_state.json", "checkpoint state")["config"]
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as they were saved
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
@@ -569,7 +570,7 @@ def training_data(cfg):
     """What --data names -> (records, image folder), checked before any model is built or
     downloaded; "scienceqa" converts the release under --scienceqa-root on the fly."""
     if not cfg.data:
-        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON/JSONL file or scienceqa (a --preset needs none)")
+        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON/JSONL file or scienceqa (--preset: none)")
     if cfg.data == "scienceqa":
         root = Path(cfg.scienceqa_root)
         if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
@@ -585,7 +586,8 @@ def training_data(cfg):
         raise SystemExit(f"--image-folder {cfg.image_folder}: no such directory")
     with_image = [r["image"] for r in records[:2000] if isinstance(r, dict) and isinstance(r.get("image"), str)][:20]
     if with_image and not any((folder / i).is_file() for i in with_image):
-        flag = f"--image-folder {cfg.image_folder}" if cfg.image_folder else "no --image-folder (the current directory)"
+        flag = (f"--image-folder {cfg.image_folder}" if cfg.image_folder else
+                "no --image-folder (the current directory)")
         raise SystemExit(f"{cfg.data}: none of the first {len(with_image)} images is under {flag}, e.g. "
                          f"{folder / with_image[0]}; give the folder the records' 'image' paths start from")
     return records, folder
@@ -681,8 +683,8 @@ class Run:
         dist.barrier()
         model.tokenizer_dir = self.out
         tokenizer = Tokenizer(self.out)
-        rule = '"</s>▁USER", as the released LLaVA-1.5 was trained' if tokenizer.legacy else '"</s>USER", today\'s rule'
-        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} ({rule})")
+        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} (" + ('"</s>▁USER", as the released LLaVA-1.5 '
+             'was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
         self.dataset = data.LazySupervisedDataset(
             records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
             num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
@@ -758,8 +760,7 @@ def next_micro_batches(run, batches, step):
             mb.update(input_ids=torch.full((1, 1), run.model.config.pad_token_id), labels=torch.full((1, 1), -100))
         mb["positions"], mb["targets"] = supervised_positions(mb["labels"])  # where the LM head runs
         counts += torch.tensor([len(mb["targets"]), len(skipped), len(skipped) + len(mb["ids"])])
-    if run.world > 1:
-        dist.all_reduce(counts)
+    dist.all_reduce(counts)  # every run has a process group (of one without torchrun)
     run.bad, run.seen = run.bad + int(counts[1]), run.seen + int(counts[2])
     if problem := bad_data_problem(run.cfg, run.dataset.skips, run.bad, run.seen, len(run.dataset)):
         if step > run.start:
@@ -788,8 +789,7 @@ def forward_backward(run, micro, n_tok, step):
         images += 0 if px is None else px.shape[0]
     stats = torch.tensor([float(torch.stack(mb_losses).double().sum()), float(text_tokens), float(images)],
                          dtype=torch.float64)
-    if run.world > 1:
-        dist.all_reduce(stats)
+    dist.all_reduce(stats)
     step_loss = float(stats[0]) / denom
     if not math.isfinite(step_loss):
         raise SystemExit(f"step {step}: loss is {step_loss}; samples of this rank's batch: "
@@ -823,8 +823,7 @@ def save_or_stop(run, step):
     if step == cfg.stop_at and step < run.total:
         run.stop = "--stop-at"
     flag = torch.tensor([1.0 if run.stop else 0.0])
-    if run.world > 1:
-        dist.all_reduce(flag)
+    dist.all_reduce(flag)
     if float(flag) > 0 and step < run.total:
         log0(f"{run.stop or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
         if not saved:
