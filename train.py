@@ -676,15 +676,17 @@ class Run:
             log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
         self.model = model = build_model(cfg, resume)
         self.out, self.log_path = Path(cfg.out), Path(cfg.out) / "train_log.jsonl"
-        if self.rank == 0:  # only now: a run that could not start leaves no output behind. What the
-            self.out.mkdir(parents=True, exist_ok=True)  # run writes reads its tokenizer from out,
-            write_json_atomic(self.out / "train_config.json", asdict(cfg))  # never from a checkpoint
-            write_tokenizer_files(model.tokenizer_dir, self.out, model.config)  # rotation may delete
+        # Only now, so a run that could not start leaves nothing behind. What the run writes reads
+        # its tokenizer from out, never from a checkpoint that rotation may delete.
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "train_config.json", asdict(cfg))
+            write_tokenizer_files(model.tokenizer_dir, self.out, model.config)
         dist.barrier()
         model.tokenizer_dir = self.out
         tokenizer = Tokenizer(self.out)
-        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} (" + ('"</s>▁USER", as the released LLaVA-1.5 '
-             'was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
+        rule = '"</s>▁USER", as LLaVA-1.5 was trained' if tokenizer.legacy else '"</s>USER", today\'s rule'
+        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} ({rule})")
         self.dataset = data.LazySupervisedDataset(
             records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
             num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
