@@ -431,7 +431,8 @@ def find_resume(cfg):
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
-        raise SystemExit(f"{path} belongs to a run with {diff}: resume it so, or start anew in another --out")
+        raise SystemExit(f"{path} belongs to a run with {diff}: resume with those values, or start anew in "
+                         "another --out")
     return path
 
 
@@ -570,7 +571,7 @@ def training_data(cfg):
     """What --data names -> (records, image folder), checked before any model is built or
     downloaded; "scienceqa" converts the release under --scienceqa-root on the fly."""
     if not cfg.data:
-        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON/JSONL file or scienceqa (--preset: none)")
+        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON/JSONL file or scienceqa (or a --preset)")
     if cfg.data == "scienceqa":
         root = Path(cfg.scienceqa_root)
         if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
