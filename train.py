@@ -4,19 +4,11 @@ Visual instruction tuning in two stages, as in the paper, on one CPU or many GPU
     stage 1  feature alignment   CLIP frozen, LLM frozen, projector trained  (image-caption pairs)
     stage 2  instruction tuning  CLIP frozen, projector + LLM trained         (conversations)
 
-(`python train.py --help` lists every flag, with examples.) The loop is written out in
-`train()`: sample the global batch, split it over ranks and micro-batches, forward, backward,
-clip, step, log, checkpoint. Everything about scale lives in fsdp.py (the hand-written ZeRO-3,
-drawn in its docstring), and nothing in the loop knows whether it runs on 1 CPU or 64 GPUs.
-
-The optimizer is one fused AdamW kernel over all shards (CPU and CUDA), or with --optimizer muon
-`Muon` for the blocks' matrices (the tiny preset's choice; its docstring says how it works on
-shards); on CUDA the blocks' elementwise pieces (RMSNorm, RoPE, SwiGLU) also run as
-torch.compile'd fused kernels.
-
-The loss is the summed token cross-entropy divided by the number of supervised tokens of the
-whole global batch (all ranks, all micro-batches), so 1 process and W ranks compute the same
-gradient, and gradient accumulation changes nothing but memory.
+The loop is written out in `train()`: sample the global batch, split it over ranks and
+micro-batches, forward, backward, clip, step, log, checkpoint. Scale lives in fsdp.py: the loop
+does not know whether it runs on 1 CPU or 64 GPUs. The loss is the summed token cross-entropy
+over the supervised tokens of the whole global batch (all ranks, all micro-batches), so 1
+process and W ranks compute the same gradient, and accumulation changes nothing but memory.
 """
 
 import argparse
@@ -35,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
@@ -51,10 +45,10 @@ from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atom
 # Configuration: the paper's recipes as defaults, every value settable on the command line
 
 RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
-    "v1": {"projector": "linear", "image_size": 224, "pad_to_square": False, "template": "vicuna_v1",
+    "v1": {"projector": "linear", "image_size": 224, "pad_to_square": False,
            1: {"lr": 2e-3, "global_batch": 128, "epochs": 1},
            2: {"lr": 2e-5, "global_batch": 32, "epochs": 3}},
-    "v1.5": {"projector": "mlp2x_gelu", "image_size": 336, "pad_to_square": True, "template": "vicuna_v1",
+    "v1.5": {"projector": "mlp2x_gelu", "image_size": 336, "pad_to_square": True,
              1: {"lr": 1e-3, "global_batch": 256, "epochs": 1},
              2: {"lr": 2e-5, "global_batch": 128, "epochs": 1}},
 }
@@ -69,22 +63,18 @@ def option(default, help, type=None, choices=None):
 
 @dataclass
 class TrainConfig:
-    stage: int = option(1, "1: feature alignment (projector only); 2: instruction tuning (projector + LLM)",
-                        int, (1, 2))
-    recipe: str = option("v1", "v1: the paper (linear projector, 224 px); v1.5: LLaVA-1.5 (MLP projector, "
-                               "336 px, pad to square)", choices=tuple(RECIPES))
+    stage: int = option(1, "1: feature alignment (projector); 2: instruction tuning (+ LLM)", int, (1, 2))
+    recipe: str = option("v1", "v1: the paper (linear, 224 px); v1.5 (MLP, 336 px, padded)", choices=tuple(RECIPES))
     preset: str = option("", "the synthetic world end to end on a CPU: tiny (~5 min), tiny-short (~1 min), "
                              "tiny-long (~11 min)", choices=("",) + PRESETS)
     # where things come from
     clip: str = option("openai/clip-vit-large-patch14", "vision tower: a CLIP directory or Hub name")
-    llm: str = option("lmsys/vicuna-7b-v1.5", "language model: a LLaMA/Vicuna safetensors directory or Hub name")
-    init: str = option("", "stage 2: a stage-1 output or a llava-hf directory to start from "
-                           "(none: a fresh projector on --clip and --llm)")
+    llm: str = option("lmsys/vicuna-7b-v1.5", "language model: a LLaMA/Vicuna directory or Hub name")
+    init: str = option("", "stage 2: a stage-1 output or llava-hf directory (none: a fresh projector)")
     data: str = option("", "a LLaVA JSON list or JSONL file, or 'scienceqa' (with --scienceqa-root)")
     image_folder: str = option("", "the folder the records' 'image' paths are relative to")
-    scienceqa_root: str = option("", "--data scienceqa: the release's folder (problems.json, pid_splits.json, images/)")
-    scienceqa_split: str = option("train", "--data scienceqa: the split to train on")
-    answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first (QCM-LEA)")
+    scienceqa_root: str = option("", "--data scienceqa: the release's folder (problems.json, images/, ...)")
+    answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first")
     out: str = option("", "output directory (default: runs/stage1 or runs/stage2; a preset: runs/PRESET)")
     overwrite: bool = option(False, "start over in an --out that holds another run (its checkpoints and log go)")
     # model choices (None = the recipe's)
@@ -92,32 +82,28 @@ class TrainConfig:
     image_size: int = option(None, "input resolution of the vision tower", POSITIVE)
     pad_to_square: bool = option(None, "pad pictures to a square before resizing (LLaVA-1.5)")
     vision_layer: int = option(-2, "CLIP layer whose features the projector reads (-2: the penultimate)", int)
-    template: str = option(None, "conversation template (stage 1: plain, stage 2: vicuna_v1)",
-                           choices=(None,) + TEMPLATE_NAMES)
+    template: str = option(None, "conversation (stage 1: plain, 2: vicuna_v1)", choices=(None,) + TEMPLATE_NAMES)
     max_length: int = option(2048, "tokens per sample, image included; longer samples are cut", POSITIVE)
     # optimisation (None = the recipe's)
     lr: float = option(None, "peak learning rate (warmup, then cosine to 0)", NONNEG)
-    projector_lr: float = option(None, "the projector's learning rate (the official mm_projector_lr; "
-                                       "none: --lr)", NONNEG)
+    projector_lr: float = option(None, "the projector's lr (official mm_projector_lr; none: --lr)", NONNEG)
     global_batch: int = option(None, "samples per optimizer step, over all ranks", POSITIVE)
-    micro_batch: int = option(4, "samples per forward on one rank (gradient accumulation makes up the rest)",
-                              POSITIVE)
+    micro_batch: int = option(4, "samples per forward on one rank (accumulation makes up the rest)", POSITIVE)
     epochs: float = option(None, "passes over the data", RATE)
     warmup_ratio: float = option(0.03, "share of the steps spent warming up the learning rate", FRACTION)
     weight_decay: float = option(0.0, "AdamW weight decay", NONNEG)
     adam_beta2: float = option(0.999, "AdamW beta2 (HF Trainer's default, as the official scripts)", FRACTION)
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", NONNEG)
-    optimizer: str = option("adamw", "adamw (the paper) or muon (Muon for the LLM blocks' matrices)",
-                            choices=("adamw", "muon"))
-    compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: with CUDA and Triton)",
+    optimizer: str = option("adamw", "adamw (the paper) or muon (blocks' matrices)", choices=("adamw", "muon"))
+    compile_elementwise: str = option("auto", "torch.compile RMSNorm, RoPE, SwiGLU (auto: CUDA with Triton)",
                                       choices=("auto", "on", "off"))
     max_steps: int = option(0, "stop after this many steps (0: the epochs decide)", COUNT)
-    seed: int = option(0, "seed of the data order, the projector and dropout-free init", int)
+    seed: int = option(0, "seed of the data order and the projector's init", int)
     # systems
     device: str = option("", "cpu, cuda, ... (default: cuda if there is one)", device_name)
     dtype: str = option("", "compute dtype (default: bf16 on CUDA, fp32 on CPU)", choices=("",) + tuple(DTYPES))
     threads: int = option(0, "CPU threads torch uses (0: torch's default, one per core)", COUNT)
-    fsdp: str = option("ours", "ours (the hand-written ZeRO-3 below) or torch (FSDP2)", choices=("ours", "torch"))
+    fsdp: str = option("ours", "ours (fsdp.py's hand-written ZeRO-3) or torch (FSDP2)", choices=("ours", "torch"))
     grad_ckpt: bool = option(False, "activation checkpointing: recompute each block in backward")
     group_by_modality_length: bool = option(False, "batches of one modality and similar lengths (official)")
     num_workers: int = option(2, "DataLoader worker processes per rank", COUNT)
@@ -159,16 +145,13 @@ def parse_args(argv=None):
 
 
 def fill_recipe(cfg):
+    """The recipe's values where cfg has None; the paper's templates (stage 1 the plain captions)."""
     recipe = RECIPES[cfg.recipe]
     for key, value in {**recipe, **recipe[cfg.stage]}.items():
         if isinstance(key, str) and getattr(cfg, key) is None:
             setattr(cfg, key, value)
-    if cfg.template is None:
-        cfg.template = "plain" if cfg.stage == 1 else "vicuna_v1"
-    if cfg.stage == 1 and cfg.template == "vicuna_v1" and recipe.get("template") == "vicuna_v1":
-        cfg.template = "plain"  # stage 1 is always the plain caption template in the paper
-    if not cfg.out:
-        cfg.out = f"runs/{cfg.preset}" if cfg.preset else f"runs/stage{cfg.stage}"
+    cfg.template = cfg.template or ("plain" if cfg.stage == 1 else "vicuna_v1")
+    cfg.out = cfg.out or (f"runs/{cfg.preset}" if cfg.preset else f"runs/stage{cfg.stage}")
     return cfg
 
 
@@ -177,23 +160,22 @@ def log0(*args):
         print(*args, flush=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# The optimizer: fused AdamW over the trainable shards, or Muon for the blocks' matrices
+
 def param_groups(params, sharded, model, cfg):
-    """AdamW groups: the projector may take its own learning rate (--projector-lr, the official
-    mm_projector_lr), kept as a scale of the scheduled lr."""
+    """AdamW groups: the projector's --projector-lr is kept as a scale of the scheduled lr."""
     scale = (cfg.projector_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0
-    if sharded is not None:
-        proj = {id(u.shard) for u in sharded if u.name == "projector"}
-    else:
-        proj = {id(p) for p in model.projector.parameters()}
+    proj = {id(p) for p in ([u.shard for u in sharded if u.name == "projector"] if sharded is not None
+                            else model.projector.parameters())}
     groups = [{"params": [p for p in params if id(p) in proj], "lr_scale": scale},
               {"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0}]
     return [g for g in groups if g["params"]]
 
 
 def make_optimizer(params, sharded, model, cfg):
-    """AdamW over the trainable parameters (with our FSDP: each unit's fp32 master shard), or,
-    with --optimizer muon, `Muon` for the matrices of the LLM's blocks and AdamW for the rest.
-    Fused: one kernel updates a shard, instead of a dozen elementwise passes over it."""
+    """AdamW over the trainable parameters (with our FSDP: one fused kernel per fp32 master
+    shard), or with --optimizer muon, `Muon` for the LLM blocks' matrices and AdamW for the rest."""
     groups = param_groups(params, sharded, model, cfg)
     adamw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                  foreach=False, fused=sharded is not None)  # FSDP2's DTensors take the loop
@@ -203,73 +185,53 @@ def make_optimizer(params, sharded, model, cfg):
         raise SystemExit("--optimizer muon works on our FSDP's shards; use it with --fsdp ours")
     # Newton-Schulz in bf16 on a GPU, as torch.optim.Muon; in fp32 on a CPU (few have a fast bf16
     # matmul) and with --dtype fp32, where W ranks then reproduce one process to fp32 rounding.
-    gpu = sharded[0].shard.device.type == "cuda" if sharded else False
-    ns_dtype = torch.bfloat16 if gpu and cfg.dtype != "fp32" else torch.float32
+    ns_dtype = torch.bfloat16 if sharded[0].shard.device.type == "cuda" and cfg.dtype != "fp32" else torch.float32
     return Muon(groups, [u for u in sharded if u.name.startswith("layers.")], ns_dtype=ns_dtype, **adamw)
 
 
 class Muon(torch.optim.AdamW):
-    """Muon (Jordan et al. 2024, "MomentUm Orthogonalized by Newton-Schulz") for the weight
-    matrices of the LLM's blocks; AdamW, unchanged, for everything else (embeddings, head,
-    norms, projector), as Muon's authors prescribe.
+    """Muon (Jordan et al. 2024) for the weight matrices of the LLM's blocks; AdamW, unchanged,
+    for the rest (embeddings, head, norms, projector), as Muon's authors prescribe. A matrix's
+    gradient is nearly low-rank; Muon replaces the momentum G = U S V^T by about U V^T, so rare
+    directions learn as fast as common ones. Per matrix W (rows x cols), as torch.optim.Muon:
+        m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m                 (Nesterov momentum)
+        W -= lr * 0.2 * sqrt(max(rows, cols)) * newton_schulz(u)  (an AdamW step's RMS: one --lr)
+    after the decoupled weight decay W *= 1 - lr * wd.
 
-    Why: the gradient of a weight matrix is nearly low-rank, a few directions dominate it, and
-    an elementwise optimizer spends most of each step on those. Muon replaces the momentum
-    G = U S V^T by roughly U V^T, every singular value ~1, so rare directions learn as fast as
-    common ones (in the tiny preset: a shape's colour or place, looked up from image tokens).
-
-    The update, per matrix W (rows x cols) and step, is torch.optim.Muon's (a test compares):
-        m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m          (Nesterov momentum)
-        O = newton_schulz(u)                               (~ U V^T, 5 iterations, bf16 on a GPU)
-        W -= lr * 0.2 * sqrt(max(rows, cols)) * O           (the RMS of an AdamW step, so one --lr
-                                                            and one schedule serve both)
-    with decoupled weight decay W *= 1 - lr * wd first, as AdamW.
-
-    On our shards. Each block is one flat fp32 shard per rank (ShardedUnit), with its norms'
-    gains in the same vector, and a matrix may straddle two ranks. So:
-      1. The matrices' elements are masked out of the gradient before AdamW's step: with a zero
-         gradient and zero moments, AdamW moves them by its weight decay alone, which is Muon's
-         decay too; the gains get an ordinary AdamW step from the same kernel.
-      2. The momentum is elementwise, so it lives in the shard like AdamW's moments (and is
-         checkpointed and re-cut the same way).
-      3. Newton-Schulz needs whole matrices: each rank all-gathers the block's Nesterov update
-         (one fp32 all-gather per block per step), orthogonalises every matrix, and steps its own
-         slice. Every rank does the same products; in exchange the update needs one collective.
+    On our shards (a block's matrices and norm gains in one flat vector per rank; a matrix may
+    straddle two ranks) the matrices are masked out of the gradient, so AdamW's step only decays
+    them; the momentum lives in the shard like AdamW's moments (checkpointed, re-cut); each rank
+    all-gathers the block's update, orthogonalises every matrix and steps its own slice.
     """
 
     def __init__(self, groups, matrix_units, momentum=0.95, ns_steps=5, ns_dtype=torch.bfloat16, **adamw):
         super().__init__(groups, **adamw)
-        self.momentum, self.ns_steps, self.ns_dtype = momentum, ns_steps, ns_dtype
-        self.units = matrix_units
-        self.masks = {}  # shard -> bool over its elements: True where a block matrix lives
+        self.units, self.momentum, self.ns_steps, self.ns_dtype = matrix_units, momentum, ns_steps, ns_dtype
+        self.masks, self.same_shape = {}, {}  # shard -> True where a matrix lives; shape -> [(unit, offset)]
         for u in matrix_units:
             mask = torch.zeros(u.shard_size * u.world, dtype=torch.bool)
             for _, _, offset, shape, _ in u.slots:
                 if len(shape) == 2:
                     mask[offset:offset + shape.numel()] = True
+                    self.same_shape.setdefault(tuple(shape), []).append((u, offset))
             self.masks[u.shard] = mask[u.rank * u.shard_size:(u.rank + 1) * u.shard_size].to(u.shard.device)
 
     @torch.no_grad()
-    def step(self):
+    def step(self):  # every block ran, so every matrix unit has its gradient
         lr = {id(p): g["lr"] for g in self.param_groups for p in g["params"]}
-        matrix_grads = []
+        matrix_grads = [(u, u.shard.grad * self.masks[u.shard]) for u in self.units]
         for u in self.units:
-            if u.shard.grad is not None:
-                matrix_grads.append((u, u.shard.grad * self.masks[u.shard]))
-                u.shard.grad.masked_fill_(self.masks[u.shard], 0.0)
+            u.shard.grad.masked_fill_(self.masks[u.shard], 0.0)
         super().step()
-        updates, same_shape = {}, {}  # unit -> its whole Nesterov update; shape -> [(unit, offset)]
+        updates = {}  # unit -> its whole Nesterov update
         for u, g in matrix_grads:
             m = self.state[u.shard].setdefault("momentum_buffer", torch.zeros_like(u.shard))
             m.lerp_(g, 1 - self.momentum)
             updates[u] = u.gather_flat(g.lerp_(m, self.momentum))
-            for _, _, offset, shape, _ in u.slots:
-                if len(shape) == 2:
-                    same_shape.setdefault(tuple(shape), []).append((u, offset))
         out = {u: torch.zeros_like(update) for u, update in updates.items()}
         # One batched Newton-Schulz per shape (every block's q, every block's k, ...): a few
         # large matrix products instead of many small ones.
-        for shape, where in same_shape.items():
+        for shape, where in self.same_shape.items():
             n, scale = math.prod(shape), 0.2 * math.sqrt(max(shape))
             stack = torch.stack([updates[u][offset:offset + n].view(shape) for u, offset in where])
             ortho = newton_schulz(stack, self.ns_steps, self.ns_dtype)  # [matrices, rows, cols]
@@ -280,9 +242,7 @@ class Muon(torch.optim.AdamW):
 
 
 def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750, 2.0315), eps=1e-7):
-    """~U V^T of each matrix g[i] = U S V^T ([matrices, rows, cols]) by a quintic Newton-Schulz
-    iteration (Muon's: its coefficients push small singular values up fast and leave all of
-    them in ~[0.7, 1.2])."""
+    """~U V^T of each matrix g[i] = U S V^T ([matrices, rows, cols]): Muon's quintic iteration."""
     a, b, c = coefficients
     x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
@@ -295,9 +255,7 @@ def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750,
 
 
 def wants_compiled_elementwise(cfg, device):
-    """--compile-elementwise: torch.compile'd RMSNorm, RoPE and SwiGLU (llama.compile_elementwise
-    says why); "auto" = on with CUDA if Triton, which torch.compile writes GPU kernels in, is
-    installed; otherwise eager."""
+    """--compile-elementwise auto: on with CUDA if Triton (torch.compile's GPU kernels) is there."""
     if cfg.compile_elementwise != "auto":
         return cfg.compile_elementwise == "on"
     import importlib.util
@@ -308,10 +266,9 @@ def wants_compiled_elementwise(cfg, device):
 # Data: which samples each rank sees at each step (a pure function of seed, step and world)
 
 def epoch_order(n, seed, epoch, global_batch=None, modality_lengths=None):
-    """The order of the samples in one epoch: a seeded permutation. With modality_lengths
-    (the official `group_by_modality_length`: word counts, negative for text-only records) it
-    is cut into global batches of one modality each (leftovers of both share the last batch,
-    which floor(n / global_batch) then drops), and the batches are shuffled."""
+    """One epoch's order: a seeded permutation. With modality_lengths (the official
+    group_by_modality_length: word counts, negative for text-only records) it is cut into shuffled
+    global batches of one modality (leftovers share the last, which n // global_batch drops)."""
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     if modality_lengths is None:
@@ -329,24 +286,21 @@ def epoch_order(n, seed, epoch, global_batch=None, modality_lengths=None):
 def group_by_length(idx, lengths, world, micro_batch):
     """Reorder one global batch so every micro-batch holds samples of similar length (less
     padding) and every rank gets a share of short and long ones: sort, cut into runs of
-    world x micro_batch, deal each run out to the ranks. The set of samples is unchanged, so
-    the step's gradient is too."""
+    world x micro_batch, deal each run out to the ranks. The samples, so the gradient, stay."""
     idx = sorted(idx, key=lambda i: -abs(lengths[i]))
     runs = [idx[k:k + world * micro_batch] for k in range(0, len(idx), world * micro_batch)]
     return [i for r in range(world) for run in runs for i in run[r * micro_batch:(r + 1) * micro_batch]]
 
 
 class MicroBatches(torch.utils.data.Sampler):
-    """Yields, for this rank, the index lists of its micro-batches from `start_step` on. The
-    global batch of a step is the same whatever the world size, so a run resumed on a
-    different number of ranks continues with the same samples."""
+    """This rank's micro-batches (index lists) from `start_step` on. A step's global batch is the
+    same whatever the world size: a run resumed on other ranks continues with the same samples."""
 
     def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch, modality_lengths=None):
         self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
-        self.start, self.total, self.spe = start_step, total_steps, steps_per_epoch
+        self.start, self.total, self.spe, self.lengths = start_step, total_steps, steps_per_epoch, modality_lengths
         self.per_rank = cfg.global_batch // world
         self.accum = math.ceil(self.per_rank / cfg.micro_batch)
-        self.lengths = modality_lengths
         self._epoch = (None, None)
 
     def global_batch(self, step):
@@ -364,55 +318,51 @@ class MicroBatches(torch.utils.data.Sampler):
             for j in range(self.accum):
                 yield mine[j * self.cfg.micro_batch:(j + 1) * self.cfg.micro_batch]
 
-    def __len__(self):
-        return (self.total - self.start) * self.accum
-
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints: a llava-hf directory + per-rank optimizer shards + train_state.json
+
+OPTIM_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # AdamW's moments, Muon's momentum
+
 
 def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
     """Write to `path.tmp/` and rename when every rank is done: a crash mid-write leaves the
     previous checkpoint as it was."""
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     state = full_state()  # collective: every rank takes part
     if rank == 0:
-        model.save_pretrained(tmp, only_projector=cfg.stage == 1, bases=bases(cfg), state=state)
+        save_model(model, cfg, tmp, state)
     tensors = {"rng/torch": torch.get_rng_state()}
     for name, p in stepped(model, sharded):  # the master weights and the optimizer's state of each
         st = optimizer.state.get(p, {})
         for k, t in [("master", p.detach())] + [(k, st[k]) for k in OPTIM_STATE if k in st]:
-            tensors[f"{name}/{k}"] = local(t).float().cpu()
-    from safetensors.torch import save_file
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / f"optim-rank{rank:05d}.safetensors"),
-              metadata={"world_size": str(world), "rank": str(rank), "fsdp": cfg.fsdp})
+            tensors[f"{name}/{k}"] = local(t).float().cpu().contiguous()
+    save_file(tensors, str(tmp / f"optim-rank{rank:05d}.safetensors"))
     dist.barrier()
     if rank == 0:
-        write_json_atomic(tmp / "train_state.json", {"step": step, "world_size": world,
-                                                    "fsdp": cfg.fsdp, "config": asdict(cfg)})
+        write_json_atomic(tmp / "train_state.json", {"step": step, "world_size": world, "config": asdict(cfg)})
+        shutil.rmtree(old, ignore_errors=True)
         if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
-OPTIM_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # AdamW's moments, Muon's momentum
+def save_model(model, cfg, path, state):
+    """A llava-hf directory; stage 1's holds the projector and names its vision tower and LLM."""
+    model.save_pretrained(path, only_projector=cfg.stage == 1, bases={"vision": cfg.clip, "llm": cfg.llm},
+                          state=state)
 
 
 def stepped(model, sharded):
-    """(name, tensor) of what this rank's optimizer steps: our FSDP's flat shards, or FSDP2's
-    DTensor parameters (whose local pieces are this rank's)."""
+    """(name, tensor) this rank's optimizer steps: our FSDP's flat shards, or FSDP2's DTensors."""
     if sharded is not None:
         return [(u.name, u.shard) for u in sharded]
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -422,15 +372,13 @@ def local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def rotate_checkpoints(out, keep):
-    ckpts = sorted(Path(out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
-    for old in ckpts[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def checkpoints(out):
+    """The checkpoint-N directories under out, oldest first."""
+    return sorted(Path(out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def checkpoint_problem(path):
     """None for a complete, readable checkpoint; else what is wrong with it, naming the file."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_dir():
         return f"{path}: no such directory"
@@ -438,14 +386,13 @@ def checkpoint_problem(path):
         return f"{path} is not a checkpoint (no train_state.json)"
     try:
         state = read_json(path / "train_state.json", "checkpoint state")
-        world = int(state["world_size"]), int(state["step"]), dict(state["config"])
+        world, _, _ = int(state["world_size"]), int(state["step"]), dict(state["config"])
     except WeightsError as e:
         return str(e)
     except (KeyError, TypeError, ValueError):
         return f"{path / 'train_state.json'} lacks its step, world_size or config"
-    needed = [path / f for f in ("config.json", "tokenizer.model")]  # the resumed run copies its tokenizer
-    needed += [path / f"optim-rank{r:05d}.safetensors" for r in range(world[0])]
-    missing = [f.name for f in needed if not f.is_file()]
+    needed = ["config.json", "tokenizer.model"] + [f"optim-rank{r:05d}.safetensors" for r in range(world)]
+    missing = [f for f in needed if not (path / f).is_file()]  # (the resumed run copies its tokenizer)
     if missing or not list(path.glob("model*.safetensors")):
         return f"{path} is incomplete: no {', '.join(missing) or 'model.safetensors'}"
     for f in sorted(path.glob("*.safetensors")):
@@ -453,64 +400,51 @@ def checkpoint_problem(path):
             safe_open(str(f), "pt")  # reads the header and checks the file holds all it promises
         except Exception as e:  # safetensors' error type differs between its versions
             return f"{f} is unreadable ({str(e).splitlines()[0][:120]})"
-    return None
 
 
-# What may differ when a run is resumed: where and how often it writes and logs, and how it
-# computes the same steps. Anything else (data, schedule, batches, learning rates, model) would
-# continue a different run from the middle of this one.
+# What a resumed run may change: where and how often it writes and logs, how it computes the same
+# steps. Anything else (data, schedule, batches, learning rates, model) would be another run.
 RESUME_MAY_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_every", "stop_at", "num_workers",
                      "threads", "dist_timeout", "device", "micro_batch", "grad_ckpt",
                      "compile_elementwise", "max_bad_share"}
 
 
 def find_resume(cfg):
-    """The checkpoint --resume names (auto: the newest complete, readable one under --out, None
-    if there is none), refused when it cannot be read or belongs to a differently configured run."""
+    """The checkpoint --resume names (auto: the newest readable one under --out, None if there is
+    none), refused when it cannot be read or belongs to a differently configured run."""
+    path, problem = Path(cfg.resume), None
     if cfg.resume == "auto":
-        ckpts = sorted(Path(cfg.out).glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = checkpoints(cfg.out)
         for path in reversed(ckpts):
-            problem = checkpoint_problem(path)
-            if problem is None:
+            if (problem := checkpoint_problem(path)) is None:
                 break
             log0(f"--resume auto: skipping {path.name}: {problem}")
-        else:
-            if ckpts:  # starting over here would erase the run's log: the user decides
-                raise SystemExit(f"--resume auto: no checkpoint under {cfg.out} can be read (above); "
-                                 "start over with --overwrite instead of --resume, or use another --out")
+        if not ckpts:
             return None
-    else:
-        path, problem = Path(cfg.resume), checkpoint_problem(cfg.resume)
-        if problem:
-            raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another checkpoint (--resume auto "
-                             "takes the newest readable one)")
-    saved, now = json.loads((path / "train_state.json").read_text())["config"], json.loads(json.dumps(asdict(cfg)))
+        if problem:  # starting over here would erase the run's log: the user decides
+            raise SystemExit(f"--resume auto: no checkpoint under {cfg.out} can be read (above); "
+                             "start over with --overwrite instead of --resume, or use another --out")
+    elif problem := checkpoint_problem(path):
+        raise SystemExit(f"--resume {cfg.resume}: {problem}; resume from another one, or with --resume auto")
+    saved = read_json(path / "train_state.json", "checkpoint state")["config"]
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples as lists, as they were saved
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
-        raise SystemExit(f"{path} belongs to a run with {diff}: resume it with those values, or start a new "
-                         "run in another --out")
+        raise SystemExit(f"{path} belongs to a run with {diff}: resume with those values, or start anew in "
+                         "another --out")
     return path
 
 
 def load_resume_state(path, optimizer, sharded, model):
-    """Restore the master weights and the optimizer's state, re-cutting our FSDP's shards when
-    the checkpoint was written by a different number of ranks."""
-    from safetensors import safe_open
-    meta = json.loads((path / "train_state.json").read_text())  # checked by find_resume
-    old_world = meta["world_size"]
-    files = [path / f"optim-rank{r:05d}.safetensors" for r in range(old_world)]
-    handles = [safe_open(str(f), "pt") for f in files]
-    rank = dist.get_rank()
-    step_count = torch.tensor(float(meta["step"]))
-    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
-
-    def step_for(p):  # as torch's own load_state_dict: fused/capturable AdamW count on the device;
-        # one tensor per parameter either way (the fused kernel increments each in place)
-        return step_count.to(p.device, copy=True) if on_device else step_count.clone()
-
+    """Restore the master weights and the optimizer's state; our FSDP's shards re-cut for this world."""
+    meta = read_json(path / "train_state.json", "checkpoint state")  # checked by find_resume
+    old_world, rank = meta["world_size"], dist.get_rank()
     if sharded is None and old_world != dist.get_world_size():
         raise SystemExit("--fsdp torch resumes on the same number of ranks only; use --fsdp ours to change it")
+    handles = [safe_open(str(path / f"optim-rank{r:05d}.safetensors"), "pt") for r in range(old_world)]
+    # as torch's own load_state_dict: fused/capturable AdamW count steps on the device, one tensor a parameter
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
     units = {u.name: u for u in sharded or []}
     for name, p in stepped(model, sharded):
         for k in ("master",) + OPTIM_STATE:
@@ -529,34 +463,26 @@ def load_resume_state(path, optimizer, sharded, model):
             else:
                 optimizer.state[p][k] = torch.zeros_like(p.data)
                 local(optimizer.state[p][k]).copy_(mine)
-                optimizer.state[p]["step"] = step_for(p)
-    h = handles[rank] if rank < old_world else handles[0]
-    torch.set_rng_state(h.get_tensor("rng/torch"))
+                optimizer.state[p]["step"] = torch.tensor(float(meta["step"]), device=p.device if on_device else None)
+    torch.set_rng_state(handles[rank if rank < old_world else 0].get_tensor("rng/torch"))
     return meta["step"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Logging helpers
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-                   "4090": 165e12}  # dense bf16 peak per GPU, for MFU
-
+# What a step costs (MFU) and the loss curve
 
 def device_peak_flops(device):
+    """A GPU's dense bf16 peak FLOP/s, for MFU (None where unknown: a CPU)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
-
-
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
+    peaks = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+    return next((flops for key, flops in peaks.items() if key in name), None)
 
 
 def flop_params(model):
-    """The parameter counts step_flops multiplies, taken before shard_model moves the params out
-    of the modules: weights that enter a matrix product (CLIP's patch embedding and the blocks
-    that run; the LLM's blocks, and its LM head apart, run on the supervised positions alone).
-    Embedding tables are lookups and cost no FLOPs; the norms' few weights are counted."""
-    vt, llm = model.vision_tower, model.llm
+    """The weights of matrix products step_flops multiplies (taken before shard_model): CLIP's patch
+    embedding and the blocks that run, the LLM's blocks, its LM head apart (it runs on supervised
+    positions only). Embedding tables are lookups, no FLOPs; the norms' few weights are counted."""
+    vt, llm, count_params = model.vision_tower, model.llm, lambda m: sum(p.numel() for p in m.parameters())
     blocks = vt.num_blocks_for(model.config.vision_feature_layer)
     head = llm.lm_head.weight.numel()
     embed = 0 if llm.config.tie_word_embeddings else llm.embed_tokens.weight.numel()  # tied: one table
@@ -578,8 +504,7 @@ def step_flops(model_cfg, counts, stage, text_tokens, supervised_tokens, images,
     k = 6 if stage == 2 else 4
     flops = 2 * counts["vision"] * patches * images + 6 * counts["projector"] * model_cfg.num_patches * images
     flops += k * counts["llm"] * text_tokens + k * counts["lm_head"] * supervised_tokens
-    flops += 12 * L * d * seq_len * text_tokens / 2
-    return flops
+    return flops + 12 * L * d * seq_len * text_tokens / 2
 
 
 def logged_losses(log_path):
@@ -599,9 +524,8 @@ def nice_ticks(lo, hi, log):
 
 
 def draw_loss_curve(stages, path):
-    """stages: [(name, per-step losses)] -> a PNG (pillow alone) of the stages one after another
-    on a shared step axis, on a log axis: the raw loss in a light line under its centred running
-    average over about 5% of the stage's steps."""
+    """stages: [(name, per-step losses)] -> a PNG (pillow alone): the stages one after another, the
+    raw loss light under its centred running average (~5% of the stage's steps), on a log axis."""
     from PIL import Image, ImageDraw
     W, H, left, right, top, bottom = 800, 420, 60, 20, 30, 40
     img = Image.new("RGB", (W, H), "white")
@@ -624,8 +548,8 @@ def draw_loss_curve(stages, path):
     for k, (name, curve) in enumerate(stages):
         colour, w = colours[k % 4], max(1, len(curve) // 40)
         logs = [math.log(max(v, lo)) for v in curve]  # the average of log losses sits mid-band
-        smooth = [math.exp(sum(logs[max(0, i - w):i + w + 1]) / len(logs[max(0, i - w):i + w + 1]))
-                  for i in range(len(curve))]
+        smooth = [math.exp(sum(part) / len(part)) for part in
+                  (logs[max(0, i - w):i + w + 1] for i in range(len(curve)))]
         points = lambda vs: [(x(start + i), y(v)) for i, v in enumerate(vs)]
         if len(curve) > 1:
             d.line(points(curve), fill=tuple(c + (255 - c) * 2 // 3 for c in colour), width=1)
@@ -641,12 +565,58 @@ def draw_loss_curve(stages, path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Building the model for a stage
+# Before the first step: the inputs checked, the model built, the output directory claimed
+
+def training_data(cfg):
+    """What --data names -> (records, image folder), checked before any model is built or
+    downloaded; "scienceqa" converts the release under --scienceqa-root on the fly."""
+    if not cfg.data:
+        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON/JSONL file or scienceqa (or a --preset)")
+    if cfg.data == "scienceqa":
+        root = Path(cfg.scienceqa_root)
+        if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
+            raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and "
+                             "pid_splits.json")
+        return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", "train",
+                                       image_root=root / "images", answer_first=cfg.answer_first), root / "images"
+    records = data.read_records(cfg.data)
+    if not records:
+        raise SystemExit(f"--data {cfg.data} holds no records")
+    folder = Path(cfg.image_folder or ".")
+    if cfg.image_folder and not folder.is_dir():
+        raise SystemExit(f"--image-folder {cfg.image_folder}: no such directory")
+    with_image = [r["image"] for r in records[:2000] if isinstance(r, dict) and isinstance(r.get("image"), str)][:20]
+    if with_image and not any((folder / i).is_file() for i in with_image):
+        flag = (f"--image-folder {cfg.image_folder}" if cfg.image_folder else
+                "no --image-folder (the current directory)")
+        raise SystemExit(f"{cfg.data}: none of the first {len(with_image)} images is under {flag}, e.g. "
+                         f"{folder / with_image[0]}; give the folder the records' 'image' paths start from")
+    return records, folder
+
+
+def check_sources(cfg):
+    """--init, --clip and --llm name something that exists (or a Hub name, fetched later)."""
+    if cfg.init and cfg.stage == 1:
+        raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
+    if cfg.init and Path(cfg.init).exists():
+        config = Path(cfg.init) / "config.json"
+        if not config.is_file() or read_json(config, "LLaVA config").get("model_type") != "llava":
+            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no llava config.json)")
+    named = {"--init": cfg.init} if cfg.init else {"--clip": cfg.clip, "--llm": cfg.llm}
+    for flag, name in named.items():
+        if not Path(name).expanduser().exists() and not is_hub_name(name):
+            raise SystemExit(f"{flag} {name}: no such directory, and not a Hub name like org/name")
+
 
 def build_model(cfg, resume=None):
-    """A checkpoint's model when resuming (a projector-only llava-hf directory in stage 1). Else
-    stage 1: CLIP + LLM + fresh projector; stage 2: a stage-1 output (or any llava-hf dir) or,
-    as the paper's ablation without stage 1, CLIP + LLM + a fresh projector."""
+    """A checkpoint's model when resuming; else --init's (stage 2), or CLIP + LLM + a fresh
+    projector (stage 1, and stage 2 without stage 1: the paper's ablation)."""
+
+    def fetch_for(flag, name, **kw):  # weights.fetch, its errors naming the flag
+        try:
+            return fetch(name, **kw)
+        except WeightsError as e:
+            raise WeightsError(f"{flag} {name}: {e}") from None
     if resume is not None:
         model = LLaVA.from_pretrained(resume)
     elif cfg.stage == 1 or not cfg.init:
@@ -660,82 +630,86 @@ def build_model(cfg, resume=None):
     return model
 
 
-def bases(cfg):
-    """Where stage 1's saved projector finds its vision tower and LLM."""
-    return {"vision": cfg.clip, "llm": cfg.llm}
-
-
-def training_data(cfg):
-    """What --data names -> (records, image folder), checked before any model is built or
-    downloaded. "scienceqa" converts the release under --scienceqa-root on the fly
-    (data.scienceqa_to_llava, split --scienceqa-split; reasoning-first targets, answer-first
-    with --answer-first); its images are under images/."""
-    if not cfg.data:
-        raise SystemExit(f"stage {cfg.stage} needs --data: a LLaVA JSON or JSONL file (or scienceqa); "
-                         "python train.py --preset tiny runs without one")
-    if cfg.data == "scienceqa":
-        root = Path(cfg.scienceqa_root)
-        if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
-            raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and pid_splits.json")
-        return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", cfg.scienceqa_split,
-                                       image_root=root / "images", answer_first=cfg.answer_first), root / "images"
-    records = data.read_records(cfg.data)
-    if not records:
-        raise SystemExit(f"--data {cfg.data} holds no records")
-    folder = Path(cfg.image_folder or ".")
-    if cfg.image_folder and not folder.is_dir():
-        raise SystemExit(f"--image-folder {cfg.image_folder}: no such directory")
-    with_image = [r["image"] for r in records[:2000] if isinstance(r, dict) and isinstance(r.get("image"), str)][:20]
-    if with_image and not any((folder / i).is_file() for i in with_image):
-        flag = f"--image-folder {cfg.image_folder}" if cfg.image_folder else "no --image-folder (the current directory)"
-        raise SystemExit(f"{cfg.data}: none of the first {len(with_image)} images is under {flag}, e.g. "
-                         f"{folder / with_image[0]}; give the folder the records' 'image' paths start from")
-    return records, folder
-
-
-def check_sources(cfg):
-    """--init, --resume, --clip and --llm name something that exists (or a Hub name, fetched
-    later), before anything is downloaded or built."""
-    if cfg.init and cfg.stage == 1:
-        raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
-    if cfg.init and Path(cfg.init).exists():
-        config = Path(cfg.init) / "config.json"
-        if not config.is_file() or read_json(config, "LLaVA config").get("model_type") != "llava":
-            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no config.json "
-                             "with model_type llava)")
-    named = {"--init": cfg.init} if cfg.init else {"--clip": cfg.clip, "--llm": cfg.llm}
-    for flag, name in named.items():
-        if not Path(name).expanduser().exists() and not is_hub_name(name):
-            raise SystemExit(f"{flag} {name}: no such directory, and not a Hub name like org/name")
-
-
-def fetch_for(flag, name, **kw):
-    """weights.fetch, its errors naming the flag that asked for the model."""
-    try:
-        return fetch(name, **kw)
-    except WeightsError as e:
-        raise WeightsError(f"{flag} {name}: {e}") from None
-
-
-RUN_FILES = ("train_config.json", "train_log.jsonl", "config.json", "train_state.json")
-
-
 def claim_out(cfg, rank):
-    """Refuse an --out that holds another run's output, unless this run continues it (--resume)
-    or starts over (--overwrite: its checkpoints and log are removed; the rest is overwritten)."""
-    out = Path(cfg.out)
-    previous = sorted(p.name for p in out.glob("*") if p.name in RUN_FILES or p.name.startswith("checkpoint-"))
+    """Refuse an --out that holds another run, unless this run continues it (--resume) or starts
+    over (--overwrite: its checkpoints and log are removed; the rest is overwritten)."""
+    out, files = Path(cfg.out), ("train_config.json", "train_log.jsonl", "config.json", "train_state.json")
+    previous = sorted(p.name for p in out.glob("*") if p.name in files or p.name.startswith("checkpoint-"))
     if not previous or cfg.resume:
         return
     if not cfg.overwrite:
         raise SystemExit(f"--out {out} holds another run ({', '.join(previous[:3])}): continue it with "
                          "--resume auto, start over with --overwrite, or choose another --out")
     if rank == 0:
-        for name in previous:
-            if name.startswith("checkpoint-"):
-                shutil.rmtree(out / name, ignore_errors=True)
+        for path in out.glob("checkpoint-*"):
+            shutil.rmtree(path, ignore_errors=True)
         (out / "train_log.jsonl").unlink(missing_ok=True)
     dist.barrier()
+
+
+def truncate_log(path, step):
+    """Keep the log's lines up to `step`: a run resumed from an older checkpoint redoes the rest."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True) if path.exists() else []:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a kill goes
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+class Run:
+    """What one run holds, set up before its first step: the output claimed, the model built (or
+    restored), its tokenizer beside the run, the dataset, shards, optimizer, the step to start at."""
+
+    def __init__(self, cfg):
+        records, image_folder = training_data(cfg)
+        check_sources(cfg)
+        self.cfg, (self.device, self.rank, self.world) = cfg, init_distributed(cfg)
+        claim_out(cfg, self.rank)
+        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+        log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
+        if cfg.global_batch % self.world:
+            raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {self.world} ranks")
+        resume = find_resume(cfg) if cfg.resume else None
+        if cfg.resume and resume is None:
+            log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
+        self.model = model = build_model(cfg, resume)
+        self.out, self.log_path = Path(cfg.out), Path(cfg.out) / "train_log.jsonl"
+        # Only now, so a run that could not start leaves nothing behind. What the run writes reads
+        # its tokenizer from out, never from a checkpoint that rotation may delete.
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.out / "train_config.json", asdict(cfg))
+            write_tokenizer_files(model.tokenizer_dir, self.out, model.config)
+        dist.barrier()
+        model.tokenizer_dir = self.out
+        tokenizer = Tokenizer(self.out)
+        rule = '"</s>▁USER", as LLaVA-1.5 was trained' if tokenizer.legacy else '"</s>USER", today\'s rule'
+        log0(f"tokenizer {self.out}: legacy={tokenizer.legacy} ({rule})")
+        self.dataset = data.LazySupervisedDataset(
+            records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
+            num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
+        n = len(self.dataset)
+        if n < cfg.global_batch:
+            raise SystemExit(f"{cfg.data} has {n} samples, fewer than --global-batch {cfg.global_batch}")
+        self.total = cfg.max_steps or max(1, int(round(n // cfg.global_batch * cfg.epochs)))
+        self.warmup, self.flop_params = math.ceil(cfg.warmup_ratio * self.total), flop_params(model)
+        model.train()
+        self.dtype = dtype_for(self.device, cfg.dtype)
+        self.params, self.full_state, self.sharded = shard_model(model, cfg, self.device, self.dtype)
+        self.optimizer = make_optimizer(self.params, self.sharded, model, cfg)
+        self.start = load_resume_state(resume, self.optimizer, self.sharded, model) if resume else 0
+        if self.rank == 0:
+            truncate_log(self.log_path, self.start)
+        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total, n // cfg.global_batch,
+                                    self.dataset.modality_lengths if cfg.group_by_modality_length else None)
+        log0(f"{n} samples, {self.total} steps of {cfg.global_batch} ({self.world} ranks x {self.sampler.accum} "
+             f"micro-batches of {cfg.micro_batch}), {sum(local(p).numel() for p in self.params) / 1e6:.2f}M "
+             f"trainable params on rank 0, starting at step {self.start}")
+        self.bad = self.seen = 0  # samples, all ranks, since this process started
+        self.stop = None  # the signal that asked the run to stop
 
 
 # ------------------------------------------------------------------------------------------------
@@ -751,142 +725,33 @@ class Stop(KeyboardInterrupt):
         self.why = why
 
 
-def ignore_stop_signals(worker_id):
-    """DataLoader workers ignore Ctrl-C and SIGTERM: a terminal's Ctrl-C reaches the whole
-    process group, and a worker that died of it would end the run before it could save."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-BAD_DATA_HINTS = {
-    "missing_image": "are the records' 'image' paths relative to --image-folder {image_folder}?",
-    "unreadable_record": "are the records LLaVA's {{'image', 'conversations': [{{'from', 'value'}}, ...]}}?",
-}
-
-
 def bad_data_problem(cfg, skips, bad, seen, n):
     """None while the data trains; else why the run stops: no sample seen so far was trainable,
     or more than --max-bad-share of them were bad (judged from min(200, n) samples on)."""
     if bad < seen and (seen < min(200, n) or bad <= cfg.max_bad_share * seen):
         return None
     counts = skips.counts()
-    worst = max(counts, key=counts.get, default=None)
-    hint = BAD_DATA_HINTS.get(worst, "the first skipped records are printed above").format(
-        image_folder=cfg.image_folder or "(none: the current directory)")
+    hint = {"missing_image": f"are the records' 'image' paths relative to --image-folder "
+                             f"{cfg.image_folder or '(none: the current directory)'}?",
+            "unreadable_record": "are the records LLaVA's {'image', 'conversations': [{'from', 'value'}, ...]}?",
+            }.get(max(counts, key=counts.get, default=None), "the first skipped records are printed above")
     what = ("no sample of the first batch can be trained on" if bad == seen else
             f"{bad} of the {seen} samples seen are bad, more than --max-bad-share {cfg.max_bad_share}")
     return f"{cfg.data}: {what} ({skips.summary(n)}); {hint}"
-
-
-def truncate_log(path, step):
-    """Keep the log's lines up to `step`: a run resumed from an older checkpoint redoes the rest."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError, TypeError):  # a line torn by a kill
-            pass
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-
-
-@dataclass
-class Run:
-    """What one run holds from its first step to its last: start_run builds it, the step
-    functions below read it. A record, not a class with behaviour: the loop is train()."""
-    cfg: TrainConfig
-    out: Path
-    device: torch.device
-    rank: int
-    world: int
-    dtype: torch.dtype
-    model: LLaVA
-    dataset: data.LazySupervisedDataset
-    params: list          # the trainable tensors this rank updates (shards under our FSDP)
-    full_state: object    # () -> the full trainable state dict, a collective
-    sharded: list | None  # our FSDP's units, None otherwise
-    optimizer: torch.optim.Optimizer
-    sampler: "MicroBatches"
-    total: int            # steps
-    warmup: int
-    start: int            # the step a resumed run continues after
-    flop_params: dict
-    bad: int = 0          # samples, all ranks, since this process started
-    seen: int = 0
-
-    @property
-    def log_path(self):
-        return self.out / "train_log.jsonl"
-
-
-def start_run(cfg):
-    """Everything before the first step: the inputs checked, the process group, the output
-    directory claimed, the model built (or restored from a checkpoint), the tokenizer written
-    beside the run, the dataset, the shards, the optimizer and the step to start from."""
-    records, image_folder = training_data(cfg)
-    check_sources(cfg)
-    device, rank, world = init_distributed(cfg)
-    claim_out(cfg, rank)
-    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    log0("config in effect:\n" + json.dumps(asdict(cfg), indent=1))
-    if cfg.global_batch % world:
-        raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {world} ranks")
-    resume = find_resume(cfg) if cfg.resume else None
-    if cfg.resume and resume is None:
-        log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
-    model = build_model(cfg, resume)
-    out = Path(cfg.out)
-    if rank == 0:  # only now: a run that could not start leaves no output behind. What the run
-        out.mkdir(parents=True, exist_ok=True)  # writes reads its tokenizer from out, never from a
-        write_json_atomic(out / "train_config.json", asdict(cfg))  # checkpoint rotation may delete
-        write_tokenizer_files(model.tokenizer_dir, out, model.config)
-    dist.barrier()
-    model.tokenizer_dir = out
-    tokenizer = Tokenizer(out)
-    log0(f"tokenizer {out}: legacy={tokenizer.legacy} ("
-         + ('"</s>▁USER", as the released LLaVA-1.5 was trained)' if tokenizer.legacy else '"</s>USER", today\'s rule)'))
-    dataset = data.LazySupervisedDataset(
-        records, image_folder, tokenizer, template=cfg.template, image_size=model.config.vision.image_size,
-        num_patches=model.config.num_patches, pad_to_square=model.config.pad_to_square, max_length=cfg.max_length)
-    n = len(dataset)
-    if n < cfg.global_batch:
-        raise SystemExit(f"{cfg.data} has {n} samples, fewer than --global-batch {cfg.global_batch}")
-    total = cfg.max_steps or max(1, int(round(n // cfg.global_batch * cfg.epochs)))
-    params_of = flop_params(model)
-    model.train()
-    dtype = dtype_for(device, cfg.dtype)
-    params, full_state, sharded = shard_model(model, cfg, device, dtype)
-    optimizer = make_optimizer(params, sharded, model, cfg)
-    start = load_resume_state(resume, optimizer, sharded, model) if resume else 0
-    if rank == 0:
-        truncate_log(out / "train_log.jsonl", start)
-    log0(f"{n} samples, {total} steps of {cfg.global_batch} ({world} ranks x "
-         f"{math.ceil(cfg.global_batch / world / cfg.micro_batch)} micro-batches of {cfg.micro_batch}), "
-         f"trainable {sum(p.numel() for p in params) * world / 1e6:.2f}M params (this rank holds "
-         f"{sum(local(p).numel() for p in params) / 1e6:.2f}M), starting at step {start}")
-    sampler = MicroBatches(n, cfg, rank, world, start, total, n // cfg.global_batch,
-                           dataset.modality_lengths if cfg.group_by_modality_length else None)
-    return Run(cfg, out, device, rank, world, dtype, model, dataset, params, full_state, sharded,
-               optimizer, sampler, total, math.ceil(cfg.warmup_ratio * total), start, params_of)
 
 
 def save(run, step):
     """checkpoint-{step}, then only the newest --keep of them stay."""
     save_checkpoint(run.out / f"checkpoint-{step}", run.model, run.cfg, run.full_state, run.optimizer,
                     run.sharded, step)
-    if run.rank == 0:
-        rotate_checkpoints(run.out, run.cfg.keep)
+    for old in checkpoints(run.out)[:-run.cfg.keep] if run.rank == 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def next_micro_batches(run, batches, step):
     """This rank's micro-batches of the step and the supervised tokens of the whole global batch
-    (the loss's normaliser). Bad samples are counted here, in the main process; a micro-batch
-    whose samples were all bad becomes one pad token with nothing to learn, so that the
-    collectives still run on every rank. Too much bad data stops the run, saved."""
+    (the loss's normaliser). Bad samples are counted here; a micro-batch of bad samples only
+    becomes one pad token with nothing to learn, so the collectives run on every rank."""
     micro = [next(batches) for _ in range(run.sampler.accum)]
     counts = torch.tensor([0.0, 0.0, 0.0])  # supervised tokens, bad and all samples
     for mb in micro:
@@ -898,11 +763,9 @@ def next_micro_batches(run, batches, step):
             mb.update(input_ids=torch.full((1, 1), run.model.config.pad_token_id), labels=torch.full((1, 1), -100))
         mb["positions"], mb["targets"] = supervised_positions(mb["labels"])  # where the LM head runs
         counts += torch.tensor([len(mb["targets"]), len(skipped), len(skipped) + len(mb["ids"])])
-    if run.world > 1:
-        dist.all_reduce(counts)
+    dist.all_reduce(counts)  # every run has a process group (of one without torchrun)
     run.bad, run.seen = run.bad + int(counts[1]), run.seen + int(counts[2])
-    problem = bad_data_problem(run.cfg, run.dataset.skips, run.bad, run.seen, len(run.dataset))
-    if problem:
+    if problem := bad_data_problem(run.cfg, run.dataset.skips, run.bad, run.seen, len(run.dataset)):
         if step > run.start:
             save(run, step)
             problem += f"; checkpoint-{step} saved, for --resume auto once the data is fixed"
@@ -911,16 +774,14 @@ def next_micro_batches(run, batches, step):
 
 
 def forward_backward(run, micro, n_tok, step):
-    """Gradients of the step's loss: the sum over supervised tokens of the whole global batch,
-    divided by their number, however the batch is split over ranks and micro-batches. ->
-    (the loss, [loss sum, text tokens, images] of all ranks)."""
+    """Gradients of the step's loss (summed over the global batch's supervised tokens, divided by
+    their number) -> (the loss, [loss sum, text tokens, images] of all ranks)."""
     denom = max(n_tok, 1.0)
     scale = run.world if run.cfg.fsdp == "torch" else 1  # FSDP2 averages its reduce-scatter
     mb_losses, text_tokens, images = [], 0, 0
     for mb in micro:
         ids, at, targets = (mb[k].to(run.device, non_blocking=True) for k in ("input_ids", "positions", "targets"))
-        px = mb["pixel_values"]
-        px = px.to(run.device, non_blocking=True) if px is not None else None
+        px = None if mb["pixel_values"] is None else mb["pixel_values"].to(run.device, non_blocking=True)
         with torch.autocast(run.device.type, dtype=run.dtype, enabled=run.dtype != torch.float32):
             logits, _ = run.model(ids, px, logits_at=at)  # [K,V]: the LM head on supervised positions only
         loss = token_loss(logits, targets)
@@ -931,8 +792,7 @@ def forward_backward(run, micro, n_tok, step):
         images += 0 if px is None else px.shape[0]
     stats = torch.tensor([float(torch.stack(mb_losses).double().sum()), float(text_tokens), float(images)],
                          dtype=torch.float64)
-    if run.world > 1:
-        dist.all_reduce(stats)
+    dist.all_reduce(stats)
     step_loss = float(stats[0]) / denom
     if not math.isfinite(step_loss):
         raise SystemExit(f"step {step}: loss is {step_loss}; samples of this rank's batch: "
@@ -942,14 +802,14 @@ def forward_backward(run, micro, n_tok, step):
 
 def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
     """One line of train_log.jsonl: loss, lr, gradient norm, speed, memory (and MFU on CUDA)."""
+    tokens = float(stats[1])
     record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(gnorm, 4),
-              "tokens_per_s": round(float(stats[1]) / seconds, 1)}
+              "tokens_per_s": round(tokens / seconds, 1)}
     if run.device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
         if peak:
-            seq = float(stats[1]) / max(1, run.cfg.global_batch)
-            flops = step_flops(run.model.config, run.flop_params, run.cfg.stage, float(stats[1]), n_tok,
-                               float(stats[2]), seq)
+            flops = step_flops(run.model.config, run.flop_params, run.cfg.stage, tokens, n_tok, float(stats[2]),
+                               tokens / max(1, run.cfg.global_batch))
             record["mfu"] = round(flops / seconds / (peak * run.world), 4)
     else:
         import resource
@@ -957,99 +817,84 @@ def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
     return record
 
 
-@contextlib.contextmanager
-def stop_signals():
-    """Ctrl-C and SIGTERM only set a flag: the loop ends its step, saves and stops."""
-    stop = {"sig": None}
-
-    def on_signal(sig, frame):
-        stop["sig"] = signal.Signals(sig).name
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def save_or_stop(run, step, stop):
-    """After a step: the periodic checkpoint, and the stop that every rank agrees on (a signal
-    may reach one rank only), saved first."""
+def save_or_stop(run, step):
+    """The periodic checkpoint, and a stop all ranks agree on (a signal may reach one only), saved."""
     cfg = run.cfg
     saved = cfg.save_every and step % cfg.save_every == 0 and step < run.total
     if saved:
         save(run, step)
-    if cfg.stop_at and step == cfg.stop_at and step < run.total:
-        stop["sig"] = "--stop-at"
-    flag = torch.tensor([1.0 if stop["sig"] else 0.0])
-    if run.world > 1:
-        dist.all_reduce(flag)
+    if step == cfg.stop_at and step < run.total:
+        run.stop = "--stop-at"
+    flag = torch.tensor([1.0 if run.stop else 0.0])
+    dist.all_reduce(flag)
     if float(flag) > 0 and step < run.total:
-        log0(f"{stop['sig'] or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
+        log0(f"{run.stop or 'a signal to another rank'}: saving checkpoint-{step} and stopping")
         if not saved:
             save(run, step)
-        raise Stop(stop["sig"] or "SIGTERM", step, run.out)
+        raise Stop(run.stop or "SIGTERM", step, run.out)
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers ignore Ctrl-C (sent to the process group) and SIGTERM: the run saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train(cfg):
     """One stage, start to end: -> the per-step losses of this process's steps."""
-    run = start_run(cfg)
+    run = Run(cfg)
     loader = torch.utils.data.DataLoader(
         run.dataset, batch_sampler=run.sampler, collate_fn=data.Collator(pad_id=run.model.config.pad_token_id),
         num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=run.device.type == "cuda",
         prefetch_factor=4 if cfg.num_workers > 0 else None)
     peak, losses, step = device_peak_flops(run.device), [], run.start
-    log_file = open(run.log_path, "a") if run.rank == 0 else None
-    bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=f"stage {cfg.stage}", leave=False)
     was_compiled = llama.compile_elementwise(wants_compiled_elementwise(cfg, run.device))
+
+    def on_signal(sig, frame):  # Ctrl-C and SIGTERM only set a flag: the loop ends its step, saves and stops
+        run.stop = signal.Signals(sig).name
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    log = open(run.log_path if run.rank == 0 else os.devnull, "a")  # the log is rank 0's
+    bar = tqdm(total=run.total, initial=step, disable=run.rank != 0, desc=f"stage {cfg.stage}", leave=False)
     try:
-        with stop_signals() as stop:
-            batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
-            while step < run.total:
-                t0 = time.perf_counter()
-                micro, n_tok = next_micro_batches(run, batches, step)
-                lr = lr_at(step, run.total, run.warmup, cfg.lr)
-                for g in run.optimizer.param_groups:
-                    g["lr"] = lr * g["lr_scale"]
-                loss, stats = forward_backward(run, micro, n_tok, step)
-                gnorm = clip_grad_norm(run.params, cfg.grad_clip, cfg.fsdp)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-                step += 1
-                record = step_record(run, step, loss, lr, gnorm, time.perf_counter() - t0, stats, n_tok, peak)
-                losses.append(loss)
-                if log_file:
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
-                    bar.update(1)
-                    if step % cfg.log_every == 0 or step == run.total:
-                        tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
-                save_or_stop(run, step, stop)
+        batches = iter(loader)  # after the handlers: a signal before a worker ignores it is ours
+        while step < run.total:
+            t0 = time.perf_counter()
+            micro, n_tok = next_micro_batches(run, batches, step)
+            lr = lr_at(step, run.total, run.warmup, cfg.lr)
+            for g in run.optimizer.param_groups:
+                g["lr"] = lr * g["lr_scale"]
+            loss, stats = forward_backward(run, micro, n_tok, step)
+            gnorm = clip_grad_norm(run.params, cfg.grad_clip, cfg.fsdp)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = step_record(run, step, loss, lr, gnorm, time.perf_counter() - t0, stats, n_tok, peak)
+            losses.append(loss)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.update(1)
+            if run.rank == 0 and (step % cfg.log_every == 0 or step == run.total):
+                tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
+            save_or_stop(run, step)
     finally:
-        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
         llama.compile_elementwise(was_compiled)
-        if log_file:
-            log_file.close()
-    finish(run, step)
-    return losses
-
-
-def finish(run, step):
-    """The last checkpoint, then the model itself (a llava-hf directory, or stage 1's projector),
-    the loss curve and the bad-data tally."""
-    save(run, step)
+        bar.close()
+        log.close()
+    save(run, step)  # the last checkpoint, then the model itself, the loss curve, the bad-data tally
     state = run.full_state()
     if run.rank == 0:
-        run.model.save_pretrained(run.out, only_projector=run.cfg.stage == 1, bases=bases(run.cfg), state=state)
-        draw_loss_curve([(f"stage {run.cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
+        save_model(run.model, cfg, run.out, state)
+        draw_loss_curve([(f"stage {cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
         log0(run.dataset.summary())
         log0(f"saved {run.out} (loss curve {run.out / 'loss.png'}, log {run.log_path})")
     dist.barrier()
+    return losses
 
 
 def lr_at(step, total, warmup, peak):
-    """Linear warmup from 0, then cosine to 0: transformers' get_cosine_schedule_with_warmup,
-    which the official LLaVA scripts use."""
+    """Linear warmup, then cosine to 0 (transformers' get_cosine_schedule_with_warmup, as LLaVA)."""
     if step < warmup:
         return peak * step / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -1057,34 +902,32 @@ def lr_at(step, total, warmup, peak):
 
 
 def main(argv=None):
-    """Known errors (a missing file, bad weights, bad data, a hub out of reach) end the run with
-    one line on rank 0 and exit status 1, no traceback. A run stopped by a signal exits with the
-    shell's status for it (130 for Ctrl-C, 143 for SIGTERM), by --stop-at with 0."""
+    """Known errors end the run with one line on rank 0 and exit status 1, no traceback; a signal
+    with the shell's status for it (130 for Ctrl-C, 143 for SIGTERM); --stop-at with 0."""
     cfg = parse_args(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
         if cfg.preset:
             import tiny  # the preset's chapter: it runs train() below, stage after stage
             tiny.run_tiny(cfg)
         else:
             train(cfg)
+        return
     except Stop as e:
-        print(e, file=sys.stderr, flush=True) if rank0 else None
-        raise SystemExit(0 if e.why == "--stop-at" else 128 + signal.Signals[e.why]) from None
+        code, said = 0 if e.why == "--stop-at" else 128 + signal.Signals[e.why], str(e)
     except KeyboardInterrupt:  # outside a training loop: what is saved stays saved
-        print("interrupted: no step was running, nothing more to save; --resume auto continues a run",
-              file=sys.stderr, flush=True) if rank0 else None
-        raise SystemExit(130) from None
+        code, said = 130, "interrupted: no step was running, nothing more to save; --resume auto continues a run"
     except (WeightsError, data.DataError, ImageError, SystemExit) as e:
         if isinstance(e, SystemExit) and not isinstance(e.code, str):
             raise
-        print(f"error: {e}", file=sys.stderr, flush=True) if rank0 else None
-        raise SystemExit(1) from None
+        code, said = 1, f"error: {e}"
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(said, file=sys.stderr, flush=True)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def test_recipes_fill_the_papers_defaults():
     c2 = train.parse_args(["--stage", "2", "--recipe", "v1.5", "--lr", "1e-4"])
     assert (c2.projector, c2.image_size, c2.pad_to_square, c2.lr, c2.global_batch, c2.epochs) == \
         ("mlp2x_gelu", 336, True, 1e-4, 128, 1)
+    assert train.parse_args(["--stage", "1", "--template", "vicuna_v1"]).template == "vicuna_v1"  # as asked
 
 
 def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
