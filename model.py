@@ -94,8 +94,7 @@ class Projector(nn.Module):
             self.linear_2 = nn.Linear(d_text, d_text)
 
     def forward(self, x):
-        x = self.linear_1(x)
-        return self.linear_2(F.gelu(x)) if self.kind == "mlp2x_gelu" else x
+        return self.linear_2(F.gelu(self.linear_1(x))) if self.kind == "mlp2x_gelu" else self.linear_1(x)
 
 
 class LLaVA(nn.Module):
@@ -156,10 +155,8 @@ class LLaVA(nn.Module):
         if state is not None:  # only now: a failed prefill leaves the conversation as it was
             state.cache = cache
             state.tokens += ids[0, len(state.tokens) - start:].tolist()
-        static = getattr(self, "_static_step", None)
-        if static is not None:  # the compiled path tracks slot and RoPE position as tensors
-            pos = torch.tensor([cache.pos], device=dev)
-            n_real = keep[:, :cache.pos].sum(-1, keepdim=True)  # [B,1] RoPE position of the next token
+        static = getattr(self, "_static_step", None)  # it tracks slot [1] and RoPE position [B,1] as tensors:
+        pos, n_real = torch.tensor([cache.pos], device=dev), keep[:, :cache.pos].sum(-1, keepdim=True)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         for i in range(max_new):
             nxt = sample_next(logits, temperature, top_p, generator)  # [B]
@@ -283,8 +280,6 @@ class LLaVA(nn.Module):
             write_tokenizer_files(Path(self.tokenizer_dir), Path(directory), self.config)
 
 
-# ---- generation helpers -----------------------------------------------------------------------
-
 class ContextLengthError(ValueError):
     """A prompt (or conversation) longer than the model's context; the message says both sizes."""
 
@@ -350,8 +345,6 @@ def _static_decode_step(llm, k, v, token, pos, positions, keep):
     return llm.lm_head(llm.norm(x))[:, -1]
 
 
-# ---- the loss ---------------------------------------------------------------------------------
-
 def supervised_positions(labels):
     """labels [B,T] -> (positions [K], targets [K]): the flat b*T + t whose next label is supervised, and
     those labels: only there has the LM head work. Found on the CPU: K depends on the data."""
@@ -373,10 +366,9 @@ def token_loss(logits, targets):
 
 
 class TokenCrossEntropy(torch.autograd.Function):
-    """F.cross_entropy(reduction="sum") of rows x [N,V] against targets [N], in less memory: the [N,V]
-    logits are a small model's largest tensors. Forward keeps the softmax p, and backward turns that
-    buffer into the gradient p - onehot(target) in place: no [N,V] allocation. So it runs once: a second
-    backward (retain_graph) finds p modified, and autograd's version check refuses it."""
+    """F.cross_entropy(reduction="sum") of x [N,V] against targets [N] in less memory (the logits are a small
+    model's largest tensors): backward turns the softmax p kept by forward into p - onehot(target) in place.
+    So it runs once: a second backward finds p modified, and autograd's version check refuses it."""
 
     @staticmethod
     def forward(ctx, x, targets):
@@ -393,8 +385,6 @@ class TokenCrossEntropy(torch.autograd.Function):
         p[torch.arange(len(targets), device=p.device), targets] -= 1  # softmax - onehot
         return p.mul_(grad_out.to(p.dtype)), None
 
-
-# ---- building and converting -------------------------------------------------------------------
 
 def extend_vocab(llm, n_tokens):
     """Grow embed_tokens and lm_head to n_tokens rows rounded up to a multiple of 64; new rows start at
@@ -424,19 +414,17 @@ def write_tokenizer_files(src, dst, config):
     <pad>, and the slow tokenizer's settings, `legacy` among them: transformers tokenizes it as we do."""
     src, dst = Path(src), Path(dst)
     tokenizer = Tokenizer(src)  # a WeightsError naming a missing or broken tokenizer.model
-    model_file = src / "tokenizer.model" if src.is_dir() else src
-    added = {"<image>": config.image_token_id}
-    if config.pad_token_id >= tokenizer.sp.vocab_size():  # else the pad is a sentencepiece piece
-        added["<pad>"] = config.pad_token_id
-    pad = "<pad>" if "<pad>" in added else tokenizer.sp.id_to_piece(config.pad_token_id)
+    own_pad = config.pad_token_id >= tokenizer.sp.vocab_size()  # else the pad is a sentencepiece piece
+    pad = "<pad>" if own_pad else tokenizer.sp.id_to_piece(config.pad_token_id)
+    added = {"<image>": config.image_token_id, **({"<pad>": config.pad_token_id} if own_pad else {})}
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": pad}
     tok_config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
                   "legacy": tokenizer.legacy, "model_max_length": config.text.max_position_embeddings,
                   "padding_side": "left", **special, "added_tokens_decoder": {str(i): {
                       "content": s, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
                       "single_word": False} for s, i in added.items()}}
-    if model_file.resolve() != (dst / "tokenizer.model").resolve():
-        write_atomic(dst, {"tokenizer.model": lambda tmp: shutil.copyfile(model_file, tmp)})
+    if src.resolve() != dst.resolve():
+        write_atomic(dst, {"tokenizer.model": lambda tmp: shutil.copyfile(src / "tokenizer.model", tmp)})
     for name, obj in (("added_tokens.json", added), ("special_tokens_map.json", special),
                       ("tokenizer_config.json", tok_config)):
         write_json_atomic(dst / name, obj)
@@ -456,12 +444,11 @@ def checked(kind, test, expected):
     """An argparse type: `kind` of the text, refused with `expected` in the message unless `test`."""
     def convert(text):
         try:
-            value = kind(text)
+            if (value := kind(text)) is not None and test(value):
+                return value
         except ValueError:
-            value = None
-        if value is None or not test(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
     return convert
 
 
@@ -480,8 +467,7 @@ def device_name(text):
         kind = torch.device(text).type if text else ""
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no MPS device; use cpu")
+    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+        what = "CUDA GPU" if kind == "cuda" else "MPS device"
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch ({torch.__version__}) sees no {what}; use cpu")
     return text

@@ -26,8 +26,7 @@ class WeightsError(Exception):
 
 def read_json(path, what="config"):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WeightsError(f"{what} file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -57,7 +56,6 @@ LAYOUT = [
     *((p, "vision_tower." + p) for p in ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")),
     ("model.", "llm."), ("lm_head.", "llm.lm_head."),
 ]
-DERIVED = ("position_ids", "rotary_emb.inv_freq")  # buffers older transformers saved: aranges
 
 
 def _rename(key, pairs):
@@ -73,7 +71,7 @@ def read_weights(path):
         name = _rename(key, LAYOUT)
         if name in out:
             raise WeightsError(f"{path} holds {name} twice (once as {key}): keep one layout")
-        if name is not None and not key.endswith(DERIVED):
+        if name is not None and not key.endswith(("position_ids", "rotary_emb.inv_freq")):  # old, derived buffers
             out[name] = t
     return out
 
