@@ -453,12 +453,10 @@ def load_resume_state(path, optimizer, sharded, model):
                 mine = flat[rank * u.shard_size:(rank + 1) * u.shard_size]
             else:
                 mine = handles[rank].get_tensor(key)
-            if k == "master":
-                local(p.data).copy_(mine)
-            else:
+            if k != "master":
                 optimizer.state[p][k] = torch.zeros_like(p.data)
-                local(optimizer.state[p][k]).copy_(mine)
                 optimizer.state[p]["step"] = torch.tensor(float(meta["step"]), device=p.device if on_device else None)
+            local(p.data if k == "master" else optimizer.state[p][k]).copy_(mine)
     torch.set_rng_state(handles[rank if rank < old_world else 0].get_tensor("rng/torch"))
     return meta["step"]
 
@@ -582,8 +580,7 @@ def training_data(cfg):
         raise SystemExit(f"--image-folder {cfg.image_folder}: no such directory")
     with_image = [r["image"] for r in records[:2000] if isinstance(r, dict) and isinstance(r.get("image"), str)][:20]
     if with_image and not any((folder / i).is_file() for i in with_image):
-        flag = (f"--image-folder {cfg.image_folder}" if cfg.image_folder else
-                "no --image-folder (the current directory)")
+        flag = f"--image-folder {cfg.image_folder}" if cfg.image_folder else "no --image-folder (the current directory)"
         raise SystemExit(f"{cfg.data}: none of the first {len(with_image)} images is under {flag}, e.g. "
                          f"{folder / with_image[0]}; give the folder the records' 'image' paths start from")
     return records, folder
