@@ -130,11 +130,10 @@ def parse_args(argv=None):
                                 usage="%(prog)s (--preset NAME | --stage {1,2} --data FILE ...) [options]",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        meta, default = f.metadata, f.default
-        shown = {None: "the recipe's", "": "none"}.get(default, default)
+        meta, shown = f.metadata, {None: "the recipe's", "": "none"}.get(f.default, f.default)
         help = meta["help"] if "(default" in meta["help"] else f"{meta['help']} (default: {shown})"
-        kw = dict(default=default, help=help, type=meta["type"] or str)
-        if f.type in ("bool", bool):
+        kw = dict(default=f.default, help=help, type=meta["type"] or str)
+        if f.type is bool:
             kw.update(type=boolean, nargs="?", const=True, metavar="true|false")
         if meta["choices"]:
             named = [str(c) for c in meta["choices"] if c]
@@ -174,8 +173,7 @@ def param_groups(params, sharded, model, cfg):
 
 
 def make_optimizer(params, sharded, model, cfg):
-    """AdamW over the trainable parameters (with our FSDP: one fused kernel per fp32 master
-    shard), or with --optimizer muon, `Muon` for the LLM blocks' matrices and AdamW for the rest."""
+    """AdamW (fused over our FSDP's fp32 master shards), or `Muon` for the LLM blocks' matrices."""
     groups = param_groups(params, sharded, model, cfg)
     adamw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                  foreach=False, fused=sharded is not None)  # FSDP2's DTensors take the loop
@@ -256,10 +254,9 @@ def newton_schulz(g, steps, dtype=torch.bfloat16, coefficients=(3.4445, -4.7750,
 
 def wants_compiled_elementwise(cfg, device):
     """--compile-elementwise auto: on with CUDA if Triton (torch.compile's GPU kernels) is there."""
-    if cfg.compile_elementwise != "auto":
-        return cfg.compile_elementwise == "on"
     import importlib.util
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    auto = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    return {"on": True, "off": False}.get(cfg.compile_elementwise, auto)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,8 +323,7 @@ OPTIM_STATE = ("exp_avg", "exp_avg_sq", "momentum_buffer")  # AdamW's moments, M
 
 
 def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
-    """Write to `path.tmp/` and rename when every rank is done: a crash mid-write leaves the
-    previous checkpoint as it was."""
+    """Written to `path.tmp/`, renamed when every rank is done: a crash mid-write leaves the last one."""
     rank, world = dist.get_rank(), dist.get_world_size()
     path = Path(path)
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
@@ -380,8 +376,6 @@ def checkpoints(out):
 def checkpoint_problem(path):
     """None for a complete, readable checkpoint; else what is wrong with it, naming the file."""
     path = Path(path)
-    if not path.is_dir():
-        return f"{path}: no such directory"
     if not (path / "train_state.json").is_file():
         return f"{path} is not a checkpoint (no train_state.json)"
     try:
@@ -420,6 +414,7 @@ def find_resume(cfg):
                 break
             log0(f"--resume auto: skipping {path.name}: {problem}")
         if not ckpts:
+            log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
             return None
         if problem:  # starting over here would erase the run's log: the user decides
             raise SystemExit(f"--resume auto: no checkpoint under {cfg.out} can be read (above); "
@@ -458,12 +453,10 @@ def load_resume_state(path, optimizer, sharded, model):
                 mine = flat[rank * u.shard_size:(rank + 1) * u.shard_size]
             else:
                 mine = handles[rank].get_tensor(key)
-            if k == "master":
-                local(p.data).copy_(mine)
-            else:
+            if k != "master":
                 optimizer.state[p][k] = torch.zeros_like(p.data)
-                local(optimizer.state[p][k]).copy_(mine)
                 optimizer.state[p]["step"] = torch.tensor(float(meta["step"]), device=p.device if on_device else None)
+            local(p.data if k == "master" else optimizer.state[p][k]).copy_(mine)
     torch.set_rng_state(handles[rank if rank < old_world else 0].get_tensor("rng/torch"))
     return meta["step"]
 
@@ -532,7 +525,7 @@ def draw_loss_curve(stages, path):
     d = ImageDraw.Draw(img)
     losses = [v for _, curve in stages for v in curve if v > 0 and math.isfinite(v)]
     n = sum(len(curve) for _, curve in stages)
-    if len(losses) < 2 or n < 2:
+    if len(losses) < 2:
         return img.save(path)
     lo, hi = min(losses), max(losses) if max(losses) > min(losses) else min(losses) * 2
     x = lambda i: left + i * (W - left - right) / (n - 1)
@@ -587,8 +580,7 @@ def training_data(cfg):
         raise SystemExit(f"--image-folder {cfg.image_folder}: no such directory")
     with_image = [r["image"] for r in records[:2000] if isinstance(r, dict) and isinstance(r.get("image"), str)][:20]
     if with_image and not any((folder / i).is_file() for i in with_image):
-        flag = (f"--image-folder {cfg.image_folder}" if cfg.image_folder else
-                "no --image-folder (the current directory)")
+        flag = f"--image-folder {cfg.image_folder}" if cfg.image_folder else "no --image-folder (the current directory)"
         raise SystemExit(f"{cfg.data}: none of the first {len(with_image)} images is under {flag}, e.g. "
                          f"{folder / with_image[0]}; give the folder the records' 'image' paths start from")
     return records, folder
@@ -673,8 +665,6 @@ class Run:
         if cfg.global_batch % self.world:
             raise SystemExit(f"--global-batch {cfg.global_batch} must be a multiple of the {self.world} ranks")
         resume = find_resume(cfg) if cfg.resume else None
-        if cfg.resume and resume is None:
-            log0(f"--resume auto: no checkpoint under {cfg.out}, starting fresh")
         self.model = model = build_model(cfg, resume)
         self.out, self.log_path = Path(cfg.out), Path(cfg.out) / "train_log.jsonl"
         # Only now, so a run that could not start leaves nothing behind. What the run writes reads
@@ -870,8 +860,7 @@ def train(cfg):
             step += 1
             record = step_record(run, step, loss, lr, gnorm, time.perf_counter() - t0, stats, n_tok, peak)
             losses.append(loss)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            print(json.dumps(record), file=log, flush=True)
             bar.update(1)
             if run.rank == 0 and (step % cfg.log_every == 0 or step == run.total):
                 tqdm.write(" ".join(f"{k} {v}" for k, v in record.items()))
