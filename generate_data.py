@@ -315,6 +315,7 @@ def run_jobs(client, jobs, handle_result, parse_retries=2):
                 else:
                     report.skipped[value] += 1
         except KeyboardInterrupt:  # quit at once, as safe as kill -9: what finished is on disk
+            print("\ninterrupted: the finished answers are saved; run the same command to go on", file=sys.stderr)
             os._exit(130)
         except BaseException:  # the jobs in flight end at once, without retries
             client.stop("the run failed")

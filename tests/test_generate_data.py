@@ -8,6 +8,7 @@ unparsable content, and error bodies that echo the API key back.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -342,19 +343,23 @@ def test_torn_last_line_is_cut_and_redone(tmp_path, monkeypatch, capsys):
     assert "torn last line" in capsys.readouterr().err
 
 
-def test_kill_midway_and_resume(tmp_path):
-    """kill -9 a real run after some records; the rerun asks only for unfinished pairs."""
+@pytest.mark.parametrize("how", ["kill -9", "Ctrl-C to the process group"])
+def test_kill_midway_and_resume(tmp_path, how):
+    """Kill a real run after some records; the rerun asks only for unfinished pairs."""
     out = tmp_path / "killed.jsonl"
     env = dict(os.environ, OPENAI_API_KEY=KEY)
     with FakeTeacher(latency=0.15) as t:
         cmd = [sys.executable, str(ROOT / "generate_data.py"), *gen_args(t, out, "--workers", "2")]
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                             start_new_session=True)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 6):
             time.sleep(0.02)
-        p.kill()
+        p.kill() if how == "kill -9" else os.killpg(p.pid, signal.SIGINT)
         o1, e1 = p.communicate()
         run1 = t.keys()
+    if how != "kill -9":  # one line that says what to do, no traceback
+        assert p.returncode == 130 and b"run the same command to go on" in e1 and b"Traceback" not in e1, e1
     before = out.read_bytes()
     finished = {json.loads(x)["id"] for x in before.splitlines(keepends=True) if x.endswith(b"\n")}
     assert 6 <= len(finished) < N_IMAGES * 3
