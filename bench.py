@@ -101,6 +101,7 @@ def run(args, device, dtype, about, columns, parts):
     header = (f"nanollava bench {args.measurement} | {about} | torch {torch.__version__} | device "
               f"{device_name(device)} | {torch.get_num_threads()} threads | dtype {str(dtype)[6:]}")
     print(header)
+    TABLE.clear()  # this run's rows only
     res, t0 = {"header": header, "device": device_name(device), "torch": torch.__version__}, time.time()
     for name, fn in parts.items():
         print(f"[{time.time() - t0:6.1f}s] {name}")
