@@ -4,10 +4,10 @@ A text-only teacher never sees a pixel: each image reaches it as its COCO captio
 and complex) boxes `category: [x1, y1, x2, y2]` in 0..1. A system message and few-shot examples
 (prompts/<type>/) ask for a multi-turn `conversation`, a `detail`ed description or one `complex`
 reasoning question; each reply becomes a LLaVA-Instruct record (`generate`), the records one
-training file (`merge --ratio conversation=58,detail=23,complex=77`); `pretrain` turns captions
-into stage-1 data. A paid answer is asked for once: the output JSONL, one fsync'ed line per
-record, is the only progress record, and a rerun skips the ids it holds. The key comes from
-OPENAI_API_KEY and is scrubbed from all that a server echoes back.
+training file (`merge --ratio conversation=58,detail=23,complex=77`). A paid answer is asked for
+once: the output JSONL, one fsync'ed line per record, is the only progress record, and a rerun
+skips the ids it holds. The key comes from OPENAI_API_KEY and is scrubbed from all that a server
+echoes back.
 """
 
 import argparse
@@ -43,7 +43,7 @@ Job = namedtuple("Job", "key messages parse")
 
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)  # stdout carries only dry-run text and summaries
+    print(msg, file=sys.stderr, flush=True)  # stdout carries only the summaries
 
 
 def read_text(path, what):
@@ -373,7 +373,7 @@ def client_from_args(args, model):
                       args.backoff_base, **params)
 
 
-# ---- 3. The three subcommands: generate, merge, pretrain ------------------------------------------
+# ---- 3. The two subcommands: generate and merge -------------------------------------------------
 def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()):
     """A job per (image, type) not in `skip`: the system message, each example as a user/assistant
     pair, then the image's context (conversation gets the captions only, as in the paper)."""
@@ -393,11 +393,6 @@ def cmd_generate(args):
     ctxs = load_coco(args.captions, args.instances)[:args.limit]
     if not ctxs:
         sys.exit(f"error: {args.captions}: no image with a usable caption, so no job to send")
-    if args.dry_run is not None:  # the exact messages: no client, no key, no file
-        for job in make_jobs(ctxs[: args.dry_run], args.types, prompts, args.seed, questions):
-            print(f"===== {job.key} ({len(job.messages)} messages) =====")
-            print("".join(f"--- {m['role']} ---\n{m['content']}\n" for m in job.messages))
-        return 0
     client, total = client_from_args(args, args.model), len(ctxs) * len(args.types)
     with closing(JsonlOutput(args.out)) as out:
         jobs = make_jobs(ctxs, args.types, prompts, args.seed, questions, skip=out.finished)
@@ -451,20 +446,6 @@ def cmd_merge(args):
     return 0
 
 
-def cmd_pretrain(args):
-    """COCO captions -> the 558K/595K stage-1 format: a record per caption, a brief instruction
-    drawn for each (the `plain` template keeps only <image> + caption)."""
-    instructions, rng, records = read_lines(PROMPTS_DIR / "brief_instructions.txt"), random.Random(0), []
-    for c in load_coco(args.captions):
-        stem = Path(c.image).with_suffix("").as_posix().replace("/", "_")
-        for k, caption in enumerate(c.captions):  # an image's later captions get _1, _2, ...
-            pairs = [(rng.choice(instructions), caption)]
-            records.append(llava_record(f"{stem}_{k}" if k else stem, c.image, pairs, rng))
-    weights.write_json_atomic(args.out, records, indent=None)
-    print(f"pretrain: {len(records)} records -> {args.out}")
-    return 0
-
-
 def build_parser():
     key = "The API key is read from the environment variable OPENAI_API_KEY (never from the command line)."
     p = argparse.ArgumentParser(description="LLaVA's GPT-assisted instruction data (see the module docstring).",
@@ -478,25 +459,21 @@ def build_parser():
     a.add_argument("--model", default="gpt-4o-mini", help="teacher model (the paper used GPT-4)")
     a.add_argument("--limit", type=int, help="only the first N images (by id)")
     a.add_argument("--seed", type=int, default=0, help="seeds the detail question and <image> placement per job")
-    a.add_argument("--dry-run", type=int, metavar="N", help="print the messages for N images; send nothing")
     add_client_args(a)
     m = sub.add_parser("merge", help="JSONL outputs -> one shuffled JSON list for train.py")
     m.add_argument("--inputs", nargs="+", required=True, help="the JSONL files `generate` wrote (or .json lists)")
     m.add_argument("--out", default="llava_instruct.json", help="the JSON list train.py --data reads")
     m.add_argument("--ratio", type=parse_ratio, help="e.g. conversation=58,detail=23,complex=77 (default: keep all)")
     m.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the --ratio sampling")
-    t = sub.add_parser("pretrain", help="COCO captions -> 558K/595K-style stage-1 JSON (no API)")
-    t.add_argument("--captions", required=True, help="COCO captions_*.json")
-    t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
     return p
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("generate", "merge", "pretrain", "-h", "--help"):
+    if not argv or argv[0] not in ("generate", "merge", "-h", "--help"):
         argv.insert(0, "generate")  # the README's spelling: generate is the default
     args = build_parser().parse_args(argv)
-    return {"generate": cmd_generate, "merge": cmd_merge, "pretrain": cmd_pretrain}[args.command](args)
+    return {"generate": cmd_generate, "merge": cmd_merge}[args.command](args)
 
 
 if __name__ == "__main__":
