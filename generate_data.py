@@ -101,11 +101,8 @@ def load_coco(captions_path, instances_path=None):
                 captions[a["image_id"]].append(_clean(a["caption"]))
         names = {c["id"]: c["name"] for c in inst.get("categories", [])}
         sizes = {im["id"]: (im["width"], im["height"]) for im in inst.get("images", [])}
-        for a in inst.get("annotations", []):
-            if a["image_id"] in sizes:
-                boxes[a["image_id"]].append((names[a["category_id"]], normalize_box(a["bbox"], *sizes[a["image_id"]])))
-        if lost := sum(a["image_id"] not in sizes for a in inst.get("annotations", [])):
-            log(f"warning: {instances_path}: {lost} annotations name an image it does not list; skipped")
+        for a in inst.get("annotations", []):  # an image the file does not list is a KeyError, as a bad file
+            boxes[a["image_id"]].append((names[a["category_id"]], normalize_box(a["bbox"], *sizes[a["image_id"]])))
         return [ImageContext(f"{im['id']:012d}", im["file_name"], captions[im["id"]], boxes[im["id"]])
                 for im in sorted(caps["images"], key=lambda im: im["id"]) if captions[im["id"]]]
     except (AttributeError, KeyError, TypeError) as e:
@@ -174,20 +171,16 @@ def parse_reply(kind, text):
     return pairs
 
 
-def llava_record(rid, image, pairs, rng):
-    """The record train.py reads; <image> before or after the first question at random, as LLaVA's."""
-    turns = [((f"{IMAGE}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE}") if i == 0 else q, a)
-             for i, (q, a) in enumerate(pairs)]
-    return {"id": rid, "image": image, "conversations": [
-        {"from": who, "value": v} for turn in turns for who, v in zip(("human", "gpt"), turn)]}
-
-
 def make_record(ctx, kind, seed, detail_questions, reply):
-    """The teacher's reply -> its record (or a ParseError)."""
+    """The teacher's reply -> the record train.py reads (or a ParseError); <image> before or after
+    the first question at random, as LLaVA's."""
     pairs, rng = parse_reply(kind, reply), random.Random(f"{seed}:{ctx.image_id}:{kind}")  # a rerun chooses alike
     if kind == "detail":
         pairs = [(rng.choice(detail_questions), pairs[0][1])]
-    return llava_record(f"{ctx.image_id}_{kind}", ctx.image, pairs, rng)
+    (q, a), *rest = pairs
+    turns = [(f"{IMAGE}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE}", a), *rest]
+    return {"id": f"{ctx.image_id}_{kind}", "image": ctx.image, "conversations": [
+        {"from": who, "value": v} for turn in turns for who, v in zip(("human", "gpt"), turn)]}
 
 
 # ---- 2. The API client: OpenAI chat completions over `requests`, run on a thread pool -------------
@@ -390,9 +383,8 @@ def cmd_generate(args):
     if not args.instances and set(args.types) - {"conversation"}:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
     prompts, questions = {k: load_prompt(k) for k in args.types}, read_lines(PROMPTS_DIR / "detail_instructions.txt")
-    ctxs = load_coco(args.captions, args.instances)[:args.limit]
-    if not ctxs:
-        sys.exit(f"error: {args.captions}: no image with a usable caption, so no job to send")
+    ctxs = load_coco(args.captions, args.instances)[:args.limit] or sys.exit(
+        f"error: {args.captions}: no image with a usable caption, so no job to send")
     client, total = client_from_args(args, args.model), len(ctxs) * len(args.types)
     with closing(JsonlOutput(args.out)) as out:
         jobs = make_jobs(ctxs, args.types, prompts, args.seed, questions, skip=out.finished)
@@ -448,8 +440,7 @@ def cmd_merge(args):
 
 def build_parser():
     key = "The API key is read from the environment variable OPENAI_API_KEY (never from the command line)."
-    p = argparse.ArgumentParser(description="LLaVA's GPT-assisted instruction data (see the module docstring).",
-                                epilog=key)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=key)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("generate", help="captions + boxes -> teacher -> JSONL records (the default)", epilog=key)
     a.add_argument("--captions", required=True, help="COCO captions_*.json")
