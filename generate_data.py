@@ -1,17 +1,15 @@
 """GPT-assisted visual instruction data, as in the LLaVA paper (Liu et al. 2023, section 3).
 
-A text-only teacher never sees a pixel: each image reaches it as its COCO captions and (for detail
-and complex) boxes `category: [x1, y1, x2, y2]` in 0..1. A system message and few-shot examples
-(prompts/<type>/) ask for a multi-turn `conversation`, a `detail`ed description or one `complex`
-reasoning question; each reply becomes a LLaVA-Instruct record (`generate`), the records one
-training file (`merge --ratio conversation=58,detail=23,complex=77`). A paid answer is asked for
-once: the output JSONL, one fsync'ed line per record, is the only progress record, and a rerun
-skips the ids it holds. The key comes from OPENAI_API_KEY and is scrubbed from all that a server
-echoes back.
+A text-only teacher never sees a pixel: it gets each image's COCO captions and (detail, complex)
+boxes `category: [x1, y1, x2, y2]` in 0..1; a system message and few-shot examples (prompts/<type>/)
+ask it for a multi-turn `conversation`, a `detail`ed description or one `complex` reasoning question.
+`generate` makes each reply a LLaVA-Instruct record, `merge --ratio conversation=58,detail=23,complex=77`
+the records one training file. A paid answer is asked for once: the output JSONL (an fsync'ed line
+a record) is the only progress record; a rerun skips its ids. The key comes from OPENAI_API_KEY and
+is scrubbed from all that a server echoes back.
 """
 
 import argparse
-import email.utils
 import fcntl
 import json
 import os
@@ -19,10 +17,9 @@ import random
 import re
 import sys
 import threading
-import time
 from collections import Counter, defaultdict, namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import closing
+from contextlib import closing, suppress
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +31,6 @@ import weights
 
 TYPES = ("conversation", "detail", "complex")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-IMAGE = "<image>"
 Prompt = namedtuple("Prompt", "system examples")  # examples: [(context, ideal response), ...]
 # image_id: LLaVA's 12-digit form of COCO's id; boxes: [(category, [x1, y1, x2, y2] in 0..1), ...]
 ImageContext = namedtuple("ImageContext", "image_id image captions boxes")
@@ -178,7 +174,7 @@ def make_record(ctx, kind, seed, detail_questions, reply):
     if kind == "detail":
         pairs = [(rng.choice(detail_questions), pairs[0][1])]
     (q, a), *rest = pairs
-    turns = [(f"{IMAGE}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE}", a), *rest]
+    turns = [(f"<image>\n{q}" if rng.random() < 0.5 else f"{q}\n<image>", a), *rest]
     return {"id": f"{ctx.image_id}_{kind}", "image": ctx.image, "conversations": [
         {"from": who, "value": v} for turn in turns for who, v in zip(("human", "gpt"), turn)]}
 
@@ -190,15 +186,6 @@ class APIError(RuntimeError):
     def __init__(self, reason, message):
         super().__init__(message)
         self.reason = reason
-
-
-def _retry_after_seconds(value):
-    """Retry-After as delta-seconds (fractions accepted) or an HTTP date -> seconds, or None."""
-    for seconds in (float, lambda v: email.utils.parsedate_to_datetime(v).timestamp() - time.time()):
-        try:
-            return max(0.0, seconds(value))
-        except (TypeError, ValueError, IndexError):
-            pass
 
 
 class ChatClient:
@@ -247,7 +234,8 @@ class ChatClient:
             if then != "retry" or attempt == self.max_retries:
                 raise APIError(reason, message)
             delay = min(60.0, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
-            delay = max(delay, min(retry_after or 0.0, 600.0))
+            with suppress(TypeError, ValueError):  # never sooner than Retry-After in seconds (a date: ignored)
+                delay = max(delay, min(float(retry_after), 600.0))
             self.log(f"{message[:160]}; retry {attempt + 1}/{self.max_retries} in {delay:.2f}s")
 
     def _attempt(self, body):
@@ -261,7 +249,7 @@ class ChatClient:
             return reason, f"{type(e).__name__}: {str(e)[:300]}", "stop" if isinstance(e, ValueError) else "retry", None
         if (s := resp.status_code) != 200:
             then = "stop" if s in (401, 403, 404) else "retry" if s in (408, 409, 429) or s >= 500 else "fail"
-            return f"http {s}", resp.text[:300].strip(), then, _retry_after_seconds(resp.headers.get("Retry-After"))
+            return f"http {s}", resp.text[:300].strip(), then, resp.headers.get("Retry-After")
         try:
             data = resp.json()
             choice, usage = data["choices"][0], data.get("usage") or {}
@@ -400,10 +388,6 @@ def cmd_generate(args):
     return 0 if report.done == len(jobs) else 3
 
 
-def record_type(r):
-    return str(r["id"]).rsplit("_", 1)[-1]
-
-
 def parse_ratio(value):  # "conversation=58,detail=23,complex=77"; argparse words a ValueError
     ratio = {name.strip(): float(w) for name, w in (part.split("=") for part in value.split(","))}
     if min(ratio.values()) < 0 or not any(ratio.values()):
@@ -414,7 +398,7 @@ def parse_ratio(value):  # "conversation=58,detail=23,complex=77"; argparse word
 def cmd_merge(args):
     """LLaVA records, first of each id, in per-type counts in proportion to --ratio: as many as
     there are without repeating one (the scarcest type for its weight sets the scale); shuffled."""
-    seen, by_type, rng = {}, defaultdict(list), random.Random(args.seed)
+    seen, by_type, rng = set(), defaultdict(list), random.Random(args.seed)
     for path in args.inputs:
         for r in read_json(path, "records"):
             if not (isinstance(r, dict) and "id" in r and isinstance(r.get("conversations"), list)):
@@ -422,19 +406,19 @@ def cmd_merge(args):
             elif r["id"] in seen:
                 log(f"warning: {path}: duplicate id {r['id']!r}; kept the first")
             else:
-                seen[r["id"]] = r
-                by_type[record_type(r)].append(r)
-    chosen = list(seen.values())
+                seen.add(r["id"])
+                by_type[str(r["id"]).rsplit("_", 1)[-1]].append(r)  # generate's ids end in _<type>
     if args.ratio:
         if missing := [t for t, w in args.ratio.items() if w > 0 and not by_type[t]]:
             sys.exit(f"error: --ratio asks for {', '.join(missing)} but the inputs hold no such records")
         scale = min(len(by_type[t]) / w for t, w in args.ratio.items() if w > 0)
-        chosen = [r for t in sorted(by_type) for r in rng.sample(by_type[t], min(
-            len(by_type[t]), int(scale * args.ratio.get(t, 0.0) + 1e-9)))]
+        by_type = {t: rng.sample(rs, min(len(rs), int(scale * args.ratio.get(t, 0.0) + 1e-9)))
+                   for t, rs in sorted(by_type.items())}
+    chosen = [r for t in sorted(by_type) for r in by_type[t]]
     rng.shuffle(chosen)
     weights.write_json_atomic(args.out, chosen, indent=None)
-    counts = sorted(Counter(map(record_type, chosen)).items())
-    print(f"merge: {len(chosen)} of {len(seen)} records -> {args.out} ({', '.join(f'{t} {n}' for t, n in counts)})")
+    counts = ", ".join(f"{t} {len(rs)}" for t, rs in sorted(by_type.items()) if rs)
+    print(f"merge: {len(chosen)} of {len(seen)} records -> {args.out} ({counts})")
     return 0
 
 
