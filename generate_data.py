@@ -117,12 +117,6 @@ def load_context_jsonl(path):
     return sorted(out, key=lambda c: c.image_id)
 
 
-def read_lines(path):
-    """An instruction list: a line each; blank lines and # comments are left out."""
-    lines = [s.strip() for s in read_text(path, "instruction list").splitlines()]
-    return [s for s in lines if s and not s.startswith("#")] or sys.exit(f"error: instruction list {path} is empty")
-
-
 def load_prompt(kind):
     """prompts/<kind>/system.txt and its example_<k>_context.txt / example_<k>_response.txt pairs."""
     folder = PROMPTS_DIR / kind
@@ -370,7 +364,8 @@ def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()):
 def cmd_generate(args):
     if not args.instances and set(args.types) - {"conversation"}:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
-    prompts, questions = {k: load_prompt(k) for k in args.types}, read_lines(PROMPTS_DIR / "detail_instructions.txt")
+    prompts = {k: load_prompt(k) for k in args.types}
+    questions = read_text(PROMPTS_DIR / "detail_instructions.txt", "prompt file").strip().splitlines()
     ctxs = load_coco(args.captions, args.instances)[:args.limit] or sys.exit(
         f"error: {args.captions}: no image with a usable caption, so no job to send")
     client, total = client_from_args(args, args.model), len(ctxs) * len(args.types)

@@ -30,6 +30,7 @@ CONTEXT80 = FIX / "caps_boxes_coco2014_val_80.jsonl"
 GPT4 = FIX / "coco2014_val_gpt4_qa_30x3.jsonl"
 KEY = "sk-test-NANOLLAVA-do-not-leak-7f3a9c1e5b"
 N_IMAGES = 12  # images in the COCO-format fixture
+DETAIL_QUESTIONS = (gd.PROMPTS_DIR / "detail_instructions.txt").read_text().strip().splitlines()
 
 
 # -----------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def check_record(r, kind):
     assert first.count("<image>") == 1 and (first.startswith("<image>\n") or first.endswith("\n<image>"))
     assert all("<image>" not in t["value"] for t in conv[1:])
     if kind == "detail":
-        assert first.replace("<image>", "").strip() in gd.read_lines(gd.PROMPTS_DIR / "detail_instructions.txt")
+        assert first.replace("<image>", "").strip() in DETAIL_QUESTIONS
     if kind == "complex":
         assert len(conv) == 2
 
@@ -185,7 +186,8 @@ def test_prompts_parse_and_are_our_own():
     for line in GPT4.read_text().splitlines():
         r = json.loads(line)
         published |= {r["instruction"].lower(), *map(str.lower, r["output"].split(". "))}
-    ours = gd.read_lines(gd.PROMPTS_DIR / "detail_instructions.txt")
+    assert len(DETAIL_QUESTIONS) >= 10 and all(q and q == q.strip() for q in DETAIL_QUESTIONS)  # a question a line
+    ours = list(DETAIL_QUESTIONS)
     for kind in gd.TYPES:
         p = gd.load_prompt(kind)
         ours += [line for text in [p.system] + [r for _, r in p.examples] for line in text.splitlines() if len(line) > 25]
