@@ -1,5 +1,4 @@
-"""
-How fast nanollava is, against Hugging Face transformers doing the same work, measured in one run.
+"""How fast nanollava is, against Hugging Face transformers doing the same work, measured in one run.
 
     python bench.py preprocess|vision|train|prefill|decode|all [--config tiny|20m|1b|7b] [--threads N]
     python bench.py gpu [--profile] [--out summary.json]   # train.py's step and decoding on one H100 / H200
@@ -14,7 +13,6 @@ import argparse
 import contextlib
 import functools
 import gc
-import json
 import math
 import os
 import statistics
@@ -30,12 +28,12 @@ import fsdp
 import llama
 import tiny
 import train
+import weights
 from clip import CLIPVisionConfig, preprocess, preprocess_batch
 from llama import KVCache, LlamaConfig
 from model import LLaVA, LLaVAConfig, supervised_positions, token_loss
 
-# Each model with its workload: `batch` x `seq` tokens per training step (the image's patches
-# included), prompts of `prompt` tokens, `new_tokens` decoded.
+# Each model with its workload: `batch` x `seq` tokens a training step, `prompt` tokens in, `new_tokens` out
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14)
 LLAMA = dict(vocab_size=32064, rms_norm_eps=1e-5, max_position_embeddings=4096)
@@ -61,9 +59,8 @@ def device_name(device):
 
 
 def race(fns, device, warmup, repeats, min_sample=0.05):
-    """{name: median seconds per call} of fns run round-robin `repeats` times after `warmup` rounds (the
-    first timed, to size the samples: a fast fn runs several times a sample, for `min_sample` seconds,
-    so that one scheduler hiccup is not a sample; min_sample=0 calls each fn once per round)."""
+    """{name: median seconds per call} of fns run round-robin, `warmup` rounds (the first sizes the samples)
+    then `repeats`; a fast fn runs for `min_sample` s a sample, so that one hiccup is not a sample (0: once)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None  # CUDA runs asynchronously
 
     def timed(fn, k=1):
@@ -114,22 +111,18 @@ def run(args, device, dtype, about, columns, parts):
         llama.compile_elementwise(False)  # each part starts eager (training may have compiled it)
         gc.collect()  # the part's models (FSDP's hooks make cycles)
         if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(res, indent=1, default=str))
+            weights.write_json_atomic(args.out, res, indent=1)
     print("\n".join(["", header, *columns, *TABLE]))
-    failed = [name for name in parts if "error" in res[name]]  # a row list holds no "error"
-    if failed:
+    if failed := [name for name in parts if "error" in res[name]]:  # a row list holds no "error"
         raise SystemExit(f"bench.py {args.measurement}: {', '.join(failed)} failed (the tracebacks above say why)")
     return res
 
 
 # ---- The models, their inputs and their training steps -----------------------------------------
-
 @torch.no_grad()
 def build(shapes, device, dtype):
-    """A CONFIGS entry's random LLaVA, made directly on `device` in `dtype` (a 7B model never passes
-    through the CPU): a meta build, storage on the device, then N(0, 0.02) weights, unit norms, zero
-    biases; <image> and <pad> sit just above the real vocabulary, as the tokenizer's."""
+    """A CONFIGS entry's random LLaVA built on meta, then given storage on `device` (a 7B model never sees
+    the CPU): N(0, 0.02) weights, unit norms, zero biases; <image>, <pad> just above the vocabulary."""
     V = shapes["text"]["vocab_size"]
     with torch.device("meta"):
         model = LLaVA(LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"]),
@@ -145,8 +138,7 @@ def build(shapes, device, dtype):
 
 
 class Pair:
-    """One random LLaVA saved to a temporary llava-hf directory; load() gives ours and transformers'
-    from it, in eval mode: fresh models (training mutates them) with identical weights."""
+    """One random LLaVA in a temporary llava-hf directory; load(): ours and transformers', fresh, eval mode."""
 
     def __init__(self, shapes):
         self.shapes, self.tmp = shapes, tempfile.TemporaryDirectory()
@@ -223,9 +215,8 @@ def row(measurement, batch, seq, unit, ours, theirs, note=""):
 
 
 def bench_preprocess(args, pair, device, dtype, size=336):
-    """clip.preprocess picture by picture (as the data loader calls it) and preprocess_batch with a
-    thread per core vs transformers' processor on the whole list (its fastest use), outputs identical
-    bit for bit: the colour photos as they are and padded (LLaVA-1.5's "pad")."""
+    """clip.preprocess picture by picture (as the data loader calls it), preprocess_batch with a thread a
+    core, vs transformers' on the whole list (its fastest use), bit for bit: the photos as is and padded."""
     import skimage.data
     import transformers
     from PIL import Image
@@ -336,9 +327,7 @@ def run_measurements(args):
 
 
 # ---- bench.py gpu: train.py's step and generation on one H100 / H200 (random weights) ------------
-# A decode step reads every weight once (the embedding table: one row) and the KV cache so far,
-# so tokens/s <= HBM bandwidth / those bytes.
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # decode reads each weight and the KV cache once a token
 # setting: (gradient checkpointing, micro-batches per optimizer step); 8 x 16 is LLaVA-1.5's
 # stage-2 global batch of 128 on one GPU (stage 2 runs all three, stage 1 the first two)
 GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
@@ -393,8 +382,7 @@ def gpu_decode(shapes, device, dtype, args, compiled=False):
     kv_bytes = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * (len(ids) + N / 2) * dtype.itemsize
     bw = next((b for gpu, b in HBM_BYTES_PER_S.items() if gpu in device_name(device)), None)
     bound = bw / (weight_bytes + kv_bytes) if bw else None
-    note = (f"{v / bound:.0%} of the {bound:.0f} tokens/s bound ({weight_bytes / 1e9:.1f} GB weights + "
-            f"{kv_bytes / 1e9:.2f} GB KV at {bw / 1e12:.2f} TB/s)" if bw else "no bandwidth bound known")
+    note = f"{v / bound:.0%} of the {bound:.0f} tokens/s bound at {bw / 1e12:.2f} TB/s" if bw else "no bound known"
     table_row("decode " + ("compiled" if compiled else "eager"), f"batch 1, prompt {len(ids)}, {N} new",
               f"{v:.1f}", "", "", note)
     return {"tokens_per_s": v, "prompt": len(ids), "new_tokens": N, "bound_tokens_per_s": bound}

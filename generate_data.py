@@ -1,17 +1,15 @@
 """GPT-assisted visual instruction data, as in the LLaVA paper (Liu et al. 2023, section 3).
 
-A text-only teacher never sees a pixel: each image reaches it as its COCO captions and (for detail
-and complex) boxes `category: [x1, y1, x2, y2]` in 0..1. A system message and few-shot examples
-(prompts/<type>/) ask for a multi-turn `conversation`, a `detail`ed description or one `complex`
-reasoning question; each reply becomes a LLaVA-Instruct record (`generate`), the records one
-training file (`merge --ratio conversation=58,detail=23,complex=77`); `pretrain` turns captions
-into stage-1 data. A paid answer is asked for once: the output JSONL, one fsync'ed line per
-record, is the only progress record, and a rerun skips the ids it holds. The key comes from
-OPENAI_API_KEY and is scrubbed from all that a server echoes back.
+A text-only teacher never sees a pixel: it gets each image's COCO captions and (detail, complex)
+boxes `category: [x1, y1, x2, y2]` in 0..1; a system message and few-shot examples (prompts/<type>/)
+ask it for a multi-turn `conversation`, a `detail`ed description or one `complex` reasoning question.
+`generate` makes each reply a LLaVA-Instruct record, `merge --ratio conversation=58,detail=23,complex=77`
+the records one training file. A paid answer is asked for once: the output JSONL (an fsync'ed line
+a record) is the only progress record; a rerun skips its ids. The key comes from OPENAI_API_KEY and
+is scrubbed from all that a server echoes back.
 """
 
 import argparse
-import email.utils
 import fcntl
 import json
 import os
@@ -19,10 +17,9 @@ import random
 import re
 import sys
 import threading
-import time
 from collections import Counter, defaultdict, namedtuple
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import closing
+from contextlib import closing, suppress
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,7 +31,6 @@ import weights
 
 TYPES = ("conversation", "detail", "complex")
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-IMAGE = "<image>"
 Prompt = namedtuple("Prompt", "system examples")  # examples: [(context, ideal response), ...]
 # image_id: LLaVA's 12-digit form of COCO's id; boxes: [(category, [x1, y1, x2, y2] in 0..1), ...]
 ImageContext = namedtuple("ImageContext", "image_id image captions boxes")
@@ -43,7 +39,7 @@ Job = namedtuple("Job", "key messages parse")
 
 
 def log(msg):
-    print(msg, file=sys.stderr, flush=True)  # stdout carries only dry-run text and summaries
+    print(msg, file=sys.stderr, flush=True)  # stdout carries only the summaries
 
 
 def read_text(path, what):
@@ -101,11 +97,8 @@ def load_coco(captions_path, instances_path=None):
                 captions[a["image_id"]].append(_clean(a["caption"]))
         names = {c["id"]: c["name"] for c in inst.get("categories", [])}
         sizes = {im["id"]: (im["width"], im["height"]) for im in inst.get("images", [])}
-        for a in inst.get("annotations", []):
-            if a["image_id"] in sizes:
-                boxes[a["image_id"]].append((names[a["category_id"]], normalize_box(a["bbox"], *sizes[a["image_id"]])))
-        if lost := sum(a["image_id"] not in sizes for a in inst.get("annotations", [])):
-            log(f"warning: {instances_path}: {lost} annotations name an image it does not list; skipped")
+        for a in inst.get("annotations", []):  # an image the file does not list is a KeyError, as a bad file
+            boxes[a["image_id"]].append((names[a["category_id"]], normalize_box(a["bbox"], *sizes[a["image_id"]])))
         return [ImageContext(f"{im['id']:012d}", im["file_name"], captions[im["id"]], boxes[im["id"]])
                 for im in sorted(caps["images"], key=lambda im: im["id"]) if captions[im["id"]]]
     except (AttributeError, KeyError, TypeError) as e:
@@ -122,12 +115,6 @@ def load_context_jsonl(path):
         except (AttributeError, KeyError, TypeError, ValueError) as e:
             log(f"warning: {path}: unreadable context record ({e!r}); skipped")
     return sorted(out, key=lambda c: c.image_id)
-
-
-def read_lines(path):
-    """An instruction list: a line each; blank lines and # comments are left out."""
-    lines = [s.strip() for s in read_text(path, "instruction list").splitlines()]
-    return [s for s in lines if s and not s.startswith("#")] or sys.exit(f"error: instruction list {path} is empty")
 
 
 def load_prompt(kind):
@@ -174,20 +161,16 @@ def parse_reply(kind, text):
     return pairs
 
 
-def llava_record(rid, image, pairs, rng):
-    """The record train.py reads; <image> before or after the first question at random, as LLaVA's."""
-    turns = [((f"{IMAGE}\n{q}" if rng.random() < 0.5 else f"{q}\n{IMAGE}") if i == 0 else q, a)
-             for i, (q, a) in enumerate(pairs)]
-    return {"id": rid, "image": image, "conversations": [
-        {"from": who, "value": v} for turn in turns for who, v in zip(("human", "gpt"), turn)]}
-
-
 def make_record(ctx, kind, seed, detail_questions, reply):
-    """The teacher's reply -> its record (or a ParseError)."""
+    """The teacher's reply -> the record train.py reads (or a ParseError); <image> before or after
+    the first question at random, as LLaVA's."""
     pairs, rng = parse_reply(kind, reply), random.Random(f"{seed}:{ctx.image_id}:{kind}")  # a rerun chooses alike
     if kind == "detail":
         pairs = [(rng.choice(detail_questions), pairs[0][1])]
-    return llava_record(f"{ctx.image_id}_{kind}", ctx.image, pairs, rng)
+    (q, a), *rest = pairs
+    turns = [(f"<image>\n{q}" if rng.random() < 0.5 else f"{q}\n<image>", a), *rest]
+    return {"id": f"{ctx.image_id}_{kind}", "image": ctx.image, "conversations": [
+        {"from": who, "value": v} for turn in turns for who, v in zip(("human", "gpt"), turn)]}
 
 
 # ---- 2. The API client: OpenAI chat completions over `requests`, run on a thread pool -------------
@@ -197,15 +180,6 @@ class APIError(RuntimeError):
     def __init__(self, reason, message):
         super().__init__(message)
         self.reason = reason
-
-
-def _retry_after_seconds(value):
-    """Retry-After as delta-seconds (fractions accepted) or an HTTP date -> seconds, or None."""
-    for seconds in (float, lambda v: email.utils.parsedate_to_datetime(v).timestamp() - time.time()):
-        try:
-            return max(0.0, seconds(value))
-        except (TypeError, ValueError, IndexError):
-            pass
 
 
 class ChatClient:
@@ -254,7 +228,8 @@ class ChatClient:
             if then != "retry" or attempt == self.max_retries:
                 raise APIError(reason, message)
             delay = min(60.0, self.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
-            delay = max(delay, min(retry_after or 0.0, 600.0))
+            with suppress(TypeError, ValueError):  # never sooner than Retry-After in seconds (a date: ignored)
+                delay = max(delay, min(float(retry_after), 600.0))
             self.log(f"{message[:160]}; retry {attempt + 1}/{self.max_retries} in {delay:.2f}s")
 
     def _attempt(self, body):
@@ -268,7 +243,7 @@ class ChatClient:
             return reason, f"{type(e).__name__}: {str(e)[:300]}", "stop" if isinstance(e, ValueError) else "retry", None
         if (s := resp.status_code) != 200:
             then = "stop" if s in (401, 403, 404) else "retry" if s in (408, 409, 429) or s >= 500 else "fail"
-            return f"http {s}", resp.text[:300].strip(), then, _retry_after_seconds(resp.headers.get("Retry-After"))
+            return f"http {s}", resp.text[:300].strip(), then, resp.headers.get("Retry-After")
         try:
             data = resp.json()
             choice, usage = data["choices"][0], data.get("usage") or {}
@@ -373,7 +348,7 @@ def client_from_args(args, model):
                       args.backoff_base, **params)
 
 
-# ---- 3. The three subcommands: generate, merge, pretrain ------------------------------------------
+# ---- 3. The two subcommands: generate and merge -------------------------------------------------
 def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()):
     """A job per (image, type) not in `skip`: the system message, each example as a user/assistant
     pair, then the image's context (conversation gets the captions only, as in the paper)."""
@@ -389,15 +364,10 @@ def make_jobs(ctxs, kinds, prompts, seed, detail_questions, skip=frozenset()):
 def cmd_generate(args):
     if not args.instances and set(args.types) - {"conversation"}:
         sys.exit("error: detail and complex need boxes: give --instances (or --types conversation)")
-    prompts, questions = {k: load_prompt(k) for k in args.types}, read_lines(PROMPTS_DIR / "detail_instructions.txt")
-    ctxs = load_coco(args.captions, args.instances)[:args.limit]
-    if not ctxs:
-        sys.exit(f"error: {args.captions}: no image with a usable caption, so no job to send")
-    if args.dry_run is not None:  # the exact messages: no client, no key, no file
-        for job in make_jobs(ctxs[: args.dry_run], args.types, prompts, args.seed, questions):
-            print(f"===== {job.key} ({len(job.messages)} messages) =====")
-            print("".join(f"--- {m['role']} ---\n{m['content']}\n" for m in job.messages))
-        return 0
+    prompts = {k: load_prompt(k) for k in args.types}
+    questions = read_text(PROMPTS_DIR / "detail_instructions.txt", "prompt file").strip().splitlines()
+    ctxs = load_coco(args.captions, args.instances)[:args.limit] or sys.exit(
+        f"error: {args.captions}: no image with a usable caption, so no job to send")
     client, total = client_from_args(args, args.model), len(ctxs) * len(args.types)
     with closing(JsonlOutput(args.out)) as out:
         jobs = make_jobs(ctxs, args.types, prompts, args.seed, questions, skip=out.finished)
@@ -413,10 +383,6 @@ def cmd_generate(args):
     return 0 if report.done == len(jobs) else 3
 
 
-def record_type(r):
-    return str(r["id"]).rsplit("_", 1)[-1]
-
-
 def parse_ratio(value):  # "conversation=58,detail=23,complex=77"; argparse words a ValueError
     ratio = {name.strip(): float(w) for name, w in (part.split("=") for part in value.split(","))}
     if min(ratio.values()) < 0 or not any(ratio.values()):
@@ -427,7 +393,7 @@ def parse_ratio(value):  # "conversation=58,detail=23,complex=77"; argparse word
 def cmd_merge(args):
     """LLaVA records, first of each id, in per-type counts in proportion to --ratio: as many as
     there are without repeating one (the scarcest type for its weight sets the scale); shuffled."""
-    seen, by_type, rng = {}, defaultdict(list), random.Random(args.seed)
+    seen, by_type, rng = set(), defaultdict(list), random.Random(args.seed)
     for path in args.inputs:
         for r in read_json(path, "records"):
             if not (isinstance(r, dict) and "id" in r and isinstance(r.get("conversations"), list)):
@@ -435,40 +401,25 @@ def cmd_merge(args):
             elif r["id"] in seen:
                 log(f"warning: {path}: duplicate id {r['id']!r}; kept the first")
             else:
-                seen[r["id"]] = r
-                by_type[record_type(r)].append(r)
-    chosen = list(seen.values())
+                seen.add(r["id"])
+                by_type[str(r["id"]).rsplit("_", 1)[-1]].append(r)  # generate's ids end in _<type>
     if args.ratio:
         if missing := [t for t, w in args.ratio.items() if w > 0 and not by_type[t]]:
             sys.exit(f"error: --ratio asks for {', '.join(missing)} but the inputs hold no such records")
         scale = min(len(by_type[t]) / w for t, w in args.ratio.items() if w > 0)
-        chosen = [r for t in sorted(by_type) for r in rng.sample(by_type[t], min(
-            len(by_type[t]), int(scale * args.ratio.get(t, 0.0) + 1e-9)))]
+        by_type = {t: rng.sample(rs, min(len(rs), int(scale * args.ratio.get(t, 0.0) + 1e-9)))
+                   for t, rs in sorted(by_type.items())}
+    chosen = [r for t in sorted(by_type) for r in by_type[t]]
     rng.shuffle(chosen)
     weights.write_json_atomic(args.out, chosen, indent=None)
-    counts = sorted(Counter(map(record_type, chosen)).items())
-    print(f"merge: {len(chosen)} of {len(seen)} records -> {args.out} ({', '.join(f'{t} {n}' for t, n in counts)})")
-    return 0
-
-
-def cmd_pretrain(args):
-    """COCO captions -> the 558K/595K stage-1 format: a record per caption, a brief instruction
-    drawn for each (the `plain` template keeps only <image> + caption)."""
-    instructions, rng, records = read_lines(PROMPTS_DIR / "brief_instructions.txt"), random.Random(0), []
-    for c in load_coco(args.captions):
-        stem = Path(c.image).with_suffix("").as_posix().replace("/", "_")
-        for k, caption in enumerate(c.captions):  # an image's later captions get _1, _2, ...
-            pairs = [(rng.choice(instructions), caption)]
-            records.append(llava_record(f"{stem}_{k}" if k else stem, c.image, pairs, rng))
-    weights.write_json_atomic(args.out, records, indent=None)
-    print(f"pretrain: {len(records)} records -> {args.out}")
+    counts = ", ".join(f"{t} {len(rs)}" for t, rs in sorted(by_type.items()) if rs)
+    print(f"merge: {len(chosen)} of {len(seen)} records -> {args.out} ({counts})")
     return 0
 
 
 def build_parser():
     key = "The API key is read from the environment variable OPENAI_API_KEY (never from the command line)."
-    p = argparse.ArgumentParser(description="LLaVA's GPT-assisted instruction data (see the module docstring).",
-                                epilog=key)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=key)
     sub = p.add_subparsers(dest="command")
     a = sub.add_parser("generate", help="captions + boxes -> teacher -> JSONL records (the default)", epilog=key)
     a.add_argument("--captions", required=True, help="COCO captions_*.json")
@@ -478,25 +429,21 @@ def build_parser():
     a.add_argument("--model", default="gpt-4o-mini", help="teacher model (the paper used GPT-4)")
     a.add_argument("--limit", type=int, help="only the first N images (by id)")
     a.add_argument("--seed", type=int, default=0, help="seeds the detail question and <image> placement per job")
-    a.add_argument("--dry-run", type=int, metavar="N", help="print the messages for N images; send nothing")
     add_client_args(a)
     m = sub.add_parser("merge", help="JSONL outputs -> one shuffled JSON list for train.py")
     m.add_argument("--inputs", nargs="+", required=True, help="the JSONL files `generate` wrote (or .json lists)")
     m.add_argument("--out", default="llava_instruct.json", help="the JSON list train.py --data reads")
     m.add_argument("--ratio", type=parse_ratio, help="e.g. conversation=58,detail=23,complex=77 (default: keep all)")
     m.add_argument("--seed", type=int, default=0, help="seeds the shuffle and the --ratio sampling")
-    t = sub.add_parser("pretrain", help="COCO captions -> 558K/595K-style stage-1 JSON (no API)")
-    t.add_argument("--captions", required=True, help="COCO captions_*.json")
-    t.add_argument("--out", default="pretrain.json", help="the stage-1 JSON list train.py --stage 1 --data reads")
     return p
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("generate", "merge", "pretrain", "-h", "--help"):
+    if not argv or argv[0] not in ("generate", "merge", "-h", "--help"):
         argv.insert(0, "generate")  # the README's spelling: generate is the default
     args = build_parser().parse_args(argv)
-    return {"generate": cmd_generate, "merge": cmd_merge, "pretrain": cmd_pretrain}[args.command](args)
+    return {"generate": cmd_generate, "merge": cmd_merge}[args.command](args)
 
 
 if __name__ == "__main__":
