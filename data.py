@@ -318,22 +318,6 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def _words(self):  # the official cheap length estimate: (words in the turns, has an image)
-        for r in self.records:
-            try:
-                words = sum(len(t["value"].split()) for t in r["conversations"])
-            except (TypeError, KeyError, AttributeError):
-                words = 0
-            yield words, isinstance(r, dict) and "image" in r
-
-    @property
-    def lengths(self):  # for the official length grouping: words, + 128 with an image
-        return [words + 128 * image for words, image in self._words()]
-
-    @property
-    def modality_lengths(self):  # for the official modality grouping: words, negative if text-only
-        return [words if image else -words for words, image in self._words()]
-
     def __getitem__(self, i):
         record = self.records[i]
         rid = record.get("id") if isinstance(record, dict) else None

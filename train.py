@@ -105,7 +105,6 @@ class TrainConfig:
     threads: int = option(0, "CPU threads torch uses (0: torch's default, one per core)", COUNT)
     fsdp: str = option("ours", "ours (fsdp.py's hand-written ZeRO-3) or torch (FSDP2)", choices=("ours", "torch"))
     grad_ckpt: bool = option(False, "activation checkpointing: recompute each block in backward")
-    group_by_modality_length: bool = option(False, "batches of one modality and similar lengths (official)")
     num_workers: int = option(2, "DataLoader worker processes per rank", COUNT)
     dist_timeout: int = option(600, "seconds a rank waits for a dead peer before giving up", POSITIVE)
     save_every: int = option(0, "checkpoint every N steps (0: only at the end)", COUNT)
@@ -262,52 +261,23 @@ def wants_compiled_elementwise(cfg, device):
 # ------------------------------------------------------------------------------------------------
 # Data: which samples each rank sees at each step (a pure function of seed, step and world)
 
-def epoch_order(n, seed, epoch, global_batch=None, modality_lengths=None):
-    """One epoch's order: a seeded permutation. With modality_lengths (the official
-    group_by_modality_length: word counts, negative for text-only records) it is cut into shuffled
-    global batches of one modality (leftovers share the last, which n // global_batch drops)."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    if modality_lengths is None:
-        return perm
-    batches, rest = [], []
-    for keep in (lambda l: l > 0, lambda l: l <= 0):  # image records, then text-only ones
-        group = [i for i in perm if keep(modality_lengths[i])]
-        full = len(group) // global_batch * global_batch
-        batches += [group[k:k + global_batch] for k in range(0, full, global_batch)]
-        rest += group[full:]
-    order = torch.randperm(len(batches), generator=g).tolist()
-    return [i for k in order for i in batches[k]] + rest
-
-
-def group_by_length(idx, lengths, world, micro_batch):
-    """Reorder one global batch so every micro-batch holds samples of similar length (less
-    padding) and every rank gets a share of short and long ones: sort, cut into runs of
-    world x micro_batch, deal each run out to the ranks. The samples, so the gradient, stay."""
-    idx = sorted(idx, key=lambda i: -abs(lengths[i]))
-    runs = [idx[k:k + world * micro_batch] for k in range(0, len(idx), world * micro_batch)]
-    return [i for r in range(world) for run in runs for i in run[r * micro_batch:(r + 1) * micro_batch]]
-
-
 class MicroBatches(torch.utils.data.Sampler):
     """This rank's micro-batches (index lists) from `start_step` on. A step's global batch is the
     same whatever the world size: a run resumed on other ranks continues with the same samples."""
 
-    def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch, modality_lengths=None):
+    def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch):
         self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
-        self.start, self.total, self.spe, self.lengths = start_step, total_steps, steps_per_epoch, modality_lengths
+        self.start, self.total, self.spe = start_step, total_steps, steps_per_epoch
         self.per_rank = cfg.global_batch // world
         self.accum = math.ceil(self.per_rank / cfg.micro_batch)
         self._epoch = (None, None)
 
     def global_batch(self, step):
         epoch, i = divmod(step, self.spe)
-        if self._epoch[0] != epoch:
-            self._epoch = (epoch, epoch_order(self.n, self.cfg.seed, epoch, self.cfg.global_batch, self.lengths))
-        idx = self._epoch[1][i * self.cfg.global_batch:(i + 1) * self.cfg.global_batch]
-        if self.lengths is not None:
-            idx = group_by_length(idx, self.lengths, self.world, self.cfg.micro_batch)
-        return idx
+        if self._epoch[0] != epoch:  # each epoch a seeded permutation
+            g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+            self._epoch = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._epoch[1][i * self.cfg.global_batch:(i + 1) * self.cfg.global_batch]
 
     def __iter__(self):
         for step in range(self.start, self.total):
@@ -693,8 +663,7 @@ class Run:
         self.start = load_resume_state(resume, self.optimizer, self.sharded, model) if resume else 0
         if self.rank == 0:
             truncate_log(self.log_path, self.start)
-        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total, n // cfg.global_batch,
-                                    self.dataset.modality_lengths if cfg.group_by_modality_length else None)
+        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total, n // cfg.global_batch)
         log0(f"{n} samples, {self.total} steps of {cfg.global_batch} ({self.world} ranks x {self.sampler.accum} "
              f"micro-batches of {cfg.micro_batch}), {sum(local(p).numel() for p in self.params) / 1e6:.2f}M "
              f"trainable params on rank 0, starting at step {self.start}")

@@ -67,27 +67,6 @@ def test_loss_at_step_0_equals_transformers(world, tmp_path):
     assert math.isclose(losses(tmp_path / "t")[0], float(ref), rel_tol=1e-5)
 
 
-def test_modality_grouping_makes_single_modality_batches_and_keeps_every_sample():
-    lengths = [(-1) ** (i % 3 == 0) * (5 + i % 7) for i in range(50)]  # every third text-only
-    order = train.epoch_order(50, 0, 0, 8, lengths)
-    assert sorted(order) == list(range(50))
-    for k in range(50 // 8 - 1):  # the full batches (the last may hold leftovers of both)
-        signs = {lengths[i] > 0 for i in order[8 * k:8 * k + 8]}
-        assert len(signs) == 1, k
-    batch = order[:8]
-    dealt = train.group_by_length(batch, lengths, world=2, micro_batch=2)
-    assert sorted(dealt) == sorted(batch)
-    micro = [dealt[k:k + 2] for k in range(0, 8, 2)]  # rank 0: micro[0:2], rank 1: micro[2:4]
-    spread = [max(abs(lengths[i]) for i in m) - min(abs(lengths[i]) for i in m) for m in micro]
-    assert max(spread) <= max(abs(lengths[i]) for i in batch) - min(abs(lengths[i]) for i in batch)
-
-
-def test_grouped_run_on_two_ranks_equals_one_process(world, tmp_path):
-    run(base_args(world, tmp_path / "a", **{"group-by-modality-length": "true"}))
-    run(base_args(world, tmp_path / "b", **{"group-by-modality-length": "true", "micro-batch": 2}), nproc=2)
-    assert_same_run(tmp_path / "a", tmp_path / "b", 2)
-
-
 def test_step_flops_count_llava_15_7b_by_hand():
     """flop_params on LLaVA-1.5-7B's shapes (built on the meta device) against counts by hand,
     and step_flops for one stage-2 sequence written out."""
@@ -497,7 +476,7 @@ def test_bad_values_are_refused_when_parsed(flag, value, says, capsys):
 def test_booleans_take_the_usual_spellings():
     assert train.parse_args(["--grad-ckpt", "on"]).grad_ckpt is True
     assert train.parse_args(["--grad-ckpt"]).grad_ckpt is True
-    assert train.parse_args(["--group-by-modality-length", "off"]).group_by_modality_length is False
+    assert train.parse_args(["--overwrite", "off"]).overwrite is False
     assert train.parse_args(["--stage", "2"]).out == "runs/stage2" and train.parse_args([]).out == "runs/stage1"
     assert train.parse_args(["--preset", "tiny-short"]).out == "runs/tiny-short"
 
