@@ -38,7 +38,7 @@ from clip import ImageError
 from llama import Tokenizer
 from model import DTYPES, LLaVA, dtype_for, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
-from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atomic
+from weights import WeightsError, fetch, read_json, write_atomic, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,19 +161,15 @@ def log0(*args):
 # ------------------------------------------------------------------------------------------------
 # The optimizer: fused AdamW over the trainable shards, or Muon for the blocks' matrices
 
-def param_groups(params, sharded, model, cfg):
-    """AdamW groups: the projector's --projector-lr is kept as a scale of the scheduled lr."""
+def make_optimizer(params, sharded, model, cfg):
+    """AdamW (fused over our FSDP's fp32 master shards), or `Muon` for the LLM blocks' matrices.
+    The projector's --projector-lr is kept as its group's scale of the scheduled lr."""
     scale = (cfg.projector_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0
     proj = {id(p) for p in ([u.shard for u in sharded if u.name == "projector"] if sharded is not None
                             else model.projector.parameters())}
     groups = [{"params": [p for p in params if id(p) in proj], "lr_scale": scale},
               {"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0}]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(params, sharded, model, cfg):
-    """AdamW (fused over our FSDP's fp32 master shards), or `Muon` for the LLM blocks' matrices."""
-    groups = param_groups(params, sharded, model, cfg)
+    groups = [g for g in groups if g["params"]]
     adamw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                  foreach=False, fused=sharded is not None)  # FSDP2's DTensors take the loop
     if cfg.optimizer == "adamw":
@@ -556,20 +552,6 @@ def training_data(cfg):
     return records, folder
 
 
-def check_sources(cfg):
-    """--init, --clip and --llm name something that exists (or a Hub name, fetched later)."""
-    if cfg.init and cfg.stage == 1:
-        raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
-    if cfg.init and Path(cfg.init).exists():
-        config = Path(cfg.init) / "config.json"
-        if not config.is_file() or read_json(config, "LLaVA config").get("model_type") != "llava":
-            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no llava config.json)")
-    named = {"--init": cfg.init} if cfg.init else {"--clip": cfg.clip, "--llm": cfg.llm}
-    for flag, name in named.items():
-        if not Path(name).expanduser().exists() and not is_hub_name(name):
-            raise SystemExit(f"{flag} {name}: no such directory, and not a Hub name like org/name")
-
-
 def build_model(cfg, resume=None):
     """A checkpoint's model when resuming; else --init's (stage 2), or CLIP + LLM + a fresh
     projector (stage 1, and stage 2 without stage 1: the paper's ablation)."""
@@ -579,14 +561,19 @@ def build_model(cfg, resume=None):
             return fetch(name, **kw)
         except WeightsError as e:
             raise WeightsError(f"{flag} {name}: {e}") from None
+    if cfg.init and cfg.stage == 1:
+        raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
     if resume is not None:
         model = LLaVA.from_pretrained(resume)
-    elif cfg.stage == 1 or not cfg.init:
+    elif not cfg.init:
         clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
         model = LLaVA.from_components(clip, llm, projector=cfg.projector, vision_feature_layer=cfg.vision_layer,
                                       pad_to_square=cfg.pad_to_square, seed=cfg.seed)
     else:
-        model = LLaVA.from_pretrained(fetch_for("--init", cfg.init))
+        init = fetch_for("--init", cfg.init)
+        if not (init / "config.json").is_file() or read_json(init / "config.json").get("model_type") != "llava":
+            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no llava config.json)")
+        model = LLaVA.from_pretrained(init)
     model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
     model.config.pad_to_square = bool(cfg.pad_to_square)
     return model
@@ -616,9 +603,7 @@ def truncate_log(path, step):
         with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a kill goes
             if json.loads(line)["step"] <= step:
                 kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomic(path.parent, {path.name: lambda tmp: tmp.write_text("".join(kept))})
 
 
 class Run:
@@ -627,7 +612,6 @@ class Run:
 
     def __init__(self, cfg):
         records, image_folder = training_data(cfg)
-        check_sources(cfg)
         self.cfg, (self.device, self.rank, self.world) = cfg, init_distributed(cfg)
         claim_out(cfg, self.rank)
         random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)

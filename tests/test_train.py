@@ -124,8 +124,9 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
             params, full_state, sharded = fsdp.shard_model(model, cfg, device, torch.float32)
             opt = train.make_optimizer(params, sharded, model, cfg)
             if not fused:
-                opt = torch.optim.AdamW(train.param_groups(params, sharded, model, cfg), lr=cfg.lr,
-                                        betas=(0.9, 0.95), weight_decay=0.1, foreach=False, fused=False)
+                groups = [{"params": g["params"], "lr_scale": g["lr_scale"]} for g in opt.param_groups]
+                opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                        foreach=False, fused=False)
             assert opt.defaults["fused"] is fused
             gen = torch.Generator().manual_seed(0)
             for _ in range(3):
@@ -505,7 +506,7 @@ def test_missing_inputs_are_named_in_one_line_before_any_model_is_built(world, t
         (good + ["--init", str(tmp_path / "noconfig")], "not a stage-1 output or llava-hf directory"),
         (good + ["--init", "runs/no-such-run"], "--init runs/no-such-run: runs/no-such-run is no local directory"),
         (good + ["--resume", str(tmp_path / "empty")], "not a checkpoint (no train_state.json)"),
-        (good + ["--clip", "no/such/dir"], "--clip no/such/dir: no such directory, and not a Hub name"),
+        (good + ["--clip", "no/such/dir"], "--clip no/such/dir: no such directory: no/such/dir (and it is not a Hub name"),
         (good + ["--llm", "lmsys/vicuna-7b-v1.5"], "--llm lmsys/vicuna-7b-v1.5: lmsys/vicuna-7b-v1.5 is no local directory"),
         (good + ["--stage", "1", "--init", str(tmp_path / "noconfig")], "--init is for stage 2"),
     ]
