@@ -272,13 +272,13 @@ class SkipLog:
     def counts(self):
         return {reason: len(ix) for reason, ix in sorted(self.indices.items())}
 
-    def summary(self, total=None):
-        counts, of = self.counts(), f" of {total}" if total is not None else ""
+    def summary(self, total):
+        counts = self.counts()
         cut = f"; {len(self.truncated)} truncated to max_length" if self.truncated else ""
         if not counts:
-            return f"data: no records skipped{of}{cut}"
+            return f"data: no records skipped of {total}{cut}"
         parts = ", ".join(f"{reason} {k}" for reason, k in counts.items())
-        return f"data: skipped {sum(counts.values())}{of} records ({parts}){cut}"
+        return f"data: skipped {sum(counts.values())} of {total} records ({parts}){cut}"
 
 
 def read_records(path):
@@ -350,9 +350,6 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 
     def record_skip(self, skipped):
         self.skips.add(skipped)
-
-    def summary(self):
-        return self.skips.summary(total=len(self))
 
 
 @dataclass

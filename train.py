@@ -117,7 +117,6 @@ class TrainConfig:
 
 EPILOG = """examples:
   python train.py --preset tiny                    # the synthetic world, end to end on a CPU
-  python train.py --preset tiny-short              # the same in about a minute
   python train.py --stage 1 --clip DIR --llm DIR --data pretrain.json --image-folder IMGS
   torchrun --nproc-per-node 8 train.py --stage 2 --recipe v1.5 --init runs/stage1 \\
       --data llava_v1_5_mix665k.json --image-folder data --grad-ckpt --save-every 500
@@ -186,10 +185,10 @@ class Muon(torch.optim.AdamW):
     """Muon (Jordan et al. 2024) for the weight matrices of the LLM's blocks; AdamW, unchanged,
     for the rest (embeddings, head, norms, projector), as Muon's authors prescribe. A matrix's
     gradient is nearly low-rank; Muon replaces the momentum G = U S V^T by about U V^T, so rare
-    directions learn as fast as common ones. Per matrix W (rows x cols), as torch.optim.Muon:
+    directions learn as fast as common ones. Per matrix W (rows x cols), as torch.optim.Muon,
+    after the decoupled weight decay W *= 1 - lr * wd:
         m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m                 (Nesterov momentum)
         W -= lr * 0.2 * sqrt(max(rows, cols)) * newton_schulz(u)  (an AdamW step's RMS: one --lr)
-    after the decoupled weight decay W *= 1 - lr * wd.
 
     On our shards (a block's matrices and norm gains in one flat vector per rank; a matrix may
     straddle two ranks) the matrices are masked out of the gradient, so AdamW's step only decays
@@ -222,8 +221,7 @@ class Muon(torch.optim.AdamW):
             m.lerp_(g, 1 - self.momentum)
             updates[u] = u.gather_flat(g.lerp_(m, self.momentum))
         out = {u: torch.zeros_like(update) for u, update in updates.items()}
-        # One batched Newton-Schulz per shape (every block's q, every block's k, ...): a few
-        # large matrix products instead of many small ones.
+        # one batched Newton-Schulz per shape (every block's q, ...): a few large matmuls, not many small
         for shape, where in self.same_shape.items():
             n, scale = math.prod(shape), 0.2 * math.sqrt(max(shape))
             stack = torch.stack([updates[u][offset:offset + n].view(shape) for u, offset in where])
@@ -829,7 +827,7 @@ def train(cfg):
     if run.rank == 0:
         save_model(run.model, cfg, run.out, state)
         draw_loss_curve([(f"stage {cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
-        log0(run.dataset.summary())
+        log0(run.dataset.skips.summary(len(run.dataset)))
         log0(f"saved {run.out} (loss curve {run.out / 'loss.png'}, log {run.log_path})")
     dist.barrier()
     return losses

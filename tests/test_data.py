@@ -402,7 +402,7 @@ def test_bad_samples_skipped_named_counted_with_workers(tok, tmp_path, capsys):
             rid = r.get("id") if isinstance(r, dict) else None
             assert f"skipped record {k} (id {rid!r})" in err, k
     assert "nowhere.png" in err and "garbage.png" in err
-    summary = ds.summary()
+    summary = ds.skips.summary(len(ds))
     assert summary.startswith(f"data: skipped 13 of {len(records)} records")
     for reason, n in EXPECTED_SKIPS.items():
         assert f"{reason} {n}" in summary
