@@ -259,15 +259,14 @@ class MicroBatches(torch.utils.data.Sampler):
     """This rank's micro-batches (index lists) from `start_step` on. A step's global batch is the
     same whatever the world size: a run resumed on other ranks continues with the same samples."""
 
-    def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch):
-        self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
-        self.start, self.total, self.spe = start_step, total_steps, steps_per_epoch
+    def __init__(self, n, cfg, rank, world, start_step, total_steps):
+        self.n, self.cfg, self.rank, self.start, self.total = n, cfg, rank, start_step, total_steps
         self.per_rank = cfg.global_batch // world
         self.accum = math.ceil(self.per_rank / cfg.micro_batch)
         self._epoch = (None, None)
 
     def global_batch(self, step):
-        epoch, i = divmod(step, self.spe)
+        epoch, i = divmod(step, self.n // self.cfg.global_batch)  # a partial last batch is dropped
         if self._epoch[0] != epoch:  # each epoch a seeded permutation
             g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
             self._epoch = (epoch, torch.randperm(self.n, generator=g).tolist())
@@ -323,9 +322,8 @@ def save_model(model, cfg, path, state):
 
 def stepped(model, sharded):
     """(name, tensor) this rank's optimizer steps: our FSDP's flat shards, or FSDP2's DTensors."""
-    if sharded is not None:
-        return [(u.name, u.shard) for u in sharded]
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return ([(u.name, u.shard) for u in sharded] if sharded is not None
+            else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
 
 
 def local(t):
@@ -645,7 +643,7 @@ class Run:
         self.start = load_resume_state(resume, self.optimizer, self.sharded, model) if resume else 0
         if self.rank == 0:
             truncate_log(self.log_path, self.start)
-        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total, n // cfg.global_batch)
+        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total)
         log0(f"{n} samples, {self.total} steps of {cfg.global_batch} ({self.world} ranks x {self.sampler.accum} "
              f"micro-batches of {cfg.micro_batch}), {sum(local(p).numel() for p in self.params) / 1e6:.2f}M "
              f"trainable params on rank 0, starting at step {self.start}")
