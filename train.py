@@ -388,8 +388,7 @@ def find_resume(cfg):
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
-        raise SystemExit(f"{path} belongs to a run with {diff}: resume with those values, or start anew in "
-                         "another --out")
+        raise SystemExit(f"{path} belongs to a run with {diff}: resume with those values or use another --out")
     return path
 
 
@@ -530,8 +529,7 @@ def training_data(cfg):
     if cfg.data == "scienceqa":
         root = Path(cfg.scienceqa_root)
         if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
-            raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and "
-                             "pid_splits.json")
+            raise SystemExit(f"--scienceqa-root {str(root)!r} holds no problems.json and pid_splits.json")
         return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", "train",
                                        image_root=root / "images", answer_first=cfg.answer_first), root / "images"
     records = data.read_records(cfg.data)
