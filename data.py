@@ -272,13 +272,13 @@ class SkipLog:
     def counts(self):
         return {reason: len(ix) for reason, ix in sorted(self.indices.items())}
 
-    def summary(self, total=None):
-        counts, of = self.counts(), f" of {total}" if total is not None else ""
+    def summary(self, total):
+        counts = self.counts()
         cut = f"; {len(self.truncated)} truncated to max_length" if self.truncated else ""
         if not counts:
-            return f"data: no records skipped{of}{cut}"
+            return f"data: no records skipped of {total}{cut}"
         parts = ", ".join(f"{reason} {k}" for reason, k in counts.items())
-        return f"data: skipped {sum(counts.values())}{of} records ({parts}){cut}"
+        return f"data: skipped {sum(counts.values())} of {total} records ({parts}){cut}"
 
 
 def read_records(path):
@@ -318,22 +318,6 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
-    def _words(self):  # the official cheap length estimate: (words in the turns, has an image)
-        for r in self.records:
-            try:
-                words = sum(len(t["value"].split()) for t in r["conversations"])
-            except (TypeError, KeyError, AttributeError):
-                words = 0
-            yield words, isinstance(r, dict) and "image" in r
-
-    @property
-    def lengths(self):  # for the official length grouping: words, + 128 with an image
-        return [words + 128 * image for words, image in self._words()]
-
-    @property
-    def modality_lengths(self):  # for the official modality grouping: words, negative if text-only
-        return [words if image else -words for words, image in self._words()]
-
     def __getitem__(self, i):
         record = self.records[i]
         rid = record.get("id") if isinstance(record, dict) else None
@@ -366,9 +350,6 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
 
     def record_skip(self, skipped):
         self.skips.add(skipped)
-
-    def summary(self):
-        return self.skips.summary(total=len(self))
 
 
 @dataclass

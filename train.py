@@ -38,7 +38,7 @@ from clip import ImageError
 from llama import Tokenizer
 from model import DTYPES, LLaVA, dtype_for, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
-from weights import WeightsError, fetch, is_hub_name, read_json, write_json_atomic
+from weights import WeightsError, fetch, read_json, write_atomic, write_json_atomic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -105,7 +105,6 @@ class TrainConfig:
     threads: int = option(0, "CPU threads torch uses (0: torch's default, one per core)", COUNT)
     fsdp: str = option("ours", "ours (fsdp.py's hand-written ZeRO-3) or torch (FSDP2)", choices=("ours", "torch"))
     grad_ckpt: bool = option(False, "activation checkpointing: recompute each block in backward")
-    group_by_modality_length: bool = option(False, "batches of one modality and similar lengths (official)")
     num_workers: int = option(2, "DataLoader worker processes per rank", COUNT)
     dist_timeout: int = option(600, "seconds a rank waits for a dead peer before giving up", POSITIVE)
     save_every: int = option(0, "checkpoint every N steps (0: only at the end)", COUNT)
@@ -118,7 +117,6 @@ class TrainConfig:
 
 EPILOG = """examples:
   python train.py --preset tiny                    # the synthetic world, end to end on a CPU
-  python train.py --preset tiny-short              # the same in about a minute
   python train.py --stage 1 --clip DIR --llm DIR --data pretrain.json --image-folder IMGS
   torchrun --nproc-per-node 8 train.py --stage 2 --recipe v1.5 --init runs/stage1 \\
       --data llava_v1_5_mix665k.json --image-folder data --grad-ckpt --save-every 500
@@ -162,19 +160,15 @@ def log0(*args):
 # ------------------------------------------------------------------------------------------------
 # The optimizer: fused AdamW over the trainable shards, or Muon for the blocks' matrices
 
-def param_groups(params, sharded, model, cfg):
-    """AdamW groups: the projector's --projector-lr is kept as a scale of the scheduled lr."""
+def make_optimizer(params, sharded, model, cfg):
+    """AdamW (fused over our FSDP's fp32 master shards), or `Muon` for the LLM blocks' matrices.
+    The projector's --projector-lr is kept as its group's scale of the scheduled lr."""
     scale = (cfg.projector_lr or cfg.lr) / cfg.lr if cfg.lr else 1.0
     proj = {id(p) for p in ([u.shard for u in sharded if u.name == "projector"] if sharded is not None
                             else model.projector.parameters())}
     groups = [{"params": [p for p in params if id(p) in proj], "lr_scale": scale},
               {"params": [p for p in params if id(p) not in proj], "lr_scale": 1.0}]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(params, sharded, model, cfg):
-    """AdamW (fused over our FSDP's fp32 master shards), or `Muon` for the LLM blocks' matrices."""
-    groups = param_groups(params, sharded, model, cfg)
+    groups = [g for g in groups if g["params"]]
     adamw = dict(lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-8, weight_decay=cfg.weight_decay,
                  foreach=False, fused=sharded is not None)  # FSDP2's DTensors take the loop
     if cfg.optimizer == "adamw":
@@ -191,10 +185,10 @@ class Muon(torch.optim.AdamW):
     """Muon (Jordan et al. 2024) for the weight matrices of the LLM's blocks; AdamW, unchanged,
     for the rest (embeddings, head, norms, projector), as Muon's authors prescribe. A matrix's
     gradient is nearly low-rank; Muon replaces the momentum G = U S V^T by about U V^T, so rare
-    directions learn as fast as common ones. Per matrix W (rows x cols), as torch.optim.Muon:
+    directions learn as fast as common ones. Per matrix W (rows x cols), as torch.optim.Muon,
+    after the decoupled weight decay W *= 1 - lr * wd:
         m = 0.95 m + 0.05 g;  u = 0.05 g + 0.95 m                 (Nesterov momentum)
         W -= lr * 0.2 * sqrt(max(rows, cols)) * newton_schulz(u)  (an AdamW step's RMS: one --lr)
-    after the decoupled weight decay W *= 1 - lr * wd.
 
     On our shards (a block's matrices and norm gains in one flat vector per rank; a matrix may
     straddle two ranks) the matrices are masked out of the gradient, so AdamW's step only decays
@@ -227,8 +221,7 @@ class Muon(torch.optim.AdamW):
             m.lerp_(g, 1 - self.momentum)
             updates[u] = u.gather_flat(g.lerp_(m, self.momentum))
         out = {u: torch.zeros_like(update) for u, update in updates.items()}
-        # One batched Newton-Schulz per shape (every block's q, every block's k, ...): a few
-        # large matrix products instead of many small ones.
+        # one batched Newton-Schulz per shape (every block's q, ...): a few large matmuls, not many small
         for shape, where in self.same_shape.items():
             n, scale = math.prod(shape), 0.2 * math.sqrt(max(shape))
             stack = torch.stack([updates[u][offset:offset + n].view(shape) for u, offset in where])
@@ -262,52 +255,22 @@ def wants_compiled_elementwise(cfg, device):
 # ------------------------------------------------------------------------------------------------
 # Data: which samples each rank sees at each step (a pure function of seed, step and world)
 
-def epoch_order(n, seed, epoch, global_batch=None, modality_lengths=None):
-    """One epoch's order: a seeded permutation. With modality_lengths (the official
-    group_by_modality_length: word counts, negative for text-only records) it is cut into shuffled
-    global batches of one modality (leftovers share the last, which n // global_batch drops)."""
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    perm = torch.randperm(n, generator=g).tolist()
-    if modality_lengths is None:
-        return perm
-    batches, rest = [], []
-    for keep in (lambda l: l > 0, lambda l: l <= 0):  # image records, then text-only ones
-        group = [i for i in perm if keep(modality_lengths[i])]
-        full = len(group) // global_batch * global_batch
-        batches += [group[k:k + global_batch] for k in range(0, full, global_batch)]
-        rest += group[full:]
-    order = torch.randperm(len(batches), generator=g).tolist()
-    return [i for k in order for i in batches[k]] + rest
-
-
-def group_by_length(idx, lengths, world, micro_batch):
-    """Reorder one global batch so every micro-batch holds samples of similar length (less
-    padding) and every rank gets a share of short and long ones: sort, cut into runs of
-    world x micro_batch, deal each run out to the ranks. The samples, so the gradient, stay."""
-    idx = sorted(idx, key=lambda i: -abs(lengths[i]))
-    runs = [idx[k:k + world * micro_batch] for k in range(0, len(idx), world * micro_batch)]
-    return [i for r in range(world) for run in runs for i in run[r * micro_batch:(r + 1) * micro_batch]]
-
-
 class MicroBatches(torch.utils.data.Sampler):
     """This rank's micro-batches (index lists) from `start_step` on. A step's global batch is the
     same whatever the world size: a run resumed on other ranks continues with the same samples."""
 
-    def __init__(self, n, cfg, rank, world, start_step, total_steps, steps_per_epoch, modality_lengths=None):
-        self.n, self.cfg, self.rank, self.world = n, cfg, rank, world
-        self.start, self.total, self.spe, self.lengths = start_step, total_steps, steps_per_epoch, modality_lengths
+    def __init__(self, n, cfg, rank, world, start_step, total_steps):
+        self.n, self.cfg, self.rank, self.start, self.total = n, cfg, rank, start_step, total_steps
         self.per_rank = cfg.global_batch // world
         self.accum = math.ceil(self.per_rank / cfg.micro_batch)
         self._epoch = (None, None)
 
     def global_batch(self, step):
-        epoch, i = divmod(step, self.spe)
-        if self._epoch[0] != epoch:
-            self._epoch = (epoch, epoch_order(self.n, self.cfg.seed, epoch, self.cfg.global_batch, self.lengths))
-        idx = self._epoch[1][i * self.cfg.global_batch:(i + 1) * self.cfg.global_batch]
-        if self.lengths is not None:
-            idx = group_by_length(idx, self.lengths, self.world, self.cfg.micro_batch)
-        return idx
+        epoch, i = divmod(step, self.n // self.cfg.global_batch)  # a partial last batch is dropped
+        if self._epoch[0] != epoch:  # each epoch a seeded permutation
+            g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+            self._epoch = (epoch, torch.randperm(self.n, generator=g).tolist())
+        return self._epoch[1][i * self.cfg.global_batch:(i + 1) * self.cfg.global_batch]
 
     def __iter__(self):
         for step in range(self.start, self.total):
@@ -359,9 +322,8 @@ def save_model(model, cfg, path, state):
 
 def stepped(model, sharded):
     """(name, tensor) this rank's optimizer steps: our FSDP's flat shards, or FSDP2's DTensors."""
-    if sharded is not None:
-        return [(u.name, u.shard) for u in sharded]
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return ([(u.name, u.shard) for u in sharded] if sharded is not None
+            else [(n, p) for n, p in model.named_parameters() if p.requires_grad])
 
 
 def local(t):
@@ -426,8 +388,7 @@ def find_resume(cfg):
     changed = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
     if changed:
         diff = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} (now {now[k]!r})" for k in changed)
-        raise SystemExit(f"{path} belongs to a run with {diff}: resume with those values, or start anew in "
-                         "another --out")
+        raise SystemExit(f"{path} belongs to a run with {diff}: resume with those values or use another --out")
     return path
 
 
@@ -568,8 +529,7 @@ def training_data(cfg):
     if cfg.data == "scienceqa":
         root = Path(cfg.scienceqa_root)
         if not (root / "problems.json").is_file() or not (root / "pid_splits.json").is_file():
-            raise SystemExit(f"--data scienceqa: --scienceqa-root {str(root)!r} holds no problems.json and "
-                             "pid_splits.json")
+            raise SystemExit(f"--scienceqa-root {str(root)!r} holds no problems.json and pid_splits.json")
         return data.scienceqa_to_llava(root / "problems.json", root / "pid_splits.json", "train",
                                        image_root=root / "images", answer_first=cfg.answer_first), root / "images"
     records = data.read_records(cfg.data)
@@ -586,20 +546,6 @@ def training_data(cfg):
     return records, folder
 
 
-def check_sources(cfg):
-    """--init, --clip and --llm name something that exists (or a Hub name, fetched later)."""
-    if cfg.init and cfg.stage == 1:
-        raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
-    if cfg.init and Path(cfg.init).exists():
-        config = Path(cfg.init) / "config.json"
-        if not config.is_file() or read_json(config, "LLaVA config").get("model_type") != "llava":
-            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no llava config.json)")
-    named = {"--init": cfg.init} if cfg.init else {"--clip": cfg.clip, "--llm": cfg.llm}
-    for flag, name in named.items():
-        if not Path(name).expanduser().exists() and not is_hub_name(name):
-            raise SystemExit(f"{flag} {name}: no such directory, and not a Hub name like org/name")
-
-
 def build_model(cfg, resume=None):
     """A checkpoint's model when resuming; else --init's (stage 2), or CLIP + LLM + a fresh
     projector (stage 1, and stage 2 without stage 1: the paper's ablation)."""
@@ -609,14 +555,19 @@ def build_model(cfg, resume=None):
             return fetch(name, **kw)
         except WeightsError as e:
             raise WeightsError(f"{flag} {name}: {e}") from None
+    if cfg.init and cfg.stage == 1:
+        raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
     if resume is not None:
         model = LLaVA.from_pretrained(resume)
-    elif cfg.stage == 1 or not cfg.init:
+    elif not cfg.init:
         clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
         model = LLaVA.from_components(clip, llm, projector=cfg.projector, vision_feature_layer=cfg.vision_layer,
                                       pad_to_square=cfg.pad_to_square, seed=cfg.seed)
     else:
-        model = LLaVA.from_pretrained(fetch_for("--init", cfg.init))
+        init = fetch_for("--init", cfg.init)
+        if not (init / "config.json").is_file() or read_json(init / "config.json").get("model_type") != "llava":
+            raise SystemExit(f"--init {cfg.init}: not a stage-1 output or llava-hf directory (no llava config.json)")
+        model = LLaVA.from_pretrained(init)
     model.config.template = cfg.template if cfg.stage == 2 else "vicuna_v1"
     model.config.pad_to_square = bool(cfg.pad_to_square)
     return model
@@ -646,9 +597,7 @@ def truncate_log(path, step):
         with contextlib.suppress(ValueError, KeyError, TypeError):  # a line torn by a kill goes
             if json.loads(line)["step"] <= step:
                 kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_atomic(path.parent, {path.name: lambda tmp: tmp.write_text("".join(kept))})
 
 
 class Run:
@@ -657,7 +606,6 @@ class Run:
 
     def __init__(self, cfg):
         records, image_folder = training_data(cfg)
-        check_sources(cfg)
         self.cfg, (self.device, self.rank, self.world) = cfg, init_distributed(cfg)
         claim_out(cfg, self.rank)
         random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
@@ -693,8 +641,7 @@ class Run:
         self.start = load_resume_state(resume, self.optimizer, self.sharded, model) if resume else 0
         if self.rank == 0:
             truncate_log(self.log_path, self.start)
-        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total, n // cfg.global_batch,
-                                    self.dataset.modality_lengths if cfg.group_by_modality_length else None)
+        self.sampler = MicroBatches(n, cfg, self.rank, self.world, self.start, self.total)
         log0(f"{n} samples, {self.total} steps of {cfg.global_batch} ({self.world} ranks x {self.sampler.accum} "
              f"micro-batches of {cfg.micro_batch}), {sum(local(p).numel() for p in self.params) / 1e6:.2f}M "
              f"trainable params on rank 0, starting at step {self.start}")
@@ -876,7 +823,7 @@ def train(cfg):
     if run.rank == 0:
         save_model(run.model, cfg, run.out, state)
         draw_loss_curve([(f"stage {cfg.stage}", logged_losses(run.log_path))], run.out / "loss.png")
-        log0(run.dataset.summary())
+        log0(run.dataset.skips.summary(len(run.dataset)))
         log0(f"saved {run.out} (loss curve {run.out / 'loss.png'}, log {run.log_path})")
     dist.barrier()
     return losses

@@ -402,7 +402,7 @@ def test_bad_samples_skipped_named_counted_with_workers(tok, tmp_path, capsys):
             rid = r.get("id") if isinstance(r, dict) else None
             assert f"skipped record {k} (id {rid!r})" in err, k
     assert "nowhere.png" in err and "garbage.png" in err
-    summary = ds.summary()
+    summary = ds.skips.summary(len(ds))
     assert summary.startswith(f"data: skipped 13 of {len(records)} records")
     for reason, n in EXPECTED_SKIPS.items():
         assert f"{reason} {n}" in summary
@@ -434,14 +434,12 @@ def test_image_too_long_skipped(tok, tmp_path):
     assert ds.skips.counts() == {"image_too_long": 1}
 
 
-def test_dataset_lengths_and_jsonl(tok, tmp_path):
+def test_dataset_reads_jsonl_and_names_a_bad_json(tok, tmp_path):
     records = _bad_sample_records(tmp_path / "img")
     lines = [json.dumps(r) for r in records[:3]] + ["{not json"]
     (tmp_path / "d.jsonl").write_text("\n".join(lines))
     ds = data.LazySupervisedDataset(tmp_path / "d.jsonl", tmp_path / "img", tok, "vicuna_v1", 32, 4)
     assert len(ds) == 4 and ds[3].reason == "unreadable_record" and not ds[3]
-    assert ds.lengths == [5 + 128, 3, 3 + 128, 0]  # words, "<image>" counted as one (official split())
-    assert ds.modality_lengths == [5, -3, 3, 0]
     bad = tmp_path / "bad.json"
     bad.write_text("[{")
     with pytest.raises(ValueError, match="bad.json"):

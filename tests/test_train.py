@@ -60,32 +60,11 @@ def test_loss_at_step_0_equals_transformers(world, tmp_path):
     # the training loop's first logged loss is this same number for the same global batch
     run(base_args(world, tmp_path / "t", **{"max-steps": 1, "global-batch": 4, "micro-batch": 2, "lr": 0}))
     cfg = train.TrainConfig(global_batch=4, micro_batch=2)
-    idx = train.MicroBatches(len(ds), cfg, 0, 1, 0, 1, len(ds) // 4).global_batch(0)
+    idx = train.MicroBatches(len(ds), cfg, 0, 1, 0, 1).global_batch(0)
     batch = data.Collator(model.config.pad_token_id)([ds[i] for i in idx])
     with torch.no_grad():
         ref = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"], labels=batch["labels"]).loss
     assert math.isclose(losses(tmp_path / "t")[0], float(ref), rel_tol=1e-5)
-
-
-def test_modality_grouping_makes_single_modality_batches_and_keeps_every_sample():
-    lengths = [(-1) ** (i % 3 == 0) * (5 + i % 7) for i in range(50)]  # every third text-only
-    order = train.epoch_order(50, 0, 0, 8, lengths)
-    assert sorted(order) == list(range(50))
-    for k in range(50 // 8 - 1):  # the full batches (the last may hold leftovers of both)
-        signs = {lengths[i] > 0 for i in order[8 * k:8 * k + 8]}
-        assert len(signs) == 1, k
-    batch = order[:8]
-    dealt = train.group_by_length(batch, lengths, world=2, micro_batch=2)
-    assert sorted(dealt) == sorted(batch)
-    micro = [dealt[k:k + 2] for k in range(0, 8, 2)]  # rank 0: micro[0:2], rank 1: micro[2:4]
-    spread = [max(abs(lengths[i]) for i in m) - min(abs(lengths[i]) for i in m) for m in micro]
-    assert max(spread) <= max(abs(lengths[i]) for i in batch) - min(abs(lengths[i]) for i in batch)
-
-
-def test_grouped_run_on_two_ranks_equals_one_process(world, tmp_path):
-    run(base_args(world, tmp_path / "a", **{"group-by-modality-length": "true"}))
-    run(base_args(world, tmp_path / "b", **{"group-by-modality-length": "true", "micro-batch": 2}), nproc=2)
-    assert_same_run(tmp_path / "a", tmp_path / "b", 2)
 
 
 def test_step_flops_count_llava_15_7b_by_hand():
@@ -145,8 +124,9 @@ def test_fused_adamw_on_our_shards_matches_the_per_tensor_loop(world):
             params, full_state, sharded = fsdp.shard_model(model, cfg, device, torch.float32)
             opt = train.make_optimizer(params, sharded, model, cfg)
             if not fused:
-                opt = torch.optim.AdamW(train.param_groups(params, sharded, model, cfg), lr=cfg.lr,
-                                        betas=(0.9, 0.95), weight_decay=0.1, foreach=False, fused=False)
+                groups = [{"params": g["params"], "lr_scale": g["lr_scale"]} for g in opt.param_groups]
+                opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                                        foreach=False, fused=False)
             assert opt.defaults["fused"] is fused
             gen = torch.Generator().manual_seed(0)
             for _ in range(3):
@@ -497,7 +477,7 @@ def test_bad_values_are_refused_when_parsed(flag, value, says, capsys):
 def test_booleans_take_the_usual_spellings():
     assert train.parse_args(["--grad-ckpt", "on"]).grad_ckpt is True
     assert train.parse_args(["--grad-ckpt"]).grad_ckpt is True
-    assert train.parse_args(["--group-by-modality-length", "off"]).group_by_modality_length is False
+    assert train.parse_args(["--overwrite", "off"]).overwrite is False
     assert train.parse_args(["--stage", "2"]).out == "runs/stage2" and train.parse_args([]).out == "runs/stage1"
     assert train.parse_args(["--preset", "tiny-short"]).out == "runs/tiny-short"
 
@@ -526,7 +506,7 @@ def test_missing_inputs_are_named_in_one_line_before_any_model_is_built(world, t
         (good + ["--init", str(tmp_path / "noconfig")], "not a stage-1 output or llava-hf directory"),
         (good + ["--init", "runs/no-such-run"], "--init runs/no-such-run: runs/no-such-run is no local directory"),
         (good + ["--resume", str(tmp_path / "empty")], "not a checkpoint (no train_state.json)"),
-        (good + ["--clip", "no/such/dir"], "--clip no/such/dir: no such directory, and not a Hub name"),
+        (good + ["--clip", "no/such/dir"], "--clip no/such/dir: no such directory: no/such/dir (and it is not a Hub name"),
         (good + ["--llm", "lmsys/vicuna-7b-v1.5"], "--llm lmsys/vicuna-7b-v1.5: lmsys/vicuna-7b-v1.5 is no local directory"),
         (good + ["--stage", "1", "--init", str(tmp_path / "noconfig")], "--init is for stage 2"),
     ]
