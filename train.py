@@ -175,9 +175,11 @@ def make_optimizer(params, sharded, model, cfg):
         return torch.optim.AdamW(groups, **adamw)
     if sharded is None:
         raise SystemExit("--optimizer muon works on our FSDP's shards; use it with --fsdp ours")
-    # Newton-Schulz in bf16 on a GPU, as torch.optim.Muon; in fp32 on a CPU (few have a fast bf16
-    # matmul) and with --dtype fp32, where W ranks then reproduce one process to fp32 rounding.
-    ns_dtype = torch.bfloat16 if sharded[0].shard.device.type == "cuda" and cfg.dtype != "fp32" else torch.float32
+    # Newton-Schulz in bf16 as torch.optim.Muon, on a GPU or a CPU with bf16 matrix units (elsewhere
+    # bf16 products are emulated, many times slower); with --dtype fp32 in fp32, where W ranks then
+    # reproduce one process to fp32 rounding.
+    fast_bf16 = sharded[0].shard.device.type == "cuda" or torch.cpu._is_avx512_bf16_supported()
+    ns_dtype = torch.bfloat16 if fast_bf16 and cfg.dtype != "fp32" else torch.float32
     return Muon(groups, [u for u in sharded if u.name.startswith("layers.")], ns_dtype=ns_dtype, **adamw)
 
 

@@ -254,7 +254,7 @@ def start_and_signal(args, log, sig, after_steps, nproc=1):
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", TRAIN]
     p = subprocess.Popen(cmd + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=env, start_new_session=True)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a loaded machine (CI's two cores) can take minutes to the step
     while time.time() < deadline and p.poll() is None and not (log.exists() and log.read_text().count("\n") >= after_steps):
         time.sleep(0.02)
     os.killpg(p.pid, sig)
