@@ -1,5 +1,4 @@
-"""
-Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
+"""Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
 
 One loading path for CLIP, LLaMA and LLaVA: build the model on the meta device from its config, map the
 memory-mapped safetensors' names through `LAYOUT`, check every key and shape, and make those very tensors
@@ -43,9 +42,8 @@ def read_config(directory, from_hf, what):
         raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
 
 
-# (prefix in a checkpoint, ours; None: not ours), the longest match wins; a key of no layout keeps its name
-# for assign_weights to refuse. The Hub's rows first (the names we write); transformers 5 LLaVA saves and
-# module names; openai CLIP; a transformers 5 CLIPVisionModel (our `vision_tower.`); a Llama (our `llm.`).
+# (prefix in a checkpoint, ours; None: not ours), the longest wins; an unmatched key stays for assign_weights
+# to refuse. Rows: the Hub's (what we write); transformers 5 saves and module names; CLIP; a Llama (`llm.`).
 LAYOUT = [
     ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "projector."),
     ("language_model.lm_head.", "llm.lm_head."), ("language_model.model.", "llm."),
@@ -147,7 +145,7 @@ def assign_weights(module, state, source, dtype=None, device=None, part=""):
 
 def write_atomic(directory, writers):
     """{file name: write(temporary path)}: each file is written and fsynced under a temporary name,
-    and only once all are written renamed into place, in order. Returns the paths."""
+    and only once all are written renamed into place, in order."""
     directory, done = Path(directory), []
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -163,7 +161,6 @@ def write_atomic(directory, writers):
         raise
     for tmp, final in done:
         os.replace(tmp, final)
-    return [final for _, final in done]
 
 
 def write_json_atomic(path, obj, indent=2):
@@ -173,7 +170,7 @@ def write_json_atomic(path, obj, indent=2):
 
 def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
     """`state` as model.safetensors, or beyond max_shard_bytes as shards (greedy, as transformers) + index,
-    atomically; the files of an older save that this one does not use are removed. Returns the paths."""
+    atomically; the files of an older save that this one does not use are removed."""
     from safetensors.torch import save_file  # here, so that generate_data.py's JSON writes need no torch
     shards, size = [[]], 0
     for k, t in state.items():
@@ -191,12 +188,11 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
         index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
         writers[INDEX] = lambda tmp: tmp.write_text(json.dumps(index, indent=2))
-    written = write_atomic(directory, writers)
+    write_atomic(directory, writers)
     ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\..+\.tmp)?")
-    stale = [p for p in Path(directory).iterdir() if ours.fullmatch(p.name) and p not in written]
+    stale = [p for p in Path(directory).iterdir() if ours.fullmatch(p.name) and p.name not in writers]
     for p in sorted(stale, key=lambda p: not p.name.endswith(".index.json")):  # no index names a lost shard
         p.unlink(missing_ok=True)
-    return written
 
 
 CHUNK, TRIES = 1 << 16, 5  # bytes per read (an interrupted read loses at most this much), tries per file
@@ -217,9 +213,8 @@ def fetch(name_or_dir, files=None):
     name = str(name_or_dir)
     if not is_hub_name(name):
         raise WeightsError(f"no such directory: {name} (and it is not a Hub name like llava-hf/llava-1.5-7b-hf)")
-    cache = Path(os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
-    target, wanted = cache / name.replace("/", "--"), files or ["config.json", "tokenizer.model", *OPTIONAL]
-    marker = target / ".complete"
+    target = Path(os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser() / name.replace("/", "--")
+    marker, wanted = target / ".complete", files or ["config.json", "tokenizer.model", *OPTIONAL]
     if marker.is_file() and set(wanted) <= set(marker.read_text().split()):  # a finished fetch: no network
         return target
     target.mkdir(parents=True, exist_ok=True)
