@@ -95,14 +95,13 @@ def _weight_map(index_file):
 
 
 def load_state_dict(path):
-    """A .safetensors file, or a directory holding model.safetensors or an index + its shards ->
-    {key: tensor} as stored (dtype unchanged), on the CPU. Each key comes from the shard the index names."""
+    """A directory holding model.safetensors or an index + its shards -> {key: tensor} as stored (dtype
+    unchanged), on the CPU. Each key comes from the shard the index names."""
     path, index = Path(path), Path(path) / INDEX
-    if path.is_file() or (path / SINGLE).is_file() and not index.is_file():
-        return _read_safetensors(path if path.is_file() else path / SINGLE)
+    if (path / SINGLE).is_file() and not index.is_file():
+        return _read_safetensors(path / SINGLE)
     if not index.is_file():
-        raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights"
-                           if path.is_dir() else f"no such file or directory: {path}")
+        raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights")
     weight_map, state = _weight_map(index), {}  # a key the index names but no shard holds: assign's missing
     shards = list(dict.fromkeys(weight_map.values()))  # each shard once, in index order
     if absent := [s for s in shards if not (path / s).is_file()]:
@@ -116,9 +115,8 @@ def load_state_dict(path):
 
 
 def assign_weights(module, state, source, dtype=None, device=None, part=""):
-    """Check the keys of `state` under `part` (stripped) against module.state_dict() (a meta module
-    knows its shapes), naming every missing, unexpected and misshaped key in one error, then make
-    those tensors the module's own (cast to dtype, moved to device). Returns module."""
+    """Check `state`'s keys under `part` (stripped) and shapes against module.state_dict() (a meta module's
+    will do), every problem in one error; then make the tensors its own (cast to dtype, on device) -> module."""
     expected, first = module.state_dict(), {}
     # a tied parameter (lm_head = embed_tokens) is stored once, under its first name, as transformers does
     ties = {n: first.setdefault(id(p), n) for n, p in module.named_parameters(remove_duplicate=False)}

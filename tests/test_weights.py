@@ -44,7 +44,6 @@ def test_single_file_round_trip(tmp_path):
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     assert_same(load_state_dict(tmp_path), state)
-    assert_same(load_state_dict(tmp_path / "model.safetensors"), state)
 
 
 def test_sharded_round_trip_and_index_format(tmp_path, monkeypatch):
@@ -128,7 +127,7 @@ def test_failed_save_keeps_old_checkpoint(tmp_path, monkeypatch):
 def test_load_errors(tmp_path):
     with pytest.raises(WeightsError, match=r"no model.safetensors or model.safetensors.index.json in .*pass a directory"):
         load_state_dict(tmp_path)
-    with pytest.raises(WeightsError, match="no such file or directory"):
+    with pytest.raises(WeightsError, match="no model.safetensors or model.safetensors.index.json in .*nope"):
         load_state_dict(tmp_path / "nope")
     bad = tmp_path / "bad" / "model.safetensors"
     bad.parent.mkdir()
