@@ -220,25 +220,24 @@ def fetch(name_or_dir, files=None):
     session.headers["Accept-Encoding"] = "identity"  # byte counts must match Content-Length
     if os.environ.get("HF_TOKEN"):  # requests drops it on redirects to another host (the CDN)
         session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    for f in wanted:
-        _download(session, name, target / f, required=f not in OPTIONAL)
-    if not _download(session, name, target / INDEX, required=False):
-        _download(session, name, target / SINGLE)
-    for shard in dict.fromkeys(_weight_map(target / INDEX).values()) if (target / INDEX).is_file() else []:
+    for f in [*wanted, INDEX]:  # no index: a single model.safetensors
+        _download(session, name, target / f, required=f not in [*OPTIONAL, INDEX])
+    index = target / INDEX
+    for shard in dict.fromkeys(_weight_map(index).values()) if index.is_file() else [SINGLE]:
         if not re.fullmatch(r"[\w-][\w.-]*", shard):  # a plain file name, nothing like ../x
-            raise WeightsError(f"{target / INDEX} names a shard {shard!r} that is not a plain file name")
+            raise WeightsError(f"{index} names a shard {shard!r} that is not a plain file name")
         _download(session, name, target / shard)
     marker.write_text("\n".join(wanted) + "\n")  # last: the files a finished fetch asked for
     return target
 
 
 def _download(session, name, final, required=True):
-    """final via final.part, resuming a partial one; False: an optional file the Hub lacks."""
+    """final via final.part, resuming a partial one; an optional file the Hub lacks is left out."""
     base = os.environ.get("NANOLLAVA_HUB_URL", "https://huggingface.co").rstrip("/")
     url, part = f"{base}/{name}/resolve/main/{final.name}", final.with_name(final.name + ".part")
     for attempt in range(TRIES):
         if final.is_file():  # renamed into place once complete
-            return True
+            return
         have = part.stat().st_size if part.exists() else 0
         try:
             r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
@@ -249,7 +248,7 @@ def _download(session, name, final, required=True):
         with r:
             code, resumed = r.status_code, r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
             if code == 404 and not required:
-                return False
+                return
             if code == 404:
                 why = " (nanollava reads only safetensors weights)" if final.name == SINGLE else ""
                 raise WeightsError(f"{final.name} not found at {url}: is {name} a llava-hf model name?{why}")
@@ -270,5 +269,5 @@ def _download(session, name, final, required=True):
                 time.sleep(attempt)  # keep the bytes we have and resume from there
                 continue
         os.replace(part, final)
-        return True
+        return
     raise WeightsError(f"downloading {url} failed after {TRIES} tries; run again to resume from {part.name}")
