@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from clip import CLIPVision, CLIPVisionConfig
 from llama import KVCache, Llama, LlamaConfig, Tokenizer
-from weights import assign_weights, fetch, hub_names, read_config, read_weights, save_state_dict
+from weights import assign_weights, fetch, hub_names, read_json, read_weights, save_state_dict
 from weights import write_atomic, write_json_atomic
 
 
@@ -219,7 +219,7 @@ class LLaVA(nn.Module):
         """A llava-hf directory (the Hub's, transformers', ours) or Hub name. A stage-1 output
         holds the projector alone and names its bases (`nanollava_bases`), loaded first."""
         path = fetch(path)
-        config, state = read_config(path, LLaVAConfig.from_hf, "LLaVA config"), read_weights(path)
+        config, state = read_json(path / "config.json", "LLaVA config", LLaVAConfig.from_hf), read_weights(path)
         keys = [f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
         if config.projector == "linear" and all(k in state for k in keys):  # else assign_weights refuses
             # transformers' "linear" is linear_2(linear_1(x)), ours one Linear: fold (exact for the I we save)

@@ -23,23 +23,19 @@ class WeightsError(Exception):
     """A checkpoint, config or download that cannot be used; the message says which and why."""
 
 
-def read_json(path, what="config"):
+def read_json(path, what="config", parse=None):
+    """path's JSON, or parse(it) (a config's from_hf): what fails is one WeightsError naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        return obj if parse is None else parse(obj)
     except FileNotFoundError:
         raise WeightsError(f"{what} file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{what} file {path} is not valid JSON ({e})") from None
     except OSError as e:
         raise WeightsError(f"cannot read {what} file {path}: {e.strerror}") from None
-
-
-def read_config(directory, from_hf, what):
-    """from_hf(directory/config.json), what it refuses as one WeightsError naming the file."""
-    try:
-        return from_hf(read_json(Path(directory) / "config.json", what))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # what parse refuses
+        raise WeightsError(f"{path}: {e}") from None
 
 
 # (prefix in a checkpoint, ours; None: not ours), the longest wins; an unmatched key stays for assign_weights
