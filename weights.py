@@ -17,6 +17,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+CHUNK, TRIES = 1 << 16, 5  # download: bytes per read (an interrupted read loses at most this), tries per file
+OPTIONAL = ["tokenizer_config.json", "added_tokens.json"]  # what llama.Tokenizer reads, where the Hub has them
 
 
 class WeightsError(Exception):
@@ -189,13 +191,9 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
         p.unlink(missing_ok=True)
 
 
-CHUNK, TRIES = 1 << 16, 5  # bytes per read (an interrupted read loses at most this much), tries per file
-OPTIONAL = ["tokenizer_config.json", "added_tokens.json"]  # what llama.Tokenizer reads, where the Hub has them
-
-
 def is_hub_name(name):
-    """org/name, as the Hub spells repositories (no "." or ".." parts)."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name))) and not {".", ".."} & set(str(name).split("/"))
+    """org/name, as the Hub spells repositories (each part starts with a letter, digit or _: never ./ or ../)."""
+    return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name)))
 
 
 def fetch(name_or_dir, files=None):
