@@ -169,7 +169,7 @@ class CLIPVision(nn.Module):
         """A directory of config.json (CLIPModel or CLIPVisionModel) + safetensors, or a Hub name."""
         path = weights.fetch(path, files=["config.json"])
         with torch.device("meta"):
-            model = cls(weights.read_config(path, CLIPVisionConfig.from_hf, "CLIP config"))
+            model = cls(weights.read_json(path / "config.json", "CLIP config", CLIPVisionConfig.from_hf))
         model = weights.assign_weights(model, weights.read_weights(path), path, dtype, device, part="vision_tower.")
         return model.eval()
 

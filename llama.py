@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from weights import WeightsError, assign_weights, fetch, read_config, read_json, read_weights
+from weights import WeightsError, assign_weights, fetch, read_json, read_weights
 
 # -----------------------------------------------------------------------------------------------
 # config
@@ -297,7 +297,7 @@ class Llama(nn.Module):
         """A transformers LlamaForCausalLM directory (config.json + safetensors) or Hub name."""
         path = fetch(path)
         with torch.device("meta"):
-            model = cls(read_config(path, LlamaConfig.from_hf, "LLaMA config"))
+            model = cls(read_json(path / "config.json", "LLaMA config", LlamaConfig.from_hf))
         return assign_weights(model, read_weights(path), path, dtype, device, part="llm.")
 
 

@@ -15,8 +15,10 @@ llava-hf directories, loaded as weights.py describes: config, meta build, one na
 """
 
 import argparse
+import contextlib
 import math
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from clip import CLIPVision, CLIPVisionConfig
 from llama import KVCache, Llama, LlamaConfig, Tokenizer
-from weights import assign_weights, fetch, hub_names, read_config, read_weights, save_state_dict
+from weights import assign_weights, fetch, hub_names, read_json, read_weights, save_state_dict
 from weights import write_atomic, write_json_atomic
 
 
@@ -81,20 +83,12 @@ class LLaVAConfig:
                 "conversation_template": self.template}
 
 
-class Projector(nn.Module):
+def build_projector(kind, d_vision, d_text):
     """CLIP features -> the LLM's embeddings: one Linear (v1) or Linear-GELU(exact erf)-Linear (v1.5)."""
-
-    def __init__(self, kind, d_vision, d_text):
-        super().__init__()
-        if kind not in ("linear", "mlp2x_gelu"):
-            raise ValueError(f"unknown projector {kind!r}: choose 'linear' or 'mlp2x_gelu'")
-        self.kind = kind
-        self.linear_1 = nn.Linear(d_vision, d_text)
-        if kind == "mlp2x_gelu":
-            self.linear_2 = nn.Linear(d_text, d_text)
-
-    def forward(self, x):
-        return self.linear_2(F.gelu(self.linear_1(x))) if self.kind == "mlp2x_gelu" else self.linear_1(x)
+    if kind not in ("linear", "mlp2x_gelu"):
+        raise ValueError(f"unknown projector {kind!r}: choose 'linear' or 'mlp2x_gelu'")
+    mlp = {"act": nn.GELU(), "linear_2": nn.Linear(d_text, d_text)} if kind == "mlp2x_gelu" else {}
+    return nn.Sequential(OrderedDict(linear_1=nn.Linear(d_vision, d_text), **mlp))  # transformers' names
 
 
 class LLaVA(nn.Module):
@@ -102,7 +96,7 @@ class LLaVA(nn.Module):
         super().__init__()
         self.config = config
         self.vision_tower = CLIPVision(config.vision)
-        self.projector = Projector(config.projector, config.vision.hidden_size, config.text.hidden_size)
+        self.projector = build_projector(config.projector, config.vision.hidden_size, config.text.hidden_size)
         self.llm = Llama(config.text)
 
     def encode_images(self, pixel_values):
@@ -219,16 +213,18 @@ class LLaVA(nn.Module):
         under a mask) under torch.compile ("reduce-overhead": a CUDA graph); compile=False: eager."""
         step = _static_decode_step
         self._static_step = torch.compile(step, mode="reduce-overhead", fullgraph=True) if compile else step
-        return self
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """A llava-hf directory (the Hub's, transformers', ours) or Hub name. A stage-1 output
         holds the projector alone and names its bases (`nanollava_bases`), loaded first."""
         path = fetch(path)
-        config, state = read_config(path, LLaVAConfig.from_hf, "LLaVA config"), read_weights(path)
-        if config.projector == "linear":
-            fold_linear_projector(state)
+        config, state = read_json(path / "config.json", "LLaVA config", LLaVAConfig.from_hf), read_weights(path)
+        keys = [f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
+        if config.projector == "linear" and all(k in state for k in keys):  # else assign_weights refuses
+            # transformers' "linear" is linear_2(linear_1(x)), ours one Linear: fold (exact for the I we save)
+            w1, b1, w2, b2 = (state.pop(k).float() for k in keys)
+            state[keys[0]], state[keys[1]] = w2 @ w1, w2 @ b1 + b2  # assign_weights casts to dtype
         if config.bases:
             model = cls.from_components(config.bases["vision"], config.bases["llm"], config.projector, dtype,
                                         device, config.vision_feature_layer, config.pad_to_square)
@@ -245,11 +241,18 @@ class LLaVA(nn.Module):
     @classmethod
     def from_components(cls, clip_path, llm_path, projector="mlp2x_gelu", dtype=torch.float32,
                         device="cpu", vision_feature_layer=-2, pad_to_square=None, seed=0):
-        """Start stage 1: a pretrained CLIP and LLaMA/Vicuna, a fresh projector, and the vocabulary
-        extended the llava-hf way (<image> = V, <pad> = V+1, rows padded to a multiple of 64)."""
+        """Start stage 1: a pretrained CLIP and LLaMA/Vicuna, a fresh projector, and the vocabulary extended
+        the llava-hf way (<image> = V, <pad> = V+1, up to a multiple of 64; new rows: the old rows' mean)."""
         vision, llm_path = CLIPVision.from_pretrained(clip_path, dtype, device), fetch(llm_path)
         llm, tokenizer = Llama.from_pretrained(llm_path, dtype, device), Tokenizer(llm_path)
-        extend_vocab(llm, max(llm.config.vocab_size, tokenizer.pad_id + 1))
+        old, new = llm.config.vocab_size, -(-max(llm.config.vocab_size, tokenizer.pad_id + 1) // 64) * 64
+        for mod in (llm.embed_tokens, llm.lm_head) if new != old else ():
+            w = mod.weight.data
+            grown = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(new - old, -1)], 0)
+            mod.weight = nn.Parameter(grown, requires_grad=mod.weight.requires_grad)
+        llm.embed_tokens.num_embeddings = llm.lm_head.out_features = llm.config.vocab_size = new
+        if llm.config.tie_word_embeddings:
+            llm.lm_head.weight = llm.embed_tokens.weight
         config = LLaVAConfig(
             vision=vision.config, text=llm.config, projector=projector, vision_feature_layer=vision_feature_layer,
             image_token_id=tokenizer.image_token_id, pad_token_id=tokenizer.pad_id,
@@ -259,22 +262,22 @@ class LLaVA(nn.Module):
         model.vision_tower, model.llm, model.tokenizer_dir = vision, llm, Path(llm_path)
         with torch.random.fork_rng(devices=[]):  # nn.Linear's own init, drawn from `seed` alone
             torch.manual_seed(seed)
-            model.projector = Projector(projector, vision.config.hidden_size, llm.config.hidden_size)
+            model.projector = build_projector(projector, vision.config.hidden_size, llm.config.hidden_size)
         model.projector.to(device=device, dtype=dtype)
         return model
 
-    def save_pretrained(self, directory, only_projector=False, bases=None, state=None):
-        """A llava-hf directory: config.json, safetensors under the Hub's names, tokenizer files.
-        `only_projector`: the projector alone plus `bases`, where the vision tower and LLM are
-        (stage 1). `state` replaces self.state_dict() (the trainer's, gathered from shards)."""
+    def save_pretrained(self, directory, bases=None, state=None):
+        """A llava-hf directory: config.json, safetensors under the Hub's names, tokenizer files. `bases`
+        {"vision": dir, "llm": dir} (stage 1): the projector alone, and where the vision tower and LLM
+        are. `state` replaces self.state_dict() (the trainer's, gathered from shards)."""
         state = {k: t.detach() for k, t in (self.state_dict() if state is None else state).items()
-                 if not only_projector or k.startswith("projector.")}
+                 if not bases or k.startswith("projector.")}
         if self.config.projector == "linear":  # transformers' projector always has linear_2: make it I
             w = state["projector.linear_1.weight"]
             state.update({"projector.linear_2.weight": torch.eye(w.shape[0], dtype=w.dtype),
                           "projector.linear_2.bias": torch.zeros(w.shape[0], dtype=w.dtype)})
         save_state_dict(hub_names(state), directory)
-        bases = {"nanollava_bases": {k: str(v) for k, v in (bases or {}).items()}} if only_projector else {}
+        bases = {"nanollava_bases": {k: str(v) for k, v in bases.items()}} if bases else {}
         write_json_atomic(Path(directory) / "config.json", {**self.config.to_hf(), **bases})
         if getattr(self, "tokenizer_dir", None):
             write_tokenizer_files(Path(self.tokenizer_dir), Path(directory), self.config)
@@ -386,33 +389,9 @@ class TokenCrossEntropy(torch.autograd.Function):
         return p.mul_(grad_out.to(p.dtype)), None
 
 
-def extend_vocab(llm, n_tokens):
-    """Grow embed_tokens and lm_head to n_tokens rows rounded up to a multiple of 64; new rows start at
-    the mean of the old ones, as transformers' mean resizing does."""
-    old, new = llm.config.vocab_size, int(math.ceil(n_tokens / 64) * 64)
-    for mod in (llm.embed_tokens, llm.lm_head) if new != old else ():
-        w = mod.weight.data
-        grown = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(new - old, -1)], 0)
-        mod.weight = nn.Parameter(grown, requires_grad=mod.weight.requires_grad)
-    llm.embed_tokens.num_embeddings = llm.lm_head.out_features = llm.config.vocab_size = new
-    if llm.config.tie_word_embeddings:
-        llm.lm_head.weight = llm.embed_tokens.weight
-
-
-def fold_linear_projector(state):
-    """transformers' "linear" projector is linear_2(linear_1(x)); ours is one Linear: fold the
-    two (exact for the identity linear_2 we save). An incomplete one is left to assign_weights."""
-    keys = [f"projector.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
-    if all(k in state for k in keys):
-        dtype = state[keys[0]].dtype
-        w1, b1, w2, b2 = (state.pop(k).float() for k in keys)
-        state[keys[0]], state[keys[1]] = (w2 @ w1).to(dtype), (w2 @ b1 + b2).to(dtype)
-
-
 def write_tokenizer_files(src, dst, config):
     """Copy the sentencepiece model and write the llava-hf tokenizer config beside it: the added <image> and
     <pad>, and the slow tokenizer's settings, `legacy` among them: transformers tokenizes it as we do."""
-    src, dst = Path(src), Path(dst)
     tokenizer = Tokenizer(src)  # a WeightsError naming a missing or broken tokenizer.model
     own_pad = config.pad_token_id >= tokenizer.sp.vocab_size()  # else the pad is a sentencepiece piece
     pad = "<pad>" if own_pad else tokenizer.sp.id_to_piece(config.pad_token_id)
@@ -443,11 +422,9 @@ def dtype_for(device, name=""):
 def checked(kind, test, expected):
     """An argparse type: `kind` of the text, refused with `expected` in the message unless `test`."""
     def convert(text):
-        try:
+        with contextlib.suppress(ValueError):
             if (value := kind(text)) is not None and test(value):
                 return value
-        except ValueError:
-            pass
         raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
     return convert
 

@@ -318,8 +318,8 @@ def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
 
 def save_model(model, cfg, path, state):
     """A llava-hf directory; stage 1's holds the projector and names its vision tower and LLM."""
-    model.save_pretrained(path, only_projector=cfg.stage == 1, bases={"vision": cfg.clip, "llm": cfg.llm},
-                          state=state)
+    bases = {"vision": cfg.clip, "llm": cfg.llm} if cfg.stage == 1 else None
+    model.save_pretrained(path, bases=bases, state=state)
 
 
 def stepped(model, sharded):

@@ -1,5 +1,4 @@
-"""
-Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
+"""Checkpoints in and out: safetensors and JSON only (a .bin is a pickle, and unpickling runs code).
 
 One loading path for CLIP, LLaMA and LLaVA: build the model on the meta device from its config, map the
 memory-mapped safetensors' names through `LAYOUT`, check every key and shape, and make those very tensors
@@ -18,34 +17,31 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+CHUNK, TRIES = 1 << 16, 5  # download: bytes per read (an interrupted read loses at most this), tries per file
+OPTIONAL = ["tokenizer_config.json", "added_tokens.json"]  # what llama.Tokenizer reads, where the Hub has them
 
 
 class WeightsError(Exception):
     """A checkpoint, config or download that cannot be used; the message says which and why."""
 
 
-def read_json(path, what="config"):
+def read_json(path, what="config", parse=None):
+    """path's JSON, or parse(it) (a config's from_hf): what fails is one WeightsError naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        return obj if parse is None else parse(obj)
     except FileNotFoundError:
         raise WeightsError(f"{what} file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{what} file {path} is not valid JSON ({e})") from None
     except OSError as e:
         raise WeightsError(f"cannot read {what} file {path}: {e.strerror}") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # what parse refuses
+        raise WeightsError(f"{path}: {e}") from None
 
 
-def read_config(directory, from_hf, what):
-    """from_hf(directory/config.json), what it refuses as one WeightsError naming the file."""
-    try:
-        return from_hf(read_json(Path(directory) / "config.json", what))
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise WeightsError(f"{Path(directory) / 'config.json'}: {e}") from None
-
-
-# (prefix in a checkpoint, ours; None: not ours), the longest match wins; a key of no layout keeps its name
-# for assign_weights to refuse. The Hub's rows first (the names we write); transformers 5 LLaVA saves and
-# module names; openai CLIP; a transformers 5 CLIPVisionModel (our `vision_tower.`); a Llama (our `llm.`).
+# (prefix in a checkpoint, ours; None: not ours), the longest wins; an unmatched key stays for assign_weights
+# to refuse. Rows: the Hub's (what we write); transformers 5 saves and module names; CLIP; a Llama (`llm.`).
 LAYOUT = [
     ("vision_tower.vision_model.", "vision_tower."), ("multi_modal_projector.", "projector."),
     ("language_model.lm_head.", "llm.lm_head."), ("language_model.model.", "llm."),
@@ -97,14 +93,13 @@ def _weight_map(index_file):
 
 
 def load_state_dict(path):
-    """A .safetensors file, or a directory holding model.safetensors or an index + its shards ->
-    {key: tensor} as stored (dtype unchanged), on the CPU. Each key comes from the shard the index names."""
+    """A directory holding model.safetensors or an index + its shards -> {key: tensor} as stored (dtype
+    unchanged), on the CPU. Each key comes from the shard the index names."""
     path, index = Path(path), Path(path) / INDEX
-    if path.is_file() or (path / SINGLE).is_file() and not index.is_file():
-        return _read_safetensors(path if path.is_file() else path / SINGLE)
+    if (path / SINGLE).is_file() and not index.is_file():
+        return _read_safetensors(path / SINGLE)
     if not index.is_file():
-        raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights"
-                           if path.is_dir() else f"no such file or directory: {path}")
+        raise WeightsError(f"no {SINGLE} or {INDEX} in {path}; pass a directory that holds the weights")
     weight_map, state = _weight_map(index), {}  # a key the index names but no shard holds: assign's missing
     shards = list(dict.fromkeys(weight_map.values()))  # each shard once, in index order
     if absent := [s for s in shards if not (path / s).is_file()]:
@@ -118,9 +113,8 @@ def load_state_dict(path):
 
 
 def assign_weights(module, state, source, dtype=None, device=None, part=""):
-    """Check the keys of `state` under `part` (stripped) against module.state_dict() (a meta module
-    knows its shapes), naming every missing, unexpected and misshaped key in one error, then make
-    those tensors the module's own (cast to dtype, moved to device). Returns module."""
+    """Check `state`'s keys under `part` (stripped) and shapes against module.state_dict() (a meta module's
+    will do), every problem in one error; then make the tensors its own (cast to dtype, on device) -> module."""
     expected, first = module.state_dict(), {}
     # a tied parameter (lm_head = embed_tokens) is stored once, under its first name, as transformers does
     ties = {n: first.setdefault(id(p), n) for n, p in module.named_parameters(remove_duplicate=False)}
@@ -147,7 +141,7 @@ def assign_weights(module, state, source, dtype=None, device=None, part=""):
 
 def write_atomic(directory, writers):
     """{file name: write(temporary path)}: each file is written and fsynced under a temporary name,
-    and only once all are written renamed into place, in order. Returns the paths."""
+    and only once all are written renamed into place, in order."""
     directory, done = Path(directory), []
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -163,7 +157,6 @@ def write_atomic(directory, writers):
         raise
     for tmp, final in done:
         os.replace(tmp, final)
-    return [final for _, final in done]
 
 
 def write_json_atomic(path, obj, indent=2):
@@ -173,7 +166,7 @@ def write_json_atomic(path, obj, indent=2):
 
 def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
     """`state` as model.safetensors, or beyond max_shard_bytes as shards (greedy, as transformers) + index,
-    atomically; the files of an older save that this one does not use are removed. Returns the paths."""
+    atomically; the files of an older save that this one does not use are removed."""
     from safetensors.torch import save_file  # here, so that generate_data.py's JSON writes need no torch
     shards, size = [[]], 0
     for k, t in state.items():
@@ -191,21 +184,16 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
         index = {"metadata": {"total_size": sum(t.nbytes for t in state.values())},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
         writers[INDEX] = lambda tmp: tmp.write_text(json.dumps(index, indent=2))
-    written = write_atomic(directory, writers)
+    write_atomic(directory, writers)
     ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\..+\.tmp)?")
-    stale = [p for p in Path(directory).iterdir() if ours.fullmatch(p.name) and p not in written]
+    stale = [p for p in Path(directory).iterdir() if ours.fullmatch(p.name) and p.name not in writers]
     for p in sorted(stale, key=lambda p: not p.name.endswith(".index.json")):  # no index names a lost shard
         p.unlink(missing_ok=True)
-    return written
-
-
-CHUNK, TRIES = 1 << 16, 5  # bytes per read (an interrupted read loses at most this much), tries per file
-OPTIONAL = ["tokenizer_config.json", "added_tokens.json"]  # what llama.Tokenizer reads, where the Hub has them
 
 
 def is_hub_name(name):
-    """org/name, as the Hub spells repositories (no "." or ".." parts)."""
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", str(name))) and not {".", ".."} & set(str(name).split("/"))
+    """org/name, as the Hub spells repositories (each part starts with a letter, digit or _: never ./ or ../)."""
+    return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name)))
 
 
 def fetch(name_or_dir, files=None):
@@ -217,9 +205,8 @@ def fetch(name_or_dir, files=None):
     name = str(name_or_dir)
     if not is_hub_name(name):
         raise WeightsError(f"no such directory: {name} (and it is not a Hub name like llava-hf/llava-1.5-7b-hf)")
-    cache = Path(os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser()
-    target, wanted = cache / name.replace("/", "--"), files or ["config.json", "tokenizer.model", *OPTIONAL]
-    marker = target / ".complete"
+    target = Path(os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser() / name.replace("/", "--")
+    marker, wanted = target / ".complete", files or ["config.json", "tokenizer.model", *OPTIONAL]
     if marker.is_file() and set(wanted) <= set(marker.read_text().split()):  # a finished fetch: no network
         return target
     target.mkdir(parents=True, exist_ok=True)
@@ -227,25 +214,24 @@ def fetch(name_or_dir, files=None):
     session.headers["Accept-Encoding"] = "identity"  # byte counts must match Content-Length
     if os.environ.get("HF_TOKEN"):  # requests drops it on redirects to another host (the CDN)
         session.headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
-    for f in wanted:
-        _download(session, name, target / f, required=f not in OPTIONAL)
-    if not _download(session, name, target / INDEX, required=False):
-        _download(session, name, target / SINGLE)
-    for shard in dict.fromkeys(_weight_map(target / INDEX).values()) if (target / INDEX).is_file() else []:
+    for f in [*wanted, INDEX]:  # no index: a single model.safetensors
+        _download(session, name, target / f, required=f not in [*OPTIONAL, INDEX])
+    index = target / INDEX
+    for shard in dict.fromkeys(_weight_map(index).values()) if index.is_file() else [SINGLE]:
         if not re.fullmatch(r"[\w-][\w.-]*", shard):  # a plain file name, nothing like ../x
-            raise WeightsError(f"{target / INDEX} names a shard {shard!r} that is not a plain file name")
+            raise WeightsError(f"{index} names a shard {shard!r} that is not a plain file name")
         _download(session, name, target / shard)
     marker.write_text("\n".join(wanted) + "\n")  # last: the files a finished fetch asked for
     return target
 
 
 def _download(session, name, final, required=True):
-    """final via final.part, resuming a partial one; False: an optional file the Hub lacks."""
+    """final via final.part, resuming a partial one; an optional file the Hub lacks is left out."""
     base = os.environ.get("NANOLLAVA_HUB_URL", "https://huggingface.co").rstrip("/")
     url, part = f"{base}/{name}/resolve/main/{final.name}", final.with_name(final.name + ".part")
     for attempt in range(TRIES):
         if final.is_file():  # renamed into place once complete
-            return True
+            return
         have = part.stat().st_size if part.exists() else 0
         try:
             r = session.get(url, headers={"Range": f"bytes={have}-"} if have else {}, stream=True,
@@ -256,7 +242,7 @@ def _download(session, name, final, required=True):
         with r:
             code, resumed = r.status_code, r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
             if code == 404 and not required:
-                return False
+                return
             if code == 404:
                 why = " (nanollava reads only safetensors weights)" if final.name == SINGLE else ""
                 raise WeightsError(f"{final.name} not found at {url}: is {name} a llava-hf model name?{why}")
@@ -277,5 +263,5 @@ def _download(session, name, final, required=True):
                 time.sleep(attempt)  # keep the bytes we have and resume from there
                 continue
         os.replace(part, final)
-        return True
+        return
     raise WeightsError(f"downloading {url} failed after {TRIES} tries; run again to resume from {part.name}")

@@ -269,7 +269,7 @@ def test_stage1_projector_only_output(tmp_path):
     make_components(tmp_path)
     model = LLaVA.from_components(tmp_path / "clip", tmp_path / "llm", projector="linear").eval()
     out = tmp_path / "stage1"
-    model.save_pretrained(out, only_projector=True, bases={"vision": tmp_path / "clip", "llm": tmp_path / "llm"})
+    model.save_pretrained(out, bases={"vision": tmp_path / "clip", "llm": tmp_path / "llm"})
     keys = load_file(str(out / "model.safetensors")).keys()
     assert all(k.startswith("multi_modal_projector.") for k in keys)
     again = LLaVA.from_pretrained(out).eval()
