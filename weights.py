@@ -191,11 +191,6 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
         p.unlink(missing_ok=True)
 
 
-def is_hub_name(name):
-    """org/name, as the Hub spells repositories (each part starts with a letter, digit or _: never ./ or ../)."""
-    return bool(re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", str(name)))
-
-
 def fetch(name_or_dir, files=None):
     """An existing local path comes back as is. A Hub name (org/name) is downloaded with requests + tqdm into
     $NANOLLAVA_CACHE (default ~/.cache/nanollava)/org--name, which comes back: `files` (default config.json,
@@ -203,7 +198,7 @@ def fetch(name_or_dir, files=None):
     if Path(name_or_dir).expanduser().exists():
         return Path(name_or_dir).expanduser()
     name = str(name_or_dir)
-    if not is_hub_name(name):
+    if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", name):  # org/name; each part starts with a word character: no ../
         raise WeightsError(f"no such directory: {name} (and it is not a Hub name like llava-hf/llava-1.5-7b-hf)")
     target = Path(os.environ.get("NANOLLAVA_CACHE") or "~/.cache/nanollava").expanduser() / name.replace("/", "--")
     marker, wanted = target / ".complete", files or ["config.json", "tokenizer.model", *OPTIONAL]
