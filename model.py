@@ -87,8 +87,9 @@ def build_projector(kind, d_vision, d_text):
     """CLIP features -> the LLM's embeddings: one Linear (v1) or Linear-GELU(exact erf)-Linear (v1.5)."""
     if kind not in ("linear", "mlp2x_gelu"):
         raise ValueError(f"unknown projector {kind!r}: choose 'linear' or 'mlp2x_gelu'")
+    linear_1 = nn.Linear(d_vision, d_text)  # drawn first, then linear_2: the init the seed has always given
     mlp = {"act": nn.GELU(), "linear_2": nn.Linear(d_text, d_text)} if kind == "mlp2x_gelu" else {}
-    return nn.Sequential(OrderedDict(linear_1=nn.Linear(d_vision, d_text), **mlp))  # transformers' names
+    return nn.Sequential(OrderedDict(linear_1=linear_1, **mlp))  # transformers' names
 
 
 class LLaVA(nn.Module):
@@ -341,8 +342,7 @@ def _static_decode_step(llm, k, v, token, pos, positions, keep):
     slots = torch.arange(k[0].shape[2], device=token.device)
     mask = (keep & (slots <= pos))[:, None, None, :]  # [B,L] -> [B,1,1,L]: all heads, one query
     x = llm.embed_tokens(token[:, None])              # [B] -> [B,1,D]
-    cos, sin = llm.rope(positions)
-    writer = _SlotWriter(k, v, pos)
+    (cos, sin), writer = llm.rope(positions), _SlotWriter(k, v, pos)
     for i, block in enumerate(llm.layers):
         x = block(x, cos, sin, writer, i, mask)
     return llm.lm_head(llm.norm(x))[:, -1]
