@@ -343,7 +343,7 @@ def test_kill_midway_and_resume(tmp_path, how):
     """Kill a real run after some records; the rerun asks only for unfinished pairs."""
     out = tmp_path / "killed.jsonl"
     env = dict(os.environ, OPENAI_API_KEY=KEY)
-    with FakeTeacher(latency=0.15) as t:
+    with FakeTeacher(latency=0.3) as t:  # ~5 s of work: a busy machine still signals it midway
         cmd = [sys.executable, str(ROOT / "generate_data.py"), *gen_args(t, out, "--workers", "2")]
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
                              start_new_session=True)
