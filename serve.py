@@ -1,0 +1,444 @@
+"""
+An OpenAI-compatible server for LLaVA with continuous batching, on the standard library's HTTP server.
+
+    python serve.py --model llava-hf/llava-1.5-7b-hf [--port 8000] [--max-batch 8] [--api-key KEY]
+
+POST /v1/chat/completions (text, data-URI images, streaming) and GET /v1/models: any OpenAI client
+talks to it. Prompts are data.py's template, images clip.preprocess: what the model was trained on.
+
+The scheduler, vLLM's idea in miniature. One model thread owns a KV cache of --max-batch slots; HTTP
+threads only queue requests and read their tokens. Each turn of its loop it prefills every waiting
+request that finds a free slot (alone, straight into that slot, the image spliced in; out comes its
+first token), then runs ONE decode step for all running rows together: row b feeds its last token at
+its own position len_b, writes key and value at column len_b of its slot and attends to its columns
+<= len_b only (a per-row mask). A row leaves the moment it ends (EOS, max_tokens, a stop string, its
+client gone), and its slot takes the next waiting request:
+
+              P   1   2   P   3   4   5   P   6   7     P   prefills, each request alone
+    slot 0    A   a   a       a   ■       D   d   d     1.. decode steps, a token for every row
+    slot 1    B   b   b       b   b   b       b   ■     ■   done: the slot is free at the next P
+    slot 2                C   c   c   c       c   c
+
+Nothing is padded and no row waits for another, so each row computes what it would alone: greedy
+output is the same token for token, alone or beside seven others. A step spans the slots up to the
+highest busy one and the columns up to the longest row: its cost follows the work there.
+"""
+
+import argparse
+import base64
+import hmac
+import io
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+from PIL import Image
+
+import data
+from chat import load
+from clip import preprocess
+from llama import KVCache, StreamDecoder
+from model import DTYPES, POSITIVE, device_name, dtype_for, sample_next
+from weights import WeightsError
+
+MAX_BODY, MAX_IMAGE_BYTES = 32 << 20, 20 << 20  # image pixels: PIL's bomb limit, Image.MAX_IMAGE_PIXELS
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's error object; its message speaks to the caller, never of internals."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=()):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ---- the model loop ----------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Request:
+    """A completion as the loop sees it. The loop also sets slot, len (columns filled = the next
+    position), last (the token to feed) and generated; the HTTP thread reads events, sets cancelled."""
+    ids: list             # the prompt, image ids expanded
+    pixel_values: object  # [1,3,S,S] or None
+    max_new: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    generator: object = None
+    stops: list = field(default_factory=list)
+    events: queue.Queue = field(default_factory=queue.Queue)  # ("token", id)..., ("done"|"error", why)
+    cancelled: bool = False
+
+
+class SlotCache(KVCache):
+    """One slot of the shared cache as a batch-1 KVCache: a prefill writes straight into it."""
+
+    def __init__(self, cache, slot):
+        self.k, self.v = cache.k[:, slot:slot + 1], cache.v[:, slot:slot + 1]
+        self.batch_size, self.max_len, self.pos = 1, cache.max_len, 0
+
+
+class RowWriter:
+    """The cache of a decode step: row b's new key and value go to column lens[b] of slot b."""
+
+    def __init__(self, cache, n, width, lens):
+        self.k, self.v = cache.k[:, :n, :, :width], cache.v[:, :n, :, :width]  # views
+        self.rows, self.lens = torch.arange(n, device=lens.device), lens
+
+    def update(self, i, k, v):  # [n,KV,1,hd] each -> layer i's whole [n,KV,width,hd]
+        self.k[i][self.rows, :, self.lens], self.v[i][self.rows, :, self.lens] = k[:, :, 0], v[:, :, 0]
+        return self.k[i], self.v[i]
+
+
+def decode_step(llm, cache, tokens, lens, width):
+    """tokens [n] fed at positions lens [n], row b (slot b) attending to its columns <= lens[b] (width:
+    max(lens) + 1) -> logits [n,V]. A free slot among the n computes a row nobody reads."""
+    mask = (torch.arange(width, device=lens.device) <= lens[:, None])[:, None, None]  # [n,1,1,width]
+    cos, sin = llm.rope(lens[:, None])
+    x, writer = llm.embed_tokens(tokens[:, None]), RowWriter(cache, len(tokens), width, lens)
+    for i, block in enumerate(llm.layers):
+        x = block(x, cos, sin, writer, i, mask)
+    return llm.lm_head(llm.norm(x))[:, -1]
+
+
+class Engine:
+    """The one thread that runs the model: admits waiting requests into free slots, then decodes them."""
+
+    def __init__(self, model, tokenizer, max_batch=8, max_queue=32):
+        self.model, self.tok, self.max_batch, self.max_queue = model, tokenizer, max_batch, max_queue
+        w, ctx = model.llm.embed_tokens.weight, model.config.text.max_position_embeddings
+        self.cache = KVCache(model.config.text, max_batch, ctx, w.dtype, w.device)
+        self.device, self.waiting, self.rows, self.cancelled = w.device, deque(), {}, 0  # rows: slot -> Request
+        self.cond = threading.Condition()
+
+    def start(self):
+        threading.Thread(target=self.run, name="model-loop", daemon=True).start()
+        return self
+
+    def submit(self, req):
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise APIError(429, f"all {self.max_batch} slots are busy and {self.max_queue} requests wait: "
+                               "retry soon", code="rate_limit_exceeded", kind="rate_limit_error",
+                               headers=[("Retry-After", "1")])
+            self.waiting.append(req)
+            self.cond.notify()
+
+    def run(self):
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not self.waiting and not self.rows:
+                        self.cond.wait()
+                    new = [self.waiting.popleft() for _ in range(min(len(self.waiting),
+                                                                     self.max_batch - len(self.rows)))]
+                for req in new:
+                    self._guarded([req], self._prefill, req)
+                self._guarded(list(self.rows.values()), self._step)
+
+    def _guarded(self, reqs, fn, *args):
+        """A failure fails these requests, not the loop: the operator sees the traceback, clients a line."""
+        try:
+            fn(*args)
+        except Exception:
+            traceback.print_exc()
+            for req in reqs:
+                self.rows.pop(getattr(req, "slot", None), None)
+                req.events.put(("error", "the model failed on this request"))
+
+    def _prefill(self, req):
+        if req.cancelled:  # its client left while it waited
+            return
+        req.slot, req.len, req.generated = min(set(range(self.max_batch)) - set(self.rows)), len(req.ids), 0
+        pixels = None if req.pixel_values is None else req.pixel_values.to(self.device)
+        embeds = self.model.embed(torch.tensor(req.ids, device=self.device)[None], pixels)
+        logits = self.model.llm(inputs_embeds=embeds, cache=SlotCache(self.cache, req.slot), last_only=True)
+        self.rows[req.slot] = req
+        self._emit(req, self._sample([req], logits[:, -1])[0])
+
+    def _step(self):
+        for slot in [s for s, req in self.rows.items() if req.cancelled]:
+            del self.rows[slot]
+            self.cancelled += 1
+        if not self.rows:
+            return
+        reqs = [self.rows.get(b) for b in range(max(self.rows) + 1)]
+        tokens, lens = (torch.tensor([getattr(r, a) if r else 0 for r in reqs], device=self.device)
+                        for a in ("last", "len"))
+        width = max(r.len for r in reqs if r) + 1  # from Python ints: no host sync
+        logits = decode_step(self.model.llm, self.cache, tokens, lens, width)
+        for req, token in zip(reqs, self._sample(reqs, logits)):
+            if req:
+                req.len += 1
+                self._emit(req, token)
+
+    @staticmethod
+    def _sample(reqs, logits):
+        """Argmax for every row at once, then each sampling row drawn with its own generator."""
+        out = logits.argmax(-1)
+        for b, req in enumerate(reqs):
+            if req and req.temperature > 0:
+                out[b] = sample_next(logits[b:b + 1], req.temperature, req.top_p, req.generator)[0]
+        return out.tolist()  # the one host sync of a step
+
+    def _emit(self, req, token):
+        req.last, req.generated = token, req.generated + 1
+        req.events.put(("token", token))
+        finish = "stop" if token == self.tok.eos_id else "length" if req.generated >= req.max_new else None
+        if finish:
+            del self.rows[req.slot]
+            req.events.put(("done", finish))
+
+
+# ---- OpenAI JSON -> a Request; its tokens -> text ----------------------------------------------
+
+def read_image(part, where):
+    """An image_url part -> a PIL image: a data: URI, checked before decoding (its bytes, its pixels)."""
+    url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        raise APIError(400, f"{where}: image URLs are not fetched (yet): send a data:image/...;base64, URI", where)
+    head, comma, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
+    if not (head.startswith("data:image/") and head.endswith(";base64") and comma):
+        raise APIError(400, f"{where}: image_url.url must be a data:image/...;base64, URI", where)
+    if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
+        raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes", where)
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except ValueError:  # binascii.Error
+        raise APIError(400, f"{where}: the data URI is not valid base64", where) from None
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        img = Image.open(io.BytesIO(raw))  # the header only; PIL itself refuses over twice its limit
+        if limit and img.size[0] * img.size[1] > limit:
+            raise Image.DecompressionBombError
+        img.load()
+        return img
+    except Image.DecompressionBombError:
+        raise APIError(400, f"{where}: the image has over {limit} pixels (PIL's bomb limit)", where) from None
+    except Exception as e:  # whatever PIL raises for bytes that are no image it reads
+        raise APIError(400, f"{where}: not an image PIL can read ({type(e).__name__})", where) from None
+
+
+def read_messages(messages):
+    """OpenAI messages -> (the system text or None, LLaVA turns {"from", "value"}, the image or None)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
+    system, turns, image = None, [], None
+    for k, m in enumerate(messages):
+        where, role = f"messages[{k}]", m.get("role") if isinstance(m, dict) else None
+        content = m.get("content") if role in ("system", "user", "assistant") else None
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise APIError(400, f"{where} must be {{'role': system|user|assistant, 'content': text|parts}}", where)
+        texts = []
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str) and data.IMAGE not in part["text"]:
+                texts.append(part["text"])
+            elif kind == "image_url" and role == "user" and image is None:
+                image = read_image(part, f"{where}.content[{j}]")
+            else:
+                raise APIError(400, f"{where}.content[{j}] must be {{'type': 'text', 'text': ...}} (no {data.IMAGE}) "
+                               "or, once and from the user, {'type': 'image_url', ...}", where)
+        if role == "system":
+            system = "\n".join([system] * (system is not None) + texts)
+        else:  # data.py checks the order: user first, alternating, the user's last
+            turns.append({"from": data.ROLES[role == "assistant"], "value": "\n".join(texts)})
+    return system, turns, image
+
+
+OPTIONS = {  # name: (default, test, what it must be)
+    "temperature": (1.0, lambda v: type(v) in (int, float) and 0 <= v <= 2, "a number in [0, 2]"),
+    "top_p": (1.0, lambda v: type(v) in (int, float) and 0 < v <= 1, "a number in (0, 1]"),
+    "max_tokens": (None, lambda v: type(v) is int and v > 0, "a whole number > 0"),
+    "max_completion_tokens": (None, lambda v: type(v) is int and v > 0, "a whole number > 0"),
+    "stop": ([], lambda v: type(v) is str or type(v) is list and len(v) <= 4 and all(type(s) is str for s in v),
+             "a string or a list of up to 4 strings"),
+    "seed": (None, lambda v: type(v) is int, "a whole number"),
+    "n": (1, lambda v: v == 1 and type(v) is int, "1 (one choice a request)"),
+    "stream": (False, lambda v: type(v) is bool, "true or false"),
+    "stream_options": ({}, lambda v: type(v) is dict, "an object such as {'include_usage': true}"),
+}
+
+
+def parse_chat(body, engine, names):
+    """A chat.completions body -> (Request, its options); APIError 400 or 404 for what is wrong in it."""
+    if body.get("model") is not None and body["model"] not in names:
+        raise APIError(404, f"model {body['model']!r} is not served here, {names[0]!r} is", "model",
+                       "model_not_found")
+    opt = {name: body[name] if body.get(name) is not None else default for name, (default, _, _) in OPTIONS.items()}
+    for name, (_, ok, expected) in OPTIONS.items():
+        if body.get(name) is not None and not ok(body[name]):
+            raise APIError(400, f"'{name}' must be {expected}, not {json.dumps(body[name])[:40]}", name)
+    system, turns, image = read_messages(body.get("messages"))
+    cfg, template = engine.model.config, data.get_template(engine.model.config.template)
+    try:  # the system message replaces the template's
+        template = template if system is None else replace(template, system=system)
+        ids = data.tokenize_prompt(turns, engine.tok, template, image is not None, cfg.num_patches)
+        pixels = None if image is None else preprocess(image, cfg.vision.image_size, cfg.pad_to_square)[None]
+    except (ValueError, data.BadSample) as e:
+        raise APIError(400, f"messages: {e}", "messages") from None
+    if len(ids) > (ctx := cfg.text.max_position_embeddings):
+        raise APIError(400, f"the prompt is {len(ids)} tokens, longer than the model's context of {ctx} tokens",
+                       "messages", "context_length_exceeded")
+    generator = torch.Generator(device=engine.device)
+    generator.seed() if opt["seed"] is None else generator.manual_seed(opt["seed"])
+    max_new = min(opt["max_completion_tokens"] or opt["max_tokens"] or ctx, ctx - len(ids) + 1)  # as generate
+    stops = [s for s in ([opt["stop"]] if type(opt["stop"]) is str else opt["stop"]) if s]
+    return Request(ids, pixels, max_new, opt["temperature"], opt["top_p"], generator, stops), opt
+
+
+def reply_pieces(req, tok):
+    """The reply as text while its tokens arrive; sets req.finish ("stop" | "length") and req.used (the
+    tokens it took). A stop string ends it there and frees the slot; text that may begin one waits."""
+    decoder, text, sent, req.finish, req.used = StreamDecoder(tok), "", 0, None, 0
+    while req.finish is None:
+        kind, value = req.events.get()
+        if kind == "error":
+            raise APIError(500, value, kind="server_error")
+        text, req.finish, req.used = ((text + decoder.flush(), value, req.used) if kind == "done"
+                                      else (text + decoder.push(value), None, req.used + 1))
+        if (cut := min((i for s in req.stops if (i := text.find(s, sent)) >= 0), default=-1)) >= 0:
+            text, req.finish, req.cancelled = text[:cut], "stop", True
+        held = 0 if req.finish else max((k for s in req.stops for k in range(1, len(s)) if text.endswith(s[:k])),
+                                        default=0)
+        if len(text) - held > sent:
+            yield text[sent:len(text) - held]
+            sent = len(text) - held
+
+
+# ---- HTTP --------------------------------------------------------------------------------------
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version, timeout = "HTTP/1.1", 60  # keep-alive; a stalled client's thread gives up after 60 s
+
+    def do_GET(self):
+        self._serve("/v1/models", lambda: self._send(200, {"object": "list", "data": [{
+            "id": self.server.names[0], "object": "model", "created": self.server.created, "owned_by": "nanollava"}]}))
+
+    def do_POST(self):
+        self._serve("/v1/chat/completions", self._chat)
+
+    def _serve(self, path, route):
+        try:
+            key = self.server.api_key
+            got = self.headers.get("Authorization", "").encode()
+            if key and not hmac.compare_digest(got, f"Bearer {key}".encode()):
+                raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
+                               code="invalid_api_key")
+            if self.path.split("?")[0] != path:
+                raise APIError(404, f"no {self.command} {self.path} here; try {path}", code="unknown_url")
+            route()
+        except APIError as e:
+            self._send(e.status, e.body(), e.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:
+            traceback.print_exc()  # the operator's to read; the client gets one line
+            self._send(500, APIError(500, "internal server error", kind="server_error").body())
+
+    def _send(self, status, obj, headers=(), stream=False):
+        body = b"" if stream else json.dumps(obj).encode()
+        self.send_response(status)
+        length = [("Cache-Control", "no-cache")] if stream else [("Content-Length", str(len(body)))]
+        for name, value in [("Content-Type", "text/event-stream" if stream else "application/json"), *length,
+                            *headers, *[("Connection", "close")] * (stream or status >= 400)]:
+            self.send_header(name, value)  # an error may leave the body unread: the connection closes
+        self.close_connection = stream or status >= 400
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _read_body(self):
+        length, limit = self.headers.get("Content-Length", ""), self.server.max_body
+        if not length.isdigit():
+            raise APIError(411, "send the body with a Content-Length header")
+        if int(length) > limit:
+            raise APIError(413, f"the body is {length} bytes, over the limit of {limit}", code="request_too_large")
+        try:
+            body = json.loads(self.rfile.read(int(length)))
+        except ValueError:
+            raise APIError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        return body
+
+    def _chat(self):
+        engine, name = self.server.engine, self.server.names[0]
+        req, opt = parse_chat(self._read_body(), engine, self.server.names)
+        engine.submit(req)
+        head = {"id": f"chatcmpl-{os.urandom(12).hex()}", "created": int(time.time()), "model": name}
+        usage = lambda: {"prompt_tokens": len(req.ids), "completion_tokens": req.used,  # noqa: E731
+                         "total_tokens": len(req.ids) + req.used}
+        try:
+            if not opt["stream"]:
+                text = "".join(reply_pieces(req, engine.tok))
+                return self._send(200, {**head, "object": "chat.completion", "usage": usage(), "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": req.finish}]})
+            self._send(200, None, stream=True)  # server-sent events; the connection's end is the stream's
+            event = lambda obj: self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")  # noqa: E731
+            chunk = lambda delta, finish=None: {**head, "object": "chat.completion.chunk", "choices": [  # noqa: E731
+                {"index": 0, "delta": delta, "finish_reason": finish}]}
+            event(chunk({"role": "assistant", "content": ""}))
+            try:  # a write to a client that left raises BrokenPipe/ConnectionReset: the finally frees its slot
+                for piece in reply_pieces(req, engine.tok):
+                    event(chunk({"content": piece}))
+                event(chunk({}, req.finish))
+                if opt["stream_options"].get("include_usage"):
+                    event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
+            except APIError as e:
+                event(e.body())
+            self.wfile.write(b"data: [DONE]\n\n")
+        finally:
+            req.cancelled = True  # the loop drops the row at its next step (nothing to do once it is done)
+
+
+def make_server(engine, name, host="127.0.0.1", port=8000, api_key=None, max_body=MAX_BODY):
+    """A ThreadingHTTPServer (a thread a connection) in front of `engine`; port 0 picks a free port."""
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads, server.engine, server.api_key, server.max_body = True, engine, api_key, max_body
+    server.names, server.created = [name, os.path.basename(name.rstrip("/"))], int(time.time())
+    return server
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Serve LLaVA over the OpenAI chat-completions API.")
+    p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="a llava-hf directory or Hub name")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=POSITIVE, default=8, help="requests decoded together (KV cache slots)")
+    p.add_argument("--max-queue", type=POSITIVE, default=32, help="requests waiting for a slot before a 429")
+    p.add_argument("--api-key", default=os.environ.get("NANOLLAVA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $NANOLLAVA_API_KEY; unset: no key)")
+    p.add_argument("--device", type=device_name, default="", help="cpu, cuda, ... (default: cuda if there is one)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    args = p.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(f"loading {args.model} on {device}...", file=sys.stderr)
+    try:
+        model, tok = load(args.model, device, dtype_for(device, args.dtype))
+    except (WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    engine = Engine(model, tok, args.max_batch, args.max_queue).start()
+    server = make_server(engine, args.model, args.host, args.port, args.api_key)
+    if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
+    print(f"serving {args.model} at http://{args.host}:{server.server_address[1]}/v1", file=sys.stderr)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
