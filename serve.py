@@ -3,8 +3,7 @@ An OpenAI-compatible server for LLaVA with continuous batching, on the standard 
 
     python serve.py --model llava-hf/llava-1.5-7b-hf [--port 8000] [--max-batch 8] [--api-key KEY]
 
-POST /v1/chat/completions (text, data-URI images, streaming) and GET /v1/models: any OpenAI client
-talks to it. Prompts are data.py's template, images clip.preprocess: what the model was trained on.
+POST /v1/chat/completions and GET /v1/models for any OpenAI client; data.py's template, clip.preprocess.
 
 The scheduler, vLLM's idea in miniature. One model thread owns a KV cache of --max-batch slots; HTTP
 threads only queue requests and read their tokens. Each turn of its loop it prefills every waiting
@@ -19,13 +18,13 @@ client gone), and its slot takes the next waiting request:
     slot 1    B   b   b       b   b   b       b   ■     ■   done: the slot is free at the next P
     slot 2                C   c   c   c       c   c
 
-Nothing is padded and no row waits for another, so each row computes what it would alone: greedy
-output is the same token for token, alone or beside seven others. A step spans the slots up to the
-highest busy one and the columns up to the longest row: its cost follows the work there.
+No row is padded or waits for another, so greedy output is the same token for token alone or beside
+seven others. A step spans the slots up to the highest busy one, the columns up to the longest row.
 """
 
 import argparse
 import base64
+import binascii
 import hmac
 import io
 import json
@@ -36,7 +35,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -65,19 +64,15 @@ class APIError(Exception):
 
 # ---- the model loop ----------------------------------------------------------------------------
 
-@dataclass(eq=False)
 class Request:
-    """A completion as the loop sees it. The loop also sets slot, len (columns filled = the next
-    position), last (the token to feed) and generated; the HTTP thread reads events, sets cancelled."""
-    ids: list             # the prompt, image ids expanded
-    pixel_values: object  # [1,3,S,S] or None
-    max_new: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    generator: object = None
-    stops: list = field(default_factory=list)
-    events: queue.Queue = field(default_factory=queue.Queue)  # ("token", id)..., ("done"|"error", why)
-    cancelled: bool = False
+    """A completion as the loop sees it: the prompt ids (image ids expanded), pixel_values [1,3,S,S] or None.
+    The loop sets slot, len (columns filled: the next position), last (the token to feed next), generated,
+    and puts ("token", id)..., then ("done", "stop"|"length") or ("error", why) on `events`."""
+
+    def __init__(self, ids, pixel_values, max_new, temperature=1.0, top_p=1.0, generator=None, stops=()):
+        self.ids, self.pixel_values, self.max_new, self.stops = ids, pixel_values, max_new, stops
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+        self.events, self.cancelled = queue.Queue(), False  # cancelled: set by the HTTP thread
 
 
 class SlotCache(KVCache):
@@ -142,19 +137,15 @@ class Engine:
                         self.cond.wait()
                     new = [self.waiting.popleft() for _ in range(min(len(self.waiting),
                                                                      self.max_batch - len(self.rows)))]
-                for req in new:
-                    self._guarded([req], self._prefill, req)
-                self._guarded(list(self.rows.values()), self._step)
-
-    def _guarded(self, reqs, fn, *args):
-        """A failure fails these requests, not the loop: the operator sees the traceback, clients a line."""
-        try:
-            fn(*args)
-        except Exception:
-            traceback.print_exc()
-            for req in reqs:
-                self.rows.pop(getattr(req, "slot", None), None)
-                req.events.put(("error", "the model failed on this request"))
+                try:
+                    for req in new:
+                        self._prefill(req)
+                    self._step()
+                except Exception:  # fails the requests at hand, not the loop; the operator gets the traceback
+                    traceback.print_exc()
+                    for req in set(new) | set(self.rows.values()):
+                        req.events.put(("error", "the model failed on this request"))
+                    self.rows.clear()
 
     def _prefill(self, req):
         if req.cancelled:  # its client left while it waited
@@ -204,25 +195,23 @@ class Engine:
 
 def read_image(part, where):
     """An image_url part -> a PIL image: a data: URI, checked before decoding (its bytes, its pixels)."""
-    url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
-    if isinstance(url, str) and url.startswith(("http://", "https://")):
+    url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
+    head, _, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
+    if head.startswith(("http://", "https://")):
         raise APIError(400, f"{where}: image URLs are not fetched (yet): send a data:image/...;base64, URI", where)
-    head, comma, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
-    if not (head.startswith("data:image/") and head.endswith(";base64") and comma):
+    if not (head.startswith("data:image/") and head.endswith(";base64")):
         raise APIError(400, f"{where}: image_url.url must be a data:image/...;base64, URI", where)
     if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
         raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes", where)
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except ValueError:  # binascii.Error
-        raise APIError(400, f"{where}: the data URI is not valid base64", where) from None
     limit = Image.MAX_IMAGE_PIXELS
     try:
-        img = Image.open(io.BytesIO(raw))  # the header only; PIL itself refuses over twice its limit
+        img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))  # the header; PIL refuses 2x limit
         if limit and img.size[0] * img.size[1] > limit:
             raise Image.DecompressionBombError
         img.load()
         return img
+    except binascii.Error:
+        raise APIError(400, f"{where}: the data URI is not valid base64", where) from None
     except Image.DecompressionBombError:
         raise APIError(400, f"{where}: the image has over {limit} pixels (PIL's bomb limit)", where) from None
     except Exception as e:  # whatever PIL raises for bytes that are no image it reads
@@ -331,8 +320,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _serve(self, path, route):
         try:
-            key = self.server.api_key
-            got = self.headers.get("Authorization", "").encode()
+            got, key = self.headers.get("Authorization", "").encode(), self.server.api_key
             if key and not hmac.compare_digest(got, f"Bearer {key}".encode()):
                 raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY'",
                                code="invalid_api_key")
@@ -358,23 +346,18 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def _read_body(self):
+    def _chat(self):
         length, limit = self.headers.get("Content-Length", ""), self.server.max_body
-        if not length.isdigit():
-            raise APIError(411, "send the body with a Content-Length header")
-        if int(length) > limit:
+        if length.isdigit() and int(length) > limit:
             raise APIError(413, f"the body is {length} bytes, over the limit of {limit}", code="request_too_large")
         try:
-            body = json.loads(self.rfile.read(int(length)))
+            body = json.loads(self.rfile.read(int(length)) if length.isdigit() else b"")
         except ValueError:
-            raise APIError(400, "the body is not valid JSON") from None
+            raise APIError(400, "the body is not valid JSON (with a Content-Length)") from None
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
-        return body
-
-    def _chat(self):
         engine, name = self.server.engine, self.server.names[0]
-        req, opt = parse_chat(self._read_body(), engine, self.server.names)
+        req, opt = parse_chat(body, engine, self.server.names)
         engine.submit(req)
         head = {"id": f"chatcmpl-{os.urandom(12).hex()}", "created": int(time.time()), "model": name}
         usage = lambda: {"prompt_tokens": len(req.ids), "completion_tokens": req.used,  # noqa: E731
@@ -423,7 +406,6 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"loading {args.model} on {device}...", file=sys.stderr)
     try:
         model, tok = load(args.model, device, dtype_for(device, args.dtype))
     except (WeightsError, ValueError) as e:
