@@ -150,9 +150,17 @@ def test_stop_strings(tiny, srv):
         assert (text, finish) == (full[:full.index(stop)], "stop")
 
 
-def test_batched_greedy_equals_generate_token_for_token(tiny, monkeypatch):
-    """Eight requests of different lengths and images in one running batch, four of them joining
-    while the first four decode: every one's tokens are LLaVA.generate's for it alone."""
+def tokens_of(req, got=()):
+    got, event = list(got), None
+    while event != "done":
+        event, value = req.events.get(timeout=60)
+        got += [value] if event == "token" else []
+    return got
+
+
+def test_greedy_equals_generate_token_for_token_alone_and_batched(tiny, monkeypatch):
+    """Eight requests of different lengths, with and without images, each alone in the engine and then in one
+    running batch, four joining while the first four decode: every one's tokens are LLaVA.generate's."""
     model, tok = tiny
     questions = ["What is in the picture?", "Hi", "Describe the image in detail. Explain why the scene is unusual.",
                  "How many people are there?", "What color is the car?", "Why?", "Describe it.", "Where is this?"]
@@ -165,8 +173,8 @@ def test_batched_greedy_equals_generate_token_for_token(tiny, monkeypatch):
     engine = serve.Engine(model, tok, max_batch=8)
 
     def request(k):
-        img = photo(k) if k % 2 == 0 else None
-        pv = None if img is None else clip.preprocess(img, model.config.vision.image_size, True)[None]
+        img, cfg = photo(k) if k % 2 == 0 else None, model.config
+        pv = None if img is None else clip.preprocess(img, cfg.vision.image_size, cfg.pad_to_square)[None]
         return serve.Request(cases[k][0], pv, lengths[k], temperature=0)
     reqs = [request(k) for k in range(4)]
     for r in reqs:
@@ -176,13 +184,13 @@ def test_batched_greedy_equals_generate_token_for_token(tiny, monkeypatch):
     reqs += [request(k) for k in range(4, 8)]
     for r in reqs[4:]:
         engine.submit(r)
-    for k, r in enumerate(reqs):
-        got, event = [first[1]] if k == 0 else [], None
-        while event != "done":
-            event, value = r.events.get(timeout=60)
-            got += [value] if event == "token" else []
-        assert got == cases[k][1], k
+    assert [tokens_of(r, [first[1]] if k == 0 else []) for k, r in enumerate(reqs)] == [out for _, out in cases]
     assert max(busy) == 8 and not engine.rows  # they did run together, and all left
+    busy.clear()
+    for k in range(8):
+        engine.submit(r := request(k))
+        assert tokens_of(r) == cases[k][1], k
+    assert max(busy) == 1
 
 
 def test_concurrent_clients_equal_generate(tiny, srv):
