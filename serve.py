@@ -123,9 +123,8 @@ class Engine:
     def submit(self, req):
         with self.cond:
             if len(self.waiting) >= self.max_queue:
-                raise APIError(429, f"all {self.max_batch} slots are busy and {self.max_queue} requests wait: "
-                               "retry soon", code="rate_limit_exceeded", kind="rate_limit_error",
-                               headers=[("Retry-After", "1")])
+                raise APIError(429, f"all {self.max_batch} slots are busy and {self.max_queue} requests wait",
+                               code="rate_limit_exceeded", kind="rate_limit_error", headers=[("Retry-After", "1")])
             self.waiting.append(req)
             self.cond.notify()
 
@@ -237,10 +236,10 @@ def read_messages(messages):
             elif kind == "image_url" and role == "user" and image is None:
                 image = read_image(part, f"{where}.content[{j}]")
             else:
-                raise APIError(400, f"{where}.content[{j}] must be {{'type': 'text', 'text': ...}} (no {data.IMAGE}) "
-                               "or, once and from the user, {'type': 'image_url', ...}", where)
+                raise APIError(400, f"{where}.content[{j}]: not a text part (without {data.IMAGE}) nor the user's "
+                               "one image_url part", where)
         if role == "system":
-            system = "\n".join([system] * (system is not None) + texts)
+            system = "\n".join(texts) if system is None else system + "\n" + "\n".join(texts)
         else:  # data.py checks the order: user first, alternating, the user's last
             turns.append({"from": data.ROLES[role == "assistant"], "value": "\n".join(texts)})
     return system, turns, image
@@ -263,8 +262,7 @@ OPTIONS = {  # name: (default, test, what it must be)
 def parse_chat(body, engine, names):
     """A chat.completions body -> (Request, its options); APIError 400 or 404 for what is wrong in it."""
     if body.get("model") is not None and body["model"] not in names:
-        raise APIError(404, f"model {body['model']!r} is not served here, {names[0]!r} is", "model",
-                       "model_not_found")
+        raise APIError(404, f"model {body['model']!r} is not served here, {names[0]!r} is", "model", "model_not_found")
     opt = {name: body[name] if body.get(name) is not None else default for name, (default, _, _) in OPTIONS.items()}
     for name, (_, ok, expected) in OPTIONS.items():
         if body.get(name) is not None and not ok(body[name]):
@@ -295,10 +293,13 @@ def reply_pieces(req, tok):
         kind, value = req.events.get()
         if kind == "error":
             raise APIError(500, value, kind="server_error")
-        text, req.finish, req.used = ((text + decoder.flush(), value, req.used) if kind == "done"
-                                      else (text + decoder.push(value), None, req.used + 1))
-        if (cut := min((i for s in req.stops if (i := text.find(s, sent)) >= 0), default=-1)) >= 0:
-            text, req.finish, req.cancelled = text[:cut], "stop", True
+        if kind == "done":
+            text, req.finish = text + decoder.flush(), value
+        else:
+            text, req.used = text + decoder.push(value), req.used + 1
+        cuts = [i for i in (text.find(s, sent) for s in req.stops) if i >= 0]  # a stop can only start unsent
+        if cuts:
+            text, req.finish, req.cancelled = text[:min(cuts)], "stop", True
         held = 0 if req.finish else max((k for s in req.stops for k in range(1, len(s)) if text.endswith(s[:k])),
                                         default=0)
         if len(text) - held > sent:

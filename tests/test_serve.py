@@ -344,3 +344,13 @@ def test_client_gone_mid_stream_frees_its_slot(tiny, srv):
         time.sleep(0.01)
     assert not engine.rows and engine.cancelled == before + 1
     ok(server)
+
+
+def test_a_model_failure_fails_its_requests_not_the_server(srv, monkeypatch):
+    def broken(*a):
+        raise RuntimeError("internal detail /secret/path")
+    monkeypatch.setattr(serve, "decode_step", broken)
+    err = refused(srv[0], {"messages": [user("Hi")], "max_tokens": 5}, 500, "the model failed")
+    assert "secret" not in err["message"] and err["type"] == "server_error"
+    monkeypatch.undo()
+    ok(srv[0])
