@@ -6,7 +6,9 @@ import base64
 import http.client
 import io
 import json
+import os
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 openai = pytest.importorskip("openai")
@@ -354,3 +357,25 @@ def test_a_model_failure_fails_its_requests_not_the_server(srv, monkeypatch):
     assert "secret" not in err["message"] and err["type"] == "server_error"
     monkeypatch.undo()
     ok(srv[0])
+
+
+def test_command_line_server(tmp_path):
+    """python serve.py as a user starts it: the key from NANOLLAVA_API_KEY, a free port, then a reply."""
+    d = make_tiny_llava(tmp_path / "tiny")
+    env = {**os.environ, "NANOLLAVA_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(d), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "serve.py exited before serving"
+        c = openai.OpenAI(base_url=line.split(" at ")[1].strip(), api_key="env-key", max_retries=0, timeout=60)
+        assert [m.id for m in c.models.list().data] == [str(d)]
+        r = c.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=3)
+        assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason in ("stop", "length")
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=c.base_url, api_key="wrong", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
