@@ -18,8 +18,9 @@ client gone), and its slot takes the next waiting request:
     slot 1    B   b   b       b   b   b       b   ■     ■   done: the slot is free at the next P
     slot 2                C   c   c   c       c   c
 
-No row is padded or waits for another, so greedy output is the same token for token alone or beside
-seven others. A step spans the slots up to the highest busy one, the columns up to the longest row.
+Both are forward_rows: rows of tokens at their own positions, written into their own slots. No row is
+padded or waits for another, so greedy output is the same token for token alone or beside seven others.
+A step spans the slots up to the highest busy one, the columns up to the longest row.
 """
 
 import argparse
@@ -56,10 +57,8 @@ class APIError(Exception):
 
     def __init__(self, status, message, param=None, code=None, kind="invalid_request_error", headers=()):
         super().__init__(message)
-        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers
-
-    def body(self):
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+        self.status, self.headers = status, headers
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # ---- the model loop ----------------------------------------------------------------------------
@@ -75,35 +74,32 @@ class Request:
         self.events, self.cancelled = queue.Queue(), False  # cancelled: set by the HTTP thread
 
 
-class SlotCache(KVCache):
-    """One slot of the shared cache as a batch-1 KVCache: a prefill writes straight into it."""
+class SlotWriter:
+    """The KV cache of a forward over slots first..first+n-1: row b's T new keys and values go to its columns
+    cols[b] ([n,T]), and attention reads those slots' first `width` columns (views, masked per row)."""
 
-    def __init__(self, cache, slot):
-        self.k, self.v = cache.k[:, slot:slot + 1], cache.v[:, slot:slot + 1]
-        self.batch_size, self.max_len, self.pos = 1, cache.max_len, 0
+    def __init__(self, cache, first, n, width, cols):
+        self.k, self.v = cache.k[:, first:first + n, :, :width], cache.v[:, first:first + n, :, :width]
+        self.rows, self.cols = torch.arange(n, device=cols.device)[:, None], cols
 
-
-class RowWriter:
-    """The cache of a decode step: row b's new key and value go to column lens[b] of slot b."""
-
-    def __init__(self, cache, n, width, lens):
-        self.k, self.v = cache.k[:, :n, :, :width], cache.v[:, :n, :, :width]  # views
-        self.rows, self.lens = torch.arange(n, device=lens.device), lens
-
-    def update(self, i, k, v):  # [n,KV,1,hd] each -> layer i's whole [n,KV,width,hd]
-        self.k[i][self.rows, :, self.lens], self.v[i][self.rows, :, self.lens] = k[:, :, 0], v[:, :, 0]
+    def update(self, i, k, v):  # [n,KV,T,hd] each -> layer i's whole [n,KV,width,hd]
+        self.k[i][self.rows, :, self.cols] = k.transpose(1, 2)  # the [n,T] (row, column) pairs <- [n,T,KV,hd]
+        self.v[i][self.rows, :, self.cols] = v.transpose(1, 2)
         return self.k[i], self.v[i]
 
 
-def decode_step(llm, cache, tokens, lens, width):
-    """tokens [n] fed at positions lens [n], row b (slot b) attending to its columns <= lens[b] (width:
-    max(lens) + 1) -> logits [n,V]. A free slot among the n computes a row nobody reads."""
-    mask = (torch.arange(width, device=lens.device) <= lens[:, None])[:, None, None]  # [n,1,1,width]
-    cos, sin = llm.rope(lens[:, None])
-    x, writer = llm.embed_tokens(tokens[:, None]), RowWriter(cache, len(tokens), width, lens)
+def forward_rows(llm, cache, first, x, lens, width):
+    """x [n,T,D]: the next T tokens of slots first.., row b's at positions lens[b]..lens[b]+T-1, written there in
+    its slot and attending to its columns up to each one (width: max(lens) + T) -> each row's last logits [n,V].
+    A prefill is one row of T tokens from 0, a decode step a row per slot 0..n-1 of one token each (a free slot
+    among them computes a row nobody reads)."""
+    cols = lens[:, None] + torch.arange(x.shape[1], device=lens.device)  # [n,T]
+    mask = (torch.arange(width, device=lens.device) <= cols[..., None])[:, None]  # [n,1,T,width]: all heads
+    cos, sin = llm.rope(cols)
+    writer = SlotWriter(cache, first, len(x), width, cols)
     for i, block in enumerate(llm.layers):
         x = block(x, cos, sin, writer, i, mask)
-    return llm.lm_head(llm.norm(x))[:, -1]
+    return llm.lm_head(llm.norm(x[:, -1]))
 
 
 class Engine:
@@ -152,9 +148,10 @@ class Engine:
         req.slot, req.len, req.generated = min(set(range(self.max_batch)) - set(self.rows)), len(req.ids), 0
         pixels = None if req.pixel_values is None else req.pixel_values.to(self.device)
         embeds = self.model.embed(torch.tensor(req.ids, device=self.device)[None], pixels)
-        logits = self.model.llm(inputs_embeds=embeds, cache=SlotCache(self.cache, req.slot), last_only=True)
+        start = torch.zeros(1, dtype=torch.long, device=self.device)
+        logits = forward_rows(self.model.llm, self.cache, req.slot, embeds, start, len(req.ids))
         self.rows[req.slot] = req
-        self._emit(req, self._sample([req], logits[:, -1])[0])
+        self._emit(req, self._sample([req], logits)[0])
 
     def _step(self):
         for slot in [s for s, req in self.rows.items() if req.cancelled]:
@@ -165,8 +162,8 @@ class Engine:
         reqs = [self.rows.get(b) for b in range(max(self.rows) + 1)]
         tokens, lens = (torch.tensor([getattr(r, a) if r else 0 for r in reqs], device=self.device)
                         for a in ("last", "len"))
-        width = max(r.len for r in reqs if r) + 1  # from Python ints: no host sync
-        logits = decode_step(self.model.llm, self.cache, tokens, lens, width)
+        x, width = self.model.llm.embed_tokens(tokens[:, None]), max(r.len for r in reqs if r) + 1  # no host sync
+        logits = forward_rows(self.model.llm, self.cache, 0, x, lens, width)
         for req, token in zip(reqs, self._sample(reqs, logits)):
             if req:
                 req.len += 1
@@ -196,10 +193,9 @@ def read_image(part, where):
     """An image_url part -> a PIL image: a data: URI, checked before decoding (its bytes, its pixels)."""
     url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
     head, _, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
-    if head.startswith(("http://", "https://")):
-        raise APIError(400, f"{where}: image URLs are not fetched (yet): send a data:image/...;base64, URI", where)
     if not (head.startswith("data:image/") and head.endswith(";base64")):
-        raise APIError(400, f"{where}: image_url.url must be a data:image/...;base64, URI", where)
+        raise APIError(400, f"{where}: image_url.url must be a data:image/...;base64, URI (URLs are not fetched "
+                       "yet)", where)
     if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
         raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes", where)
     limit = Image.MAX_IMAGE_PIXELS
@@ -329,12 +325,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(404, f"no {self.command} {self.path} here; try {path}", code="unknown_url")
             route()
         except APIError as e:
-            self._send(e.status, e.body(), e.headers)
+            self._send(e.status, e.body, e.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception:
             traceback.print_exc()  # the operator's to read; the client gets one line
-            self._send(500, APIError(500, "internal server error", kind="server_error").body())
+            self._send(500, APIError(500, "internal server error", kind="server_error").body)
 
     def _send(self, status, obj, headers=(), stream=False):
         body = b"" if stream else json.dumps(obj).encode()
@@ -380,7 +376,7 @@ class Handler(BaseHTTPRequestHandler):
                 if opt["stream_options"].get("include_usage"):
                     event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage()})
             except APIError as e:
-                event(e.body())
+                event(e.body)
             self.wfile.write(b"data: [DONE]\n\n")
         finally:
             req.cancelled = True  # the loop drops the row at its next step (nothing to do once it is done)

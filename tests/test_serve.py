@@ -171,8 +171,8 @@ def test_greedy_equals_generate_token_for_token_alone_and_batched(tiny, monkeypa
     cases = [reference(tiny, [q], photo(k) if k % 2 == 0 else None, max_new=n)
              for k, (q, n) in enumerate(zip(questions, lengths))]
     assert all(len(out) == n for (_, out), n in zip(cases[:4], lengths))
-    busy, step = [], serve.decode_step
-    monkeypatch.setattr(serve, "decode_step", lambda *a: busy.append(len(engine.rows)) or step(*a))
+    busy, step = [], serve.forward_rows
+    monkeypatch.setattr(serve, "forward_rows", lambda *a: busy.append(len(engine.rows)) or step(*a))
     engine = serve.Engine(model, tok, max_batch=8)
 
     def request(k):
@@ -284,7 +284,7 @@ def test_bad_requests_are_refused_and_the_server_serves_on(srv):
         ({**good, "stream": "yes"}, 400, "'stream'"),
         ({**good, "stop": [1]}, 400, "'stop'"),
         ({**good, "model": "gpt-4o"}, 404, "not served"),
-        (image_message("https://example.com/cat.png"), 400, "not fetched"),
+        (image_message("https://example.com/cat.png"), 400, "URLs are not fetched"),
         (image_message("data:image/png;base64,@@not base64@@"), 400, "base64"),
         (image_message("data:text/plain,hello"), 400, "data:image/"),
         (image_message(b64(b"hello, not an image")), 400, "not an image"),
@@ -352,7 +352,7 @@ def test_client_gone_mid_stream_frees_its_slot(tiny, srv):
 def test_a_model_failure_fails_its_requests_not_the_server(srv, monkeypatch):
     def broken(*a):
         raise RuntimeError("internal detail /secret/path")
-    monkeypatch.setattr(serve, "decode_step", broken)
+    monkeypatch.setattr(serve, "forward_rows", broken)
     err = refused(srv[0], {"messages": [user("Hi")], "max_tokens": 5}, 500, "the model failed")
     assert "secret" not in err["message"] and err["type"] == "server_error"
     monkeypatch.undo()
