@@ -202,16 +202,16 @@ def public(ip):
 
 
 def fetch(url, where, allow_private=False):
-    """An http(s) URL -> its bytes: at most MAX_IMAGE_BYTES, read as they come, within URL_TIMEOUT s, no redirect.
+    """An http(s) URL -> its bytes (up to one past MAX_IMAGE_BYTES), read within URL_TIMEOUT s; no redirects.
     The socket connects to the address that was checked (not to the name again), so DNS rebinding has no window."""
     u, fail = urllib.parse.urlsplit(url), lambda why: APIError(400, f"{where}: the image URL {why}", where)
     try:
         port = u.port or (443 if u.scheme == "https" else 80)
-        addrs = [a[4][0] for a in socket.getaddrinfo(u.hostname, port, type=socket.SOCK_STREAM)]
+        addrs = [a[4][0] for a in socket.getaddrinfo(u.hostname or "", port, type=socket.SOCK_STREAM)]
     except (OSError, ValueError, UnicodeError):
-        raise fail("is unreachable: its host does not resolve") from None
+        raise fail("is unreachable: its host:port does not resolve") from None
     if not allow_private and not all(map(public, addrs)):
-        raise fail(f"is refused: {addrs[0]} is a private, loopback or reserved address (--allow-private-urls)")
+        raise fail("is refused: its host is a private, loopback or reserved address (see --allow-private-urls)")
     conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(u.hostname, port)
     deadline, raw = time.monotonic() + URL_TIMEOUT, bytearray()
     try:
@@ -222,10 +222,8 @@ def fetch(url, where, allow_private=False):
         resp = conn.getresponse()
         if resp.status != 200:
             raise fail(f"answered HTTP {resp.status}" + " (redirects are not followed)" * (300 <= resp.status < 400))
-        while chunk := resp.read1(1 << 16):  # Content-Length is not trusted: the bytes are counted
+        while len(raw) <= MAX_IMAGE_BYTES and (chunk := resp.read1(1 << 16)):  # counted, not Content-Length
             raw += chunk
-            if len(raw) > MAX_IMAGE_BYTES:
-                raise fail(f"gives over {MAX_IMAGE_BYTES} bytes")
             if time.monotonic() > deadline:
                 raise TimeoutError
         return bytes(raw)
@@ -244,14 +242,14 @@ def read_image(part, where, allow_private=False):
     if head.lower().startswith(("http://", "https://")):
         raw = fetch(url, where, allow_private)
     elif head.startswith("data:image/") and head.endswith(";base64"):
-        if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
-            raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes", where)
         try:
             raw = base64.b64decode(payload, validate=True)
         except binascii.Error:
             raise APIError(400, f"{where}: the data URI is not valid base64", where) from None
     else:
         raise APIError(400, f"{where}: image_url.url must be an http(s) URL or a data:image/...;base64, URI", where)
+    if len(raw) > MAX_IMAGE_BYTES:  # a URL's body stops right after the limit
+        raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes", where)
     limit = Image.MAX_IMAGE_PIXELS
     try:
         img = Image.open(io.BytesIO(raw))  # the header only; PIL itself refuses twice the limit
@@ -452,8 +450,7 @@ def main(argv=None):
     p.add_argument("--max-queue", type=POSITIVE, default=32, help="requests waiting for a slot before a 429")
     p.add_argument("--api-key", default=os.environ.get("NANOLLAVA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $NANOLLAVA_API_KEY; unset: no key)")
-    p.add_argument("--allow-private-urls", action="store_true",
-                   help="fetch image URLs on loopback, private and link-local addresses too (default: refused)")
+    p.add_argument("--allow-private-urls", action="store_true", help="fetch image URLs on private addresses too")
     p.add_argument("--device", type=device_name, default="", help="cpu, cuda, ... (default: cuda if there is one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
