@@ -218,7 +218,7 @@ def fetch(url, where, allow_private=False):
         conn.sock = socket.create_connection((addrs[0], port), URL_TIMEOUT)
         if u.scheme == "https":
             conn.sock = ssl.create_default_context().wrap_socket(conn.sock, server_hostname=u.hostname)
-        conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""))
+        conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""), headers={"User-Agent": "nanollava"})
         resp = conn.getresponse()
         if resp.status != 200:
             raise fail(f"answered HTTP {resp.status}" + " (redirects are not followed)" * (300 <= resp.status < 400))

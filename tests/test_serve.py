@@ -394,7 +394,7 @@ class ImageHost(http.server.BaseHTTPRequestHandler):
         if send:  # /lie claims 1000 bytes and sends 2.6 MB; /endless, /drip and /silent send no length at all
             self.send_header("Content-Length", "1000" if self.path == "/lie" else str(len(send)))
         self.end_headers()
-        time.sleep(3 if self.path == "/silent" else 0)
+        time.sleep(4 if self.path == "/silent" else 0)
         for _ in range(400 if self.path in ("/endless", "/drip") else 0):
             self.wfile.write(b"\0" if self.path == "/drip" else big)
             time.sleep(0.05 if self.path == "/drip" else 0)
@@ -410,16 +410,16 @@ def test_image_urls_fetched_or_refused(tiny, monkeypatch):
     threading.Thread(target=web.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{web.server_address[1]}"
     server, _ = start(*tiny, allow_private=True)
-    monkeypatch.setattr(serve, "URL_TIMEOUT", 1)
-    monkeypatch.setattr(serve, "MAX_IMAGE_BYTES", 1 << 20)
     ask = lambda u: client(server).chat.completions.create(  # noqa: E731
         model="tiny", temperature=0, max_tokens=12, messages=[{"role": "user", "content": [
             {"type": "text", "text": "What is in the picture?"}, {"type": "image_url", "image_url": {"url": u}}]}])
     want = expect(tiny, *reference(tiny, ["What is in the picture?"], photo(3), max_new=12), 12)
     assert answer(ask(f"{url}/cat.png")) == answer(ask(data_uri(photo(3)))) == want  # the same bytes as a data URI
+    monkeypatch.setattr(serve, "URL_TIMEOUT", 1.5)
+    monkeypatch.setattr(serve, "MAX_IMAGE_BYTES", 1 << 20)
     for path, words in [("/text", "not an image"), ("/endless", "the image is over 1048576 bytes"),
                         ("/lie", "not an image"),  # the 1000 bytes it claimed, the rest never read
-                        ("/silent", "timed out after 1 s"), ("/drip", "timed out after 1 s"),
+                        ("/silent", "timed out after 1.5 s"), ("/drip", "timed out after 1.5 s"),
                         ("/redirect", "HTTP 302 (redirects are not followed)")]:
         err = refused(server, image_message(url + path), 400, words)
         assert err["param"] == "messages[0].content[1]"
