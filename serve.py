@@ -27,14 +27,19 @@ import argparse
 import base64
 import binascii
 import hmac
+import http.client
 import io
+import ipaddress
 import json
 import os
 import queue
+import socket
+import ssl
 import sys
 import threading
 import time
 import traceback
+import urllib.parse
 from collections import deque
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,7 +54,7 @@ from llama import KVCache, StreamDecoder
 from model import DTYPES, POSITIVE, device_name, dtype_for, sample_next
 from weights import WeightsError
 
-MAX_BODY, MAX_IMAGE_BYTES = 32 << 20, 20 << 20  # image pixels: PIL's bomb limit, Image.MAX_IMAGE_PIXELS
+MAX_BODY, MAX_IMAGE_BYTES, URL_TIMEOUT = 32 << 20, 20 << 20, 10  # pixels: PIL's bomb limit; URL_TIMEOUT in s
 
 
 class APIError(Exception):
@@ -189,31 +194,76 @@ class Engine:
 
 # ---- OpenAI JSON -> a Request; its tokens -> text ----------------------------------------------
 
-def read_image(part, where):
-    """An image_url part -> a PIL image: a data: URI, checked before decoding (its bytes, its pixels)."""
+def public(ip):
+    """Whether an address is on the internet: not loopback, link-local, private, multicast, unspecified, reserved."""
+    a = ipaddress.ip_address(ip.split("%")[0])  # without an IPv6 scope ("%eth0")
+    a = getattr(a, "ipv4_mapped", None) or a
+    return a.is_global and not a.is_multicast
+
+
+def fetch(url, where, allow_private=False):
+    """An http(s) URL -> its bytes (up to one past MAX_IMAGE_BYTES), read within URL_TIMEOUT s; no redirects.
+    The socket connects to the address that was checked (not to the name again), so DNS rebinding has no window."""
+    u, fail = urllib.parse.urlsplit(url), lambda why: APIError(400, f"{where}: the image URL {why}", where)
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+        addrs = [a[4][0] for a in socket.getaddrinfo(u.hostname or "", port, type=socket.SOCK_STREAM)]
+    except (OSError, ValueError, UnicodeError):
+        raise fail("is unreachable: its host:port does not resolve") from None
+    if not allow_private and not all(map(public, addrs)):
+        raise fail("is refused: its host is a private, loopback or reserved address (see --allow-private-urls)")
+    conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(u.hostname, port)
+    deadline, raw = time.monotonic() + URL_TIMEOUT, bytearray()
+    try:
+        conn.sock = socket.create_connection((addrs[0], port), URL_TIMEOUT)
+        if u.scheme == "https":
+            conn.sock = ssl.create_default_context().wrap_socket(conn.sock, server_hostname=u.hostname)
+        conn.request("GET", (u.path or "/") + (f"?{u.query}" if u.query else ""), headers={"User-Agent": "nanollava"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise fail(f"answered HTTP {resp.status}" + " (redirects are not followed)" * (300 <= resp.status < 400))
+        while len(raw) <= MAX_IMAGE_BYTES and (chunk := resp.read1(1 << 16)):  # counted, not Content-Length
+            raw += chunk
+            if time.monotonic() > deadline:
+                raise TimeoutError
+        return bytes(raw)
+    except TimeoutError:
+        raise fail(f"timed out after {URL_TIMEOUT} s") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise fail(f"is unreachable ({type(e).__name__})") from None
+    finally:
+        conn.close()
+
+
+def read_image(part, where, allow_private=False):
+    """An image_url part (an http(s) URL or a data: URI) -> a PIL image, checked before decoding (bytes, pixels)."""
     url = part["image_url"].get("url") if isinstance(part.get("image_url"), dict) else None
     head, _, payload = url.partition(",") if isinstance(url, str) else ("", "", "")
-    if not (head.startswith("data:image/") and head.endswith(";base64")):
-        raise APIError(400, f"{where}: image_url.url must be a data:image/...;base64, URI (URLs are not fetched "
-                       "yet)", where)
-    if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
+    if head.lower().startswith(("http://", "https://")):
+        raw = fetch(url, where, allow_private)
+    elif head.startswith("data:image/") and head.endswith(";base64"):
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            raise APIError(400, f"{where}: the data URI is not valid base64", where) from None
+    else:
+        raise APIError(400, f"{where}: image_url.url must be an http(s) URL or a data:image/...;base64, URI", where)
+    if len(raw) > MAX_IMAGE_BYTES:  # a URL's body stops right after the limit
         raise APIError(400, f"{where}: the image is over {MAX_IMAGE_BYTES} bytes", where)
     limit = Image.MAX_IMAGE_PIXELS
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))  # the header; PIL refuses 2x limit
+        img = Image.open(io.BytesIO(raw))  # the header only; PIL itself refuses twice the limit
         if limit and img.size[0] * img.size[1] > limit:
             raise Image.DecompressionBombError
         img.load()
         return img
-    except binascii.Error:
-        raise APIError(400, f"{where}: the data URI is not valid base64", where) from None
     except Image.DecompressionBombError:
         raise APIError(400, f"{where}: the image has over {limit} pixels (PIL's bomb limit)", where) from None
     except Exception as e:  # whatever PIL raises for bytes that are no image it reads
         raise APIError(400, f"{where}: not an image PIL can read ({type(e).__name__})", where) from None
 
 
-def read_messages(messages):
+def read_messages(messages, allow_private=False):
     """OpenAI messages -> (the system text or None, LLaVA turns {"from", "value"}, the image or None)."""
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
@@ -230,7 +280,7 @@ def read_messages(messages):
             if kind == "text" and isinstance(part.get("text"), str) and data.IMAGE not in part["text"]:
                 texts.append(part["text"])
             elif kind == "image_url" and role == "user" and image is None:
-                image = read_image(part, f"{where}.content[{j}]")
+                image = read_image(part, f"{where}.content[{j}]", allow_private)
             else:
                 raise APIError(400, f"{where}.content[{j}]: not a text part (without {data.IMAGE}) nor the user's "
                                "one image_url part", where)
@@ -255,7 +305,7 @@ OPTIONS = {  # name: (default, test, what it must be)
 }
 
 
-def parse_chat(body, engine, names):
+def parse_chat(body, engine, names, allow_private=False):
     """A chat.completions body -> (Request, its options); APIError 400 or 404 for what is wrong in it."""
     if body.get("model") is not None and body["model"] not in names:
         raise APIError(404, f"model {body['model']!r} is not served here, {names[0]!r} is", "model", "model_not_found")
@@ -263,7 +313,7 @@ def parse_chat(body, engine, names):
     for name, (_, ok, expected) in OPTIONS.items():
         if body.get(name) is not None and not ok(body[name]):
             raise APIError(400, f"'{name}' must be {expected}, not {json.dumps(body[name])[:40]}", name)
-    system, turns, image = read_messages(body.get("messages"))
+    system, turns, image = read_messages(body.get("messages"), allow_private)
     cfg, template = engine.model.config, data.get_template(engine.model.config.template)
     try:  # the system message replaces the template's
         template = template if system is None else replace(template, system=system)
@@ -354,7 +404,7 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise APIError(400, "the body must be a JSON object")
         engine, name = self.server.engine, self.server.names[0]
-        req, opt = parse_chat(body, engine, self.server.names)
+        req, opt = parse_chat(body, engine, self.server.names, self.server.allow_private)
         engine.submit(req)
         head = {"id": f"chatcmpl-{os.urandom(12).hex()}", "created": int(time.time()), "model": name}
         usage = lambda: {"prompt_tokens": len(req.ids), "completion_tokens": req.used,  # noqa: E731
@@ -382,10 +432,11 @@ class Handler(BaseHTTPRequestHandler):
             req.cancelled = True  # the loop drops the row at its next step (nothing to do once it is done)
 
 
-def make_server(engine, name, host="127.0.0.1", port=8000, api_key=None, max_body=MAX_BODY):
+def make_server(engine, name, host="127.0.0.1", port=8000, api_key=None, max_body=MAX_BODY, allow_private=False):
     """A ThreadingHTTPServer (a thread a connection) in front of `engine`; port 0 picks a free port."""
     server = ThreadingHTTPServer((host, port), Handler)
     server.daemon_threads, server.engine, server.api_key, server.max_body = True, engine, api_key, max_body
+    server.allow_private = allow_private  # image URLs to loopback, private, ... addresses
     server.names, server.created = [name, os.path.basename(name.rstrip("/"))], int(time.time())
     return server
 
@@ -399,6 +450,7 @@ def main(argv=None):
     p.add_argument("--max-queue", type=POSITIVE, default=32, help="requests waiting for a slot before a 429")
     p.add_argument("--api-key", default=os.environ.get("NANOLLAVA_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $NANOLLAVA_API_KEY; unset: no key)")
+    p.add_argument("--allow-private-urls", action="store_true", help="fetch image URLs on private addresses too")
     p.add_argument("--device", type=device_name, default="", help="cpu, cuda, ... (default: cuda if there is one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
@@ -409,7 +461,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     engine = Engine(model, tok, args.max_batch, args.max_queue).start()
-    server = make_server(engine, args.model, args.host, args.port, args.api_key)
+    server = make_server(engine, args.model, args.host, args.port, args.api_key, allow_private=args.allow_private_urls)
     if not args.api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: {args.host} is reachable from other machines and no --api-key is set", file=sys.stderr)
     print(f"serving {args.model} at http://{args.host}:{server.server_address[1]}/v1", file=sys.stderr)

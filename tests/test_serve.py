@@ -4,6 +4,7 @@ text, the image id expanded), so neither the server's templating nor its batchin
 
 import base64
 import http.client
+import http.server
 import io
 import json
 import os
@@ -284,7 +285,7 @@ def test_bad_requests_are_refused_and_the_server_serves_on(srv):
         ({**good, "stream": "yes"}, 400, "'stream'"),
         ({**good, "stop": [1]}, 400, "'stop'"),
         ({**good, "model": "gpt-4o"}, 404, "not served"),
-        (image_message("https://example.com/cat.png"), 400, "URLs are not fetched"),
+        (image_message("ftp://example.com/cat.png"), 400, "http(s) URL or a data:image/"),
         (image_message("data:image/png;base64,@@not base64@@"), 400, "base64"),
         (image_message("data:text/plain,hello"), 400, "data:image/"),
         (image_message(b64(b"hello, not an image")), 400, "not an image"),
@@ -379,3 +380,56 @@ def test_command_line_server(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+class ImageHost(http.server.BaseHTTPRequestHandler):
+    """The web an image URL points to: a PNG, a non-image, bodies without end or with a lying Content-Length,
+    a silent server, a slow drip and a redirect to a private address."""
+
+    def do_GET(self):
+        png, big = base64.b64decode(data_uri(photo(3)).partition(",")[2]), b"\0" * (1 << 16)
+        send = {"/cat.png": png, "/text": b"hello, not an image", "/lie": big * 40}.get(self.path, b"")
+        self.send_response(302 if self.path == "/redirect" else 200)
+        self.send_header("Location", "http://10.0.0.1/cat.png")
+        if send:  # /lie claims 1000 bytes and sends 2.6 MB; /endless, /drip and /silent send no length at all
+            self.send_header("Content-Length", "1000" if self.path == "/lie" else str(len(send)))
+        self.end_headers()
+        time.sleep(4 if self.path == "/silent" else 0)
+        for _ in range(400 if self.path in ("/endless", "/drip") else 0):
+            self.wfile.write(b"\0" if self.path == "/drip" else big)
+            time.sleep(0.05 if self.path == "/drip" else 0)
+        self.wfile.write(send)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_image_urls_fetched_or_refused(tiny, monkeypatch):
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    web.daemon_threads, web.handle_error = True, lambda *a: None  # a client that hangs up is no error here
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{web.server_address[1]}"
+    server, _ = start(*tiny, allow_private=True)
+    ask = lambda u: client(server).chat.completions.create(  # noqa: E731
+        model="tiny", temperature=0, max_tokens=12, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is in the picture?"}, {"type": "image_url", "image_url": {"url": u}}]}])
+    want = expect(tiny, *reference(tiny, ["What is in the picture?"], photo(3), max_new=12), 12)
+    assert answer(ask(f"{url}/cat.png")) == answer(ask(data_uri(photo(3)))) == want  # the same bytes as a data URI
+    monkeypatch.setattr(serve, "URL_TIMEOUT", 1.5)
+    monkeypatch.setattr(serve, "MAX_IMAGE_BYTES", 1 << 20)
+    for path, words in [("/text", "not an image"), ("/endless", "the image is over 1048576 bytes"),
+                        ("/lie", "not an image"),  # the 1000 bytes it claimed, the rest never read
+                        ("/silent", "timed out after 1.5 s"), ("/drip", "timed out after 1.5 s"),
+                        ("/redirect", "HTTP 302 (redirects are not followed)")]:
+        err = refused(server, image_message(url + path), 400, words)
+        assert err["param"] == "messages[0].content[1]"
+        ok(server)
+    refused(server, image_message("http://127.0.0.1:1/cat.png"), 400, "unreachable (ConnectionRefusedError)")
+    refused(server, image_message("http://no-such-host.invalid/cat.png"), 400, "does not resolve")
+    server.shutdown()
+    server, _ = start(*tiny)  # the default: only public addresses
+    for host in ("127.0.0.1", "[::1]", "localhost", "10.0.0.1", "169.254.169.254", "224.0.0.1", "0.0.0.0"):
+        refused(server, image_message(f"http://{host}:{web.server_address[1]}/cat.png"), 400, "is refused")
+    ok(server)
+    server.shutdown()
+    web.shutdown()
