@@ -203,8 +203,7 @@ def test_concurrent_clients_equal_generate(tiny, srv):
     imgs = [photo(k) if k % 3 else None for k in range(8)]
     wants = [expect(tiny, *reference(tiny, [q], img, max_new=20), 20) for q, img in zip(questions, imgs)]
 
-    def ask(k):
-        c = client(srv[0])
+    def ask(k, c):
         r = c.chat.completions.create(model="tiny", temperature=0, max_tokens=20, stream=k % 2 == 1,
                                       stream_options={"include_usage": True} if k % 2 else None,
                                       messages=[user(questions[k], imgs[k])])
@@ -215,9 +214,12 @@ def test_concurrent_clients_equal_generate(tiny, srv):
         return ("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
                 [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1],
                 (u.prompt_tokens, u.completion_tokens))
-    for _ in range(2):
-        with ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(ask, range(8))) == wants
+    def one_client(first):  # 10 requests one after another, images, text and streams mixed
+        c = client(srv[0])
+        return [(k, ask(k, c)) for k in ((first + j) % 8 for j in range(10))]
+    with ThreadPoolExecutor(8) as pool:  # the load test: 8 clients x 10 requests, no failure
+        replies = [r for rs in pool.map(one_client, range(8)) for r in rs]
+    assert len(replies) == 80 and all(got == wants[k] for k, got in replies)
 
 
 def test_sampling_is_seeded(srv):
