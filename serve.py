@@ -4,6 +4,7 @@ An OpenAI-compatible server for LLaVA with continuous batching, on the standard 
     python serve.py --model llava-hf/llava-1.5-7b-hf [--port 8000] [--max-batch 8] [--api-key KEY]
 
 POST /v1/chat/completions and GET /v1/models for any OpenAI client; data.py's template, clip.preprocess.
+A LLaMA/Vicuna directory is served too, text only: a local teacher for generate_data.py.
 
 The scheduler, vLLM's idea in miniature. One model thread owns a KV cache of --max-batch slots; HTTP
 threads only queue requests and read their tokens. Each turn of its loop it prefills every waiting
@@ -42,6 +43,7 @@ import traceback
 import urllib.parse
 from collections import deque
 from dataclasses import replace
+from types import SimpleNamespace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -50,9 +52,10 @@ from PIL import Image
 import data
 from chat import load
 from clip import preprocess
-from llama import KVCache, StreamDecoder
+from llama import KVCache, Llama, StreamDecoder, Tokenizer
 from model import DTYPES, POSITIVE, device_name, dtype_for, sample_next
-from weights import WeightsError
+import weights
+from weights import WeightsError, read_json
 
 MAX_BODY, MAX_IMAGE_BYTES, URL_TIMEOUT = 32 << 20, 20 << 20, 10  # pixels: PIL's bomb limit; URL_TIMEOUT in s
 
@@ -315,6 +318,8 @@ def parse_chat(body, engine, names, allow_private=False):
             raise APIError(400, f"'{name}' must be {expected}, not {json.dumps(body[name])[:40]}", name)
     system, turns, image = read_messages(body.get("messages"), allow_private)
     cfg, template = engine.model.config, data.get_template(engine.model.config.template)
+    if image is not None and cfg.vision is None:
+        raise APIError(400, f"model {names[0]!r} reads text only: send no image_url part", "messages")
     try:  # the system message replaces the template's
         template = template if system is None else replace(template, system=system)
         ids = data.tokenize_prompt(turns, engine.tok, template, image is not None, cfg.num_patches)
@@ -432,6 +437,27 @@ class Handler(BaseHTTPRequestHandler):
             req.cancelled = True  # the loop drops the row at its next step (nothing to do once it is done)
 
 
+class TextOnly:
+    """A LLaMA/Vicuna as the loop sees a LLaVA: the same LLM and config, Vicuna's template, no vision."""
+
+    def __init__(self, llm):
+        self.llm, self.config = llm, SimpleNamespace(text=llm.config, template="vicuna_v1", vision=None, num_patches=0)
+
+    def embed(self, input_ids, pixel_values=None):
+        return self.llm.embed_tokens(input_ids)
+
+
+def load_model(name, device, dtype):
+    """--model -> (model, tokenizer): a llava-hf directory, or a LLaMA/Vicuna one (TextOnly)."""
+    try:
+        path = weights.fetch(name)
+        if read_json(path / "config.json").get("model_type") == "llava":
+            return load(path, device, dtype)
+        return TextOnly(Llama.from_pretrained(path, dtype, device).eval()), Tokenizer(path)
+    except WeightsError as e:
+        raise WeightsError(f"--model {name}: {e}") from None
+
+
 def make_server(engine, name, host="127.0.0.1", port=8000, api_key=None, max_body=MAX_BODY, allow_private=False):
     """A ThreadingHTTPServer (a thread a connection) in front of `engine`; port 0 picks a free port."""
     server = ThreadingHTTPServer((host, port), Handler)
@@ -443,7 +469,7 @@ def make_server(engine, name, host="127.0.0.1", port=8000, api_key=None, max_bod
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Serve LLaVA over the OpenAI chat-completions API.")
-    p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="a llava-hf directory or Hub name")
+    p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="a llava-hf (or LLaMA) directory or Hub name")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=POSITIVE, default=8, help="requests decoded together (KV cache slots)")
@@ -456,7 +482,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model, tok = load(args.model, device, dtype_for(device, args.dtype))
+        model, tok = load_model(args.model, device, dtype_for(device, args.dtype))
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

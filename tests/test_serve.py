@@ -435,3 +435,73 @@ def test_image_urls_fetched_or_refused(tiny, monkeypatch):
     ok(server)
     server.shutdown()
     web.shutdown()
+
+
+def make_tiny_llama(directory, max_positions=4096, eos_logit=0.0):
+    """A random LlamaForCausalLM and its sentencepiece tokenizer, saved as a Vicuna directory is. eos_logit
+    makes hidden unit 0 a constant that raises EOS's logit: sampled replies end after a few tokens."""
+    import transformers
+    from helpers import make_sp_tokenizer
+    make_sp_tokenizer(directory)
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
+                                      max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    if eos_logit:
+        with torch.no_grad():
+            model.model.embed_tokens.weight[:, 0] = 8.0
+            model.lm_head.weight[2] = 0.0
+            model.lm_head.weight[2, 0] = eos_logit / 8
+    model.save_pretrained(directory)
+    return Path(directory)
+
+
+def test_a_llama_directory_is_served_text_only(tmp_path):
+    """A plain LLaMA answers as transformers' greedy generate does on the vicuna_v1 prompt; an image is refused."""
+    import transformers
+    d = make_tiny_llama(tmp_path / "llama", max_positions=256)
+    model, tok = serve.load_model(str(d), torch.device("cpu"), torch.float32)
+    server, _ = start(model, tok)
+    try:
+        c = client(server)
+        r = c.chat.completions.create(model="tiny", messages=[{"role": "system", "content": "Be brief."},
+                                                               user("Hi there")], max_tokens=12, temperature=0)
+        ids = tok.encode("Be brief. USER: Hi there ASSISTANT:")
+        hf = transformers.LlamaForCausalLM.from_pretrained(d).eval()
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=2)[0, len(ids):]
+        assert r.choices[0].message.content == tok.decode([t for t in out.tolist() if t != 2])
+        assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(out)
+        with pytest.raises(openai.BadRequestError, match="reads text only"):
+            c.chat.completions.create(model="tiny", messages=[user("What is it?", photo(0))])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_generate_data_with_a_served_llama_as_teacher(tmp_path):
+    """The README's pipeline as a user runs it: python serve.py on a LLaMA directory, then python
+    generate_data.py generate --api-base at it: records are written (the wiring, not their quality)."""
+    d, out = make_tiny_llama(tmp_path / "llama", eos_logit=9.0), tmp_path / "detail.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENAI_API_KEY": ""}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(d), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = ""
+        while "serving" not in line:
+            line = proc.stderr.readline()
+            assert line, "serve.py exited before serving"
+        fix = ROOT / "tests" / "fixtures" / "generate_data"
+        gen = subprocess.run([sys.executable, str(ROOT / "generate_data.py"), "generate", "--types", "detail",
+                              "--captions", str(fix / "captions_val2014_mini.json"), "--instances",
+                              str(fix / "instances_val2014_mini.json"), "--out", str(out), "--api-base",
+                              line.split(" at ")[1].strip(), "--model", str(d), "--max-tokens", "64",
+                              "--workers", "4"], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert gen.returncode == 0, gen.stderr
+    records = [json.loads(r) for r in out.read_text().splitlines()]
+    assert len(records) == len({r["id"] for r in records}) >= 6, gen.stdout  # of 12: a reply may be empty 3 times
+    assert all(r["id"].endswith("_detail") and r["conversations"][1]["value"] for r in records)
+    assert all(r["conversations"][0]["value"].count("<image>") == 1 for r in records)
