@@ -481,7 +481,8 @@ def test_a_llama_directory_is_served_text_only(tmp_path):
 
 def test_generate_data_with_a_served_llama_as_teacher(tmp_path):
     """The README's pipeline as a user runs it: python serve.py on a LLaMA directory, then python
-    generate_data.py generate --api-base at it: records are written (the wiring, not their quality)."""
+    generate_data.py generate --api-base at it: records are written (the wiring, not their quality); then
+    eval.py judge asks it too (each of 3 questions asked twice, its replies no scores)."""
     d, out = make_tiny_llama(tmp_path / "llama", eos_logit=9.0), tmp_path / "detail.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENAI_API_KEY": ""}
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(d), "--port", "0"],
@@ -497,9 +498,19 @@ def test_generate_data_with_a_served_llama_as_teacher(tmp_path):
                               str(fix / "instances_val2014_mini.json"), "--out", str(out), "--api-base",
                               line.split(" at ")[1].strip(), "--model", str(d), "--max-tokens", "64",
                               "--workers", "4"], capture_output=True, text=True, env=env, timeout=300)
+        qa90 = ROOT / "tests" / "fixtures" / "llava_bench_qa90"  # the judge: no reply parses as two scores
+        judge = subprocess.run([sys.executable, str(ROOT / "eval.py"), "judge", "--questions",
+                                str(qa90 / "qa90_questions.jsonl"), "--answers", str(qa90 / "qa90_gpt4_answer.jsonl"),
+                                "--our-answers", str(qa90 / "qa90_gpt4_answer.jsonl"), "--context",
+                                str(fix / "caps_boxes_coco2014_val_80.jsonl"), "--limit", "3", "--parse-retries", "1",
+                                "--api-base", line.split(" at ")[1].strip(), "--judge-model", str(d),
+                                "--out", str(tmp_path / "judge.jsonl")], capture_output=True, text=True, env=env,
+                               timeout=300)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    assert judge.returncode == 3 and "judged 0 now" in judge.stdout and "requests 6 (retries 0)" in judge.stdout, (
+        judge.stdout + judge.stderr)
     assert gen.returncode == 0, gen.stderr
     records = [json.loads(r) for r in out.read_text().splitlines()]
     assert len(records) == len({r["id"] for r in records}) >= 6, gen.stdout  # of 12: a reply may be empty 3 times
