@@ -10,12 +10,17 @@ alike; a row gives the ratio of the medians, ours / theirs (> 1: we are faster).
 """
 
 import argparse
+import base64
 import contextlib
 import functools
 import gc
+import io
+import json
 import math
 import os
+import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -326,6 +331,76 @@ def run_measurements(args):
                 "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"], parts)
 
 
+# ---- bench.py serve: serve.py's continuous batching against the same requests one at a time -----------
+def stream_chat(url, body):
+    """One streamed request -> (seconds to its first text, its text, its completion tokens)."""
+    import requests
+    t0, first, text, used = time.perf_counter(), None, "", 0
+    with requests.post(url, json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                       stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in (x for x in r.iter_lines() if x.startswith(b"data: {")):
+            chunk = json.loads(line[6:])
+            used = chunk["usage"]["completion_tokens"] if chunk.get("usage") else used
+            piece = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            first = time.perf_counter() - t0 if piece and first is None else first
+            text += piece or ""
+    return first, text, used
+
+
+def bench_serve(args):
+    """python serve.py on 127.0.0.1 with a random model, --max-batch 8 and then 1; --clients threads here send
+    --requests each (text, or text and a picture), greedy: requests/s, tokens/s and time to first token."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+    shapes, tmp = CONFIGS[args.config], tempfile.TemporaryDirectory()
+    d = Path(tmp.name)
+    text = [line for p in sorted(Path(__file__).with_name("prompts").rglob("*.txt")) for line in p.open() if line.strip()]
+    tiny.train_tokenizer(text, d / "tokenizer.model", min(2000, shapes["text"]["vocab_size"] - 64))  # English pieces
+    model, n = build(shapes, torch.device("cpu"), torch.float32), llama.Tokenizer(d).sp.vocab_size()
+    model.config.image_token_id, model.config.pad_token_id = n, n + 1  # the tokenizer's <image> and <pad>
+    model.llm.lm_head.weight.data[n:] = 0.0  # greedy picks the tokenizer's pieces: replies are text to time
+    model.save_pretrained(d)
+    size, rng = model.config.vision.image_size, random.Random(0)
+    pictures = [Image.fromarray(torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy()) for _ in range(4)]
+    bodies = [{"messages": [{"role": "user", "content": [{"type": "text", "text": " ".join(
+        rng.choice(tiny.SHAPES + tiny.QUADRANTS) for _ in range(4 + k % 7))}] + ([{"type": "image_url", "image_url": {
+            "url": serve_uri(pictures[k % 4])}}] if k % 2 else [])}], "max_tokens": shapes["new_tokens"], "temperature": 0}
+              for k in range(args.clients * args.requests)]
+    runs = {}
+    for batch in (8, 1):
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--model", str(d), "--port",
+                                 "0", "--max-batch", str(batch), "--max-queue", str(len(bodies))], stderr=subprocess.PIPE,
+                                text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        try:
+            while "serving" not in (line := proc.stderr.readline()):
+                if not line:
+                    raise RuntimeError("serve.py exited before serving")
+            url = line.split(" at ")[1].strip() + "/chat/completions"
+            stream_chat(url, bodies[1])  # warm-up
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:  # client c sends bodies c, c + clients, ... in turn
+                done = pool.map(lambda c: [stream_chat(url, b) for b in bodies[c::args.clients]], range(args.clients))
+                runs[batch] = [r for rs in done for r in rs]
+            runs[batch] = (time.perf_counter() - t0, runs[batch])
+        finally:
+            proc.terminate(), proc.wait()
+    same = [a[1] for a in runs[8][1]] == [b[1] for b in runs[1][1]]
+    for batch, (t, rs) in runs.items():
+        ttft = sorted(r[0] for r in rs if r[0] is not None) or [float("nan")]
+        table_row(f"max-batch {batch}", f"{args.clients} x {args.requests}", f"{len(rs) / t:.2f}",
+                  f"{sum(r[2] for r in rs) / t:.1f}", f"{statistics.median(ttft):.3f} / {ttft[int(0.95 * (len(ttft) - 1))]:.3f}",
+                  f"{runs[1][0] / t:.2f}x", "greedy replies identical in both runs" if same else "REPLIES DIFFER")
+    return {"requests": len(bodies), "seconds": {b: t for b, (t, _) in runs.items()}, "speedup": runs[1][0] / runs[8][0],
+            "same": same}
+
+
+def serve_uri(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 # ---- bench.py gpu: train.py's step and generation on one H100 / H200 (random weights) ------------
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # decode reads each weight and the KV cache once a token
 # setting: (gradient checkpointing, micro-batches per optimizer step); 8 x 16 is LLaVA-1.5's
@@ -431,7 +506,7 @@ def run_gpu(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("measurement", choices=[*MEASUREMENTS, "all", "gpu"])
+    p.add_argument("measurement", choices=[*MEASUREMENTS, "all", "gpu", "serve"])
     p.add_argument("--config", default="tiny", choices=sorted(CONFIGS))
     p.add_argument("--device", default="", help="default: cpu; gpu: cuda")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads for both sides")
@@ -440,9 +515,16 @@ def main(argv=None):
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--tiny", action="store_true", help="gpu: tiny shapes (runs on a CPU)")
     p.add_argument("--profile", action="store_true", help="gpu: a torch.profiler table of a stage-2 step")
+    p.add_argument("--clients", type=int, default=8, help="serve: concurrent clients")
+    p.add_argument("--requests", type=int, default=4, help="serve: requests per client")
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # each line as it is measured, also into a pipe or a file
     torch.set_num_threads(args.threads)
+    if args.measurement == "serve":
+        return run(args, torch.device("cpu"), torch.float32, f"serve.py on 127.0.0.1 | config {args.config}",
+                   ["| server | clients x requests | requests/s | tokens/s | first token s (median / p95) | "
+                    "speedup | note |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"],
+                   {"serve": lambda: bench_serve(args)})
     return run_gpu(args) if args.measurement == "gpu" else run_measurements(args)
 
 

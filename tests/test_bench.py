@@ -82,3 +82,19 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     assert res["smoke"]["stage2_muon"]["losses"] != res["smoke"]["stage2"]["losses"]  # Muon did step
     assert res["smoke"]["cpu_all_reduce_ok"]
     assert "| part | setting |" in stdout  # the summary table
+
+
+def test_serve_against_one_at_a_time(tmp_path):
+    """bench.py serve: python serve.py twice (--max-batch 8, 1), the same requests streamed by 3 clients;
+    the greedy replies of the two servers are the same, and the printed ratio is the two times'."""
+    out = tmp_path / "serve.json"
+    stdout = run(["serve", "--config", "tiny", "--threads", "1", "--clients", "3", "--requests", "2", "--out", str(out)])
+    res = json.loads(out.read_text())["serve"]
+    assert res["requests"] == 6 and res["same"] and "greedy replies identical in both runs" in stdout
+    seconds = res["seconds"]
+    assert res["speedup"] == pytest.approx(seconds["1"] / seconds["8"])
+    rows = re.findall(r"^\| max-batch (\d) \| 3 x 2 \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) / ([\d.]+) \|", stdout, re.M)
+    assert {r[0] for r in rows} == {"8", "1"}
+    for batch, rps, tps, median, p95 in rows:
+        assert float(rps) == pytest.approx(6 / seconds[batch], rel=0.01) and float(tps) > 0
+        assert 0 < float(median) <= float(p95)
