@@ -3,6 +3,7 @@ by transformers. Replies are checked against LLaVA.generate on prompts built her
 text, the image id expanded), so neither the server's templating nor its batching is its own oracle."""
 
 import base64
+import contextlib
 import http.client
 import http.server
 import io
@@ -362,26 +363,33 @@ def test_a_model_failure_fails_its_requests_not_the_server(srv, monkeypatch):
     ok(srv[0])
 
 
-def test_command_line_server(tmp_path):
-    """python serve.py as a user starts it: the key from NANOLLAVA_API_KEY, a free port, then a reply."""
-    d = make_tiny_llava(tmp_path / "tiny")
-    env = {**os.environ, "NANOLLAVA_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(d), "--port", "0"],
+@contextlib.contextmanager
+def served(model_dir, env):
+    """python serve.py --model model_dir on a free port, as a user starts it -> its base URL."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--port", "0"],
                             stderr=subprocess.PIPE, text=True, env=env)
     try:
         line = ""
         while "serving" not in line:
             line = proc.stderr.readline()
             assert line, "serve.py exited before serving"
-        c = openai.OpenAI(base_url=line.split(" at ")[1].strip(), api_key="env-key", max_retries=0, timeout=60)
+        yield line.split(" at ")[1].strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_command_line_server(tmp_path):
+    """python serve.py as a user starts it: the key from NANOLLAVA_API_KEY, a free port, then a reply."""
+    d = make_tiny_llava(tmp_path / "tiny")
+    env = {**os.environ, "NANOLLAVA_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
+    with served(d, env) as url:
+        c = openai.OpenAI(base_url=url, api_key="env-key", max_retries=0, timeout=60)
         assert [m.id for m in c.models.list().data] == [str(d)]
         r = c.chat.completions.create(model="tiny", messages=[user("Hi")], max_tokens=3)
         assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason in ("stop", "length")
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=c.base_url, api_key="wrong", max_retries=0).models.list()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 class ImageHost(http.server.BaseHTTPRequestHandler):
@@ -482,37 +490,28 @@ def test_a_llama_directory_is_served_text_only(tmp_path):
 def test_generate_data_with_a_served_llama_as_teacher(tmp_path):
     """The README's pipeline as a user runs it: python serve.py on a LLaMA directory, then python
     generate_data.py generate --api-base at it: records are written (the wiring, not their quality); then
-    eval.py judge asks it too (each of 3 questions asked twice, its replies no scores)."""
-    d, out = make_tiny_llama(tmp_path / "llama", eos_logit=9.0), tmp_path / "detail.jsonl"
+    eval.py judge asks it too, greedy (each of 3 questions asked twice, its replies no scores)."""
+    d, out = make_tiny_llama(tmp_path / "llama", eos_logit=8.0), tmp_path / "detail.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENAI_API_KEY": ""}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(d), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        line = ""
-        while "serving" not in line:
-            line = proc.stderr.readline()
-            assert line, "serve.py exited before serving"
+    with served(d, env) as url:
         fix = ROOT / "tests" / "fixtures" / "generate_data"
         gen = subprocess.run([sys.executable, str(ROOT / "generate_data.py"), "generate", "--types", "detail",
                               "--captions", str(fix / "captions_val2014_mini.json"), "--instances",
                               str(fix / "instances_val2014_mini.json"), "--out", str(out), "--api-base",
-                              line.split(" at ")[1].strip(), "--model", str(d), "--max-tokens", "64",
-                              "--workers", "4"], capture_output=True, text=True, env=env, timeout=300)
+                              url, "--model", str(d), "--max-tokens", "96",
+                              "--workers", "4", "--backoff-base", "0.01"], capture_output=True, text=True, env=env, timeout=300)
         qa90 = ROOT / "tests" / "fixtures" / "llava_bench_qa90"  # the judge: no reply parses as two scores
         judge = subprocess.run([sys.executable, str(ROOT / "eval.py"), "judge", "--questions",
                                 str(qa90 / "qa90_questions.jsonl"), "--answers", str(qa90 / "qa90_gpt4_answer.jsonl"),
                                 "--our-answers", str(qa90 / "qa90_gpt4_answer.jsonl"), "--context",
-                                str(fix / "caps_boxes_coco2014_val_80.jsonl"), "--limit", "3", "--parse-retries", "1",
-                                "--api-base", line.split(" at ")[1].strip(), "--judge-model", str(d),
+                                str(fix / "caps_boxes_coco2014_val_80.jsonl"), "--limit", "3", "--parse-retries", "1", "--temperature", "0",
+                                "--api-base", url, "--judge-model", str(d),
                                 "--out", str(tmp_path / "judge.jsonl")], capture_output=True, text=True, env=env,
                                timeout=300)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert judge.returncode == 3 and "judged 0 now" in judge.stdout and "requests 6 (retries 0)" in judge.stdout, (
         judge.stdout + judge.stderr)
-    assert gen.returncode == 0, gen.stderr
+    assert gen.returncode in (0, 3), gen.stderr  # 3: some image's three replies were all empty (sampled)
     records = [json.loads(r) for r in out.read_text().splitlines()]
-    assert len(records) == len({r["id"] for r in records}) >= 6, gen.stdout  # of 12: a reply may be empty 3 times
+    assert len(records) == len({r["id"] for r in records}) >= 9, gen.stdout + gen.stderr  # of 12
     assert all(r["id"].endswith("_detail") and r["conversations"][1]["value"] for r in records)
     assert all(r["conversations"][0]["value"].count("<image>") == 1 for r in records)
