@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import llama
 from fsdp import clip_grad_norm, init_distributed, shard_model
-from clip import ImageError
+from clip import CLIPVisionConfig, ImageError
 from llama import Tokenizer
 from model import DTYPES, LLaVA, dtype_for, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
@@ -79,7 +79,7 @@ class TrainConfig:
     overwrite: bool = option(False, "start over in an --out that holds another run (its checkpoints and log go)")
     # model choices (None = the recipe's)
     projector: str = option(None, "linear (v1) or mlp2x_gelu (v1.5)", choices=(None, "linear", "mlp2x_gelu"))
-    image_size: int = option(None, "input resolution of the vision tower", POSITIVE)
+    image_size: int = option(None, "input resolution: a fresh model's --clip must be of this size", POSITIVE)
     pad_to_square: bool = option(None, "pad pictures to a square before resizing (LLaVA-1.5)")
     vision_layer: int = option(-2, "CLIP layer whose features the projector reads (-2: the penultimate)", int)
     template: str = option(None, "conversation (stage 1: plain, 2: vicuna_v1)", choices=(None,) + TEMPLATE_NAMES)
@@ -562,7 +562,13 @@ def build_model(cfg, resume=None):
     if resume is not None:
         model = LLaVA.from_pretrained(resume)
     elif not cfg.init:
-        clip, llm = fetch_for("--clip", cfg.clip, files=["config.json"]), fetch_for("--llm", cfg.llm)
+        clip = fetch_for("--clip", cfg.clip, files=["config.json"])
+        size = read_json(clip / "config.json", "CLIP config", CLIPVisionConfig.from_hf).image_size
+        if size != cfg.image_size:  # the tower decides the resolution; a recipe names the one it was trained at
+            raise SystemExit(f"--clip {cfg.clip} takes {size}-px pictures, not --image-size {cfg.image_size} (--recipe "
+                             f"{cfg.recipe}'s default): give a CLIP of that size (v1.5: ...-patch14-336) "
+                             f"or --image-size {size}")
+        llm = fetch_for("--llm", cfg.llm)
         model = LLaVA.from_components(clip, llm, projector=cfg.projector, vision_feature_layer=cfg.vision_layer,
                                       pad_to_square=cfg.pad_to_square, seed=cfg.seed)
     else:

@@ -511,6 +511,7 @@ def test_missing_inputs_are_named_in_one_line_before_any_model_is_built(world, t
         (good + ["--clip", "no/such/dir"], "--clip no/such/dir: no such directory: no/such/dir (and it is not a Hub name"),
         (good + ["--llm", "lmsys/vicuna-7b-v1.5"], "--llm lmsys/vicuna-7b-v1.5: lmsys/vicuna-7b-v1.5 is no local directory"),
         (good + ["--stage", "1", "--init", str(tmp_path / "noconfig")], "--init is for stage 2"),
+        (good + ["--recipe", "v1.5", "--image-size", "336"], "takes 32-px pictures, not --image-size 336 (--recipe v1.5's default)"),
     ]
     env_hub = os.environ.get("NANOLLAVA_HUB_URL")
     os.environ["NANOLLAVA_HUB_URL"] = dead_hub()
