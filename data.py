@@ -304,7 +304,7 @@ def read_records(path):
 
 class LazySupervisedDataset(torch.utils.data.Dataset):
     """LLaVA records -> {"input_ids", "labels", "pixel_values" (None for text-only), "index", "id",
-    "truncated"}, or a `Skipped` for a bad record. `json_path` is a .json / .jsonl file or a list
+    "length" (tokens before a cut), "truncated"}, or a `Skipped` for a bad record. `json_path` is a .json / .jsonl file or a list
     of records; images are `image_folder / record["image"]`."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, image_size, num_patches,
@@ -334,7 +334,8 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             raise BadSample("unreadable_record", f"not {{'conversations': [...], 'image': path}}: {record!r:.40}")
         ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template,
                                             num_patches=self.num_patches, has_image=image is not None)
-        truncated = self.max_length is not None and len(ids) > self.max_length
+        length = len(ids)  # before any cut
+        truncated = self.max_length is not None and length > self.max_length
         ids, labels = truncate(ids, labels, self.max_length, self.tokenizer.image_token_id)
         pixel_values = None
         if image is not None:  # after the text checks: a text-bad record costs no image decoding
@@ -346,7 +347,7 @@ class LazySupervisedDataset(torch.utils.data.Dataset):
             except clip.ImageError as e:
                 raise BadSample("corrupt_image", str(e)) from None
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values,
-                "index": i, "id": record.get("id"), "truncated": truncated}
+                "index": i, "id": record.get("id"), "length": length, "truncated": truncated}
 
     def record_skip(self, skipped):
         self.skips.add(skipped)

@@ -36,7 +36,7 @@ import llama
 from fsdp import clip_grad_norm, init_distributed, shard_model
 from clip import CLIPVisionConfig, ImageError
 from llama import Tokenizer
-from model import DTYPES, LLaVA, dtype_for, supervised_positions, token_loss, write_tokenizer_files
+from model import DTYPES, LLaVA, LLaVAConfig, dtype_for, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
 from weights import WeightsError, fetch, read_json, write_atomic, write_json_atomic
 
@@ -63,7 +63,8 @@ def option(default, help, type=None, choices=None):
 
 @dataclass
 class TrainConfig:
-    stage: int = option(1, "1: feature alignment (projector); 2: instruction tuning (+ LLM)", int, (1, 2))
+    stage: int = option(None, "1: feature alignment (projector); 2: instruction tuning (+ LLM) "
+                              "(default: 2 with --init, else 1)", int, (1, 2))
     recipe: str = option("v1", "v1: the paper (linear, 224 px); v1.5 (MLP, 336 px, padded)", choices=tuple(RECIPES))
     preset: str = option("", "the synthetic world end to end on a CPU: tiny (~5 min), tiny-short (~1 min), "
                              "tiny-long (~11 min)", choices=("",) + PRESETS)
@@ -77,6 +78,7 @@ class TrainConfig:
     answer_first: bool = option(False, "--data scienceqa: answer first (QCM-ALE), else reasoning first")
     out: str = option("", "output directory (default: runs/stage1 or runs/stage2; a preset: runs/PRESET)")
     overwrite: bool = option(False, "start over in an --out that holds another run (its checkpoints and log go)")
+    check_data: bool = option(False, "read every record as the run would, train nothing: bad records, lengths")
     # model choices (None = the recipe's)
     projector: str = option(None, "linear (v1) or mlp2x_gelu (v1.5)", choices=(None, "linear", "mlp2x_gelu"))
     image_size: int = option(None, "input resolution: a fresh model's --clip must be of this size", POSITIVE)
@@ -143,7 +145,7 @@ def parse_args(argv=None):
 
 def fill_recipe(cfg):
     """The recipe's values where cfg has None; the paper's templates (stage 1 the plain captions)."""
-    recipe = RECIPES[cfg.recipe]
+    cfg.stage, recipe = cfg.stage or (2 if cfg.init else 1), RECIPES[cfg.recipe]
     for key, value in {**recipe, **recipe[cfg.stage]}.items():
         if isinstance(key, str) and getattr(cfg, key) is None:
             setattr(cfg, key, value)
@@ -548,15 +550,44 @@ def training_data(cfg):
     return records, folder
 
 
+def check_data(cfg):
+    """--check-data: every record read as the run would read it (the tokenizer and image size of --init's
+    model, or of --llm and --clip, from their configs), nothing trained -> exit status 1 if any is bad."""
+    records, folder = training_data(cfg)
+    if cfg.init:
+        path = fetch_for("--init", cfg.init)
+        config = read_json(path / "config.json", "LLaVA config", LLaVAConfig.from_hf)
+    else:
+        path, clip = fetch_for("--llm", cfg.llm), fetch_for("--clip", cfg.clip, files=["config.json"])
+        config = LLaVAConfig(vision=read_json(clip / "config.json", "CLIP config", CLIPVisionConfig.from_hf))
+    ds = data.LazySupervisedDataset(records, folder, Tokenizer(path), cfg.template, config.vision.image_size,
+                                    config.num_patches, cfg.pad_to_square, cfg.max_length)
+    ds.skips.print_first = 0  # every bad record is printed below, not the first few of each kind
+    samples = [ds[i] for i in tqdm(range(len(ds)), desc=f"reading {cfg.data}", leave=False)]
+    good, bad = [s for s in samples if s], [s for s in samples if not s]
+    for s in bad:
+        print(s)
+        ds.skips.add(s)
+    n, pictures = sorted(s["length"] for s in good) or [0], sum(s["pixel_values"] is not None for s in good)
+    print(f"{cfg.data}: {len(samples)} records, {len(good)} trainable ({pictures} with an image, "
+          f"{len(good) - pictures} text only), {len(bad)} bad")
+    print(f"tokens a sample (an image is {config.num_patches}): max {n[-1]}, p50 {n[len(n) // 2]}, p95 "
+          f"{n[int(0.95 * (len(n) - 1))]}; {sum(k > cfg.max_length for k in n)} over --max-length {cfg.max_length}")
+    print(ds.skips.summary(len(samples)))
+    return 1 if bad else 0
+
+
+def fetch_for(flag, name, **kw):
+    """weights.fetch, its errors naming the flag."""
+    try:
+        return fetch(name, **kw)
+    except WeightsError as e:
+        raise WeightsError(f"{flag} {name}: {e}") from None
+
+
 def build_model(cfg, resume=None):
     """A checkpoint's model when resuming; else --init's (stage 2), or CLIP + LLM + a fresh
     projector (stage 1, and stage 2 without stage 1: the paper's ablation)."""
-
-    def fetch_for(flag, name, **kw):  # weights.fetch, its errors naming the flag
-        try:
-            return fetch(name, **kw)
-        except WeightsError as e:
-            raise WeightsError(f"{flag} {name}: {e}") from None
     if cfg.init and cfg.stage == 1:
         raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
     if resume is not None:
@@ -852,6 +883,8 @@ def main(argv=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
+        if cfg.check_data:
+            raise SystemExit(check_data(cfg))
         if cfg.preset:
             import tiny  # the preset's chapter: it runs train() below, stage after stage
             tiny.run_tiny(cfg)

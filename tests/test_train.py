@@ -373,6 +373,44 @@ def test_bad_samples_are_skipped_named_and_counted_while_the_rest_trains(world, 
                                      "records are printed above"), p.stderr[-1500:]
 
 
+def test_check_data_names_every_bad_record_and_trains_nothing(world, tmp_path):
+    """python train.py --check-data: one record of each bad kind among good ones, each named with its
+    reason, exit status 1; token lengths as a second path (tokenize_conversation) counts them; then
+    the clean records under --init (a stage-1 output: stage 2 by default), exit 0; nothing written."""
+    good = json.loads(Path(world["stage2"]).read_text())[:10]
+    img, turns = good[0]["image"], good[0]["conversations"]
+    good.append({"id": "text_only", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi."}]})
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    words = " ".join(["shape"] * 300)
+    bad = {"missing": ({"image": "nope.png", "conversations": turns}, "missing_image"),
+           "corrupt": ({"image": str(tmp_path / "corrupt.png"), "conversations": turns}, "corrupt_image"),
+           "noreply": ({"image": img, "conversations": turns[:1]}, "no_reply"),
+           "roles": ({"image": img, "conversations": turns[:1] * 2 + turns[1:2]}, "roles_not_alternating"),
+           "text": ({"conversations": [{"from": "human", "value": "Hi"}]}, "no_reply"),
+           "long_question": ({"image": img, "conversations": [{"from": "human", "value": "<image>\n" + words},
+                                                              {"from": "gpt", "value": "red"}]}, "nothing_to_learn")}
+    path, clean = tmp_path / "mine.json", tmp_path / "clean.json"
+    path.write_text(json.dumps(good[:5] + [{"id": k, **r} for k, (r, _) in bad.items()] + good[5:]))
+    clean.write_text(json.dumps(good))
+    p = run(base_args(world, tmp_path / "o", data=path, **{"max-length": 200}) + ["--check-data"], check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    for rid, (_, reason) in bad.items():
+        assert f"(id {rid!r}): {reason}: " in p.stdout, (rid, p.stdout)
+    n = sorted(len(data.tokenize_conversation(r["conversations"], Tokenizer(world["llm"]), "vicuna_v1", num_patches=16,
+                                              has_image="image" in r)[0]) for r in good)
+    assert f"{path}: 17 records, 11 trainable (10 with an image, 1 text only), 6 bad" in p.stdout
+    assert "data: skipped 6 of 17 records (corrupt_image 1, missing_image 1, no_reply 2, nothing_to_learn 1, " \
+           "roles_not_alternating 1)" in p.stdout
+    assert (f"tokens a sample (an image is 16): max {n[-1]}, p50 {n[5]}, p95 {n[9]}; {sum(k > 200 for k in n)} over "
+            "--max-length 200") in p.stdout
+    stage1 = tmp_path / "stage1"
+    run(base_args(world, stage1, stage=1, **{"max-steps": 1}))
+    p = run(["--check-data", "--data", str(clean), "--image-folder", str(world["image_folder"]), "--init", str(stage1),
+             "--pad-to-square", "false"])
+    assert "clean.json: 11 records, 11 trainable" in p.stdout and "data: no records skipped of 11" in p.stdout
+    assert not (tmp_path / "o").exists()
+
+
 def test_data_that_trains_nothing_stops_at_once_and_says_why(world, tmp_path):
     records = json.loads(Path(world["stage2"]).read_text())
     path = tmp_path / "keys.json"  # a common mistake: another format's key for the turns
