@@ -247,15 +247,18 @@ class ChatClient:
         try:
             data = resp.json()
             choice, usage = data["choices"][0], data.get("usage") or {}
-            text = choice["message"]["content"] if choice.get("finish_reason") != "length" else None
+            text, cut = choice["message"]["content"], choice.get("finish_reason") == "length"
             p, c, t = (int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             text = None
         if not isinstance(text, str):
             return "bad response", f"no whole reply at choices[0].message.content: {resp.text[:160]!r}", "retry", None
-        with self._lock:
+        with self._lock:  # a cut reply's tokens are spent too
             self.prompt_tokens, self.completion_tokens = self.prompt_tokens + p, self.completion_tokens + c
             self.total_tokens += t or p + c
+        if cut:  # the same request would be cut again: not retried
+            return "cut reply", f"the reply ran to max_tokens {self.body.get('max_tokens', '(the server default)')} " \
+                                "and was cut: raise --max-tokens", "fail", None
         return None, text, None, None
 
 

@@ -68,7 +68,7 @@ class FakeTeacher(LocalChatServer):
     """The GPT-4 teacher on 127.0.0.1, answering from the published LLaVA-Bench data.
 
     script: actions for the next requests, in order (then "ok"); per_image: image id -> action
-    for every request about it. Actions: ok, 429, 500, timeout, garbage, nochoices, unparsable,
+    for every request about it. Actions: ok, 429, 500, timeout, cut, garbage, nochoices, unparsable,
     echo500, echo401, echo_content. Every request is recorded as (image id, type, action)."""
 
     def __init__(self, latency=0.0, script=(), per_image=None, sleep_for_timeout=0.6):
@@ -109,6 +109,9 @@ class FakeTeacher(LocalChatServer):
                 return self.send(h, 200, self.completion(good_reply(image_id, kind, first_caption)))
             except OSError:
                 return None  # the client hung up long ago
+        if action == "cut":  # the reply ran to max_tokens
+            reply = self.completion(good_reply(image_id, kind, first_caption))
+            return self.send(h, 200, {**reply, "choices": [{**reply["choices"][0], "finish_reason": "length"}]})
         if action == "garbage":
             return self.send_raw(h, 200, b"<html>upstream proxy error</html>", "text/html")
         if action == "nochoices":
@@ -307,6 +310,20 @@ def test_faults_are_retried_skipped_and_counted(tmp_path, monkeypatch, capsys):
         assert gd.main(gen_args(t2, out, "--types", "detail", "--limit", "4")) == 0
     assert sorted(t2.keys()) == sorted([f"{ids[1]}_detail", f"{ids[2]}_detail"])
     assert len(read_jsonl(out)) == 4
+
+
+def test_a_cut_reply_is_asked_once_and_named(tmp_path, monkeypatch, capsys):
+    """A reply that ran to max_tokens (finish_reason "length") would be cut again: skipped at once, its tokens
+    counted, the flag to raise named."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    with FakeTeacher(script=["cut"]) as t:
+        rc = gd.main(gen_args(t, tmp_path / "cut.jsonl", "--types", "detail", "--limit", "2", "--workers", "1",
+                              "--max-tokens", "20"))
+    assert rc == 3 and [a for _, _, a in t.requests] == ["cut", "ok"]
+    text = capsys.readouterr()
+    assert "skipped 1: cut reply 1" in text.out and "tokens 200 prompt + 40 completion = 240" in text.out
+    assert "the reply ran to max_tokens 20 and was cut: raise --max-tokens" in text.err
+    assert len(read_jsonl(tmp_path / "cut.jsonl")) == 1
 
 
 def test_budget_stops_scheduling(tmp_path, monkeypatch, capsys):
