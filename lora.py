@@ -108,4 +108,5 @@ def load_adapter(model, directory):
         name = _rename(name, LAYOUT) or name  # an unknown name stays as it is, for assign_weights to refuse
         # factors in fp32; a saved projector in the model's dtype
         adapter[name] = t.float() if ".lora_" in name else t.to(current[name].dtype) if name in current else t
-    return assign_weights(model, {**current, **adapter}, directory / WEIGHTS)
+    dev = model.llm.embed_tokens.weight.device  # the factors join the model where it is
+    return assign_weights(model, {**current, **adapter}, directory / WEIGHTS, device=dev)
