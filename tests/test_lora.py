@@ -1,0 +1,192 @@
+"""lora.py against PEFT (`peft`, the library the official LLaVA trains its LoRA with) on a tiny random
+llava-hf checkpoint written by transformers: forward, gradients, merge and the adapter format, both ways."""
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+peft = pytest.importorskip("peft")
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import LlavaForConditionalGeneration  # noqa: E402
+
+import clip  # noqa: E402
+from llama import Tokenizer  # noqa: E402
+from lora import LoRALinear, add_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+from model import LLaVA  # noqa: E402
+from test_generate import make_tiny_llava, photo, prompt_ids  # noqa: E402
+from weights import WeightsError  # noqa: E402
+
+LLM_LINEAR = "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()
+R, ALPHA = 4, 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = make_tiny_llava(tmp_path_factory.mktemp("llava"))
+    model = LLaVA.from_pretrained(d)
+    ids = torch.tensor([prompt_ids(Tokenizer(d), model, "What is in the picture? Tell me.")])
+    labels = ids.clone()
+    labels[:, :30] = -100
+    px = clip.preprocess(photo(), model.config.vision.image_size, model.config.pad_to_square)[None]
+    return d, ids, px, labels
+
+
+def peft_model(d, targets=LLM_LINEAR, seed=1, **kw):
+    """transformers' model under PEFT's LoRA on the LLM's blocks, random non-zero B (and A) from seed."""
+    hf = LlavaForConditionalGeneration.from_pretrained(d)
+    regex = rf".*language_model.*\.({'|'.join(targets)})"  # a list would reach the vision tower's q/k/v_proj
+    config = peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=regex, task_type="CAUSAL_LM", **kw)
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(hf, config)
+    with torch.no_grad():
+        for m in peft_layers(pm).values():
+            m.lora_B["default"].weight.normal_(0, 0.2)
+            m.lora_A["default"].weight.normal_(0, 0.2)
+    return pm
+
+
+def peft_layers(pm):
+    """PEFT's LoRA layers by our LLM-relative names (layers.N.self_attn.q_proj)."""
+    lora = peft.tuners.lora.Linear
+    return {n.split("language_model.")[1]: m for n, m in pm.named_modules() if isinstance(m, lora)}
+
+
+def ours_like(d, pm):
+    """Our LLaVA with LoRA on the same modules and PEFT's very factors."""
+    model = LLaVA.from_pretrained(d)
+    add_lora(model.llm, R, ALPHA)
+    with torch.no_grad():
+        for name, m in peft_layers(pm).items():
+            ours = model.llm.get_submodule(name)
+            ours.lora_A.copy_(m.lora_A["default"].weight)
+            ours.lora_B.copy_(m.lora_B["default"].weight)
+    return model
+
+
+def test_forward_and_gradients_match_peft(tiny):
+    d, ids, px, _ = tiny
+    pm = peft_model(d)
+    ours = ours_like(d, pm)
+    ref = pm(input_ids=ids, pixel_values=px).logits
+    logits, _ = ours(ids, px)
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=0)
+    weight = torch.randn_like(ref)  # any fixed function of the logits
+    (ref * weight).sum().backward()
+    (logits * weight).sum().backward()
+    layers = peft_layers(pm)
+    assert len(layers) == 2 * len(LLM_LINEAR)
+    for name, m in layers.items():
+        mine = ours.llm.get_submodule(name)
+        for f in "AB":
+            theirs = getattr(m, f"lora_{f}")["default"].weight.grad
+            torch.testing.assert_close(getattr(mine, f"lora_{f}").grad, theirs, atol=1e-5, rtol=1e-5)
+            assert theirs.abs().max() > 1e-3  # a real gradient
+    trained = {n for n, p in ours.llm.named_parameters() if p.grad is not None}  # add_lora freezes the LLM
+    assert trained == {n for n, _ in ours.llm.named_parameters() if re.search(r"\.lora_[AB]$", n)}
+
+
+def test_zero_B_starts_from_the_base_loss(tiny):
+    d, ids, px, labels = tiny
+    model = LLaVA.from_pretrained(d).train()
+    _, base = model(ids, px, labels)
+    n = add_lora(model.llm, 8, 16, dropout=0.1)
+    _, loss = model(ids, px, labels)
+    assert loss == base  # exactly: B = 0 adds zeros, dropout or not
+    c = model.config.text
+    D, F, KV = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    per_layer = 8 * (D + D) * 2 + 8 * (D + KV) * 2 + 8 * (D + F) * 2 + 8 * (F + D)  # q,o; k,v; gate,up; down
+    assert n == per_layer * c.num_hidden_layers
+    assert sum(isinstance(m, LoRALinear) for m in model.modules()) == 7 * c.num_hidden_layers
+    assert not isinstance(model.llm.lm_head, LoRALinear)
+    assert all(not p.requires_grad for n, p in model.llm.named_parameters() if "lora_" not in n)
+    torch.manual_seed(0)
+    targeted = LLaVA.from_pretrained(d)
+    add_lora(targeted.llm, 2, 4, targets=["q_proj", "layers.1.mlp.down_proj"])
+    wrapped = [n for n, m in targeted.named_modules() if isinstance(m, LoRALinear)]
+    assert wrapped == [f"llm.layers.{i}.{n}" for i, n in
+                       [(0, "self_attn.q_proj"), (1, "self_attn.q_proj"), (1, "mlp.down_proj")]]
+
+
+def test_merge_matches_peft_merge_and_unload(tiny):
+    d, ids, px, _ = tiny
+    pm = peft_model(d)
+    ours = ours_like(d, pm)
+    with torch.no_grad():
+        unmerged, _ = ours(ids, px)
+        merge_lora(ours)
+        merged, _ = ours(ids, px)
+    assert not any(isinstance(m, LoRALinear) for m in ours.modules())
+    torch.testing.assert_close(merged, unmerged, atol=5e-5, rtol=0)  # W x + B A x, reassociated in fp32
+    hf = pm.merge_and_unload().state_dict()
+    for name, w in ours.state_dict().items():
+        if name.startswith("llm.layers."):
+            assert torch.equal(w, hf["model.language_model." + name[len("llm."):]]), name
+
+
+def test_our_adapter_loads_in_peft(tiny, tmp_path):
+    d, ids, px, _ = tiny
+    ours = ours_like(d, peft_model(d, seed=2))
+    save_adapter(ours, tmp_path, base_name=d)
+    pm = peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(d), tmp_path)
+    assert len(peft_layers(pm)) == 2 * len(LLM_LINEAR)  # and none in the vision tower
+    with torch.no_grad():
+        ref = pm(input_ids=ids, pixel_values=px).logits
+        torch.testing.assert_close(ref, ours(ids, px)[0], atol=1e-5, rtol=0)
+        again = load_adapter(LLaVA.from_pretrained(d), tmp_path)
+        torch.testing.assert_close(again(ids, px)[0], ours(ids, px)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["transformers5", "transformers4"])
+def test_peft_adapter_loads_in_ours(tiny, tmp_path, layout):
+    """An adapter PEFT saved (a subset of targets, the projector as a module to save), in the layout PEFT
+    writes with transformers 5 and the one it wrote with transformers 4 (language_model.model.*)."""
+    d, ids, px, _ = tiny
+    pm = peft_model(d, targets=["q_proj", "v_proj", "down_proj"], modules_to_save=["multi_modal_projector"])
+    with torch.no_grad():
+        for p in pm.base_model.model.model.multi_modal_projector.parameters():
+            p.add_(0.1)
+        ref = pm(input_ids=ids, pixel_values=px).logits
+    pm.save_pretrained(tmp_path)
+    if layout == "transformers4":
+        file = tmp_path / "adapter_model.safetensors"
+        save_file({k.replace("model.model.language_model.", "model.language_model.model.")
+                   .replace("model.model.multi_modal_projector.", "model.multi_modal_projector."): t
+                   for k, t in load_file(file).items()}, file)
+    ours = load_adapter(LLaVA.from_pretrained(d), tmp_path)
+    assert len([m for m in ours.modules() if isinstance(m, LoRALinear)]) == 3 * 2
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, px)[0], ref, atol=1e-5, rtol=0)
+
+
+def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
+    d = tiny[0]
+    model = LLaVA.from_pretrained(d)
+    add_lora(model.llm, R, ALPHA)
+    save_adapter(model, tmp_path, base_name=d)
+    file = tmp_path / "adapter_model.safetensors"
+    good = load_file(file)
+    key = next(k for k in good if k.endswith("layers.1.self_attn.k_proj.lora_B.weight"))
+    save_file({k: t for k, t in good.items() if k != key}, file)
+    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*missing keys: "
+                                           r"llm\.layers\.1\.self_attn\.k_proj\.lora_B$"):
+        load_adapter(LLaVA.from_pretrained(d), tmp_path)
+    save_file({**good, key: torch.zeros(3, R)}, file)
+    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*wrong shapes: .*k_proj\.lora_B "
+                                           r"\(expected \[32, 4\], found \[3, 4\]\)"):
+        load_adapter(LLaVA.from_pretrained(d), tmp_path)
+    save_file({**good, "base_model.model.model.vision_tower.x.lora_A.weight": torch.zeros(1)}, file)
+    with pytest.raises(WeightsError, match=r"unexpected keys: vision_tower\.x\.lora_A"):
+        load_adapter(LLaVA.from_pretrained(d), tmp_path)
+    (tmp_path / "adapter_config.json").unlink()
+    with pytest.raises(WeightsError, match=r"adapter_config\.json"):
+        load_adapter(LLaVA.from_pretrained(d), tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_dora": true}')
+    with pytest.raises(WeightsError, match=r"adapter_config\.json: not a plain LoRA adapter"):
+        load_adapter(LLaVA.from_pretrained(d), tmp_path)
