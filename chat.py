@@ -23,6 +23,7 @@ import torch
 import data
 from clip import ImageError, load_image, preprocess
 from llama import Tokenizer
+from lora import load_adapter, merge_lora
 from model import DTYPES, NONNEG, POSITIVE, LLaVA, ContextLengthError, GenerationState, checked, device_name, dtype_for
 from weights import WeightsError, fetch
 
@@ -36,12 +37,8 @@ class Chat:
         self.model, self.tok = model, tokenizer
         self.template = template or model.config.template
         self.sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-        device = model.llm.embed_tokens.weight.device
-        self.generator = torch.Generator(device=device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
+        self.generator = torch.Generator(device=model.llm.embed_tokens.weight.device)
+        self.generator.seed() if seed is None else self.generator.manual_seed(seed)
         self.pixel_values = None
         self.reset()
 
@@ -93,13 +90,15 @@ class Chat:
                 self.turns += [question, self.tok.decode(reply).strip()]
 
 
-def load(name, device, dtype):
-    """--model (a llava-hf dir or a Hub name, fetched once) -> (model, tokenizer)."""
+def load(name, device, dtype, lora=None):
+    """--model (a llava-hf dir or Hub name, fetched once), --lora (an adapter, merged) -> (model, tokenizer)."""
     try:
         path = fetch(name)
     except WeightsError as e:
         raise WeightsError(f"--model {name}: {e}") from None
     model = LLaVA.from_pretrained(path, dtype=dtype, device=device).eval()
+    if lora:  # folded into the weights: the model then runs as fast as the base
+        merge_lora(load_adapter(model, lora))
     tok = Tokenizer(getattr(model, "tokenizer_dir", path))
     if tok.image_token_id != model.config.image_token_id:
         raise WeightsError(f"{path}: the tokenizer's <image> id {tok.image_token_id} is not the model's "
@@ -150,6 +149,7 @@ def parse_args(argv=None):
     p.add_argument("image", nargs="?", help="the picture to talk about (leave out for a text-only chat)")
     p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf",
                    help="a llava-hf directory or Hub name (default: llava-hf/llava-1.5-7b-hf, fetched once, ~14 GB)")
+    p.add_argument("--lora", help="a LoRA adapter directory (train.py's or PEFT's) to apply to --model")
     p.add_argument("--prompt", help="answer this one question, print the answer and exit")
     p.add_argument("--device", type=device_name, default="", help="cpu, cuda, ... (default: cuda if there is one)")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
@@ -172,7 +172,7 @@ def main(argv=None):
         image = load_image(args.image) if args.image else None  # before a 14 GB load, not after
         t0 = time.perf_counter()
         print(f"loading {args.model} on {device} ({dtype})...", file=sys.stderr)
-        model, tok = load(args.model, device, dtype)
+        model, tok = load(args.model, device, dtype, args.lora)
         print(f"loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         if args.compile and device.type == "cuda":
             model.compile_decode()  # the first answer pays for the compilation

@@ -447,12 +447,14 @@ class TextOnly:
         return self.llm.embed_tokens(input_ids)
 
 
-def load_model(name, device, dtype):
-    """--model -> (model, tokenizer): a llava-hf directory, or a LLaMA/Vicuna one (TextOnly)."""
+def load_model(name, device, dtype, lora=None):
+    """--model [--lora] -> (model, tokenizer): a llava-hf directory, or a LLaMA/Vicuna one (TextOnly)."""
     try:
         path = weights.fetch(name)
         if read_json(path / "config.json").get("model_type") == "llava":
-            return load(path, device, dtype)
+            return load(path, device, dtype, lora)
+        if lora:
+            raise WeightsError("--lora applies to a llava-hf model; this is a LLaMA")
         return TextOnly(Llama.from_pretrained(path, dtype, device).eval()), Tokenizer(path)
     except WeightsError as e:
         raise WeightsError(f"--model {name}: {e}") from None
@@ -470,6 +472,7 @@ def make_server(engine, name, host="127.0.0.1", port=8000, api_key=None, max_bod
 def main(argv=None):
     p = argparse.ArgumentParser(description="Serve LLaVA over the OpenAI chat-completions API.")
     p.add_argument("--model", default="llava-hf/llava-1.5-7b-hf", help="a llava-hf (or LLaMA) directory or Hub name")
+    p.add_argument("--lora", help="a LoRA adapter directory (train.py's or PEFT's) to apply to --model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=POSITIVE, default=8, help="requests decoded together (KV cache slots)")
@@ -482,7 +485,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        model, tok = load_model(args.model, device, dtype_for(device, args.dtype))
+        model, tok = load_model(args.model, device, dtype_for(device, args.dtype), args.lora)
     except (WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

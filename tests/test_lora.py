@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlavaForConditionalGeneration  # noqa: E402
 
 import clip  # noqa: E402
+import data  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 from lora import LoRALinear, add_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from model import LLaVA  # noqa: E402
@@ -190,3 +191,27 @@ def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_dora": true}')
     with pytest.raises(WeightsError, match=r"adapter_config\.json: not a plain LoRA adapter"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
+
+
+def test_chat_and_serve_apply_an_adapter(tiny, tmp_path):
+    """python chat.py --lora and serve.py's --lora: a PEFT adapter on the base answers as PEFT's model does."""
+    import subprocess
+    import serve
+    d = tiny[0]
+    pm = peft_model(d, seed=3)
+    pm.save_pretrained(tmp_path / "adapter")
+    tok, question = Tokenizer(d), "What is in the picture? Tell me."
+    ids = torch.tensor([tok.encode(f"{data.VICUNA_SYSTEM} USER: {question} ASSISTANT:")])  # vicuna_v1, by hand
+    with torch.no_grad():
+        out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)[0, ids.shape[1]:].tolist()
+    expected = tok.decode([t for t in out if t != tok.eos_id])
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "chat.py"), "--model", str(d),
+                        "--lora", str(tmp_path / "adapter"), "--prompt", question, "--temperature", "0",
+                        "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout == expected + "\n", p.stderr
+    model, tok = serve.load_model(str(d), torch.device("cpu"), torch.float32, lora=tmp_path / "adapter")
+    engine = serve.Engine(model, tok, max_batch=2).start()
+    req = serve.Request(ids[0].tolist(), None, 12, temperature=0)
+    engine.submit(req)
+    assert "".join(serve.reply_pieces(req, tok)) == expected
