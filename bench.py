@@ -489,6 +489,29 @@ def gpu_smoke(device, workdir):
     return out
 
 
+def lora_budget(shapes, r=128, seq=2048, micro_batches=(1, 2, 4)):
+    """GB of a LoRA stage-2 step with --grad-ckpt, on paper, counted on the model built on the meta device: the
+    frozen weights in bf16 (2 bytes each); the factors and the projector trained (fp32 weight, gradient, AdamW's
+    two moments: 16 bytes); activations: each block's bf16 input kept for the recompute, one block recomputed
+    (its 7 projections' outputs and their gradients, bf16) and the LM head's fp32 logits and their gradient
+    with every token supervised. No allocator slack or CUDA context: plan a GB or two above it."""
+    import lora
+    with torch.device("meta"):
+        model = LLaVA(LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"])))
+    factors, projector = lora.add_lora(model.llm, r, 2 * r), sum(p.numel() for p in model.projector.parameters())
+    c, rows = model.config.text, {}
+    frozen = sum(p.numel() for p in model.parameters()) - factors - projector
+    for mb in micro_batches:
+        T, kv = mb * seq, c.num_key_value_heads * c.head_dim
+        acts = (c.num_hidden_layers * T * c.hidden_size * 2 + T * (2 * c.hidden_size + 2 * kv + 3 * c.intermediate_size)
+                * 2 * 2 + T * c.vocab_size * 4 * 2)
+        gb = {"weights": 2 * frozen / 1e9, "trained": 16 * (factors + projector) / 1e9, "activations": acts / 1e9}
+        rows[mb] = {**gb, "total": sum(gb.values()), "factors": factors, "projector": projector, "frozen": frozen}
+        table_row(f"LoRA r {r} budget", f"micro-batch {mb} x {seq}, --grad-ckpt", "", "", f"{rows[mb]['total']:.1f} GB",
+                  "on paper: " + ", ".join(f"{k} {v:.2f} GB" for k, v in gb.items()) + f" ({factors / 1e6:.0f}M factors)")
+    return rows
+
+
 def run_gpu(args):
     device = torch.device(args.device or "cuda")
     dtype = torch.bfloat16  # also with --tiny on a CPU: the tests then run the GPU's precision
@@ -501,7 +524,8 @@ def run_gpu(args):
             "smoke": lambda: gpu_smoke(device, tmp),
             "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args) for s in list(GPU_RUNS)[:2]},
             "decode": lambda: gpu_decode(big, device, dtype, args),
-            "decode_compiled": lambda: gpu_decode(big, device, dtype, args, compiled=True)})
+            "decode_compiled": lambda: gpu_decode(big, device, dtype, args, compiled=True),
+            "lora_budget_7b": lambda: lora_budget(CONFIGS["7b"])})
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("skimage")
@@ -63,7 +64,7 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     stdout = run(["gpu", "--device", "cpu", "--tiny", "--profile", "--warmup", "1", "--repeats", "2",
                   "--out", str(out)])
     res = json.loads(out.read_text())
-    for part in ("stage2_train", "stage1_train", "decode", "decode_compiled", "smoke"):
+    for part in ("stage2_train", "stage1_train", "decode", "decode_compiled", "smoke", "lora_budget_7b"):
         assert part in res and "error" not in res[part], (part, res.get(part))
     for part in ("stage2_train", "stage1_train"):
         for ckpt in ("ckpt_off", "ckpt_on"):
@@ -82,6 +83,31 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     assert res["smoke"]["stage2_muon"]["losses"] != res["smoke"]["stage2"]["losses"]  # Muon did step
     assert res["smoke"]["cpu_all_reduce_ok"]
     assert "| part | setting |" in stdout  # the summary table
+    check_lora_budget(res["lora_budget_7b"], stdout)
+
+
+def check_lora_budget(rows, stdout):
+    """The 7B LoRA budget's arithmetic by hand: r 128 on the 7 projections of 32 blocks (Vicuna-7B: d 4096,
+    MLP 11008, 32 heads = kv heads, vocabulary 32064), the frozen rest counted by transformers on the meta device."""
+    import transformers
+    D, F, L, V, r = 4096, 11008, 32, 32064, 128
+    factors = L * r * (4 * (D + D) + 2 * (D + F) + (F + D))  # q k v o: [D, D]; gate, up: [F, D]; down: [D, F]
+    projector = 1024 * D + D + D * D + D  # CLIP-L's 1024 -> 4096 -> 4096, with biases
+    vision = transformers.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                           num_attention_heads=16, image_size=336, patch_size=14)
+    text = transformers.LlamaConfig(hidden_size=D, intermediate_size=F, num_hidden_layers=L, num_attention_heads=32,
+                                    vocab_size=V, max_position_embeddings=4096)
+    with torch.device("meta"):
+        hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(vision_config=vision, text_config=text))
+    assert rows["1"]["factors"] == factors and rows["1"]["projector"] == projector
+    assert rows["1"]["frozen"] + projector == sum(p.numel() for p in hf.parameters())
+    for mb, row in rows.items():
+        T = int(mb) * 2048
+        acts = L * T * D * 2 + T * (2 * D + 2 * D + 3 * F) * 2 * 2 + T * V * 4 * 2
+        assert row["weights"] == pytest.approx(2 * row["frozen"] / 1e9) and row["activations"] == pytest.approx(acts / 1e9)
+        assert row["total"] == pytest.approx(2 * row["frozen"] / 1e9 + 16 * (factors + projector) / 1e9 + acts / 1e9)
+        assert f"| LoRA r 128 budget | micro-batch {mb} x 2048, --grad-ckpt |  |  | {row['total']:.1f} GB |" in stdout
+    assert rows["1"]["total"] < 24  # the issue's goal: micro-batch 1 fits a 24 GB card, on paper
 
 
 def test_serve_against_one_at_a_time(tmp_path):
