@@ -306,8 +306,9 @@ def shard_model(model, cfg, device, compute_dtype):
     if cfg.stage == 2 and model.config.text.tie_word_embeddings:
         raise SystemExit("tied word embeddings cannot be split into the embedding and head units; "
                          "untie them (Vicuna/LLaMA-2 are untied)")
+    lora = [p for n, p in model.llm.named_parameters() if ".lora_" in n]  # lora.py's factors train alone
     model.requires_grad_(False)
-    for mod in [model.projector] + ([model.llm] if cfg.stage == 2 else []):
+    for mod in [model.projector] + ([model.llm] if cfg.stage == 2 and not lora else []) + lora:
         mod.requires_grad_(True)
     names = {id(p): n for n, p in model.named_parameters()}
     model.vision_tower.to(device=device, dtype=compute_dtype)  # frozen: replicated, never gathered
@@ -316,7 +317,8 @@ def shard_model(model, cfg, device, compute_dtype):
         if cfg.grad_ckpt:  # activations of the frozen LLM are still needed for the projector's grad
             for block in model.llm.layers:
                 block.forward = functools.partial(checkpoint_call, block.forward)
-    units = training_units(model, cfg.stage)
+    units = [(n, mods) for n, mods in training_units(model, cfg.stage)  # LoRA: no embedding or head unit
+             if any(p.requires_grad for m in mods for p in m.parameters())]
     sharded = None
     if cfg.fsdp == "torch":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -65,8 +65,8 @@ def ours_like(d, pm):
     with torch.no_grad():
         for name, m in peft_layers(pm).items():
             ours = model.llm.get_submodule(name)
-            ours.lora_A.copy_(m.lora_A["default"].weight)
-            ours.lora_B.copy_(m.lora_B["default"].weight)
+            ours.lora_A.weight.copy_(m.lora_A["default"].weight)
+            ours.lora_B.weight.copy_(m.lora_B["default"].weight)
     return model
 
 
@@ -86,10 +86,10 @@ def test_forward_and_gradients_match_peft(tiny):
         mine = ours.llm.get_submodule(name)
         for f in "AB":
             theirs = getattr(m, f"lora_{f}")["default"].weight.grad
-            torch.testing.assert_close(getattr(mine, f"lora_{f}").grad, theirs, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(getattr(mine, f"lora_{f}").weight.grad, theirs, atol=1e-5, rtol=1e-5)
             assert theirs.abs().max() > 1e-3  # a real gradient
     trained = {n for n, p in ours.llm.named_parameters() if p.grad is not None}  # add_lora freezes the LLM
-    assert trained == {n for n, _ in ours.llm.named_parameters() if re.search(r"\.lora_[AB]$", n)}
+    assert trained == {n for n, _ in ours.llm.named_parameters() if re.search(r"\.lora_[AB]\.weight$", n)}
 
 
 def test_zero_B_starts_from_the_base_loss(tiny):
@@ -175,14 +175,14 @@ def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
     key = next(k for k in good if k.endswith("layers.1.self_attn.k_proj.lora_B.weight"))
     save_file({k: t for k, t in good.items() if k != key}, file)
     with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*missing keys: "
-                                           r"llm\.layers\.1\.self_attn\.k_proj\.lora_B$"):
+                                           r"llm\.layers\.1\.self_attn\.k_proj\.lora_B\.weight$"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     save_file({**good, key: torch.zeros(3, R)}, file)
-    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*wrong shapes: .*k_proj\.lora_B "
+    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*wrong shapes: .*k_proj\.lora_B\.weight "
                                            r"\(expected \[32, 4\], found \[3, 4\]\)"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     save_file({**good, "base_model.model.model.vision_tower.x.lora_A.weight": torch.zeros(1)}, file)
-    with pytest.raises(WeightsError, match=r"unexpected keys: vision_tower\.x\.lora_A"):
+    with pytest.raises(WeightsError, match=r"unexpected keys: vision_tower\.x\.lora_A\.weight"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(WeightsError, match=r"adapter_config\.json"):
@@ -190,3 +190,62 @@ def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_dora": true}')
     with pytest.raises(WeightsError, match=r"adapter_config\.json: not a plain LoRA adapter"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
+
+
+# ---- train.py --lora-r: a tiny stage 2 ------------------------------------------------------------
+
+def test_train_lora_changes_only_the_factors_and_projector_and_resumes_exactly(tmp_path):
+    from helpers import base_args, losses, make_world, run
+    world = make_world(tmp_path / "world")
+    lora = {"lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.1, "max-steps": 3, "projector-lr": 2e-4}
+    run(base_args(world, tmp_path / "a", **lora))
+    base = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+    merged = LLaVA.from_pretrained(tmp_path / "a")  # the llava-hf directory
+    before, after = base.state_dict(), merged.state_dict()
+    targeted = [f"llm.layers.{i}.{n}.weight" for i in range(base.config.text.num_hidden_layers)
+                for n in ["self_attn." + p for p in LLM_LINEAR[:4]] + ["mlp." + p for p in LLM_LINEAR[4:]]]
+    for name in before:
+        assert torch.equal(before[name], after[name]) != (name in targeted or name.startswith("projector.")), name
+    # the adapter on the base is the merged model, and PEFT reads it onto transformers' base
+    adapted = load_adapter(LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu",
+                                                 pad_to_square=False), tmp_path / "a" / "adapter")
+    merge_lora(adapted)
+    for name, t in adapted.state_dict().items():
+        torch.testing.assert_close(t, after[name], atol=1e-6, rtol=0)
+    base.save_pretrained(tmp_path / "base")
+    hf = peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tmp_path / "base"),
+                                        tmp_path / "a" / "adapter")
+    ids = torch.tensor([[1] + [merged.config.image_token_id] * merged.config.num_patches + [5, 6, 7, 8]])
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids=ids, pixel_values=px).logits, merged(ids, px)[0], atol=1e-5, rtol=0)
+    # stopped after step 1 and resumed: the same losses and weights as the uninterrupted run
+    run(base_args(world, tmp_path / "b", **lora, **{"stop-at": 1}))
+    run(base_args(world, tmp_path / "b", **lora, resume="auto"))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    resumed = LLaVA.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(resumed[k], after[k]) for k in after)
+    p = run(base_args(world, tmp_path / "c", **lora, **{"lora-targets": "qproj"}), check=False)
+    assert p.returncode == 1 and "--lora-targets qproj: no linear layer of the LLM" in p.stderr, p.stderr
+
+
+def test_lora_flags_and_the_v15_lora_recipe(tmp_path):
+    import train
+    c = train.parse_args(["--stage", "2", "--recipe", "v1.5-lora"])  # the official finetune_lora.sh
+    assert (c.lora_r, c.lora_alpha, c.lr, c.projector_lr, c.projector, c.image_size, c.global_batch) == \
+        (128, 256, 2e-4, 2e-5, "mlp2x_gelu", 336, 128)
+    assert train.parse_args(["--stage", "1", "--recipe", "v1.5-lora"]).lr == 1e-3  # its stage 1 is v1.5's
+    assert (train.parse_args(["--stage", "2"]).lora_r, train.parse_args(["--lora-r", "8"]).lora_alpha) == (0, 16)
+    for bad in (["--stage", "1"], ["--stage", "2", "--fsdp", "torch"]):
+        with pytest.raises(SystemExit, match="--lora-r trains stage 2 with --fsdp ours"):
+            train.build_model(train.parse_args(bad + ["--lora-r", "4"]))
+
+
+def test_train_lora_on_two_ranks_equals_one_process(tmp_path):
+    """Our FSDP shards the factors and the projector (the frozen base stays whole): 2 gloo ranks, 1 process."""
+    from helpers import assert_same_run, base_args, make_world, run
+    world = make_world(tmp_path / "world")
+    lora = {"lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.0, "max-steps": 2, "micro-batch": 2}
+    run(base_args(world, tmp_path / "one", **lora))
+    run(base_args(world, tmp_path / "two", **lora), nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", stage=2)
