@@ -73,10 +73,9 @@ def save_adapter(model, directory, base_name, state=None, projector=False):
     names them on transformers 5. `state` replaces model.state_dict() (the trainer's, from its shards)."""
     loras = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     first, leaves = next(iter(loras.values())), sorted({n.rpartition(".")[2] for n in loras})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,
-              "lora_dropout": first.dropout.p, "bias": "none", "base_model_name_or_path": str(base_name),
-              # a regex, so that PEFT leaves the vision tower's q/k/v_proj alone
-              "target_modules": rf".*language_model.*\.({'|'.join(leaves)})",
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_name),
+              "r": first.r, "lora_alpha": first.alpha, "lora_dropout": first.dropout.p, "bias": "none",
+              "target_modules": rf".*language_model.*\.({'|'.join(leaves)})",  # a regex: not the vision tower
               "modules_to_save": ["multi_modal_projector"] if projector else None}
     keep = tuple(f"{n}.lora_" for n in loras) + (("projector.",) if projector else ())
     to_hf = [("llm.", HF_LLM[0]), ("projector.", "model.multi_modal_projector.")]

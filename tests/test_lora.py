@@ -178,8 +178,8 @@ def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
                                            r"llm\.layers\.1\.self_attn\.k_proj\.lora_B\.weight$"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     save_file({**good, key: torch.zeros(3, R)}, file)
-    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*wrong shapes: .*k_proj\.lora_B\.weight "
-                                           r"\(expected \[32, 4\], found \[3, 4\]\)"):
+    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*wrong shapes: "
+                                           r".*k_proj\.lora_B\.weight \(expected \[32, 4\], found \[3, 4\]\)"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     save_file({**good, "base_model.model.model.vision_tower.x.lora_A.weight": torch.zeros(1)}, file)
     with pytest.raises(WeightsError, match=r"unexpected keys: vision_tower\.x\.lora_A\.weight"):
@@ -194,9 +194,39 @@ def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
 
 # ---- train.py --lora-r: a tiny stage 2 ------------------------------------------------------------
 
-def test_train_lora_changes_only_the_factors_and_projector_and_resumes_exactly(tmp_path):
-    from helpers import base_args, losses, make_world, run
-    world = make_world(tmp_path / "world")
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from helpers import make_world
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def test_our_fsdp_shards_the_factors_and_projector_and_leaves_the_base_whole(world):
+    import fsdp
+    import train
+    cfg = train.parse_args(["--stage", "2", "--lora-r", "4", "--projector", "mlp2x_gelu"])
+    model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+    model.llm.to(torch.bfloat16)  # as train.py's Run: the base in the compute dtype, then the factors
+    n = add_lora(model.llm, 4, 8)
+    base = {n: p for n, p in model.named_parameters() if not n.startswith("projector.") and ".lora_" not in n}
+    device, _, _ = fsdp.init_distributed(cfg)
+    try:
+        params, full_state, units = fsdp.shard_model(model, cfg, device, torch.bfloat16)
+        layers = [f"layers.{i}" for i in range(len(model.llm.layers))]
+        assert [u.name for u in units] == ["projector"] + layers  # no embedding or head unit
+        slots = [qual for u in units for *_, qual in u.slots]
+        assert all(re.search(r"\.lora_[AB]\.weight$", q) for q in slots if not q.startswith("projector."))
+        projector = sum(p.numel() for p in LLaVA.from_components(
+            world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False).projector.parameters())
+        assert sum(u.numel for u in units) == n + projector
+        for name, p in base.items():  # still the model's own parameters, frozen, in bf16
+            assert model.get_parameter(name) is p and not p.requires_grad, name
+            assert p.dtype == torch.bfloat16, name
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_train_lora_changes_only_the_factors_and_projector_and_resumes_exactly(world, tmp_path):
+    from helpers import base_args, losses, run
     lora = {"lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.1, "max-steps": 3, "projector-lr": 2e-4}
     run(base_args(world, tmp_path / "a", **lora))
     base = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
@@ -205,7 +235,8 @@ def test_train_lora_changes_only_the_factors_and_projector_and_resumes_exactly(t
     targeted = [f"llm.layers.{i}.{n}.weight" for i in range(base.config.text.num_hidden_layers)
                 for n in ["self_attn." + p for p in LLM_LINEAR[:4]] + ["mlp." + p for p in LLM_LINEAR[4:]]]
     for name in before:
-        assert torch.equal(before[name], after[name]) != (name in targeted or name.startswith("projector.")), name
+        changed = name in targeted or name.startswith("projector.")
+        assert torch.equal(before[name], after[name]) != changed, name
     # the adapter on the base is the merged model, and PEFT reads it onto transformers' base
     adapted = load_adapter(LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu",
                                                  pad_to_square=False), tmp_path / "a" / "adapter")
@@ -218,7 +249,8 @@ def test_train_lora_changes_only_the_factors_and_projector_and_resumes_exactly(t
     ids = torch.tensor([[1] + [merged.config.image_token_id] * merged.config.num_patches + [5, 6, 7, 8]])
     px = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(hf(input_ids=ids, pixel_values=px).logits, merged(ids, px)[0], atol=1e-5, rtol=0)
+        ref = hf(input_ids=ids, pixel_values=px).logits
+        torch.testing.assert_close(ref, merged(ids, px)[0], atol=1e-5, rtol=0)
     # stopped after step 1 and resumed: the same losses and weights as the uninterrupted run
     run(base_args(world, tmp_path / "b", **lora, **{"stop-at": 1}))
     run(base_args(world, tmp_path / "b", **lora, resume="auto"))
@@ -235,16 +267,16 @@ def test_lora_flags_and_the_v15_lora_recipe(tmp_path):
     assert (c.lora_r, c.lora_alpha, c.lr, c.projector_lr, c.projector, c.image_size, c.global_batch) == \
         (128, 256, 2e-4, 2e-5, "mlp2x_gelu", 336, 128)
     assert train.parse_args(["--stage", "1", "--recipe", "v1.5-lora"]).lr == 1e-3  # its stage 1 is v1.5's
-    assert (train.parse_args(["--stage", "2"]).lora_r, train.parse_args(["--lora-r", "8"]).lora_alpha) == (0, 16)
+    assert train.parse_args(["--stage", "2"]).lora_r == 0
+    assert train.parse_args(["--lora-r", "8"]).lora_alpha == 16  # 2 r
     for bad in (["--stage", "1"], ["--stage", "2", "--fsdp", "torch"]):
         with pytest.raises(SystemExit, match="--lora-r trains stage 2 with --fsdp ours"):
             train.build_model(train.parse_args(bad + ["--lora-r", "4"]))
 
 
-def test_train_lora_on_two_ranks_equals_one_process(tmp_path):
-    """Our FSDP shards the factors and the projector (the frozen base stays whole): 2 gloo ranks, 1 process."""
-    from helpers import assert_same_run, base_args, make_world, run
-    world = make_world(tmp_path / "world")
+def test_train_lora_on_two_ranks_equals_one_process(world, tmp_path):
+    """Our FSDP shards the factors and the projector (the frozen base stays whole): 2 gloo ranks = 1."""
+    from helpers import assert_same_run, base_args, run
     lora = {"lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.0, "max-steps": 2, "micro-batch": 2}
     run(base_args(world, tmp_path / "one", **lora))
     run(base_args(world, tmp_path / "two", **lora), nproc=2)
