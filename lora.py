@@ -41,8 +41,7 @@ def add_lora(llm, r, alpha, dropout=0.0, targets=None):
     for name, mod in list(llm.layers.named_modules(prefix="layers")):
         wanted = targets is None or any(f".{name}".endswith("." + t) for t in targets)  # PEFT's list rule
         if isinstance(mod, nn.Linear) and wanted:
-            owner, _, attr = name.rpartition(".")
-            setattr(llm.get_submodule(owner), attr, LoRALinear(mod, r, alpha, dropout))
+            llm.set_submodule(name, LoRALinear(mod, r, alpha, dropout))
     return sum(p.numel() for p in llm.parameters() if p.requires_grad)
 
 
@@ -63,8 +62,7 @@ def merge_lora(module):
     for name, m in list(module.named_modules()):
         if isinstance(m, LoRALinear):
             m.base.weight.data = merged[f"{name}.weight"]
-            owner, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(owner), attr, m.base)
+            module.set_submodule(name, m.base)
     return module
 
 

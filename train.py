@@ -326,10 +326,9 @@ def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
 
 
 def save_model(model, cfg, path, state):
-    """A llava-hf directory; stage 1's holds the projector and names its vision tower and LLM. A LoRA run's
-    is merged, and its adapter (factors and projector, PEFT's format) is in adapter/."""
+    """A llava-hf directory; stage 1's holds the projector and names its vision tower and LLM; LoRA's is merged."""
     bases = {"vision": cfg.clip, "llm": cfg.llm} if cfg.stage == 1 else None
-    if cfg.lora_r:
+    if cfg.lora_r:  # and beside it the adapter, factors and projector in PEFT's format
         save_adapter(model, Path(path) / "adapter", cfg.init or cfg.llm, state, projector=True)
         state = merged_state(model, state)
     model.save_pretrained(path, bases=bases, state=state)
