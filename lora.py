@@ -51,17 +51,17 @@ def merged_state(module, state):
     state = dict(state)
     for name, m in module.named_modules():
         if isinstance(m, LoRALinear):
-            W, A, B = (state.pop(f"{name}.{k}") for k in ("base.weight", "lora_A.weight", "lora_B.weight"))
-            state[f"{name}.weight"] = W + ((B @ A) * m.scaling).to(W.dtype)
+            p = name + "." if name else ""
+            W, A, B = (state.pop(p + k) for k in ("base.weight", "lora_A.weight", "lora_B.weight"))
+            state[p + "weight"] = W + ((B @ A) * m.scaling).to(W.dtype)
     return state
 
 
 def merge_lora(module):
-    """Every LoRALinear under `module` back into its plain nn.Linear, merged."""
-    merged = merged_state(module, module.state_dict())
+    """Every LoRALinear under `module` back into its plain nn.Linear, merged (one at a time)."""
     for name, m in list(module.named_modules()):
         if isinstance(m, LoRALinear):
-            m.base.weight.data = merged[f"{name}.weight"]
+            m.base.weight.data = merged_state(m, m.state_dict())["weight"]
             module.set_submodule(name, m.base)
     return module
 
