@@ -766,7 +766,8 @@ def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
     if run.device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
         if peak:
-            flops = step_flops(run.model.config, run.flop_params, run.cfg.stage, tokens, n_tok, float(stats[2]),
+            stage = 1 if run.cfg.lora_r else run.cfg.stage  # LoRA: a frozen LLM, as stage 1's
+            flops = step_flops(run.model.config, run.flop_params, stage, tokens, n_tok, float(stats[2]),
                                tokens / max(1, run.cfg.global_batch))
             record["mfu"] = round(flops / seconds / (peak * run.world), 4)
     else:
