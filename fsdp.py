@@ -323,17 +323,18 @@ def shard_model(model, cfg, device, compute_dtype):
     if cfg.fsdp == "torch":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        frozen = {p for p in model.parameters() if not p.requires_grad}  # CLIP, LoRA's base: never sharded
         for name, mods in units:
-            for m in mods:
-                m.to(device=device, dtype=torch.float32)
+            for p in frozenset(p for m in mods for p in m.parameters()) - frozen:
+                p.data = p.data.to(device=device, dtype=torch.float32)
             if cfg.grad_ckpt and name.startswith("layers."):
                 mods[0].forward = functools.partial(checkpoint_call, mods[0].forward)
             if name != "norm+lm_head":
-                fully_shard(mods[0], mp_policy=policy)
+                fully_shard(mods[0], mp_policy=policy, ignored_params=frozen)
         if cfg.stage == 2:
             # FSDP2 wants the root's forward to run first: the whole model is the root and owns
             # what its sharded children do not (norm + head); the frozen CLIP stays out of it
-            fully_shard(model, mp_policy=policy, ignored_params=set(model.vision_tower.parameters()))
+            fully_shard(model, mp_policy=policy, ignored_params=frozen)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         schedule = Schedule(dist.get_world_size())

@@ -571,8 +571,8 @@ def build_model(cfg, resume=None):
             raise WeightsError(f"{flag} {name}: {e}") from None
     if cfg.init and cfg.stage == 1:
         raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
-    if cfg.lora_r and (cfg.stage == 1 or cfg.fsdp == "torch"):
-        raise SystemExit("--lora-r trains stage 2 with --fsdp ours (FSDP2 would shard the frozen base too)")
+    if cfg.lora_r and cfg.stage == 1:
+        raise SystemExit("--lora-r is for stage 2 (stage 1 trains the projector alone)")
     if resume is not None and not cfg.lora_r:  # LoRA restarts from its base; factors, projector: the masters
         model = LLaVA.from_pretrained(resume)
     elif not cfg.init:

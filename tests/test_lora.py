@@ -200,27 +200,30 @@ def world(tmp_path_factory):
     return make_world(tmp_path_factory.mktemp("world"))
 
 
-def test_our_fsdp_shards_the_factors_and_projector_and_leaves_the_base_whole(world):
+@pytest.mark.parametrize("engine", ["ours", "torch"])
+def test_fsdp_shards_the_factors_and_projector_and_leaves_the_base_whole(world, engine):
     import fsdp
     import train
-    cfg = train.parse_args(["--stage", "2", "--lora-r", "4", "--projector", "mlp2x_gelu"])
+    cfg = train.parse_args(["--stage", "2", "--lora-r", "4", "--projector", "mlp2x_gelu", "--fsdp", engine])
     model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
     model.llm.to(torch.bfloat16)  # as train.py's Run: the base in the compute dtype, then the factors
     n = add_lora(model.llm, 4, 8)
-    base = {n: p for n, p in model.named_parameters() if not n.startswith("projector.") and ".lora_" not in n}
+    projector = sum(p.numel() for p in model.projector.parameters())
+    trained = {n for n, _ in model.named_parameters() if n.startswith("projector.") or ".lora_" in n}
+    base = {n: p for n, p in model.named_parameters() if n not in trained}
     device, _, _ = fsdp.init_distributed(cfg)
     try:
         params, full_state, units = fsdp.shard_model(model, cfg, device, torch.bfloat16)
-        layers = [f"layers.{i}" for i in range(len(model.llm.layers))]
-        assert [u.name for u in units] == ["projector"] + layers  # no embedding or head unit
-        slots = [qual for u in units for *_, qual in u.slots]
-        assert all(re.search(r"\.lora_[AB]\.weight$", q) for q in slots if not q.startswith("projector."))
-        projector = sum(p.numel() for p in LLaVA.from_components(
-            world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False).projector.parameters())
-        assert sum(u.numel for u in units) == n + projector
-        for name, p in base.items():  # still the model's own parameters, frozen, in bf16
-            assert model.get_parameter(name) is p and not p.requires_grad, name
-            assert p.dtype == torch.bfloat16, name
+        if engine == "ours":
+            layers = [f"layers.{i}" for i in range(len(model.llm.layers))]
+            assert [u.name for u in units] == ["projector"] + layers  # no embedding or head unit
+            assert {qual for u in units for *_, qual in u.slots} == trained
+        else:  # FSDP2's DTensors
+            assert {n for n, p in model.named_parameters() if hasattr(p, "full_tensor")} == trained
+        assert sum(p.numel() for p in params) == n + projector  # one rank: its shards hold everything
+        for name, p in base.items():  # still the model's own plain parameters, frozen, in bf16
+            assert model.get_parameter(name) is p and not hasattr(p, "full_tensor"), name
+            assert not p.requires_grad and p.dtype == torch.bfloat16, name
     finally:
         torch.distributed.destroy_process_group()
 
@@ -269,9 +272,8 @@ def test_lora_flags_and_the_v15_lora_recipe(tmp_path):
     assert train.parse_args(["--stage", "1", "--recipe", "v1.5-lora"]).lr == 1e-3  # its stage 1 is v1.5's
     assert train.parse_args(["--stage", "2"]).lora_r == 0
     assert train.parse_args(["--lora-r", "8"]).lora_alpha == 16  # 2 r
-    for bad in (["--stage", "1"], ["--stage", "2", "--fsdp", "torch"]):
-        with pytest.raises(SystemExit, match="--lora-r trains stage 2 with --fsdp ours"):
-            train.build_model(train.parse_args(bad + ["--lora-r", "4"]))
+    with pytest.raises(SystemExit, match="--lora-r is for stage 2"):
+        train.build_model(train.parse_args(["--stage", "1", "--lora-r", "4"]))
 
 
 def test_train_lora_on_two_ranks_equals_one_process(world, tmp_path):
@@ -282,3 +284,5 @@ def test_train_lora_on_two_ranks_equals_one_process(world, tmp_path):
     run(base_args(world, tmp_path / "one", **lora))
     run(base_args(world, tmp_path / "two", **lora, **{"grad-ckpt": "true"}), nproc=2)
     assert_same_run(tmp_path / "one", tmp_path / "two", stage=2)
+    run(base_args(world, tmp_path / "fsdp2", **lora, fsdp="torch"), nproc=2)  # PyTorch's FSDP2 alike
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp2", stage=2)
