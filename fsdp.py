@@ -306,8 +306,9 @@ def shard_model(model, cfg, device, compute_dtype):
     if cfg.stage == 2 and model.config.text.tie_word_embeddings:
         raise SystemExit("tied word embeddings cannot be split into the embedding and head units; "
                          "untie them (Vicuna/LLaMA-2 are untied)")
+    lora = [p for n, p in model.llm.named_parameters() if ".lora_" in n]  # lora.py's factors train alone
     model.requires_grad_(False)
-    for mod in [model.projector] + ([model.llm] if cfg.stage == 2 else []):
+    for mod in [model.projector] + ([model.llm] if cfg.stage == 2 and not lora else []) + lora:
         mod.requires_grad_(True)
     names = {id(p): n for n, p in model.named_parameters()}
     model.vision_tower.to(device=device, dtype=compute_dtype)  # frozen: replicated, never gathered
@@ -316,22 +317,24 @@ def shard_model(model, cfg, device, compute_dtype):
         if cfg.grad_ckpt:  # activations of the frozen LLM are still needed for the projector's grad
             for block in model.llm.layers:
                 block.forward = functools.partial(checkpoint_call, block.forward)
-    units = training_units(model, cfg.stage)
+    units = [(n, mods) for n, mods in training_units(model, cfg.stage)  # LoRA: no embedding or head unit
+             if any(p.requires_grad for m in mods for p in m.parameters())]
     sharded = None
     if cfg.fsdp == "torch":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        frozen = {p for p in model.parameters() if not p.requires_grad}  # CLIP, LoRA's base: never sharded
         for name, mods in units:
-            for m in mods:
-                m.to(device=device, dtype=torch.float32)
+            for p in frozenset(p for m in mods for p in m.parameters()) - frozen:
+                p.data = p.data.to(device=device, dtype=torch.float32)
             if cfg.grad_ckpt and name.startswith("layers."):
                 mods[0].forward = functools.partial(checkpoint_call, mods[0].forward)
             if name != "norm+lm_head":
-                fully_shard(mods[0], mp_policy=policy)
+                fully_shard(mods[0], mp_policy=policy, ignored_params=frozen)
         if cfg.stage == 2:
             # FSDP2 wants the root's forward to run first: the whole model is the root and owns
             # what its sharded children do not (norm + head); the frozen CLIP stays out of it
-            fully_shard(model, mp_policy=policy, ignored_params=set(model.vision_tower.parameters()))
+            fully_shard(model, mp_policy=policy, ignored_params=frozen)
         params = [p for p in model.parameters() if p.requires_grad]
     else:
         schedule = Schedule(dist.get_world_size())

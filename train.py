@@ -34,6 +34,7 @@ from tqdm import tqdm
 import data
 import llama
 from fsdp import clip_grad_norm, init_distributed, shard_model
+from lora import add_lora, merged_state, save_adapter
 from clip import CLIPVisionConfig, ImageError
 from llama import Tokenizer
 from model import DTYPES, LLaVA, LLaVAConfig, dtype_for, supervised_positions, token_loss, write_tokenizer_files
@@ -52,6 +53,8 @@ RECIPES = {  # (stage 1, stage 2) overrides; the paper's v1 is the default
              1: {"lr": 1e-3, "global_batch": 256, "epochs": 1},
              2: {"lr": 2e-5, "global_batch": 128, "epochs": 1}},
 }
+RECIPES["v1.5-lora"] = {**RECIPES["v1.5"], 2: {  # the official finetune_lora.sh
+    "lr": 2e-4, "projector_lr": 2e-5, "global_batch": 128, "epochs": 1, "lora_r": 128, "lora_alpha": 256}}
 PRESETS = ("tiny", "tiny-short", "tiny-long")  # the synthetic world end to end (tiny.TINY_PRESETS)
 TEMPLATE_NAMES = tuple(data.TEMPLATES)  # the class body below has a field named data
 
@@ -65,7 +68,8 @@ def option(default, help, type=None, choices=None):
 class TrainConfig:
     stage: int = option(None, "1: feature alignment (projector); 2: instruction tuning (+ LLM) "
                               "(default: 2 with --init, else 1)", int, (1, 2))
-    recipe: str = option("v1", "v1: the paper (linear, 224 px); v1.5 (MLP, 336 px, padded)", choices=tuple(RECIPES))
+    recipe: str = option("v1", "v1: the paper (linear, 224 px); v1.5 (MLP, 336 px, padded); v1.5-lora (its "
+                               "stage 2 with LoRA)", choices=tuple(RECIPES))
     preset: str = option("", "the synthetic world end to end on a CPU: tiny (~5 min), tiny-short (~1 min), "
                              "tiny-long (~11 min)", choices=("",) + PRESETS)
     # where things come from
@@ -85,6 +89,10 @@ class TrainConfig:
     pad_to_square: bool = option(None, "pad pictures to a square before resizing (LLaVA-1.5)")
     vision_layer: int = option(-2, "CLIP layer whose features the projector reads (-2: the penultimate)", int)
     template: str = option(None, "conversation (stage 1: plain, 2: vicuna_v1)", choices=(None,) + TEMPLATE_NAMES)
+    lora_r: int = option(None, "stage 2: train LoRA factors of this rank, not the LLM (0: off)", COUNT)
+    lora_alpha: float = option(None, "LoRA's scale is alpha / r (default: the recipe's, else 2 r)", RATE)
+    lora_dropout: float = option(0.05, "dropout on the input of the LoRA path", FRACTION)
+    lora_targets: str = option("", "the LLM's linear layers LoRA adapts, e.g. q_proj,v_proj (none: all)")
     max_length: int = option(2048, "tokens per sample, image included; longer samples are cut", POSITIVE)
     # optimisation (None = the recipe's)
     lr: float = option(None, "peak learning rate (warmup, then cosine to 0)", NONNEG)
@@ -150,6 +158,7 @@ def fill_recipe(cfg):
         if isinstance(key, str) and getattr(cfg, key) is None:
             setattr(cfg, key, value)
     cfg.template = cfg.template or ("plain" if cfg.stage == 1 else "vicuna_v1")
+    cfg.lora_r, cfg.lora_alpha = cfg.lora_r or 0, cfg.lora_alpha or 2.0 * (cfg.lora_r or 0)
     cfg.out = cfg.out or (f"runs/{cfg.preset}" if cfg.preset else f"runs/stage{cfg.stage}")
     return cfg
 
@@ -319,8 +328,11 @@ def save_checkpoint(path, model, cfg, full_state, optimizer, sharded, step):
 
 
 def save_model(model, cfg, path, state):
-    """A llava-hf directory; stage 1's holds the projector and names its vision tower and LLM."""
+    """A llava-hf directory; stage 1's holds the projector and names its vision tower and LLM; LoRA's is merged."""
     bases = {"vision": cfg.clip, "llm": cfg.llm} if cfg.stage == 1 else None
+    if cfg.lora_r:  # and beside it the adapter, factors and projector in PEFT's format
+        save_adapter(model, Path(path) / "adapter", cfg.init or cfg.llm, state, projector=True)
+        state = merged_state(model, state)
     model.save_pretrained(path, bases=bases, state=state)
 
 
@@ -590,7 +602,9 @@ def build_model(cfg, resume=None):
     projector (stage 1, and stage 2 without stage 1: the paper's ablation)."""
     if cfg.init and cfg.stage == 1:
         raise SystemExit("--init is for stage 2 (stage 1 starts from --clip and --llm)")
-    if resume is not None:
+    if cfg.lora_r and cfg.stage == 1:
+        raise SystemExit("--lora-r is for stage 2 (stage 1 trains the projector alone)")
+    if resume is not None and not cfg.lora_r:  # LoRA restarts from its base; factors, projector: the masters
         model = LLaVA.from_pretrained(resume)
     elif not cfg.init:
         clip = fetch_for("--clip", cfg.clip, files=["config.json"])
@@ -675,6 +689,11 @@ class Run:
         self.warmup, self.flop_params = math.ceil(cfg.warmup_ratio * self.total), flop_params(model)
         model.train()
         self.dtype = dtype_for(self.device, cfg.dtype)
+        if cfg.lora_r:  # the base frozen in the compute dtype and never sharded; only the fp32 factors train
+            model.llm.to(device=self.device, dtype=self.dtype)
+            targets = cfg.lora_targets.split(",") if cfg.lora_targets else None
+            if not add_lora(model.llm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, targets):
+                raise SystemExit(f"--lora-targets {cfg.lora_targets}: no linear layer of the LLM is named so")
         self.params, self.full_state, self.sharded = shard_model(model, cfg, self.device, self.dtype)
         self.optimizer = make_optimizer(self.params, self.sharded, model, cfg)
         self.start = load_resume_state(resume, self.optimizer, self.sharded, model) if resume else 0
@@ -784,7 +803,8 @@ def step_record(run, step, loss, lr, gnorm, seconds, stats, n_tok, peak):
     if run.device.type == "cuda":
         record["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2**30, 2)
         if peak:
-            flops = step_flops(run.model.config, run.flop_params, run.cfg.stage, tokens, n_tok, float(stats[2]),
+            stage = 1 if run.cfg.lora_r else run.cfg.stage  # LoRA: a frozen LLM, as stage 1's
+            flops = step_flops(run.model.config, run.flop_params, stage, tokens, n_tok, float(stats[2]),
                                tokens / max(1, run.cfg.global_batch))
             record["mfu"] = round(flops / seconds / (peak * run.world), 4)
     else:
@@ -822,7 +842,8 @@ def train(cfg):
     loader = torch.utils.data.DataLoader(
         run.dataset, batch_sampler=run.sampler, collate_fn=data.Collator(pad_id=run.model.config.pad_token_id),
         num_workers=cfg.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=run.device.type == "cuda",
-        prefetch_factor=4 if cfg.num_workers > 0 else None)
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        generator=torch.Generator())  # not torch's stream, so that a resumed run draws the same dropout
     peak, losses, step = device_peak_flops(run.device), [], run.start
     was_compiled = llama.compile_elementwise(wants_compiled_elementwise(cfg, run.device))
 

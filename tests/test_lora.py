@@ -66,8 +66,8 @@ def ours_like(d, pm):
     with torch.no_grad():
         for name, m in peft_layers(pm).items():
             ours = model.llm.get_submodule(name)
-            ours.lora_A.copy_(m.lora_A["default"].weight)
-            ours.lora_B.copy_(m.lora_B["default"].weight)
+            ours.lora_A.weight.copy_(m.lora_A["default"].weight)
+            ours.lora_B.weight.copy_(m.lora_B["default"].weight)
     return model
 
 
@@ -87,10 +87,10 @@ def test_forward_and_gradients_match_peft(tiny):
         mine = ours.llm.get_submodule(name)
         for f in "AB":
             theirs = getattr(m, f"lora_{f}")["default"].weight.grad
-            torch.testing.assert_close(getattr(mine, f"lora_{f}").grad, theirs, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(getattr(mine, f"lora_{f}").weight.grad, theirs, atol=1e-5, rtol=1e-5)
             assert theirs.abs().max() > 1e-3  # a real gradient
     trained = {n for n, p in ours.llm.named_parameters() if p.grad is not None}  # add_lora freezes the LLM
-    assert trained == {n for n, _ in ours.llm.named_parameters() if re.search(r"\.lora_[AB]$", n)}
+    assert trained == {n for n, _ in ours.llm.named_parameters() if re.search(r"\.lora_[AB]\.weight$", n)}
 
 
 def test_zero_B_starts_from_the_base_loss(tiny):
@@ -176,14 +176,14 @@ def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
     key = next(k for k in good if k.endswith("layers.1.self_attn.k_proj.lora_B.weight"))
     save_file({k: t for k, t in good.items() if k != key}, file)
     with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*missing keys: "
-                                           r"llm\.layers\.1\.self_attn\.k_proj\.lora_B$"):
+                                           r"llm\.layers\.1\.self_attn\.k_proj\.lora_B\.weight$"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     save_file({**good, key: torch.zeros(3, R)}, file)
-    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*wrong shapes: .*k_proj\.lora_B "
-                                           r"\(expected \[32, 4\], found \[3, 4\]\)"):
+    with pytest.raises(WeightsError, match=r"adapter_model\.safetensors.*wrong shapes: "
+                                           r".*k_proj\.lora_B\.weight \(expected \[32, 4\], found \[3, 4\]\)"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     save_file({**good, "base_model.model.model.vision_tower.x.lora_A.weight": torch.zeros(1)}, file)
-    with pytest.raises(WeightsError, match=r"unexpected keys: vision_tower\.x\.lora_A"):
+    with pytest.raises(WeightsError, match=r"unexpected keys: vision_tower\.x\.lora_A\.weight"):
         load_adapter(LLaVA.from_pretrained(d), tmp_path)
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(WeightsError, match=r"adapter_config\.json"):
@@ -215,3 +215,99 @@ def test_chat_and_serve_apply_an_adapter(tiny, tmp_path):
     req = serve.Request(ids[0].tolist(), None, 12, temperature=0)
     engine.submit(req)
     assert "".join(serve.reply_pieces(req, tok)) == expected
+
+
+# ---- train.py --lora-r: a tiny stage 2 ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from helpers import make_world
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.mark.parametrize("engine", ["ours", "torch"])
+def test_fsdp_shards_the_factors_and_projector_and_leaves_the_base_whole(world, engine):
+    import fsdp
+    import train
+    cfg = train.parse_args(["--stage", "2", "--lora-r", "4", "--projector", "mlp2x_gelu", "--fsdp", engine])
+    model = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+    model.llm.to(torch.bfloat16)  # as train.py's Run: the base in the compute dtype, then the factors
+    n = add_lora(model.llm, 4, 8)
+    projector = sum(p.numel() for p in model.projector.parameters())
+    trained = {n for n, _ in model.named_parameters() if n.startswith("projector.") or ".lora_" in n}
+    base = {n: p for n, p in model.named_parameters() if n not in trained}
+    device, _, _ = fsdp.init_distributed(cfg)
+    try:
+        params, full_state, units = fsdp.shard_model(model, cfg, device, torch.bfloat16)
+        if engine == "ours":
+            layers = [f"layers.{i}" for i in range(len(model.llm.layers))]
+            assert [u.name for u in units] == ["projector"] + layers  # no embedding or head unit
+            assert {qual for u in units for *_, qual in u.slots} == trained
+        else:  # FSDP2's DTensors
+            assert {n for n, p in model.named_parameters() if hasattr(p, "full_tensor")} == trained
+        assert sum(p.numel() for p in params) == n + projector  # one rank: its shards hold everything
+        for name, p in base.items():  # still the model's own plain parameters, frozen, in bf16
+            assert model.get_parameter(name) is p and not hasattr(p, "full_tensor"), name
+            assert not p.requires_grad and p.dtype == torch.bfloat16, name
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_train_lora_changes_only_the_factors_and_projector_and_resumes_exactly(world, tmp_path):
+    from helpers import base_args, losses, run
+    lora = {"lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.1, "max-steps": 3, "projector-lr": 2e-4}
+    run(base_args(world, tmp_path / "a", **lora))
+    base = LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu", pad_to_square=False)
+    merged = LLaVA.from_pretrained(tmp_path / "a")  # the llava-hf directory
+    before, after = base.state_dict(), merged.state_dict()
+    targeted = [f"llm.layers.{i}.{n}.weight" for i in range(base.config.text.num_hidden_layers)
+                for n in ["self_attn." + p for p in LLM_LINEAR[:4]] + ["mlp." + p for p in LLM_LINEAR[4:]]]
+    for name in before:
+        changed = name in targeted or name.startswith("projector.")
+        assert torch.equal(before[name], after[name]) != changed, name
+    # the adapter on the base is the merged model, and PEFT reads it onto transformers' base
+    adapted = load_adapter(LLaVA.from_components(world["clip"], world["llm"], projector="mlp2x_gelu",
+                                                 pad_to_square=False), tmp_path / "a" / "adapter")
+    merge_lora(adapted)
+    for name, t in adapted.state_dict().items():
+        torch.testing.assert_close(t, after[name], atol=1e-6, rtol=0)
+    base.save_pretrained(tmp_path / "base")
+    hf = peft.PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(tmp_path / "base"),
+                                        tmp_path / "a" / "adapter")
+    ids = torch.tensor([[1] + [merged.config.image_token_id] * merged.config.num_patches + [5, 6, 7, 8]])
+    px = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits
+        torch.testing.assert_close(ref, merged(ids, px)[0], atol=1e-5, rtol=0)
+    # stopped after step 1 and resumed: the same losses and weights as the uninterrupted run
+    run(base_args(world, tmp_path / "b", **lora, **{"stop-at": 1}))
+    run(base_args(world, tmp_path / "b", **lora, resume="auto"))
+    assert losses(tmp_path / "b") == losses(tmp_path / "a")
+    resumed = LLaVA.from_pretrained(tmp_path / "b").state_dict()
+    assert all(torch.equal(resumed[k], after[k]) for k in after)
+    p = run(base_args(world, tmp_path / "c", **lora, **{"lora-targets": "qproj"}), check=False)
+    assert p.returncode == 1 and "--lora-targets qproj: no linear layer of the LLM" in p.stderr, p.stderr
+
+
+def test_lora_flags_and_the_v15_lora_recipe(tmp_path):
+    import train
+    c = train.parse_args(["--stage", "2", "--recipe", "v1.5-lora"])  # the official finetune_lora.sh
+    assert (c.lora_r, c.lora_alpha, c.lr, c.projector_lr, c.projector, c.image_size, c.global_batch) == \
+        (128, 256, 2e-4, 2e-5, "mlp2x_gelu", 336, 128)
+    assert train.parse_args(["--stage", "1", "--recipe", "v1.5-lora"]).lr == 1e-3  # its stage 1 is v1.5's
+    assert train.parse_args(["--stage", "2"]).lora_r == 0
+    assert train.parse_args(["--lora-r", "8"]).lora_alpha == 16  # 2 r
+    with pytest.raises(SystemExit, match="--lora-r is for stage 2"):
+        train.build_model(train.parse_args(["--stage", "1", "--lora-r", "4"]))
+
+
+def test_train_lora_on_two_ranks_equals_one_process(world, tmp_path):
+    """Our FSDP shards the factors and the projector (the frozen base stays whole): 2 gloo ranks with
+    --grad-ckpt = 1 process."""
+    from helpers import assert_same_run, base_args, run
+    lora = {"lora-r": 4, "lora-alpha": 8, "lora-dropout": 0.0, "max-steps": 2, "micro-batch": 2}
+    run(base_args(world, tmp_path / "one", **lora))
+    run(base_args(world, tmp_path / "two", **lora, **{"grad-ckpt": "true"}), nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two", stage=2)
+    run(base_args(world, tmp_path / "fsdp2", **lora, fsdp="torch"), nproc=2)  # PyTorch's FSDP2 alike
+    assert_same_run(tmp_path / "one", tmp_path / "fsdp2", stage=2)

@@ -490,7 +490,7 @@ def test_help_gives_every_flag_its_help_default_and_choices():
     for flag in flags:
         assert f"--{flag}" in text, flag
     assert text.count("(default: ") == len(flags)
-    for choices in ("{1,2}", "{v1,v1.5}", "{tiny,tiny-short,tiny-long}", "{adamw,muon}", "{ours,torch}",
+    for choices in ("{1,2}", "{v1,v1.5,v1.5-lora}", "{tiny,tiny-short,tiny-long}", "{adamw,muon}", "{ours,torch}",
                     "{bf16,fp16,fp32}", "{auto,on,off}", "--grad-ckpt [true|false]"):
         assert choices in text, choices
     assert "examples: python train.py --preset tiny" in text and "--resume auto" in text
