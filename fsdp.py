@@ -333,7 +333,7 @@ def shard_model(model, cfg, device, compute_dtype):
                 fully_shard(mods[0], mp_policy=policy, ignored_params=frozen)
         if cfg.stage == 2:
             # FSDP2 wants the root's forward to run first: the whole model is the root and owns
-            # what its sharded children do not (norm + head); the frozen CLIP stays out of it
+            # what its sharded children do not (norm + head); the frozen CLIP (LoRA's base) stays out
             fully_shard(model, mp_policy=policy, ignored_params=frozen)
         params = [p for p in model.parameters() if p.requires_grad]
     else:

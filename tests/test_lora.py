@@ -1,5 +1,6 @@
 """lora.py against PEFT (`peft`, the library the official LLaVA trains its LoRA with) on a tiny random
-llava-hf checkpoint written by transformers: forward, gradients, merge and the adapter format, both ways."""
+llava-hf checkpoint written by transformers: forward, gradients, merge and the adapter format, both ways;
+then train.py --lora-r on the tiny world: what is sharded and trained, resume, ranks, outputs PEFT reads."""
 
 import re
 import sys
