@@ -564,13 +564,14 @@ def training_data(cfg):
 
 def check_data(cfg):
     """--check-data: every record read as the run would read it (the tokenizer and image size of --init's
-    model, or of --llm and --clip, from their configs), nothing trained -> exit status 1 if any is bad."""
+    model, or of --llm and --clip, from their configs: no weights fetched) -> exit status 1 if any is bad."""
     records, folder = training_data(cfg)
     if cfg.init:
-        path = fetch_for("--init", cfg.init)
+        path = fetch_for("--init", cfg.init, weights=False)
         config = read_json(path / "config.json", "LLaVA config", LLaVAConfig.from_hf)
     else:
-        path, clip = fetch_for("--llm", cfg.llm), fetch_for("--clip", cfg.clip, files=["config.json"])
+        path = fetch_for("--llm", cfg.llm, weights=False)
+        clip = fetch_for("--clip", cfg.clip, files=["config.json"], weights=False)
         config = LLaVAConfig(vision=read_json(clip / "config.json", "CLIP config", CLIPVisionConfig.from_hf))
     ds = data.LazySupervisedDataset(records, folder, Tokenizer(path), cfg.template, config.vision.image_size,
                                     config.num_patches, cfg.pad_to_square, cfg.max_length)

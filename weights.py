@@ -191,10 +191,10 @@ def save_state_dict(state, directory, max_shard_bytes=5_000_000_000):
         p.unlink(missing_ok=True)
 
 
-def fetch(name_or_dir, files=None):
+def fetch(name_or_dir, files=None, weights=True):
     """An existing local path comes back as is. A Hub name (org/name) is downloaded with requests + tqdm into
     $NANOLLAVA_CACHE (default ~/.cache/nanollava)/org--name, which comes back: `files` (default config.json,
-    tokenizer.model and OPTIONAL), then the index and its shards or model.safetensors."""
+    tokenizer.model and OPTIONAL), then (unless weights=False) the index and its shards or model.safetensors."""
     if Path(name_or_dir).expanduser().exists():
         return Path(name_or_dir).expanduser()
     name = str(name_or_dir)
@@ -212,6 +212,8 @@ def fetch(name_or_dir, files=None):
     for f in [*wanted, INDEX]:  # no index: a single model.safetensors
         _download(session, name, target / f, required=f not in [*OPTIONAL, INDEX])
     index = target / INDEX
+    if not weights:  # no marker: a later fetch still gets the weights
+        return target
     for shard in dict.fromkeys(_weight_map(index).values()) if index.is_file() else [SINGLE]:
         if not re.fullmatch(r"[\w-][\w.-]*", shard):  # a plain file name, nothing like ../x
             raise WeightsError(f"{index} names a shard {shard!r} that is not a plain file name")

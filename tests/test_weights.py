@@ -301,6 +301,15 @@ def test_fetch_full_download_then_offline_from_cache(hub, tmp_path):
     assert fetch("test-org/tiny") == d
 
 
+def test_fetch_without_weights_then_with_them(hub):
+    """weights=False (train.py --check-data): configs and tokenizer only, and no marker, so the next
+    fetch still gets the weights."""
+    d = fetch("test-org/tiny", weights=False)
+    assert {p.name for p in d.iterdir()} == {n for n in hub.files if not n.startswith("model-")}  # the index, no shards
+    assert fetch("test-org/tiny") == d and (d / ".complete").is_file()
+    assert_same(load_state_dict(d), hub.state)
+
+
 def test_fetch_single_file_repo_with_chosen_files(hub):
     d = fetch("test-org/clip", files=["config.json"])  # no tokenizer asked for: none required
     assert {p.name for p in d.iterdir()} == {"config.json", "model.safetensors", ".complete"}
