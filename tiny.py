@@ -241,7 +241,7 @@ TINY_LLM = dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num
 TINY_POSITION_RMS = 0.4  # the random patch embedding's output RMS on the world's pictures
 # where the LLM trains (0, 2), Muon: it learns the world's lookups in far fewer steps than the paper's AdamW
 TINY_STAGES = {0: dict(lr=3e-3, global_batch=32, micro_batch=32, epochs=1, optimizer="muon", template="vicuna_v1"),
-               1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain"),
+               1: dict(lr=2e-2, global_batch=32, micro_batch=32, epochs=1, template="plain", lora_r=0),
                2: dict(lr=1e-3, projector_lr=2e-2, global_batch=8, micro_batch=8, epochs=4.5, adam_beta2=0.95,
                        optimizer="muon", template="vicuna_v1")}
 TINY_PRESETS = {  # the world's size, and what each preset changes in TINY_STAGES
@@ -297,7 +297,8 @@ def save_llm_dir(llm, directory, tokenizer_path):
 
 def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", evaluate=True):
     """The whole preset (TINY_PRESETS), in its own --out. The switches are eval.py ablate's: skip_stage1 (stage 2 from
-    a fresh projector), vision_layer (CLIP's -1 or -2), world (another's paths), evaluate=False (train only)."""
+    a fresh projector), vision_layer (CLIP's -1 or -2), world (another's paths), evaluate=False (train only).
+    --lora-r N makes stage 2 a LoRA run (stages 0 and 1 are as ever)."""
     t0, name = time.perf_counter(), cfg.preset or "tiny"
     preset = TINY_PRESETS[name]
     stages = {k: {**v, **preset["stages"].get(k, {})} for k, v in TINY_STAGES.items()}
@@ -318,7 +319,7 @@ def run_tiny(cfg, skip_stage1=False, vision_layer=None, world=None, tag="", eval
     if not stamp.exists() or stamp.read_text() != recipe:
         text = [{"id": r["id"] + "_text", "conversations": _text_only(r["conversations"])} for r in read_json(world["stage2"])]
         write_json_atomic(root / "data" / "text_only.json", text)
-        train.train(replace(cfg, stage=2, init="", data=str(root / "data" / "text_only.json"),
+        train.train(replace(cfg, stage=2, init="", lora_r=0, data=str(root / "data" / "text_only.json"),
                             out=str(root / "llm_pretrain"), **common, **stages[0]))
         if dist.get_rank() == 0:
             save_llm_dir(LLaVA.from_pretrained(root / "llm_pretrain").llm, stamp.parent, llm_dir / "tokenizer.model")
