@@ -355,7 +355,8 @@ def bench_serve(args):
     from PIL import Image
     shapes, tmp = CONFIGS[args.config], tempfile.TemporaryDirectory()
     d = Path(tmp.name)
-    text = [line for p in sorted(Path(__file__).with_name("prompts").rglob("*.txt")) for line in p.open() if line.strip()]
+    prompts = sorted(Path(__file__).with_name("prompts").rglob("*.txt"))
+    text = [line for p in prompts for line in p.open() if line.strip()]
     tiny.train_tokenizer(text, d / "tokenizer.model", min(2000, shapes["text"]["vocab_size"] - 64))  # English pieces
     model, n = build(shapes, torch.device("cpu"), torch.float32), llama.Tokenizer(d).sp.vocab_size()
     model.config.image_token_id, model.config.pad_token_id = n, n + 1  # the tokenizer's <image> and <pad>
@@ -363,15 +364,16 @@ def bench_serve(args):
     model.save_pretrained(d)
     size, rng = model.config.vision.image_size, random.Random(0)
     pictures = [Image.fromarray(torch.randint(0, 256, (size, size, 3), dtype=torch.uint8).numpy()) for _ in range(4)]
-    bodies = [{"messages": [{"role": "user", "content": [{"type": "text", "text": " ".join(
-        rng.choice(tiny.SHAPES + tiny.QUADRANTS) for _ in range(4 + k % 7))}] + ([{"type": "image_url", "image_url": {
-            "url": serve_uri(pictures[k % 4])}}] if k % 2 else [])}], "max_tokens": shapes["new_tokens"], "temperature": 0}
-              for k in range(args.clients * args.requests)]
+    words = lambda k: " ".join(rng.choice(tiny.SHAPES + tiny.QUADRANTS) for _ in range(4 + k % 7))  # noqa: E731
+    image = lambda k: [{"type": "image_url", "image_url": {"url": serve_uri(pictures[k % 4])}}] * (k % 2)  # noqa: E731
+    bodies = [{"messages": [{"role": "user", "content": [{"type": "text", "text": words(k)}] + image(k)}],
+               "max_tokens": shapes["new_tokens"], "temperature": 0} for k in range(args.clients * args.requests)]
     runs = {}
     for batch in (8, 1):
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--model", str(d), "--port",
-                                 "0", "--max-batch", str(batch), "--max-queue", str(len(bodies))], stderr=subprocess.PIPE,
-                                text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        command = [sys.executable, str(Path(__file__).with_name("serve.py")), "--model", str(d), "--port", "0",
+                   "--max-batch", str(batch), "--max-queue", str(len(bodies))]
+        proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         try:
             while "serving" not in (line := proc.stderr.readline()):
                 if not line:
@@ -388,11 +390,12 @@ def bench_serve(args):
     same = [a[1] for a in runs[8][1]] == [b[1] for b in runs[1][1]]
     for batch, (t, rs) in runs.items():
         ttft = sorted(r[0] for r in rs if r[0] is not None) or [float("nan")]
+        p95 = ttft[int(0.95 * (len(ttft) - 1))]
         table_row(f"max-batch {batch}", f"{args.clients} x {args.requests}", f"{len(rs) / t:.2f}",
-                  f"{sum(r[2] for r in rs) / t:.1f}", f"{statistics.median(ttft):.3f} / {ttft[int(0.95 * (len(ttft) - 1))]:.3f}",
+                  f"{sum(r[2] for r in rs) / t:.1f}", f"{statistics.median(ttft):.3f} / {p95:.3f}",
                   f"{runs[1][0] / t:.2f}x", "greedy replies identical in both runs" if same else "REPLIES DIFFER")
-    return {"requests": len(bodies), "seconds": {b: t for b, (t, _) in runs.items()}, "speedup": runs[1][0] / runs[8][0],
-            "same": same}
+    seconds = {b: t for b, (t, _) in runs.items()}
+    return {"requests": len(bodies), "seconds": seconds, "speedup": seconds[1] / seconds[8], "same": same}
 
 
 def serve_uri(img):
@@ -408,16 +411,20 @@ HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # decode reads each weight 
 GPU_RUNS = {"ckpt_off": (False, 1), "ckpt_on": (True, 1), "accum8_ckpt_off": (False, 8)}
 
 
-def gpu_train(shapes, stage, setting, device, dtype, args):
-    """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model."""
+def gpu_train(shapes, stage, setting, device, dtype, args, lora_r=0, batch=None):
+    """tokens/s, MFU and peak memory of train.py's optimizer step on a fresh random model (with lora_r:
+    stage 2 as LoRA, lora.py's factors on every linear layer of the LLM; batch: (rows, tokens) of a micro-batch)."""
     grad_ckpt, micro_steps = GPU_RUNS[setting]
     gc.collect()  # the last setting's model gone (FSDP's hooks make cycles), then a fresh peak
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model = build(shapes, device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
+    if lora_r:
+        import lora
+        lora.add_lora(model.llm, lora_r, 2 * lora_r)
     step = ours_train_step(model, stage, device, dtype, grad_ckpt)
-    B, T = shapes["batch"], shapes["seq"]
+    (B, T), stage = batch or (shapes["batch"], shapes["seq"]), 1 if lora_r else stage  # LoRA: FLOPs of a frozen LLM
     batch = make_batch(model.config, B, T, device)
     losses = []  # one step per call (min_sample=0), so runs of the same steps log the same losses
     dt = race({"step": lambda: losses.append(float(step(*batch, micro_steps)))}, device,
@@ -429,10 +436,11 @@ def gpu_train(shapes, stage, setting, device, dtype, args):
     out = {"grad_ckpt": grad_ckpt, "micro_steps": micro_steps, "batch": B, "seq": T, "step_s": dt,
            "tokens_per_s": B * T * micro_steps / dt, "step_tflop": flops / 1e12, "peak_mem_gb": mem,
            "mfu": flops / dt / peak if peak else None, "losses": losses, "finite": all(map(math.isfinite, losses))}
-    table_row(f"stage {stage}", f"{setting}: {micro_steps} x {B} x {T} tokens a step", f"{out['tokens_per_s']:.0f}",
+    name = f"stage 2, LoRA r {lora_r}" if lora_r else f"stage {stage}"
+    table_row(name, f"{setting}: {micro_steps} x {B} x {T} tokens", f"{out['tokens_per_s']:.0f}",
               f"{out['mfu']:.1%}" if peak else "n/a", f"{mem:.1f} GiB" if mem is not None else "n/a",
               f"{flops / 1e12:.1f} TFLOP/step, {flops / dt / 1e12:.0f} TFLOP/s, losses {[round(v, 3) for v in losses]}")
-    if args.profile and stage == 2 and setting == "ckpt_off":  # two more steps under torch.profiler
+    if args.profile and stage == 2 and setting == "ckpt_off" and not lora_r:  # two more steps under torch.profiler
         with torch.profiler.profile() as prof:  # the CPU, and CUDA where there is one (synced at exit)
             for _ in range(2):
                 step(*batch)
@@ -507,8 +515,9 @@ def lora_budget(shapes, r=128, seq=2048, micro_batches=(1, 2, 4)):
                 * 2 * 2 + T * c.vocab_size * 4 * 2)
         gb = {"weights": 2 * frozen / 1e9, "trained": 16 * (factors + projector) / 1e9, "activations": acts / 1e9}
         rows[mb] = {**gb, "total": sum(gb.values()), "factors": factors, "projector": projector, "frozen": frozen}
+        parts = ", ".join(f"{k} {v:.2f} GB" for k, v in gb.items())
         table_row(f"LoRA r {r} budget", f"micro-batch {mb} x {seq}, --grad-ckpt", "", "", f"{rows[mb]['total']:.1f} GB",
-                  "on paper: " + ", ".join(f"{k} {v:.2f} GB" for k, v in gb.items()) + f" ({factors / 1e6:.0f}M factors)")
+                  f"on paper: {parts} ({factors / 1e6:.0f}M factors)")
     return rows
 
 
@@ -525,6 +534,8 @@ def run_gpu(args):
             "stage1_train": lambda: {s: gpu_train(big, 1, s, device, dtype, args) for s in list(GPU_RUNS)[:2]},
             "decode": lambda: gpu_decode(big, device, dtype, args),
             "decode_compiled": lambda: gpu_decode(big, device, dtype, args, compiled=True),
+            "lora_7b": lambda: {mb: gpu_train(big, 2, "ckpt_on", device, dtype, args, lora_r=8 if args.tiny else 128,
+                                              batch=(mb, big["seq"] if args.tiny else 2048)) for mb in (1, 2, 4)},
             "lora_budget_7b": lambda: lora_budget(CONFIGS["7b"])})
 
 

@@ -64,7 +64,7 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     stdout = run(["gpu", "--device", "cpu", "--tiny", "--profile", "--warmup", "1", "--repeats", "2",
                   "--out", str(out)])
     res = json.loads(out.read_text())
-    for part in ("stage2_train", "stage1_train", "decode", "decode_compiled", "smoke", "lora_budget_7b"):
+    for part in ("stage2_train", "stage1_train", "decode", "decode_compiled", "smoke", "lora_7b", "lora_budget_7b"):
         assert part in res and "error" not in res[part], (part, res.get(part))
     for part in ("stage2_train", "stage1_train"):
         for ckpt in ("ckpt_off", "ckpt_on"):
@@ -83,6 +83,9 @@ def test_gpu_run_with_tiny_shapes_on_cpu(tmp_path):
     assert res["smoke"]["stage2_muon"]["losses"] != res["smoke"]["stage2"]["losses"]  # Muon did step
     assert res["smoke"]["cpu_all_reduce_ok"]
     assert "| part | setting |" in stdout  # the summary table
+    for mb, r in res["lora_7b"].items():  # stage 2 as LoRA: the step runs, and micro-batches of 1, 2, 4 rows
+        assert r["finite"] and r["tokens_per_s"] > 0 and r["grad_ckpt"] and r["batch"] == int(mb), (mb, r)
+    assert "| stage 2, LoRA r 8 | ckpt_on: 1 x 4 x 48 tokens |" in stdout
     check_lora_budget(res["lora_budget_7b"], stdout)
 
 
