@@ -280,6 +280,8 @@ def test_train_lora_changes_only_the_factors_and_projector_and_resumes_exactly(w
     with torch.no_grad():
         ref = hf(input_ids=ids, pixel_values=px).logits
         torch.testing.assert_close(ref, merged(ids, px)[0], atol=1e-5, rtol=0)
+        theirs = LlavaForConditionalGeneration.from_pretrained(tmp_path / "a")  # the merged directory, in transformers
+        torch.testing.assert_close(theirs(input_ids=ids, pixel_values=px).logits, ref, atol=1e-5, rtol=0)
     # stopped after step 1 and resumed: the same losses and weights as the uninterrupted run
     run(base_args(world, tmp_path / "b", **lora, **{"stop-at": 1}))
     run(base_args(world, tmp_path / "b", **lora, resume="auto"))
