@@ -295,3 +295,47 @@ def assert_same_run(a, b, stage, atol=2e-5):
     assert pa.keys() == pb.keys()
     worst = max((pa[k] - pb[k]).abs().max().item() for k in pa)
     assert worst < atol, worst
+
+
+# ---- a tiny llava-hf checkpoint (test_model, test_chat, test_serve, test_lora) ---------------------
+
+def make_tiny_llava(directory, seed=0, image_size=56, max_positions=1024, **text_overrides):
+    """A random LlavaForConditionalGeneration (tiny CLIP 56px/14 -> 16 patches, Llama with 4 query
+    heads over 2 kv heads) saved by transformers, with a LLaMA-style sentencepiece tokenizer
+    (<image> = 512, <pad> = 513, vocabulary padded to 576 as llava-hf pads to 32064)."""
+    import torch
+    import transformers  # here, so that test collection stays cheap
+    directory = Path(directory)
+    make_sp_tokenizer(directory)  # 512 pieces
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, image_size=image_size, patch_size=14)
+    text = transformers.LlamaConfig(**{
+        "vocab_size": 576, "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_positions,
+        "initializer_range": 0.1, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 513,
+        **text_overrides})
+    config = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=512,
+                                      pad_token_id=513, projector_hidden_act="gelu",
+                                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                      image_seq_length=(image_size // 14) ** 2)
+    transformers.LlavaForConditionalGeneration(config).eval().save_pretrained(directory)
+    return directory
+
+
+def photo(seed=0, size=(64, 48)):
+    """A small deterministic RGB picture (not square, so pad-to-square matters)."""
+    import torch
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def prompt_ids(tok, model, question, image=True):
+    """Token ids of a vicuna_v1 first turn with the <image> id expanded to one id per patch."""
+    text = ("A chat between a curious user and an artificial intelligence assistant. "
+            f"USER: {'<image>' + chr(10) if image else ''}{question} ASSISTANT:")
+    ids = []
+    for i in tok.encode(text):
+        ids += [i] * model.config.num_patches if i == tok.image_token_id else [i]
+    return ids

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import chat  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 from model import LLaVA  # noqa: E402
-from test_generate import make_tiny_llava  # noqa: E402
+from helpers import make_tiny_llava  # noqa: E402
 
 N = 10  # new tokens per answer: enough to see text, short enough to be fast
 GREEDY = ["--temperature", "0", "--max-new-tokens", str(N)]

@@ -22,7 +22,7 @@ import data  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 from lora import LoRALinear, add_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
 from model import LLaVA  # noqa: E402
-from test_generate import make_tiny_llava, photo, prompt_ids  # noqa: E402
+from helpers import make_tiny_llava, photo, prompt_ids  # noqa: E402
 from weights import WeightsError  # noqa: E402
 
 LLM_LINEAR = "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj".split()

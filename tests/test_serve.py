@@ -32,7 +32,7 @@ import data  # noqa: E402
 import serve  # noqa: E402
 from llama import Tokenizer  # noqa: E402
 from model import LLaVA  # noqa: E402
-from test_generate import make_tiny_llava, photo  # noqa: E402
+from helpers import make_tiny_llava, photo  # noqa: E402
 
 SYSTEM = "A chat between a curious user and an artificial intelligence assistant."
 
