@@ -25,19 +25,18 @@ import torch
 from tqdm import tqdm
 
 import data
+from chat import load
 from clip import load_image, preprocess_batch
 from generate_data import (Job, JsonlOutput, ParseError, add_client_args, client_from_args, format_context,
                            load_context_jsonl, log, read_jsonl, run_jobs)
-from llama import Tokenizer
-from model import DTYPES, POSITIVE, LLaVA, device_name, dtype_for
+from model import DTYPES, POSITIVE, device_name, dtype_for
 from weights import WeightsError
 
 
-def load_model(path, device="", dtype=""):
-    """A llava-hf directory (ours or the Hub's) ready for generation, and its tokenizer."""
+def load_model(path, device="", dtype="", lora=None):
+    """A llava-hf directory (ours or the Hub's; --lora: an adapter merged) and its tokenizer, as chat.py loads them."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = LLaVA.from_pretrained(path, dtype=dtype_for(device, dtype), device=device).eval()
-    return model, Tokenizer(model.tokenizer_dir)
+    return load(path, device, dtype_for(device, dtype), lora)
 
 
 def ask(record, tokenizer, cfg, image_folder, blank_image=None):
@@ -158,7 +157,7 @@ def evaluate_scienceqa(model, tokenizer, records, image_folder, out_path, **answ
 
 def cmd_scienceqa(args, show_failures=20):
     records = scienceqa_records(args.root, args.split, args.prompt_format, args.letter_prompt)[:args.limit]
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.lora)
     model.config.template = args.template or model.config.template
     log(f"scienceqa: {len(records)} problems of split {args.split!r}, template {model.config.template} -> {args.out}")
     t0 = time.perf_counter()
@@ -231,7 +230,7 @@ def our_answers(args, questions):
     find = lambda name: images / name if (images / name).is_file() else images / f"COCO_val2014_{name}"  # noqa: E731
     records = [{"question_id": q["question_id"], "image": str(find(q["image"])),
                 "conversations": [{"from": "human", "value": q["text"]}]} for q in questions]
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    model, tokenizer = load_model(args.model, args.device, args.dtype, args.lora)
     answer_all(model, tokenizer, records, ".", path, args.batch_size, args.max_new_tokens, key="question_id")
     return path
 
@@ -347,6 +346,7 @@ def format_ablation_table(summary):
 # ---- Command line ----------------------------------------------------------------------------------
 def add_common(s, out, what, model_required=True):
     s.add_argument("--model", required=model_required, help="a llava-hf directory (ours or the Hub's) or Hub name")
+    s.add_argument("--lora", help="a LoRA adapter directory (train.py's or PEFT's) to apply to --model")
     s.add_argument("--batch-size", type=POSITIVE, default=8)
     s.add_argument("--max-new-tokens", type=POSITIVE, default=1024)
     s.add_argument("--device", type=device_name, default="", help="default cuda if available, else cpu")

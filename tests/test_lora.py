@@ -195,7 +195,7 @@ def test_bad_adapter_is_one_error_naming_the_file(tiny, tmp_path):
 
 
 def test_chat_and_serve_apply_an_adapter(tiny, tmp_path):
-    """python chat.py --lora and serve.py's --lora: a PEFT adapter on the base answers as PEFT's model does."""
+    """chat.py, serve.py and eval.py --lora: a PEFT adapter on the base answers as PEFT's model does."""
     import subprocess
     import serve
     d = tiny[0]
@@ -216,6 +216,9 @@ def test_chat_and_serve_apply_an_adapter(tiny, tmp_path):
     req = serve.Request(ids[0].tolist(), None, 12, temperature=0)
     engine.submit(req)
     assert "".join(serve.reply_pieces(req, tok)) == expected
+    import eval as ev  # eval.py scienceqa / judge --lora load the same way
+    model, tok = ev.load_model(str(d), "cpu", "fp32", lora=tmp_path / "adapter")
+    assert tok.decode(list(model.generate(ids[0], None, max_new_tokens=12, eos_id=tok.eos_id))) == expected
 
 
 # ---- train.py --lora-r: a tiny stage 2 ------------------------------------------------------------
