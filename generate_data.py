@@ -247,7 +247,7 @@ class ChatClient:
         try:
             data = resp.json()
             choice, usage = data["choices"][0], data.get("usage") or {}
-            text, cut = choice["message"]["content"], choice.get("finish_reason") == "length"
+            text, cut_off = choice["message"]["content"], choice.get("finish_reason") == "length"
             p, c, t = (int(usage.get(k) or 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens"))
         except (AttributeError, KeyError, IndexError, TypeError, ValueError):
             text = None
@@ -256,10 +256,8 @@ class ChatClient:
         with self._lock:  # a cut reply's tokens are spent too
             self.prompt_tokens, self.completion_tokens = self.prompt_tokens + p, self.completion_tokens + c
             self.total_tokens += t or p + c
-        if cut:  # the same request would be cut again: not retried
-            return "cut reply", f"the reply ran to max_tokens {self.body.get('max_tokens', '(the server default)')} " \
-                                "and was cut: raise --max-tokens", "fail", None
-        return None, text, None, None
+        cut = f"the reply ran to max_tokens {self.body.get('max_tokens', '(the default)')}: raise --max-tokens"
+        return ("cut reply", cut, "fail", None) if cut_off else (None, text, None, None)  # a cut one would be again
 
 
 def run_jobs(client, jobs, handle_result, parse_retries=2):

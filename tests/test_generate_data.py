@@ -322,7 +322,7 @@ def test_a_cut_reply_is_asked_once_and_named(tmp_path, monkeypatch, capsys):
     assert rc == 3 and [a for _, _, a in t.requests] == ["cut", "ok"]
     text = capsys.readouterr()
     assert "skipped 1: cut reply 1" in text.out and "tokens 200 prompt + 40 completion = 240" in text.out
-    assert "the reply ran to max_tokens 20 and was cut: raise --max-tokens" in text.err
+    assert "the reply ran to max_tokens 20: raise --max-tokens" in text.err
     assert len(read_jsonl(tmp_path / "cut.jsonl")) == 1
 
 
