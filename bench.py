@@ -31,6 +31,7 @@ import torch
 
 import fsdp
 import llama
+import lora
 import tiny
 import train
 import weights
@@ -421,7 +422,6 @@ def gpu_train(shapes, stage, setting, device, dtype, args, lora_r=0, batch=None)
     model = build(shapes, device, dtype)
     counts = train.flop_params(model)  # before shard_model moves the params out of the modules
     if lora_r:
-        import lora
         lora.add_lora(model.llm, lora_r, 2 * lora_r)
     step = ours_train_step(model, stage, device, dtype, grad_ckpt)
     (B, T), stage = batch or (shapes["batch"], shapes["seq"]), 1 if lora_r else stage  # LoRA: FLOPs of a frozen LLM
@@ -503,7 +503,6 @@ def lora_budget(shapes, r=128, seq=2048, micro_batches=(1, 2, 4)):
     two moments: 16 bytes); activations: each block's bf16 input kept for the recompute, one block recomputed
     (its 7 projections' outputs and their gradients, bf16) and the LM head's fp32 logits and their gradient
     with every token supervised. No allocator slack or CUDA context: plan a GB or two above it."""
-    import lora
     with torch.device("meta"):
         model = LLaVA(LLaVAConfig(vision=CLIPVisionConfig(**shapes["vision"]), text=LlamaConfig(**shapes["text"])))
     factors, projector = lora.add_lora(model.llm, r, 2 * r), sum(p.numel() for p in model.projector.parameters())

@@ -304,8 +304,8 @@ def read_records(path):
 
 class LazySupervisedDataset(torch.utils.data.Dataset):
     """LLaVA records -> {"input_ids", "labels", "pixel_values" (None for text-only), "index", "id",
-    "length" (tokens before a cut), "truncated"}, or a `Skipped` for a bad record. `json_path` is a .json / .jsonl file or a list
-    of records; images are `image_folder / record["image"]`."""
+    "length" (tokens before a cut), "truncated"}, or a `Skipped` for a bad record. `json_path` is a
+    .json / .jsonl file or a list of records; images are `image_folder / record["image"]`."""
 
     def __init__(self, json_path, image_folder, tokenizer, template, image_size, num_patches,
                  pad_to_square=False, max_length=2048):

@@ -256,8 +256,10 @@ class ChatClient:
         with self._lock:  # a cut reply's tokens are spent too
             self.prompt_tokens, self.completion_tokens = self.prompt_tokens + p, self.completion_tokens + c
             self.total_tokens += t or p + c
-        cut = f"the reply ran to max_tokens {self.body.get('max_tokens', '(the default)')}: raise --max-tokens"
-        return ("cut reply", cut, "fail", None) if cut_off else (None, text, None, None)  # a cut one would be again
+        if cut_off:  # the same request would be cut again: not retried
+            why = f"the reply ran to max_tokens {self.body.get('max_tokens')}: raise --max-tokens"
+            return "cut reply", why, "fail", None
+        return None, text, None, None
 
 
 def run_jobs(client, jobs, handle_result, parse_retries=2):

@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 import data
 import llama
-from fsdp import clip_grad_norm, init_distributed, shard_model
-from lora import add_lora, merged_state, save_adapter
 from clip import CLIPVisionConfig, ImageError
+from fsdp import clip_grad_norm, init_distributed, shard_model
 from llama import Tokenizer
+from lora import add_lora, merged_state, save_adapter
 from model import DTYPES, LLaVA, LLaVAConfig, dtype_for, supervised_positions, token_loss, write_tokenizer_files
 from model import COUNT, FRACTION, NONNEG, POSITIVE, RATE, boolean, checked, device_name
 from weights import WeightsError, fetch, read_json, write_atomic, write_json_atomic
